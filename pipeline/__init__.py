@@ -1,0 +1,6 @@
+"""Batch service: whole-slide blood-smear archives -> per-cell HemBLIP morphology records."""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+__version__ = "0.1.0"

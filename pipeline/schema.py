@@ -1,0 +1,149 @@
+"""Column contracts of every table the service writes, with types and units.
+
+One place defines them so that the detect CLI, the nightly job's ``cells/``/``slides/``/``runs/``
+tables, the query views and the README agree. Coordinates are level-0 pixels; lengths µm;
+areas µm². ``SCHEMA_VERSION`` is bumped on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from hemblip.ontology import ATTRIBUTE_NAMES
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DETECT_COLUMNS",
+    "CELL_COLUMNS",
+    "SLIDE_COLUMNS",
+    "RUN_COLUMNS",
+    "QC_FLAGS",
+    "MPP_SOURCES",
+    "schema_of",
+    "DETECT_SCHEMA",
+    "CELL_SCHEMA",
+    "SLIDE_SCHEMA",
+    "RUN_SCHEMA",
+]
+
+SCHEMA_VERSION = "1"
+
+#: Every QC flag a cell may carry (a cell is flagged, never dropped).
+QC_FLAGS: tuple[str, ...] = (
+    "slide_edge",  # whole-cell box touches the slide/image border
+    "out_of_focus",  # crop sharpness below threshold
+    "clumped",  # touches/overlaps another nucleated cell
+    "implausible_size",  # cell diameter outside the plausible WBC range
+    "crop_incomplete",  # the fixed-size crop extends past the slide border (padded)
+)
+MPP_SOURCES: tuple[str, ...] = ("metadata", "user", "estimated")
+
+# (name, arrow type, unit or "", description)
+DETECT_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
+    ("source", pa.string(), "", "input path or URI as given"),
+    ("cell_index", pa.int32(), "", "0-based index of the cell within its slide, in reading order"),
+    ("bbox_x0", pa.int64(), "px (level 0)", "whole-cell bounding box, left (inclusive)"),
+    ("bbox_y0", pa.int64(), "px (level 0)", "whole-cell bounding box, top (inclusive)"),
+    ("bbox_x1", pa.int64(), "px (level 0)", "whole-cell bounding box, right (exclusive)"),
+    ("bbox_y1", pa.int64(), "px (level 0)", "whole-cell bounding box, bottom (exclusive)"),
+    ("centroid_x", pa.float64(), "px (level 0)", "cell centroid x"),
+    ("centroid_y", pa.float64(), "px (level 0)", "cell centroid y"),
+    ("mpp", pa.float64(), "µm/px", "level-0 microns per pixel used for this slide"),
+    ("mpp_source", pa.string(), "", "metadata | user | estimated"),
+    ("crop_size_um", pa.float64(), "µm", "physical side of the square crop"),
+    ("cell_area_um2", pa.float64(), "µm²", "whole-cell area from segmentation"),
+    ("nucleus_area_um2", pa.float64(), "µm²", "nucleus area from segmentation"),
+    ("cell_diameter_um", pa.float64(), "µm", "equivalent-circle diameter of the cell"),
+    ("nc_ratio", pa.float64(), "", "nucleus area / cytoplasm area"),
+    ("nucleus_circularity", pa.float64(), "", "4π·area/perimeter² of the nucleus (1 = circle)"),
+    ("nucleus_lobes", pa.int32(), "", "number of nucleus lobes"),
+    ("cytoplasm_r", pa.float64(), "0-255", "mean cytoplasm colour, red"),
+    ("cytoplasm_g", pa.float64(), "0-255", "mean cytoplasm colour, green"),
+    ("cytoplasm_b", pa.float64(), "0-255", "mean cytoplasm colour, blue"),
+    ("nucleus_r", pa.float64(), "0-255", "mean nucleus colour, red"),
+    ("nucleus_g", pa.float64(), "0-255", "mean nucleus colour, green"),
+    ("nucleus_b", pa.float64(), "0-255", "mean nucleus colour, blue"),
+    ("focus_score", pa.float64(), "", "variance of the Laplacian of the crop (higher = sharper)"),
+    ("qc_flags", pa.list_(pa.string()), "", f"subset of {', '.join(QC_FLAGS)}"),
+]
+
+_ATTRIBUTE_COLUMNS = [
+    (name, pa.string(), "", "parsed from the caption; null when the caption does not mention it")
+    for name in ATTRIBUTE_NAMES
+]
+
+CELL_COLUMNS: list[tuple[str, pa.DataType, str, str]] = (
+    [
+        ("cell_id", pa.string(), "", "sha256 of slide identity + rounded centroid (hex, 32 chars)"),
+        ("slide_id", pa.string(), "", "sha256 of slide URI + ETag + size (hex, 32 chars)"),
+        ("slide_uri", pa.string(), "", "s3://bucket/key or local path of the slide"),
+        ("slide_etag", pa.string(), "", "ETag of the slide object (local: size+mtime hash)"),
+    ]
+    + DETECT_COLUMNS
+    + [
+        ("caption", pa.string(), "", "HemBLIP generated caption"),
+        ("caption_logprob", pa.float64(), "nats/token", "mean token log-probability of the caption"),
+        ("cell_type", pa.string(), "", "cell type parsed from the caption (null if not mentioned)"),
+        ("case", pa.string(), "", "case context parsed from the caption (healthy, ALL, AML, ...)"),
+    ]
+    + _ATTRIBUTE_COLUMNS
+    + [
+        ("thumbnail_jpeg", pa.binary(), "", "JPEG of the crop (optional; null when disabled)"),
+        ("run_id", pa.string(), "", "id of the run that wrote the row"),
+        ("model_id", pa.string(), "", "model location as configured"),
+        ("model_version", pa.string(), "", "sha256 prefix of the model weights"),
+        ("pipeline_version", pa.string(), "", "version of this package"),
+        ("schema_version", pa.string(), "", "version of this schema"),
+    ]
+)
+
+SLIDE_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
+    ("slide_id", pa.string(), "", "sha256 of slide URI + ETag + size"),
+    ("slide_uri", pa.string(), "", "s3://bucket/key or local path"),
+    ("slide_etag", pa.string(), "", "ETag of the object"),
+    ("slide_bytes", pa.int64(), "bytes", "size of the slide object(s)"),
+    ("status", pa.string(), "", "ok | failed | skipped"),
+    ("reason", pa.string(), "", "why it failed or was skipped (null when ok)"),
+    ("cell_count", pa.int64(), "", "cells written for this slide"),
+    ("mpp", pa.float64(), "µm/px", "level-0 scale used"),
+    ("mpp_source", pa.string(), "", "metadata | user | estimated"),
+    ("width", pa.int64(), "px (level 0)", "slide width"),
+    ("height", pa.int64(), "px (level 0)", "slide height"),
+    ("bytes_read", pa.int64(), "bytes", "bytes fetched from storage for this slide"),
+    ("stage_seconds", pa.float64(), "s", "time to stage the slide locally"),
+    ("detect_seconds", pa.float64(), "s", "time to open, detect, crop and measure"),
+    ("caption_seconds", pa.float64(), "s", "caption time attributed to this slide's cells"),
+    ("run_id", pa.string(), "", "run that processed the slide"),
+    ("model_version", pa.string(), "", "sha256 prefix of the model weights"),
+    ("finished_at", pa.timestamp("us", tz="UTC"), "", "when the slide's outcome was committed"),
+]
+
+RUN_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
+    ("run_id", pa.string(), "", "unique run id"),
+    ("started_at", pa.timestamp("us", tz="UTC"), "", "run start"),
+    ("finished_at", pa.timestamp("us", tz="UTC"), "", "run end"),
+    ("status", pa.string(), "", "ok | failed | threshold_exceeded"),
+    ("config_json", pa.string(), "", "effective configuration (secrets removed)"),
+    ("model_id", pa.string(), "", "model location"),
+    ("model_version", pa.string(), "", "sha256 prefix of the model weights"),
+    ("pipeline_version", pa.string(), "", "version of this package"),
+    ("schema_version", pa.string(), "", "version of this schema"),
+    ("slides_listed", pa.int64(), "", "slides found in the archive"),
+    ("slides_ok", pa.int64(), "", "slides processed successfully in this run"),
+    ("slides_failed", pa.int64(), "", "slides that failed in this run"),
+    ("slides_skipped", pa.int64(), "", "slides already done (same identity and model version)"),
+    ("cells_written", pa.int64(), "", "cells written in this run"),
+]
+
+
+def schema_of(columns: list[tuple[str, pa.DataType, str, str]]) -> pa.Schema:
+    """Arrow schema from a column table, with unit and description as field metadata."""
+    return pa.schema(
+        [pa.field(n, t, metadata={"unit": u, "description": d}) for n, t, u, d in columns]
+    )
+
+
+DETECT_SCHEMA = schema_of(DETECT_COLUMNS)
+CELL_SCHEMA = schema_of(CELL_COLUMNS)
+SLIDE_SCHEMA = schema_of(SLIDE_COLUMNS)
+RUN_SCHEMA = schema_of(RUN_COLUMNS)
