@@ -88,6 +88,8 @@ CELL_COLUMNS: list[tuple[str, pa.DataType, str, str]] = (
     ]
     + _ATTRIBUTE_COLUMNS
     + [
+        ("consistent", pa.bool_(), "", "caption agrees with morphometry (null: nothing comparable)"),
+        ("inconsistent_attributes", pa.list_(pa.string()), "", "attributes whose caption value disagrees with the measurement"),
         ("thumbnail_jpeg", pa.binary(), "", "JPEG of the crop (optional; null when disabled)"),
         ("run_id", pa.string(), "", "id of the run that wrote the row"),
         ("model_id", pa.string(), "", "model location as configured"),
