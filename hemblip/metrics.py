@@ -1,0 +1,249 @@
+"""Caption and attribute metrics (the HemBLIP paper's Table 1/2 measures).
+
+Text metrics compare generated captions with reference captions: BLEU (NLTK ``sentence_bleu``,
+4-gram uniform weights, ``SmoothingFunction().method4``, whitespace tokens of lower-cased text,
+averaged over samples), ROUGE-L F (``rouge_score``, Porter stemmer, averaged), and BERTScore F1
+only when the ``bert_score`` package and its model are available locally (else None + reason).
+
+Attribute metrics compare the *reference labels* (a sample's cell type/attributes, None = not
+mentioned) with what :func:`hemblip.captions.parse_caption` reads from the generated caption:
+
+* ``accuracy_all``: over all cells, prediction == reference, where "not mentioned" on both sides
+  counts as agreement;
+* ``accuracy_mentioned``: over cells whose reference states the attribute;
+* ``balanced_accuracy``: mean per-class recall over cells whose reference states it (a missing
+  prediction is wrong);
+* ``exact_match``: share of cells (with at least one stated attribute) whose stated attributes are
+  all predicted correctly;
+* cell-type accuracy (cells with a reference type) and confusion matrix (rows reference, columns
+  prediction, last column ``"(none)"`` for captions naming no/ambiguous type).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from hemblip.captions import parse_caption, render_caption
+from hemblip.ontology import ATTRIBUTE_NAMES, CELL_TYPES, HEALTHY_ATTRIBUTES
+
+__all__ = [
+    "bleu",
+    "rouge_l",
+    "bertscore",
+    "attribute_metrics",
+    "cell_type_metrics",
+    "exact_match",
+    "majority_labels",
+    "score_captions",
+    "baseline_caption",
+    "NONE_LABEL",
+]
+
+NONE_LABEL = "(none)"
+
+Labels = Mapping[str, object]  # {"cell_type": str|None, "case": str|None, "attributes": {...}}
+
+
+def _check_lengths(a: Sequence, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} references but {len(b)} predictions")
+
+
+def bleu(references: Sequence[str], predictions: Sequence[str]) -> float | None:
+    """Mean sentence BLEU-4 (NLTK, smoothing method4) on whitespace tokens of lower-cased text."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    _check_lengths(references, predictions)
+    if not references:
+        return None
+    smooth = SmoothingFunction().method4
+    scores = []
+    for ref, hyp in zip(references, predictions):
+        r, h = ref.lower().split(), hyp.lower().split()
+        # method4 divides by log(len(hypothesis)): an empty hypothesis scores 0 by definition.
+        scores.append(0.0 if not h or not r else
+                      sentence_bleu([r], h, weights=(0.25, 0.25, 0.25, 0.25), smoothing_function=smooth))
+    return float(sum(scores) / len(scores))
+
+
+def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> float | None:
+    """Mean ROUGE-L F-measure (``rouge_score``, ``use_stemmer=True``)."""
+    from rouge_score import rouge_scorer
+
+    _check_lengths(references, predictions)
+    if not references:
+        return None
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, p)["rougeL"].fmeasure for r, p in zip(references, predictions)]
+    return float(sum(scores) / len(scores))
+
+
+def bertscore(references: Sequence[str], predictions: Sequence[str],
+              model_type: str | None = None) -> tuple[float | None, str | None]:
+    """Mean BERTScore F1, or ``(None, reason)`` when the package or its model is not available.
+
+    Never downloads: runs only if ``bert_score`` is installed and its model is already cached.
+    """
+    _check_lengths(references, predictions)
+    if importlib.util.find_spec("bert_score") is None:
+        return None, "package bert_score not installed"
+    if not references:
+        return None, "no samples"
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from bert_score import score
+
+        _p, _r, f1 = score(list(predictions), list(references), lang="en", model_type=model_type,
+                           verbose=False)
+        return float(f1.mean()), None
+    except Exception as exc:  # noqa: BLE001 - any failure to load the model means "not available"
+        return None, f"bert_score model not available locally ({exc.__class__.__name__}: {str(exc)[:120]})"
+
+
+def attribute_metrics(references: Sequence[Mapping[str, str | None]],
+                      predictions: Sequence[Mapping[str, str | None]],
+                      names: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, dict[str, float | int | None]]:
+    """Per attribute: ``accuracy_all``, ``accuracy_mentioned``, ``balanced_accuracy``,
+    ``n_mentioned`` (cells whose reference states it) and ``n`` (all cells). Rates are None when
+    their denominator is 0."""
+    _check_lengths(references, predictions)
+    out: dict[str, dict[str, float | int | None]] = {}
+    n = len(references)
+    for name in names:
+        agree_all = sum(r.get(name) == p.get(name) for r, p in zip(references, predictions))
+        pairs = [(r[name], p.get(name)) for r, p in zip(references, predictions) if r.get(name) is not None]
+        correct = sum(rv == pv for rv, pv in pairs)
+        per_class: dict[str, list[int]] = {}
+        for rv, pv in pairs:
+            per_class.setdefault(rv, [0, 0])
+            per_class[rv][0] += rv == pv
+            per_class[rv][1] += 1
+        out[name] = {
+            "accuracy_all": agree_all / n if n else None,
+            "accuracy_mentioned": correct / len(pairs) if pairs else None,
+            "balanced_accuracy": (sum(c / t for c, t in per_class.values()) / len(per_class)
+                                  if per_class else None),
+            "n_mentioned": len(pairs),
+            "n": n,
+        }
+    return out
+
+
+def exact_match(references: Sequence[Mapping[str, str | None]],
+                predictions: Sequence[Mapping[str, str | None]]) -> tuple[float | None, int]:
+    """Share of cells whose reference-stated attributes are all predicted correctly, and the number
+    of cells counted (those stating at least one attribute)."""
+    _check_lengths(references, predictions)
+    hits, total = 0, 0
+    for r, p in zip(references, predictions):
+        stated = {k: v for k, v in r.items() if v is not None}
+        if not stated:
+            continue
+        total += 1
+        hits += all(p.get(k) == v for k, v in stated.items())
+    return (hits / total if total else None), total
+
+
+def cell_type_metrics(references: Sequence[str | None], predictions: Sequence[str | None]) -> dict:
+    """Cell-type ``accuracy`` over cells with a reference type, ``balanced_accuracy``, ``n``, and
+    ``confusion``: ``{"labels": [...reference types], "columns": [... , "(none)"], "matrix": rows}``."""
+    _check_lengths(references, predictions)
+    pairs = [(r, p) for r, p in zip(references, predictions) if r is not None]
+    order = {ct: i for i, ct in enumerate(CELL_TYPES)}
+    labels = sorted({r for r, _ in pairs} | {p for _, p in pairs if p is not None},
+                    key=lambda c: (order.get(c, len(order)), c))
+    columns = labels + [NONE_LABEL]
+    matrix = [[0] * len(columns) for _ in labels]
+    per_class: dict[str, list[int]] = {}
+    for r, p in pairs:
+        matrix[labels.index(r)][columns.index(p if p is not None else NONE_LABEL)] += 1
+        per_class.setdefault(r, [0, 0])
+        per_class[r][0] += r == p
+        per_class[r][1] += 1
+    return {
+        "accuracy": sum(r == p for r, p in pairs) / len(pairs) if pairs else None,
+        "balanced_accuracy": (sum(c / t for c, t in per_class.values()) / len(per_class)
+                              if per_class else None),
+        "n": len(pairs),
+        "confusion": {"labels": labels, "columns": columns, "matrix": matrix},
+    }
+
+
+def majority_labels(train: Sequence[Labels]) -> dict:
+    """Most frequent cell type, case and value of every attribute among ``train`` labels (ties: the
+    value seen first); None where the training labels never state it."""
+    def most(values):
+        c = Counter(v for v in values if v is not None)
+        return max(c, key=lambda v: (c[v], -_first_index(values, v))) if c else None
+
+    return {
+        "cell_type": most([t.get("cell_type") for t in train]),
+        "case": most([t.get("case") for t in train]),
+        "attributes": {n: most([t["attributes"].get(n) for t in train]) for n in ATTRIBUTE_NAMES},
+    }
+
+
+def _first_index(values: Sequence, v) -> int:
+    return values.index(v)
+
+
+def score_captions(references: Sequence[str], predictions: Sequence[str],
+                   labels: Sequence[Labels] | None = None, *,
+                   with_bertscore: bool = True) -> dict:
+    """Every metric of one model on one set: text metrics on the caption strings, attribute and
+    cell-type metrics of ``parse_caption(prediction)`` against ``labels`` (each
+    ``{"cell_type", "case", "attributes"}``; default: parsed from the references).
+
+    Returns ``{"n", "bleu", "rouge_l", "bertscore", "bertscore_reason", "cell_type",
+    "case_accuracy", "exact_match", "exact_match_n", "mean_balanced_accuracy",
+    "mean_balanced_accuracy_wbcatt", "attributes"}``;
+    ``mean_balanced_accuracy`` averages over attributes some reference states,
+    ``mean_balanced_accuracy_wbcatt`` over the 11 WBCAtt ones among them.
+    """
+    _check_lengths(references, predictions)
+    if labels is None:
+        labels = [_labels_of(parse_caption(r)) for r in references]
+    _check_lengths(references, labels)
+    parsed = [parse_caption(p) for p in predictions]
+    ref_attrs = [dict(lab["attributes"]) for lab in labels]
+    pred_attrs = [p.attributes for p in parsed]
+    per_attr = attribute_metrics(ref_attrs, pred_attrs)
+    stated = [v["balanced_accuracy"] for v in per_attr.values() if v["balanced_accuracy"] is not None]
+    wbcatt = [per_attr[a.name]["balanced_accuracy"] for a in HEALTHY_ATTRIBUTES
+              if per_attr[a.name]["balanced_accuracy"] is not None]
+    em, em_n = exact_match(ref_attrs, pred_attrs)
+    case_pairs = [(lab.get("case"), p.case) for lab, p in zip(labels, parsed) if lab.get("case") is not None]
+    if with_bertscore:
+        bs, bs_reason = bertscore(references, predictions)
+    else:
+        bs, bs_reason = None, "not requested"
+    return {
+        "n": len(references),
+        "bleu": bleu(references, predictions),
+        "rouge_l": rouge_l(references, predictions),
+        "bertscore": bs,
+        "bertscore_reason": bs_reason,
+        "cell_type": cell_type_metrics([lab.get("cell_type") for lab in labels], [p.cell_type for p in parsed]),
+        "case_accuracy": (sum(r == p for r, p in case_pairs) / len(case_pairs)) if case_pairs else None,
+        "exact_match": em,
+        "exact_match_n": em_n,
+        "mean_balanced_accuracy": sum(stated) / len(stated) if stated else None,
+        "mean_balanced_accuracy_wbcatt": sum(wbcatt) / len(wbcatt) if wbcatt else None,
+        "attributes": per_attr,
+    }
+
+
+def _labels_of(parsed) -> dict:
+    return {"cell_type": parsed.cell_type, "case": parsed.case, "attributes": parsed.attributes}
+
+
+def baseline_caption(train: Sequence[Labels]) -> str:
+    """The majority-class baseline's constant caption (training-set majority of everything)."""
+    m = majority_labels(train)
+    return render_caption(m["cell_type"], m["case"], m["attributes"])
+

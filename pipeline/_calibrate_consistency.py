@@ -1,0 +1,133 @@
+"""Calibrate the thresholds of :mod:`pipeline.consistency` on real labelled cells.
+
+    python -m pipeline._calibrate_consistency --data ../shared/data [--json calib.json]
+
+Data: the 450 PBC cells of ``txl_pbc/pbc_wbcatt.csv`` (WBCAtt expert attributes + the WBC box in
+pixels of the 360x363 field image). For every cell: estimate the field's µm/px with
+``pipeline.detection.estimate_mpp`` on the whole image (fallback: the median of the fields where it
+worked, same microscope), crop a square of 2.5x the box's longer side centred on the box (white
+padding), run ``pipeline.detection.segment_cell`` and compare its measurements with the labels.
+
+Fit on WBCAtt's ``train`` split, report on ``val``+``test``. For each numeric attribute:
+
+* split: the threshold maximising balanced accuracy of "label = upper class iff measure >= split";
+* band: the lower class is flagged above max(split, its 95th percentile), the upper class below
+  min(split, its 5th percentile), so ~5% of correct claims are flagged at most (on the fit split);
+* reported on held-out cells: balanced accuracy at the split, rate of correct claims flagged
+  (false flags), rate of wrong claims (the other value) flagged (detection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _crop(img: np.ndarray, box: tuple[float, float, float, float], factor: float = 2.5) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    side = int(round(max(x1 - x0, y1 - y0) * factor))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+    out = np.full((side, side, 3), 255, np.uint8)
+    h, w = img.shape[:2]
+    sx0, sy0, sx1, sy1 = max(left, 0), max(top, 0), min(left + side, w), min(top + side, h)
+    out[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = img[sy0:sy1, sx0:sx1]
+    return out
+
+
+def measure(data: Path) -> list[dict]:
+    """One dict per usable cell: labels, split and the measurements of segment_cell."""
+    from pipeline.detection import estimate_mpp, segment_cell
+
+    with open(data / "txl_pbc" / "pbc_wbcatt.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows = [r for r in rows if r["wbc_xmin"] not in ("", None) and int(r["n_wbc_boxes"] or 0) >= 1]
+    images, mpps = {}, {}
+    for r in rows:
+        img = np.asarray(Image.open(data / "txl_pbc" / r["image"].replace("TXL_PBC/", "", 1)).convert("RGB"))
+        images[r["image"]] = img
+        mpps[r["image"]] = estimate_mpp(img)
+    found = [m for m in mpps.values() if m]
+    fallback = float(np.median(found)) if found else 0.33
+    out = []
+    for r in rows:
+        mpp = mpps[r["image"]] or fallback
+        box = tuple(float(r[k]) for k in ("wbc_xmin", "wbc_ymin", "wbc_xmax", "wbc_ymax"))
+        m = segment_cell(_crop(images[r["image"]], box), mpp)
+        out.append({
+            "split": "fit" if r["wbcatt_split"] == "train" else "eval",
+            "label": r["label"], "mpp": mpp, "mpp_estimated": mpps[r["image"]] is not None,
+            "cell_size": r["cell_size"], "nuclear_cytoplasmic_ratio": r["nuclear_cytoplasmic_ratio"],
+            "nucleus_shape": r["nucleus_shape"],
+            "cell_diameter_um": float(m.cell_diameter_um), "nc_ratio": float(m.nc_ratio),
+            "nucleus_lobes": int(m.nucleus_lobes), "nucleus_circularity": float(m.nucleus_circularity),
+        })
+    print(f"measured {len(out)} cells; mpp estimated on {len(found)}/{len(mpps)} fields "
+          f"(median {fallback:.4f} µm/px)", file=sys.stderr)
+    return out
+
+
+def _balanced(pred_upper: np.ndarray, upper: np.ndarray) -> float:
+    return float((np.mean(pred_upper[upper]) + np.mean(~pred_upper[~upper])) / 2)
+
+
+def calibrate(cells: list[dict], attr: str, measure_key: str, lower: str, upper: str,
+              candidates: np.ndarray | None = None, integer: bool = False) -> dict:
+    def arrays(split):
+        sel = [c for c in cells if c["split"] == split and c[attr] in (lower, upper)
+               and np.isfinite(c[measure_key]) and (not integer or c[measure_key] >= 1)]
+        return (np.array([c[measure_key] for c in sel], float),
+                np.array([c[attr] == upper for c in sel], bool))
+
+    m, y = arrays("fit")
+    if candidates is None:
+        candidates = np.unique(m)
+    scores = [(_balanced(m >= t, y), t) for t in candidates]
+    best, split = max(scores)
+    lo_q, hi_q = np.quantile(m[~y], 0.95), np.quantile(m[y], 0.05)
+    lower_max = max(split, lo_q) if not integer else max(split - 1, np.floor(lo_q))
+    upper_min = min(split, hi_q) if not integer else max(2, min(split, np.ceil(hi_q)))
+    me, ye = arrays("eval")
+    flag_true = np.where(ye, me < upper_min, me > lower_max)  # correct claim flagged
+    flag_wrong = np.where(ye, me > lower_max, me < upper_min)  # claim of the other value flagged
+    return {
+        "attribute": attr, "measure": measure_key, "lower_value": lower, "upper_value": upper,
+        "split": float(split), "lower_flag_above": float(lower_max), "upper_flag_below": float(upper_min),
+        "fit_cells": int(len(m)), "fit_balanced_accuracy": round(best, 4),
+        "eval_cells": int(len(me)), "eval_balanced_accuracy": round(_balanced(me >= split, ye), 4),
+        "eval_accuracy": round(float(np.mean((me >= split) == ye)), 4),
+        "eval_false_flag_rate": round(float(np.mean(flag_true)), 4),
+        "eval_wrong_claim_flag_rate": round(float(np.mean(flag_wrong)), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--json", type=Path, help="also write the results (and per-cell measurements) here")
+    args = p.parse_args(argv)
+    cells = measure(args.data)
+    for c in cells:  # collapse the shape values to the compared classes
+        s = c["nucleus_shape"]
+        c["nucleus_segmented"] = "segmented" if s.startswith("segmented-") else ("unsegmented" if s.startswith("unsegmented-") else None)
+    results = [
+        calibrate(cells, "cell_size", "cell_diameter_um", "small", "big"),
+        calibrate(cells, "nuclear_cytoplasmic_ratio", "nc_ratio", "low", "high"),
+        calibrate(cells, "nucleus_segmented", "nucleus_lobes", "unsegmented", "segmented",
+                  candidates=np.array([2, 3, 4]), integer=True),
+    ]
+    for r in results:
+        print(json.dumps(r))
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "cells": cells}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""White-blood-cell detection, scale estimation and cell segmentation (pure numpy, no I/O).
+
+Public API (see docs/interfaces.md "Detection algorithms"):
+``DetectorConfig``, ``detect_wbc``, ``Detection``, ``estimate_mpp``, ``segment_cell``,
+``Morphometry``.
+"""
+
+from __future__ import annotations
+
+from pipeline.detection._config import DetectorConfig
+from pipeline.detection._detector import Detection, detect_wbc
+from pipeline.detection._scale import RBC_DIAMETER_UM, estimate_mpp
+from pipeline.detection._segment import Morphometry, segment_cell
+
+__all__ = [
+    "DetectorConfig",
+    "Detection",
+    "detect_wbc",
+    "estimate_mpp",
+    "RBC_DIAMETER_UM",
+    "Morphometry",
+    "segment_cell",
+]

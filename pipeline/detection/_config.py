@@ -1,0 +1,80 @@
+"""Detector settings (typed, validated; every error names the field at fault)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from pipeline.errors import ConfigError
+
+__all__ = ["DetectorConfig"]
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Settings of :func:`pipeline.detection.detect_wbc` (lengths µm, areas µm²).
+
+    ``working_mpp`` is the resolution (µm/px) detection runs at: finer images are reduced to it
+    (a white cell of ~12 µm is still ~24 px across at 0.5 µm/px, and a 1024² tile costs a few
+    milliseconds), coarser ones are used as they are. The detection stage reads the pyramid level
+    whose mpp is closest to it.
+    """
+
+    working_mpp: float = 0.5
+    #: plausible whole-cell diameters; outside them a cell is flagged, see ``implausible_size``
+    min_cell_diameter_um: float = 6.0
+    max_cell_diameter_um: float = 30.0
+    #: variance of the Laplacian of a crop below which the stage flags ``out_of_focus``
+    min_focus: float = 10.0
+    #: nucleus candidate: optical-density feature above this (always), see ``_color``
+    nucleus_threshold: float = 0.30
+    #: nucleus area range of a white cell (platelets are ~3-8 µm², a small lymphocyte ~30 µm²)
+    min_nucleus_area_um2: float = 9.0
+    max_nucleus_area_um2: float = 400.0
+    #: lobes/fragments of one nucleus closer than this are one cell (segmented neutrophils)
+    lobe_merge_um: float = 2.0
+    #: detections whose score (probability of being a white cell) is below this are dropped
+    min_score: float = 0.5
+    #: use the bundled learned verifier to score candidates (False: colour/size score only)
+    use_verifier: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("float", float):
+                if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                    raise ConfigError(f"DetectorConfig.{f.name}: must be a finite number, got {v!r}")
+            elif f.type in ("bool", bool) and not isinstance(v, bool):
+                raise ConfigError(f"DetectorConfig.{f.name}: must be true or false, got {v!r}")
+        positive = (
+            "working_mpp",
+            "min_cell_diameter_um",
+            "max_cell_diameter_um",
+            "nucleus_threshold",
+            "min_nucleus_area_um2",
+            "max_nucleus_area_um2",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"DetectorConfig.{name}: must be > 0, got {getattr(self, name)!r}")
+        if self.working_mpp > 5.0:
+            raise ConfigError(
+                f"DetectorConfig.working_mpp: {self.working_mpp} µm/px is too coarse to see a "
+                "white cell (use ≤ 5)"
+            )
+        if self.max_cell_diameter_um <= self.min_cell_diameter_um:
+            raise ConfigError(
+                "DetectorConfig.max_cell_diameter_um: must exceed min_cell_diameter_um "
+                f"({self.max_cell_diameter_um} ≤ {self.min_cell_diameter_um})"
+            )
+        if self.max_nucleus_area_um2 <= self.min_nucleus_area_um2:
+            raise ConfigError(
+                "DetectorConfig.max_nucleus_area_um2: must exceed min_nucleus_area_um2 "
+                f"({self.max_nucleus_area_um2} ≤ {self.min_nucleus_area_um2})"
+            )
+        if self.min_focus < 0:
+            raise ConfigError(f"DetectorConfig.min_focus: must be ≥ 0, got {self.min_focus!r}")
+        if self.lobe_merge_um < 0:
+            raise ConfigError(f"DetectorConfig.lobe_merge_um: must be ≥ 0, got {self.lobe_merge_um!r}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError(f"DetectorConfig.min_score: must be in [0, 1], got {self.min_score!r}")

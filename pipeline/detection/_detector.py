@@ -1,0 +1,256 @@
+"""White-cell detection on one RGB field or tile (pure numpy/OpenCV, no I/O).
+
+Method (all lengths in µm, converted with the image's mpp):
+1. Reduce the image to ``working_mpp`` (finer images only) and compute the nucleus feature
+   (optical density ``OD_G - 0.5 OD_B`` against the image's own glass colour).
+2. Nucleus candidates: feature above ``max(nucleus_threshold, adaptive split)``; small specks
+   removed; fragments closer than ``lobe_merge_um`` grouped into one nucleus (lobes of a
+   segmented neutrophil, broken chromatin of a blurred cell).
+3. Candidates whose nucleus area lies outside the white-cell range are dropped (platelets,
+   debris); the rest are scored (a small learned verifier on colour/shape/size features, or a
+   colour-contrast score) and kept above ``min_score``.
+4. Whole-cell extent: watershed of the cell/glass mask with the nucleus and the neighbouring
+   red cells as markers, limited to ``max_cell_diameter_um``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage import segmentation
+
+from pipeline.detection._color import (
+    background_rgb,
+    check_rgb,
+    disk,
+    nucleus_feature,
+    optical_density,
+    otsu,
+    smooth,
+)
+from pipeline.detection._config import DetectorConfig
+from pipeline.errors import ConfigError
+
+__all__ = ["Detection", "detect_wbc"]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One white cell in the image given to :func:`detect_wbc` (pixel coordinates of that image).
+
+    ``bbox`` is ``(x0, y0, x1, y1)`` with x1/y1 exclusive and covers nucleus + cytoplasm;
+    ``centroid`` ``(x, y)`` is the nucleus centroid; ``area_px`` the whole-cell area in px²;
+    ``score`` in [0, 1]; ``clumped`` when the cell touches another detected white cell.
+    """
+
+    bbox: tuple[int, int, int, int]
+    centroid: tuple[float, float]
+    area_px: float
+    score: float
+    clumped: bool
+
+
+@dataclass
+class _Candidate:
+    label: int
+    mask_slice: tuple[slice, slice]
+    nucleus: np.ndarray  # bool, within mask_slice
+    features: dict
+
+
+def _check_mpp(mpp: object) -> float:
+    if isinstance(mpp, bool) or not isinstance(mpp, int | float) or not np.isfinite(mpp) or mpp <= 0:
+        raise ConfigError(f"mpp: must be a positive number of µm per pixel, got {mpp!r}")
+    return float(mpp)
+
+
+def _work_image(rgb: np.ndarray, mpp: float, cfg: DetectorConfig) -> tuple[np.ndarray, float]:
+    """(image at the working resolution, its scale relative to ``rgb``: work px per rgb px)."""
+    f = mpp / cfg.working_mpp
+    if f >= 0.9:
+        return rgb, 1.0
+    h, w = rgb.shape[:2]
+    nw, nh = max(int(round(w * f)), 2), max(int(round(h * f)), 2)
+    return cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA), nw / w
+
+
+def nucleus_candidates(
+    img: np.ndarray, px_um: float, cfg: DetectorConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    """Candidate nuclei of ``img`` (pixel size ``px_um`` µm).
+
+    Returns (od (H,W,3), feature (H,W), labels (H,W) int32 of grouped nuclei, list of feature
+    dicts indexed by label - 1).
+    """
+    bg = background_rgb(img)
+    od = optical_density(img, bg)
+    feat = smooth(nucleus_feature(od), 0.4 / px_um)
+    total = smooth(od.sum(-1), 0.4 / px_um)
+    # adaptive part: the split between stained cells and the darkest (nuclear) class, so a
+    # strongly stained field does not turn its red cells into nuclei
+    sample = feat.ravel()[:: max(1, feat.size // 200_000)]
+    stained = sample[sample > cfg.nucleus_threshold * 0.5]
+    t_adapt = otsu(stained) if stained.size > 50 else cfg.nucleus_threshold
+    thr = max(cfg.nucleus_threshold, min(t_adapt, 3.0 * cfg.nucleus_threshold))
+    mask = (feat > thr).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk(0.5 / px_um))
+    # group lobes: fragments within lobe_merge_um share a label
+    grow = cv2.dilate(mask, disk(cfg.lobe_merge_um / 2 / px_um)) if cfg.lobe_merge_um > 0 else mask
+    glab, n = ndi.label(grow)
+    labels = np.where(mask > 0, glab, 0).astype(np.int32)
+    px_area = px_um * px_um
+    feats: list[dict] = []
+    objs = ndi.find_objects(labels, max_label=n)
+    fg_thr = max(0.15, otsu(np.minimum(total.ravel()[:: max(1, total.size // 100_000)],
+                                       np.percentile(total, 90))))
+    for i, sl in enumerate(objs, start=1):
+        if sl is None:
+            feats.append({})
+            continue
+        m = labels[sl] == i
+        area = float(m.sum()) * px_area
+        f_in = feat[sl][m]
+        # a ring around the nucleus (cytoplasm/neighbours) for contrast
+        pad = max(int(round(2.0 / px_um)), 1)
+        y0, y1 = max(sl[0].start - pad, 0), min(sl[0].stop + pad, labels.shape[0])
+        x0, x1 = max(sl[1].start - pad, 0), min(sl[1].stop + pad, labels.shape[1])
+        big = labels[y0:y1, x0:x1] == i
+        ring = cv2.dilate(big.astype(np.uint8), disk(pad)).astype(bool) & ~big
+        f_ring = feat[y0:y1, x0:x1][ring]
+        odn = od[sl][m]
+        ys, xs = np.nonzero(m)
+        hh, ww = m.shape
+        fill = m.sum() / max(hh * ww, 1)
+        nfrag = int(ndi.label(m)[1])
+        feats.append(
+            {
+                "area_um2": area,
+                "feat_mean": float(f_in.mean()),
+                "feat_p90": float(np.percentile(f_in, 90)),
+                "feat_ring": float(f_ring.mean()) if f_ring.size else 0.0,
+                "thr": float(thr),
+                "od_r": float(odn[:, 0].mean()),
+                "od_g": float(odn[:, 1].mean()),
+                "od_b": float(odn[:, 2].mean()),
+                "extent_um": float(max(hh, ww) * px_um),
+                "fill": float(fill),
+                "n_frag": nfrag,
+                "bg_sum": float(bg.sum()),
+                "fg_thr": float(fg_thr),
+                "cy": float(sl[0].start + ys.mean()),
+                "cx": float(sl[1].start + xs.mean()),
+            }
+        )
+    return od, feat, labels, feats
+
+
+def _color_score(fe: dict) -> float:
+    """Fallback score in [0, 1]: nuclear colour contrast against the surroundings."""
+    contrast = fe["feat_mean"] - fe["feat_ring"]
+    return float(np.clip(contrast / max(fe["thr"], 1e-6), 0.0, 1.0))
+
+
+def _cell_regions(
+    od: np.ndarray, labels: np.ndarray, keep: list[int], px_um: float, cfg: DetectorConfig
+) -> dict[int, np.ndarray]:
+    """Whole-cell masks (full image size, bool) of the kept nuclei, by watershed."""
+    total = smooth(od.sum(-1), 0.5 / px_um)
+    sample = total.ravel()[:: max(1, total.size // 100_000)]
+    t = max(otsu(np.minimum(sample, np.percentile(sample, 90))), 0.12)
+    fg = (total > t).astype(np.uint8)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, disk(0.6 / px_um))
+    fg = ndi.binary_fill_holes(fg)
+    nuc = np.isin(labels, keep)
+    fg |= nuc
+    dist = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
+    markers = np.zeros(labels.shape, np.int32)
+    # other cells (red cells) compete for the foreground: peaks of the distance map at least
+    # a red-cell radius (~2.5 µm) deep, away from the kept nuclei
+    far = cv2.dilate(nuc.astype(np.uint8), disk(4.0 / px_um)) == 0
+    mx = ndi.maximum_filter(dist, size=max(int(5.0 / px_um), 3))
+    peaks = (dist == mx) & (dist > 2.0 / px_um) & far
+    plab, npk = ndi.label(peaks)
+    big = len(keep) + 1
+    markers[plab > 0] = plab[plab > 0] + big
+    for k in keep:
+        markers[labels == k] = k
+    ws = segmentation.watershed(-dist, markers, mask=fg)
+    out = {}
+    rmax = cfg.max_cell_diameter_um / 2 / px_um
+    for k in keep:
+        m = ws == k
+        ys, xs = np.nonzero(labels == k)
+        cy, cx = ys.mean(), xs.mean()
+        yy, xx = np.ogrid[: m.shape[0], : m.shape[1]]
+        m &= (yy - cy) ** 2 + (xx - cx) ** 2 <= rmax * rmax
+        m |= labels == k
+        out[k] = m
+    return out
+
+
+def detect_wbc(rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None) -> list[Detection]:
+    """White blood cells in ``rgb`` ((H, W, 3) uint8 at ``mpp`` µm/px).
+
+    Returns one :class:`Detection` per nucleated cell (a multi-lobed nucleus is one cell), in
+    reading order (top to bottom, then left to right), coordinates in px of ``rgb``.
+    """
+    check_rgb(rgb)
+    mpp = _check_mpp(mpp)
+    cfg = config if config is not None else DetectorConfig()
+    if not isinstance(cfg, DetectorConfig):
+        raise ConfigError(f"config: expected a DetectorConfig, got {type(cfg).__name__}")
+    img, scale = _work_image(rgb, mpp, cfg)
+    px_um = mpp / scale
+    od, _feat, labels, feats = nucleus_candidates(img, px_um, cfg)
+    from pipeline.detection._verifier import score_candidates
+
+    keep: list[int] = []
+    scores: dict[int, float] = {}
+    cand = [
+        (i + 1, fe)
+        for i, fe in enumerate(feats)
+        if fe and cfg.min_nucleus_area_um2 <= fe["area_um2"] <= cfg.max_nucleus_area_um2
+    ]
+    if cfg.use_verifier:
+        probs = score_candidates([fe for _, fe in cand])
+    else:
+        probs = [_color_score(fe) for _, fe in cand]
+    for (k, _fe), p in zip(cand, probs, strict=True):
+        if p >= cfg.min_score:
+            keep.append(k)
+            scores[k] = float(p)
+    if not keep:
+        return []
+    regions = _cell_regions(od, labels, keep, px_um, cfg)
+    inv = 1.0 / scale
+    H, W = rgb.shape[:2]
+    boxes = {}
+    for k in keep:
+        ys, xs = np.nonzero(regions[k])
+        boxes[k] = (
+            max(int(np.floor(xs.min() * inv)), 0),
+            max(int(np.floor(ys.min() * inv)), 0),
+            min(int(np.ceil((xs.max() + 1) * inv)), W),
+            min(int(np.ceil((ys.max() + 1) * inv)), H),
+        )
+    dets = []
+    for k in keep:
+        fe = feats[k - 1]
+        # clumped: the cell's region borders another kept cell's region
+        grown = cv2.dilate(regions[k].astype(np.uint8), disk(1)).astype(bool)
+        clumped = any(grown[regions[j]].any() for j in keep if j != k)
+        cx, cy = (fe["cx"] + 0.5) * inv - 0.5, (fe["cy"] + 0.5) * inv - 0.5
+        dets.append(
+            Detection(
+                bbox=boxes[k],
+                centroid=(float(cx), float(cy)),
+                area_px=float(regions[k].sum() * inv * inv),
+                score=scores[k],
+                clumped=bool(clumped),
+            )
+        )
+    dets.sort(key=lambda d: (d.centroid[1], d.centroid[0]))
+    return dets

@@ -1,0 +1,103 @@
+"""Caption stage: a Ray Data actor holding one HemBLIP :class:`~hemblip.Captioner`.
+
+The model is loaded once per actor in ``__init__`` (on the actor's GPU when it was given one,
+else on CPU). ``__call__`` captions the ``kind == "cell"`` rows of a batch and passes the slide
+rows through untouched.
+
+Batch in (from :mod:`pipeline.job.stage_detect`): ``kind`` (N,) object, ``slide_id`` (N,) object,
+``crop`` (N, P, P, 3) uint8, ``record`` (N,) object JSON, ``thumbnail`` (N,) object bytes.
+
+Batch out: the same minus ``crop``, plus
+``caption`` (N,) object str (``None`` on slide rows), ``caption_logprob`` (N,) float64 nats/token
+(NaN on slide rows), ``cell_type`` / ``case`` (N,) object str or ``None``, ``attributes`` (N,)
+object JSON ``{name: value|null}`` over every ontology attribute, ``caption_seconds`` (N,)
+float64 s (the batch's caption time shared equally among its cells), ``caption_started`` (N,)
+float64 (``time.time()`` when the batch started; used by the benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["CaptionStage", "OUTPUT_KEYS"]
+
+OUTPUT_KEYS = ("kind", "slide_id", "record", "thumbnail", "caption", "caption_logprob", "cell_type",
+               "case", "attributes", "caption_seconds", "caption_started")
+
+
+def _cores() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
+
+
+class CaptionStage:
+    """Callable class for ``Dataset.map_batches(compute=ActorPoolStrategy(...))``.
+
+    ``model``: checkpoint dir, ``s3://`` prefix, or ``None`` for the demo checkpoint.
+    ``expected_version``: the model version the driver planned with; a different checkpoint
+    (e.g. overwritten mid-run) fails the actor instead of silently mixing versions.
+    ``env``: environment set in the actor before loading (S3 endpoint for an ``s3://`` model).
+    ``cpu_threads``: torch threads when running on CPU. Ray pins a fractional-CPU actor to one
+    thread (OMP_NUM_THREADS=1); on the CPU fallback the caption stage is the heavy one, so by
+    default it uses every core this process may run on.
+    """
+
+    def __init__(self, model: str | None = None, batch_size: int = 32, device: str | None = None,
+                 expected_version: str | None = None, env: Mapping[str, str] | None = None,
+                 cpu_threads: int | None = None):
+        for key, value in (env or {}).items():
+            os.environ.setdefault(key, value)
+        import torch
+
+        from hemblip import Captioner
+        from hemblip.errors import CheckpointError
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(cpu_threads or _cores())
+        self.captioner = Captioner(model, device=device, batch_size=batch_size)
+        if expected_version is not None and self.captioner.model_version != expected_version:
+            raise CheckpointError(
+                f"{self.captioner.model_id}: model version {self.captioner.model_version} differs from "
+                f"{expected_version} that the run was planned with (checkpoint changed during the run?)"
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.time()
+        kinds = batch["kind"]
+        n = len(kinds)
+        idx = [i for i in range(n) if kinds[i] == "cell"]
+        caption = np.full(n, None, dtype=object)
+        logprob = np.full(n, np.nan, dtype=np.float64)
+        cell_type = np.full(n, None, dtype=object)
+        case = np.full(n, None, dtype=object)
+        attributes = np.full(n, None, dtype=object)
+        seconds = np.zeros(n, dtype=np.float64)
+        if idx:
+            t0 = time.perf_counter()
+            results = self.captioner.caption(np.ascontiguousarray(batch["crop"][idx], dtype=np.uint8))
+            share = (time.perf_counter() - t0) / len(idx)
+            for i, r in zip(idx, results, strict=True):
+                caption[i] = r.caption
+                logprob[i] = float(r.mean_logprob)
+                cell_type[i] = r.cell_type
+                case[i] = r.case
+                attributes[i] = json.dumps(dict(r.attributes))
+                seconds[i] = share
+        return {
+            "kind": kinds,
+            "slide_id": batch["slide_id"],
+            "record": batch["record"],
+            "thumbnail": batch["thumbnail"],
+            "caption": caption,
+            "caption_logprob": logprob,
+            "cell_type": cell_type,
+            "case": case,
+            "attributes": attributes,
+            "caption_seconds": seconds,
+            "caption_started": np.full(n, started, dtype=np.float64),
+        }

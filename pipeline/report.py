@@ -1,0 +1,392 @@
+"""Static, self-contained HTML report of the outputs (one file: inline CSS/JS/SVG, data-URI images).
+
+Sections: run summary (runs, last run's failures), caption ⇄ morphometry consistency, optional
+cohort tables, per slide (differential count with 95% Wilson intervals, attribute distributions,
+where cells were found drawn over the slide extent, QC flags), and a cell gallery grouped by cell
+type with filters (slide, type, QC flag, consistency) kept in the URL hash, e.g.
+``report.html#type=lymphocyte&flag=out_of_focus``. Cell data travel as one JSON blob and the
+gallery renders pages of ``page_size`` cells, so thousands of cells stay responsive.
+
+Only stored data are read: the ``thumbnail_jpeg`` column (re-encoded to ``thumb_px`` to keep the
+file small), never the slides. No network access at view time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from PIL import Image
+
+from hemblip.ontology import ABNORMAL_CELL_TYPES, ATTRIBUTE_NAMES, ATTRIBUTES, CELL_TYPES
+from pipeline._report_assets import SCRIPT, STYLE
+from pipeline.cohort import CohortResult, cohort_analysis, wilson_interval
+from pipeline.consistency import consistency_summary
+from pipeline.errors import ConfigError
+from pipeline.outputs import Outputs, open_outputs
+from pipeline.query import connect
+from pipeline.schema import QC_FLAGS
+
+__all__ = ["ReportStats", "build_report", "TYPE_COLOURS"]
+
+TYPE_COLOURS: dict[str | None, str] = dict(zip(CELL_TYPES, [
+    "#1c7ed6", "#e8590c", "#7048e8", "#2f9e44", "#f08c00", "#c92a2a", "#a61e4d", "#862e9c",
+    "#5c940d", "#0b7285", "#d6336c", "#e03131", "#364fc7"])) | {None: "#868e96"}
+_VALUE_COLOURS = ["#4c6ef5", "#f76707", "#37b24d", "#ae3ec9", "#f59f00", "#15aabf", "#e64980"]
+_MORPH = ["cell_diameter_um", "cell_area_um2", "nucleus_area_um2", "nc_ratio", "nucleus_circularity",
+          "nucleus_lobes", "focus_score"]
+_GALLERY_COLS = (["cell_id", "slide_id", "slide_name", "cell_index", "centroid_x", "centroid_y", "cell_type",
+                  "case", "caption", "caption_logprob", "qc_flags", "consistent", "inconsistent_attributes"]
+                 + _MORPH + list(ATTRIBUTE_NAMES))
+
+
+@dataclass(frozen=True)
+class ReportStats:
+    path: Path
+    slides: int
+    cells: int
+    bytes: int
+    seconds: float
+
+
+def _e(x: object) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _colour(t: str | None) -> str:
+    return TYPE_COLOURS.get(t, "#495057")
+
+
+def _name(uri: str | None) -> str:
+    return (uri or "?").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _table(headers: list[str], rows: list[list[object]], num: set[int] | None = None) -> str:
+    num = num or set()
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td class='num'>{c}</td>" if i in num else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        for r in rows)
+    return f"<table class='data'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _pct(x: float | None, d: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{d}f}%"
+
+
+def _differential_svg(counts: dict[str | None, int]) -> str:
+    """Horizontal bars of each cell type's share of typed cells, with 95% Wilson whiskers."""
+    n = sum(v for t, v in counts.items() if t is not None)
+    types = [t for t in CELL_TYPES if counts.get(t)] + sorted(t for t in counts if t and t not in CELL_TYPES)
+    if not n:
+        return "<p class='muted'>No typed cells.</p>"
+    lw, bw, rh = 150, 300, 22
+    h = rh * len(types) + 24
+    parts = [f"<svg class='diff-chart' role='img' aria-label='differential count' width='{lw + bw + 175}' height='{h}' "
+             f"viewBox='0 0 {lw + bw + 175} {h}' xmlns='http://www.w3.org/2000/svg'>"]
+    for frac in (0, 0.25, 0.5, 0.75, 1.0):
+        x = lw + frac * bw
+        parts.append(f"<line x1='{x:.1f}' y1='0' x2='{x:.1f}' y2='{h - 16}' stroke='#e3e6ec'/>"
+                     f"<text x='{x:.1f}' y='{h - 3}' font-size='10' text-anchor='middle' fill='#5b6475'>{int(frac * 100)}%</text>")
+    for i, t in enumerate(types):
+        k = counts[t]
+        lo, hi = wilson_interval(k, n)
+        y = i * rh + 4
+        parts.append(
+            f"<g class='bar' data-type='{_e(t)}' data-count='{k}'><title>{_e(t)}: {k}/{n} = {_pct(k / n)} "
+            f"(95% CI {_pct(lo)}–{_pct(hi)})</title>"
+            f"<text x='{lw - 6}' y='{y + 13}' font-size='12' text-anchor='end'>{_e(t)}</text>"
+            f"<rect x='{lw}' y='{y + 2}' width='{bw * k / n:.1f}' height='{rh - 8}' fill='{_colour(t)}' opacity='0.85'/>"
+            f"<line x1='{lw + bw * lo:.1f}' y1='{y + 8}' x2='{lw + bw * hi:.1f}' y2='{y + 8}' stroke='#1d2330' stroke-width='1.4'/>"
+            f"<line x1='{lw + bw * lo:.1f}' y1='{y + 4}' x2='{lw + bw * lo:.1f}' y2='{y + 12}' stroke='#1d2330'/>"
+            f"<line x1='{lw + bw * hi:.1f}' y1='{y + 4}' x2='{lw + bw * hi:.1f}' y2='{y + 12}' stroke='#1d2330'/>"
+            f"<text x='{lw + bw + 8}' y='{y + 13}' font-size='11.5'>{k} · {_pct(k / n)} [{_pct(lo, 0)}–{_pct(hi, 0)}]</text></g>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _stacked_bar(values: dict[str, int], order: tuple[str, ...], width: int = 260) -> str:
+    n = sum(values.values())
+    x, parts = 0.0, []
+    for j, v in enumerate(order):
+        k = values.get(v, 0)
+        if not k:
+            continue
+        w = width * k / n
+        parts.append(f"<rect x='{x:.1f}' y='0' width='{w:.1f}' height='14' fill='{_VALUE_COLOURS[j % len(_VALUE_COLOURS)]}'>"
+                     f"<title>{_e(v)}: {k}/{n} ({_pct(k / n)})</title></rect>")
+        x += w
+    return f"<svg width='{width}' height='14' xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg>"
+
+
+def _attributes_html(cells: list[dict]) -> str:
+    rows = []
+    for a in ATTRIBUTE_NAMES:
+        values: dict[str, int] = {}
+        for c in cells:
+            if c[a] is not None:
+                values[c[a]] = values.get(c[a], 0) + 1
+        if not values:
+            continue
+        order = ATTRIBUTES[a].values + tuple(sorted(set(values) - set(ATTRIBUTES[a].values)))
+        n = sum(values.values())
+        legend = " ".join(
+            f"<span><i style='background:{_VALUE_COLOURS[j % len(_VALUE_COLOURS)]};border-radius:2px'></i>{_e(v)} {values[v]} ({_pct(values[v] / n, 0)})</span>"
+            for j, v in enumerate(order) if values.get(v))
+        rows.append([_e(a.replace("_", " ")), str(n), _stacked_bar(values, order), f"<span class='legend'>{legend}</span>"])
+    if not rows:
+        return "<p class='muted'>No caption attributes.</p>"
+    return _table(["attribute", "cells", "distribution", "values"], rows, num={1})
+
+
+def _positions_svg(cells: list[dict], width: int | None, height: int | None) -> str:
+    """Cell centroids (level-0 px) over the slide extent; the job stores no slide image."""
+    if not width or not height:
+        xs = [c["centroid_x"] for c in cells] or [1]
+        ys = [c["centroid_y"] for c in cells] or [1]
+        width, height = int(max(xs) * 1.05) + 1, int(max(ys) * 1.05) + 1
+    scale = 460 / max(width, height)
+    w, h = max(40, int(width * scale)), max(40, int(height * scale))
+    r = max(width, height) / 140
+    parts = [f"<svg class='positions' role='img' aria-label='cell positions' width='{w}' height='{h}' "
+             f"viewBox='0 0 {width} {height}' preserveAspectRatio='xMidYMid meet' xmlns='http://www.w3.org/2000/svg'>",
+             f"<rect x='0' y='0' width='{width}' height='{height}' fill='#fbf4f6' stroke='#adb5bd' stroke-width='{r / 3:.1f}'/>"]
+    for c in cells:
+        stroke = f" stroke='#000' stroke-width='{r / 2.5:.1f}'" if c["qc_flags"] else ""
+        parts.append(f"<circle cx='{c['centroid_x']:.0f}' cy='{c['centroid_y']:.0f}' r='{r:.1f}' fill='{_colour(c['cell_type'])}' "
+                     f"fill-opacity='0.8'{stroke}><title>{_e(c['cell_type'] or 'untyped')} #{c['cell_index']}</title></circle>")
+    parts.append("</svg>")
+    present = []
+    for t in list(CELL_TYPES) + [None]:
+        if any(c["cell_type"] == t for c in cells):
+            present.append(t)
+    legend = "".join(f"<span><i style='background:{_colour(t)}'></i>{_e(t or 'untyped')}</span>" for t in present)
+    return (f"{''.join(parts)}<div class='legend'>{legend}<span><i style='background:#fff;border:2px solid #000'></i>QC-flagged</span></div>"
+            f"<div class='kv'>slide extent {width:,} × {height:,} px (level 0); one dot per cell centroid</div>")
+
+
+def _thumb(data: bytes | None, px: int) -> str:
+    if not data:
+        return ""
+    if px <= 0:
+        return base64.b64encode(data).decode()
+    try:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+    except Exception:  # noqa: BLE001 - a corrupt thumbnail must not sink the report; the card shows no image
+        return ""
+    if max(img.size) > px:
+        img = img.resize((px, px), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=82)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _json_value(v: object) -> object:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _resolve_slide(con, slide: str) -> str:
+    hits = con.execute(
+        "SELECT DISTINCT slide_id, slide_uri FROM slides WHERE slide_id = ? OR slide_uri = ? OR starts_with(slide_id, ?)",
+        [slide, slide, slide]).fetchall()
+    ids = sorted({h[0] for h in hits})
+    if not ids:
+        raise ConfigError(f"--slide {slide}: no such slide id, id prefix or URI in the outputs")
+    if len(ids) > 1:
+        raise ConfigError(f"--slide {slide}: ambiguous, matches {len(ids)} slides ({', '.join(i[:12] for i in ids[:5])})")
+    return ids[0]
+
+
+def _cohort_html(result: CohortResult) -> str:
+    d = result.differential.to_pylist()
+    cohorts = sorted({r["cohort"] for r in d})
+    out = []
+    for cohort in cohorts:
+        rows = [r for r in d if r["cohort"] == cohort]
+        counts = {r["cell_type"]: r["count"] for r in rows}
+        meta = rows[0] if rows else {}
+        out.append(f"<h3>{_e(cohort)} <span class='muted'>({meta.get('slides', 0)} slides, "
+                   f"{meta.get('patients', 0)} patients, {meta.get('typed_cells', 0)} typed cells)</span></h3>")
+        out.append(_differential_svg(counts))
+    comp = [r for r in result.comparison.to_pylist()]
+    unit = {(r["cohort_a"], r["cohort_b"], r["cell_type"]): r for r in result.unit_comparison.to_pylist()}
+    rows = []
+    for r in comp:
+        u = unit.get((r["cohort_a"], r["cohort_b"], r["cell_type"]), {})
+        fmt = lambda p: "–" if p is None else f"{p:.3g}"  # noqa: E731
+        rows.append([_e(f"{r['cohort_a']} vs {r['cohort_b']}"), _e(r["cell_type"]),
+                     f"{r['count_a']}/{r['typed_a']} ({_pct(r['proportion_a'])})",
+                     f"{r['count_b']}/{r['typed_b']} ({_pct(r['proportion_b'])})",
+                     f"{_pct(r['difference'])} [{_pct(r['diff_ci_low'])}, {_pct(r['diff_ci_high'])}]",
+                     fmt(r["p_value"]), fmt(r["q_value"]), fmt(u.get("p_value")), fmt(u.get("q_value"))])
+    out.append("<h3>Comparison between cohorts</h3><p class='muted'>Cell level: Fisher's exact test on "
+               "type vs other typed cells, Newcombe 95% interval of the difference, Benjamini–Hochberg q. "
+               "Unit level: Mann–Whitney U on per-patient (else per-slide) proportions, BH q; trust it over "
+               "the cell-level test, which treats cells of one slide as independent.</p>")
+    out.append(_table(["cohorts", "cell type", "A", "B", "difference [95% CI]", "p (cells)", "q (cells)",
+                       "p (units)", "q (units)"], rows))
+    if result.unmatched_manifest:
+        out.append("<h3>Manifest rows without cells</h3><ul>" + "".join(f"<li>{_e(m)}</li>" for m in result.unmatched_manifest) + "</ul>")
+    if result.unlisted_slides:
+        out.append(f"<p class='muted'>{len(result.unlisted_slides)} slide(s) with cells are not in the manifest.</p>")
+    return "".join(out)
+
+
+def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None = None,
+                 manifest: str | Path | None = None, s3_endpoint: str | None = None,
+                 thumb_px: int = 128, page_size: int = 100) -> ReportStats:
+    """Write the report to ``out``; returns what it contains and how long it took.
+
+    ``slide``: a slide id, unique id prefix or URI (default: every slide with cells).
+    ``thumb_px``: side the stored thumbnails are re-encoded to (0 keeps the stored JPEG bytes).
+    """
+    if page_size < 1:
+        raise ConfigError(f"--page-size must be >= 1, got {page_size}")
+    t0 = time.perf_counter()
+    if not isinstance(outputs, Outputs):
+        outputs = open_outputs(outputs, s3_endpoint=s3_endpoint)
+    con = connect(outputs)
+    slide_id = _resolve_slide(con, slide) if slide else None
+    where, params = ("WHERE slide_id = ?", [slide_id]) if slide_id else ("", [])
+
+    runs = con.sql("SELECT * EXCLUDE (config_json) FROM runs ORDER BY started_at DESC").to_arrow_table().to_pylist()
+    slides_latest = con.sql(f"""
+        SELECT slide_id, arg_max(slide_uri, finished_at) AS slide_uri, arg_max(status, finished_at) AS status,
+               arg_max(reason, finished_at) AS reason, max(finished_at) AS finished_at
+        FROM slides {where} GROUP BY slide_id ORDER BY slide_uri""", params=params).to_arrow_table().to_pylist()
+    ok_slides = {r["slide_id"]: r for r in con.sql(f"""
+        SELECT slide_id, arg_max(slide_uri, finished_at) AS slide_uri, arg_max(run_id, finished_at) AS run_id,
+               arg_max(width, finished_at) AS width, arg_max(height, finished_at) AS height,
+               arg_max(mpp, finished_at) AS mpp, arg_max(mpp_source, finished_at) AS mpp_source,
+               arg_max(model_version, finished_at) AS model_version, max(finished_at) AS finished_at
+        FROM slides WHERE status = 'ok' {where.replace('WHERE', 'AND')} GROUP BY slide_id""", params=params
+    ).to_arrow_table().to_pylist()}
+    cols = ", ".join(f'"{c}"' for c in _GALLERY_COLS if c != "slide_name")
+    cells_tbl = con.sql(
+        f"SELECT {cols}, slide_uri, thumbnail_jpeg FROM current_cells {where} ORDER BY slide_uri, cell_index",
+        params=params).to_arrow_table()
+    thumbs = cells_tbl.column("thumbnail_jpeg").to_pylist()
+    cells = cells_tbl.drop_columns(["thumbnail_jpeg"]).to_pylist()
+    for c, th in zip(cells, thumbs):
+        c["slide_name"] = _name(c["slide_uri"])
+        c["_thumb"] = th
+    type_rank = {t: i for i, t in enumerate(CELL_TYPES)}
+    cells.sort(key=lambda c: (type_rank.get(c["cell_type"], len(CELL_TYPES) + (c["cell_type"] is None)),
+                              c["cell_type"] or "", c["slide_uri"], c["cell_index"]))
+
+    by_slide: dict[str, list[dict]] = {}
+    for c in cells:
+        by_slide.setdefault(c["slide_id"], []).append(c)
+    cons = consistency_summary(cells)
+    cohort = cohort_analysis(outputs, manifest, allow_unknown=True) if manifest else None
+
+    loc = outputs.location
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
+             f"<title>HemBLIP cell report – {_e(_name(loc))}</title><style>{STYLE}</style></head><body>"
+             f"<header><h1>HemBLIP blood-smear cell report</h1><div class='sub'>{_e(loc)}"
+             f"{' · slide ' + _e(slide_id) if slide_id else ''} · {len(by_slide)} slides with cells · {len(cells):,} cells · "
+             f"generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC</div></header>"
+             "<nav class='toc'><a href='#runs'>Runs</a><a href='#consistency'>Consistency</a>"
+             + ("<a href='#cohorts'>Cohorts</a>" if cohort else "") + "<a href='#slides'>Slides</a><a href='#cells'>Cell gallery</a></nav><main>"]
+
+    # --- runs
+    run_rows = [[_e(r["run_id"]), _e(f"{r['started_at']:%Y-%m-%d %H:%M}" if r["started_at"] else ""),
+                 _e(f"{(r['finished_at'] - r['started_at']).total_seconds() / 60:.1f} min" if r["finished_at"] and r["started_at"] else ""),
+                 f"<span class='status-{_e(r['status'])}'>{_e(r['status'])}</span>", str(r["slides_listed"]), str(r["slides_ok"]),
+                 str(r["slides_failed"]), str(r["slides_skipped"]), f"{r['cells_written']:,}" if r["cells_written"] is not None else "",
+                 _e(r["model_version"])] for r in runs]
+    parts.append("<section id='runs'><h2>Run summary</h2>")
+    parts.append(_table(["run", "started (UTC)", "duration", "status", "listed", "ok", "failed", "skipped", "cells", "model"],
+                        run_rows, num={4, 5, 6, 7, 8}) if runs else "<p class='muted'>No runs recorded.</p>")
+    if runs:
+        failures = con.execute(
+            f"SELECT slide_uri, reason, finished_at FROM slides WHERE run_id = ? AND status = 'failed' "
+            f"{where.replace('WHERE', 'AND')} ORDER BY slide_uri", [runs[0]["run_id"], *params]).fetchall()
+        parts.append(f"<h3>Failures in the last run ({_e(runs[0]['run_id'])}): {len(failures)}</h3>")
+        if failures:
+            parts.append(_table(["slide", "reason"], [[_e(u), _e(r)] for u, r, _ in failures]))
+    parts.append("</section>")
+
+    # --- consistency
+    pa_rows = [[_e(r["attribute"].replace("_", " ")), str(r["comparable"]), str(r["inconsistent"]), _pct(r["inconsistent_rate"])]
+               for r in cons["per_attribute"].to_pylist()]
+    ps_rows = [[_e(_name(ok_slides.get(r["slide_id"], {}).get("slide_uri", r["slide_id"]))), str(r["cells"]), str(r["checked"]),
+                str(r["inconsistent"]), _pct(r["inconsistent_rate"])] for r in cons["per_slide"].to_pylist()]
+    parts.append("<section id='consistency'><h2>Caption ⇄ morphometry consistency</h2><p class='muted'>A caption's cell size, "
+                 "N:C ratio and segmented/unsegmented nucleus are compared with the measured diameter, nucleus/cytoplasm "
+                 "area ratio and lobe count (thresholds calibrated on WBCAtt-labelled PBC cells).</p><div class='slide-grid'><div>"
+                 + _table(["attribute", "comparable", "disagree", "rate"], pa_rows, num={1, 2, 3}) + "</div><div>"
+                 + _table(["slide", "cells", "checked", "disagree", "rate"], ps_rows, num={1, 2, 3, 4}) + "</div></div></section>")
+
+    if cohort:
+        parts.append(f"<section id='cohorts'><h2>Cohorts</h2>{_cohort_html(cohort)}</section>")
+
+    # --- slides
+    parts.append("<section id='slides'><h2>Slides</h2>")
+    status_rows = [[_e(_name(r["slide_uri"])), f"<span class='status-{_e(r['status'])}'>{_e(r['status'])}</span>",
+                    _e(r["reason"] or ""), str(len(by_slide.get(r["slide_id"], [])))] for r in slides_latest]
+    parts.append(_table(["slide", "latest status", "reason", "cells"], status_rows, num={3}))
+    for sid, scells in sorted(by_slide.items(), key=lambda kv: kv[1][0]["slide_uri"]):
+        info = ok_slides.get(sid, {})
+        counts: dict[str | None, int] = {}
+        flags: dict[str, int] = {}
+        for c in scells:
+            counts[c["cell_type"]] = counts.get(c["cell_type"], 0) + 1
+            for f in c["qc_flags"] or []:
+                flags[f] = flags.get(f, 0) + 1
+        typed = sum(v for t, v in counts.items() if t is not None)
+        abnormal = sum(v for t, v in counts.items() if t in ABNORMAL_CELL_TYPES)
+        mpp = info.get("mpp")
+        mpp_text = f"{mpp:.4f} µm/px ({info.get('mpp_source')})" if mpp else "mpp unknown"
+        parts.append(
+            f"<div class='slide' id='slide-{_e(sid)}' data-slide='{_e(sid)}'><h3>{_e(_name(scells[0]['slide_uri']))}</h3>"
+            f"<div class='kv'>{_e(scells[0]['slide_uri'])} · id {_e(sid)} · run {_e(info.get('run_id'))} · "
+            f"{mpp_text} · {len(scells)} cells, "
+            f"{typed} typed, {counts.get(None, 0)} untyped · atypical/blast-type {abnormal} ({_pct(abnormal / typed if typed else None)}) · "
+            f"QC flags: {', '.join(f'{k} {v}' for k, v in sorted(flags.items())) or 'none'} · "
+            f"<a href='#slide={_e(sid)}' onclick=\"location.hash='slide={_e(sid)}';document.getElementById('cells').scrollIntoView();return false;\">show its cells</a></div>"
+            f"<div class='slide-grid'><div><h3>Differential count (95% Wilson CI)</h3>{_differential_svg(counts)}</div>"
+            f"<div><h3>Where cells were found</h3>{_positions_svg(scells, info.get('width'), info.get('height'))}</div></div>"
+            f"<details><summary>Attribute distributions ({len(scells)} cells)</summary>{_attributes_html(scells)}</details></div>")
+    parts.append("</section>")
+
+    # --- gallery
+    present_types = sorted({c["cell_type"] for c in cells if c["cell_type"]}, key=lambda t: type_rank.get(t, 99))
+    type_opts = "".join(f"<option value='{_e(t)}'>{_e(t)}</option>" for t in present_types)
+    if any(c["cell_type"] is None for c in cells):
+        type_opts += "<option value='(untyped)'>(untyped)</option>"
+    flag_opts = "".join(f"<option value='{_e(f)}'>{_e(f)}</option>" for f in QC_FLAGS)
+    slide_opts = "".join(f"<option value='{_e(s)}'>{_e(_name(v[0]['slide_uri']))}</option>" for s, v in by_slide.items())
+    parts.append(
+        "<section id='cells'><h2>Cell gallery</h2><div class='controls'>"
+        f"<label>slide <select id='f-slide'><option value=''>all</option>{slide_opts}</select></label>"
+        f"<label>cell type <select id='f-type'><option value=''>all</option>{type_opts}</select></label>"
+        f"<label>QC flag <select id='f-flag'><option value=''>all</option><option value='(none)'>no flag</option>"
+        f"<option value='(any)'>any flag</option>{flag_opts}</select></label>"
+        "<label>consistency <select id='f-consistency'><option value=''>all</option><option value='inconsistent'>disagrees</option>"
+        "<option value='consistent'>agrees</option><option value='unchecked'>not comparable</option></select></label>"
+        "<span class='pager'><button id='p-prev' type='button'>◀ prev</button><button id='p-next' type='button'>next ▶</button></span>"
+        "<span id='gallery-count'></span></div><div id='gallery' class='gallery'></div></section>")
+    blob = {
+        "columns": _GALLERY_COLS, "attribute_names": list(ATTRIBUTE_NAMES), "page_size": page_size,
+        "rows": [[_json_value(c[k]) for k in _GALLERY_COLS] for c in cells],
+        "thumbnails": [_thumb(c["_thumb"], thumb_px) for c in cells],
+    }
+    text = json.dumps(blob, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    parts.append(f"</main><script id='cell-data' type='application/json'>{text}</script><script>{SCRIPT}</script></body></html>")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(parts), encoding="utf-8")
+    return ReportStats(path=out, slides=len(by_slide), cells=len(cells), bytes=out.stat().st_size,
+                       seconds=time.perf_counter() - t0)
+
+

@@ -1,0 +1,61 @@
+"""Open any whole slide or smear image behind one interface.
+
+``open_slide(path)`` returns a :class:`Slide` (a context manager): OpenSlide formats through the
+OpenSlide backend, plain images through the Pillow backend. Errors are
+:class:`pipeline.errors.SlideError` subclasses whose text is ``"<path>: <cause>"``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.errors import ConfigError, SlideOpenError
+from pipeline.slides.base import DEFAULT_MAX_PIXELS, MAX_SIDE_PX, Slide
+
+__all__ = ["open_slide", "Slide", "DEFAULT_MAX_PIXELS", "MAX_SIDE_PX"]
+
+
+def open_slide(
+    path: str | os.PathLike, mpp: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Slide:
+    """Open ``path`` (a local file) as a :class:`Slide`.
+
+    ``mpp``: level-0 µm/px to use when the file records none (``mpp_source`` becomes "user").
+    ``max_pixels``: refuse plain images declaring more level-0 pixels than this, and any single
+    read larger than this (:class:`~pipeline.errors.SlideTooLargeError`).
+    Raises :class:`~pipeline.errors.SlideOpenError` for a missing, empty, truncated, unsupported
+    or non-image file.
+    """
+    if mpp is not None:
+        try:
+            ok = 0 < float(mpp) < float("inf")
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"--mpp must be a positive number of µm per pixel, got {mpp!r}")
+        mpp = float(mpp)
+    if not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise SlideOpenError(path, "no such file") from None
+    except OSError as exc:
+        raise SlideOpenError(path, f"cannot stat: {exc.strerror or exc}") from None
+    if p.is_dir():
+        raise SlideOpenError(path, "is a directory, not a slide file")
+    if st.st_size == 0:
+        raise SlideOpenError(path, "empty file (0 bytes)")
+    if not os.access(p, os.R_OK):
+        raise SlideOpenError(path, "permission denied")
+
+    from pipeline.slides._openslide import OpenSlideSlide, detect_vendor
+
+    vendor = detect_vendor(p)
+    if vendor is not None:
+        return OpenSlideSlide(p, vendor, mpp, max_pixels)
+    from pipeline.slides._image import ImageSlide
+
+    return ImageSlide(p, mpp, max_pixels)

@@ -1,0 +1,74 @@
+"""Helpers of the nightly-job integration tests: buckets on the session S3 server, job configs
+whose Ray workers can reach it, expected cell ids computed independently, output readers."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.job.config import DEFAULT_FORWARD_ENV, JobConfig
+from pipeline.job.identity import cell_id
+from pipeline.job.listing import list_slides
+from pipeline.job.storage import S3Settings, storage_for
+from pipeline.job.writer import visible_parquet
+
+__all__ = ["new_bucket", "put", "job_config", "read_table", "visible_files", "expected_cell_ids", "CORRUPT"]
+
+CORRUPT = b"not a slide: random bytes with a slide suffix\n" * 50
+# The session Ray cluster may have started before the S3 fixture set its dummy credentials:
+# forward them explicitly so the detect tasks can sign requests.
+_FORWARD = DEFAULT_FORWARD_ENV + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def client(endpoint: str):
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def new_bucket(endpoint: str) -> str:
+    name = f"job-{uuid.uuid4().hex[:12]}"
+    client(endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def put(endpoint: str, bucket: str, key: str, data: bytes | Path) -> None:
+    body = data.read_bytes() if isinstance(data, Path) else data
+    client(endpoint).put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def job_config(endpoint: str, bucket: str, output: str | None = None, **kw) -> JobConfig:
+    kw.setdefault("caption_batch_size", 8)
+    kw.setdefault("chunk_slides", 2)
+    kw.setdefault("thumbnail_px", 48)
+    return JobConfig(input=f"s3://{bucket}/slides/", output=output or f"s3://{bucket}/out/",
+                     s3_endpoint=endpoint, forward_env=_FORWARD, **kw)
+
+
+def visible_files(cfg: JobConfig, table: str) -> list[str]:
+    st = storage_for(cfg.output, S3Settings(cfg.s3_endpoint))
+    return sorted(visible_parquet(st, cfg.output, table))
+
+
+def read_table(cfg: JobConfig, table: str) -> pa.Table | None:
+    st = storage_for(cfg.output, S3Settings(cfg.s3_endpoint))
+    tables = [pq.read_table(io.BytesIO(st.read_bytes(u))) for u in visible_files(cfg, table)]
+    return pa.concat_tables(tables) if tables else None
+
+
+def expected_cell_ids(cfg: JobConfig, local: dict[str, Path]) -> dict[str, set[str]]:
+    """``{slide_uri: {cell_id}}`` for slides whose local copy is given (key: object name), from
+    the listing's identities and the detection stage run directly on the local file."""
+    from pipeline.detect import DetectConfig, detect_slide
+
+    st = storage_for(cfg.input, S3Settings(cfg.s3_endpoint))
+    out = {}
+    for ref in list_slides(st, cfg.input, cfg.extensions).slides:
+        name = ref.uri.rsplit("/", 1)[-1]
+        if name in local:
+            res = detect_slide(local[name], DetectConfig(crop_um=cfg.crop_um, crop_px=cfg.crop_px, mpp=cfg.mpp))
+            out[ref.uri] = {cell_id(ref.slide_id, r["centroid_x"], r["centroid_y"]) for r in res.records}
+    return out
