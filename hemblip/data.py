@@ -407,9 +407,10 @@ def read_generic_csv(csv_path: str | Path, image_root: str | Path | None = None,
 
     Columns: ``image`` (path relative to ``image_root``, default the CSV's folder; required),
     optional box ``x0, y0, x1, y1`` px (crop around it; blank = the image is already a crop,
-    padded to a square), and either ``caption`` or any of ``cell_type``, ``case`` and ontology
-    attribute columns (blank = unknown). When both are given the columns are the truth; a caption
-    alone is parsed for them. Optional ``sample_id``, ``source``, ``split`` (train/val/test).
+    padded to a square), and ``caption`` and/or any of ``cell_type``, ``case`` and ontology
+    attribute columns (blank = unknown). A column present is the truth for its field (even when
+    blank); fields without a column are parsed from the caption; without a caption, the caption
+    is rendered from the columns. Optional ``sample_id``, ``source``, ``split`` (train/val/test).
     """
     path = Path(csv_path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -429,17 +430,19 @@ def read_generic_csv(csv_path: str | Path, image_root: str | Path | None = None,
         if not row.get("image"):
             raise DatasetError(f"{where}: empty 'image'")
         caption = row.get("caption") or ""
-        if has_labels:
-            cell_type = _norm_cell_type(row.get("cell_type"), where)
-            case = _norm_case(row.get("case"), where)
-            attrs = {n: _norm_attr(n, row.get(n), where) for n in attr_cols}
-            if not caption:
-                caption = render_caption(cell_type, case, attrs)
-        else:
-            if not caption:
-                raise DatasetError(f"{where}: empty caption")
-            parsed = parse_caption(caption)
-            cell_type, case, attrs = parsed.cell_type, parsed.case, parsed.attributes
+        if not caption and not has_labels:
+            raise DatasetError(f"{where}: empty caption")
+        # A column, even blank, is the truth for its field; fields without a column come from
+        # the caption (when there is one).
+        parsed = parse_caption(caption) if caption else None
+        cell_type = (_norm_cell_type(row.get("cell_type"), where) if "cell_type" in header
+                     else parsed.cell_type if parsed else None)
+        case = (_norm_case(row.get("case"), where) if "case" in header
+                else parsed.case if parsed else None)
+        attrs = {n: (_norm_attr(n, row.get(n), where) if n in attr_cols
+                     else parsed.attributes[n] if parsed else None) for n in ATTRIBUTE_NAMES}
+        if not caption:
+            caption = render_caption(cell_type, case, attrs)
         split = (row.get("split") or "").lower() or None
         if split is not None and split not in SPLITS:
             raise DatasetError(f"{where}: unknown split {split!r}; expected one of {', '.join(SPLITS)}")

@@ -157,6 +157,9 @@ def build_model(spec: str = "tiny", *, seed: int | None = 0) -> LoadedModel:
         image_size=dims["image_size"], patch_size=dims["patch_size"],
         hidden_size=dims["vision_hidden"], intermediate_size=4 * dims["vision_hidden"],
         num_hidden_layers=dims["vision_layers"], num_attention_heads=dims["vision_heads"],
+        # BlipVisionConfig's default initializer_range is 1e-10 (fine for loading pretrained
+        # weights): a model trained from scratch would start with an all-zero image embedding.
+        initializer_range=0.02,
     )
     config = BlipConfig(text_config=text_config, vision_config=vision_config)
     if seed is not None:
@@ -168,6 +171,13 @@ def build_model(spec: str = "tiny", *, seed: int | None = 0) -> LoadedModel:
 
 
 # ----------------------------------------------------------------------------- locations
+
+def _quiet() -> None:
+    """No per-shard progress bars from transformers: logs of batch jobs stay readable."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
 
 def _cache_root() -> Path:
     return Path(os.environ.get("HEMBLIP_CACHE", Path.home() / ".cache" / "hemblip"))
@@ -293,9 +303,11 @@ def _load_processors(d: Path, location: str):
 
 def _load_full(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
     import torch
+    from safetensors import SafetensorError
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     pickle_file = _check_checkpoint_dir(d, location, allow_pickle)
+    _quiet()
     image_processor, tokenizer = _load_processors(d, location)
     try:
         if pickle_file is None:
@@ -316,7 +328,7 @@ def _load_full(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
                 raise CheckpointError(f"{pickle_file}: missing weights {', '.join(missing[:5])}")
             model.tie_weights()
             files = [pickle_file]
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{location}: cannot load weights: {str(exc).splitlines()[0]}") from exc
@@ -377,6 +389,7 @@ def save_model(model, image_processor, tokenizer, out_dir: str | os.PathLike) ->
     """
     from hemblip.tokenizer import vocab_lines
 
+    _quiet()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel

@@ -244,14 +244,17 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _prepare_model(config: TrainConfig):
+def _prepare_model(config: TrainConfig, out: Path, rank: int):
     """Load/build the base and wrap it for the mode; returns (loaded, trainable module)."""
     from hemblip.lora import apply_lora
-    from hemblip.model import load_model
+    from hemblip.model import is_config_spec, load_model, save_model
 
     loaded = load_model(config.base)
     model = loaded.model
     if config.mode == "lora":
+        if is_config_spec(config.base) and rank == 0 and not config.resume:
+            # A freshly built base exists nowhere else: keep its (frozen) weights for the adapter.
+            save_model(model, loaded.image_processor, loaded.tokenizer, out / "base")
         model = apply_lora(model, config.lora)
     else:
         for p in model.parameters():
@@ -267,12 +270,7 @@ def _save_best(model, loaded, config: TrainConfig, out: Path) -> None:
     if config.mode == "full":
         save_model(model, loaded.image_processor, loaded.tokenizer, out)
         return
-    base_ref = config.base
-    if is_config_spec(config.base):
-        # A freshly built base exists nowhere else: keep its (frozen) weights beside the adapter.
-        if not (out / "base" / "model.safetensors").is_file():
-            save_model(model.get_base_model(), loaded.image_processor, loaded.tokenizer, out / "base")
-        base_ref = "base"
+    base_ref = "base" if is_config_spec(config.base) else config.base
     save_adapter(model, out, base_ref, loaded.image_processor, loaded.tokenizer)
 
 
@@ -332,7 +330,7 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
 
-    loaded, model = _prepare_model(config)
+    loaded, model = _prepare_model(config, out, rank)
     n_train, n_total = trainable_share(model)[:2]
     if wrap_model is not None:
         model = wrap_model(model)

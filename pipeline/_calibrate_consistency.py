@@ -15,6 +15,9 @@ Fit on WBCAtt's ``train`` split, report on ``val``+``test``. For each numeric at
   min(split, its 5th percentile), so ~5% of correct claims are flagged at most (on the fit split);
 * reported on held-out cells: balanced accuracy at the split, rate of correct claims flagged
   (false flags), rate of wrong claims (the other value) flagged (detection).
+
+The nucleus shape rule is calibrated by :func:`calibrate_nucleus`. The script prints the
+constants to paste into ``pipeline/consistency.py``.
 """
 
 from __future__ import annotations
@@ -77,22 +80,18 @@ def _balanced(pred_upper: np.ndarray, upper: np.ndarray) -> float:
     return float((np.mean(pred_upper[upper]) + np.mean(~pred_upper[~upper])) / 2)
 
 
-def calibrate(cells: list[dict], attr: str, measure_key: str, lower: str, upper: str,
-              candidates: np.ndarray | None = None, integer: bool = False) -> dict:
+def calibrate(cells: list[dict], attr: str, measure_key: str, lower: str, upper: str) -> dict:
     def arrays(split):
         sel = [c for c in cells if c["split"] == split and c[attr] in (lower, upper)
-               and np.isfinite(c[measure_key]) and (not integer or c[measure_key] >= 1)]
+               and np.isfinite(c[measure_key]) and c[measure_key] > 0]
         return (np.array([c[measure_key] for c in sel], float),
                 np.array([c[attr] == upper for c in sel], bool))
 
     m, y = arrays("fit")
-    if candidates is None:
-        candidates = np.unique(m)
-    scores = [(_balanced(m >= t, y), t) for t in candidates]
+    scores = [(_balanced(m >= t, y), t) for t in np.unique(m)]
     best, split = max(scores)
     lo_q, hi_q = np.quantile(m[~y], 0.95), np.quantile(m[y], 0.05)
-    lower_max = max(split, lo_q) if not integer else max(split - 1, np.floor(lo_q))
-    upper_min = min(split, hi_q) if not integer else max(2, min(split, np.ceil(hi_q)))
+    lower_max, upper_min = max(split, lo_q), min(split, hi_q)
     me, ye = arrays("eval")
     flag_true = np.where(ye, me < upper_min, me > lower_max)  # correct claim flagged
     flag_wrong = np.where(ye, me > lower_max, me < upper_min)  # claim of the other value flagged
@@ -107,23 +106,66 @@ def calibrate(cells: list[dict], attr: str, measure_key: str, lower: str, upper:
     }
 
 
+def calibrate_nucleus(cells: list[dict], max_false_flags: float = 0.05) -> dict:
+    """Segmented vs unsegmented nucleus from lobes (+ circularity for single-lobe nuclei).
+
+    Lobe counting misses thin bridges, so many segmented nuclei come out as one lobe: a segmented
+    claim is flagged only for a single *round* nucleus (circularity >= the smallest cut keeping
+    fit false flags <= ``max_false_flags``); an unsegmented claim is flagged above the smallest
+    lobe count with the same guarantee.
+    """
+    def sel(split, cls):
+        return [c for c in cells if c["split"] == split and c["nucleus_segmented"] == cls and c["nucleus_lobes"] >= 1]
+
+    fit_seg, fit_uns = sel("fit", "segmented"), sel("fit", "unsegmented")
+    max_lobes = next(k for k in range(1, 50) if np.mean([c["nucleus_lobes"] > k for c in fit_uns]) <= max_false_flags)
+    cuts = sorted({round(c["nucleus_circularity"], 3) for c in fit_seg}) + [1.01]
+    circ = next(t for t in cuts if np.mean([c["nucleus_lobes"] == 1 and c["nucleus_circularity"] >= t
+                                            for c in fit_seg]) <= max_false_flags)
+
+    def flag_seg(c):
+        return c["nucleus_lobes"] == 1 and c["nucleus_circularity"] >= circ
+
+    def flag_uns(c):
+        return c["nucleus_lobes"] > max_lobes
+
+    ev_seg, ev_uns = sel("eval", "segmented"), sel("eval", "unsegmented")
+    n = len(ev_seg) + len(ev_uns)
+    pred_seg = np.array([c["nucleus_lobes"] >= 2 for c in ev_seg + ev_uns])
+    truth = np.array([True] * len(ev_seg) + [False] * len(ev_uns))
+    return {
+        "attribute": "nucleus_shape", "measure": "nucleus_lobes + nucleus_circularity",
+        "unsegmented_flag_above_lobes": int(max_lobes), "segmented_flag_single_lobe_circularity_at_least": float(circ),
+        "fit_cells": len(fit_seg) + len(fit_uns), "eval_cells": n,
+        "eval_balanced_accuracy_lobes_ge_2": round(_balanced(pred_seg, truth), 4),
+        "eval_false_flag_rate": round(float((sum(map(flag_seg, ev_seg)) + sum(map(flag_uns, ev_uns))) / n), 4),
+        "eval_wrong_claim_flag_rate": round(float((sum(map(flag_uns, ev_seg)) + sum(map(flag_seg, ev_uns))) / n), 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--json", type=Path, help="also write the results (and per-cell measurements) here")
     args = p.parse_args(argv)
     cells = measure(args.data)
-    for c in cells:  # collapse the shape values to the compared classes
+    for c in cells:  # collapse the shape values to the compared classes (irregular: not compared)
         s = c["nucleus_shape"]
         c["nucleus_segmented"] = "segmented" if s.startswith("segmented-") else ("unsegmented" if s.startswith("unsegmented-") else None)
     results = [
         calibrate(cells, "cell_size", "cell_diameter_um", "small", "big"),
         calibrate(cells, "nuclear_cytoplasmic_ratio", "nc_ratio", "low", "high"),
-        calibrate(cells, "nucleus_segmented", "nucleus_lobes", "unsegmented", "segmented",
-                  candidates=np.array([2, 3, 4]), integer=True),
+        calibrate_nucleus(cells),
     ]
     for r in results:
         print(json.dumps(r))
+    size, nc, nuc = results
+    print("# constants for pipeline/consistency.py")
+    print(f"CELL_SIZE_SPLIT_UM = {size['split']:.2f}\nCELL_SIZE_SMALL_MAX_UM = {size['lower_flag_above']:.2f}\n"
+          f"CELL_SIZE_BIG_MIN_UM = {size['upper_flag_below']:.2f}\nNC_RATIO_SPLIT = {nc['split']:.3f}\n"
+          f"NC_RATIO_LOW_MAX = {nc['lower_flag_above']:.3f}\nNC_RATIO_HIGH_MIN = {nc['upper_flag_below']:.3f}\n"
+          f"UNSEGMENTED_MAX_LOBES = {nuc['unsegmented_flag_above_lobes']}\n"
+          f"SEGMENTED_ROUND_CIRCULARITY = {nuc['segmented_flag_single_lobe_circularity_at_least']:.3f}")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "cells": cells}, indent=1))
     return 0

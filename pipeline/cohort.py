@@ -202,7 +202,7 @@ def cohort_analysis(outputs: Outputs | str, manifest: str | Path | pa.Table, *,
     con.register("resolved", pairs)  # an in-memory Arrow table: no file access needed
     extra_cols = [c for c in src.column_names if c not in ("slide_id", "line")]
     con.execute(f"""CREATE VIEW matched AS SELECT r.resolved_slide_id AS slide_id,
-        {', '.join('m."' + c + '"' for c in extra_cols)}
+        {', '.join('m."' + c.replace('"', '""') + '"' for c in extra_cols)}
         FROM manifest m JOIN resolved r ON m.line = r.line""")
     where = "WHERE len(c.qc_flags) = 0" if exclude_flagged else ""
 

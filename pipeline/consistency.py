@@ -4,7 +4,8 @@ Compared (caption attribute -> measurement, schema column names):
 
 * ``cell_size`` big/small -> ``cell_diameter_um``
 * ``nuclear_cytoplasmic_ratio`` low/high -> ``nc_ratio``
-* ``nucleus_shape`` segmented-* / unsegmented-* -> ``nucleus_lobes`` (``irregular`` is not compared)
+* ``nucleus_shape`` segmented-* / unsegmented-* -> ``nucleus_lobes`` and, for a single lobe,
+  ``nucleus_circularity`` (``irregular`` is not compared)
 
 Each numeric comparison has a decision threshold (the split that best separates the WBCAtt
 labels) and a tolerance band around it: a claim is flagged only when the measurement lies beyond
@@ -35,22 +36,22 @@ __all__ = [
     "NC_RATIO_SPLIT",
     "NC_RATIO_LOW_MAX",
     "NC_RATIO_HIGH_MIN",
-    "SEGMENTED_MIN_LOBES",
     "UNSEGMENTED_MAX_LOBES",
+    "SEGMENTED_ROUND_CIRCULARITY",
     "check_consistency",
     "comparable_attributes",
     "consistency_summary",
 ]
 
 # Calibrated by `python -m pipeline._calibrate_consistency --data ../shared/data` (see module doc).
-CELL_SIZE_SPLIT_UM = 12.0  # best big/small split of cell_diameter_um
-CELL_SIZE_SMALL_MAX_UM = 14.0  # "small" is flagged above this diameter
-CELL_SIZE_BIG_MIN_UM = 10.0  # "big" is flagged below this diameter
-NC_RATIO_SPLIT = 1.0  # best low/high split of nc_ratio (nucleus area / cytoplasm area)
-NC_RATIO_LOW_MAX = 2.0  # "low" is flagged above this ratio
-NC_RATIO_HIGH_MIN = 0.5  # "high" is flagged below this ratio
-SEGMENTED_MIN_LOBES = 2  # "segmented-*" is flagged with fewer lobes
-UNSEGMENTED_MAX_LOBES = 1  # "unsegmented-*" is flagged with more lobes
+CELL_SIZE_SPLIT_UM = 16.70  # best big/small split of cell_diameter_um
+CELL_SIZE_SMALL_MAX_UM = 23.82  # "small" is flagged above this diameter
+CELL_SIZE_BIG_MIN_UM = 15.20  # "big" is flagged below this diameter
+NC_RATIO_SPLIT = 0.995  # best low/high split of nc_ratio (nucleus area / cytoplasm area)
+NC_RATIO_LOW_MAX = 5.016  # "low" is flagged above this ratio
+NC_RATIO_HIGH_MIN = 0.495  # "high" is flagged below this ratio
+UNSEGMENTED_MAX_LOBES = 2  # "unsegmented-*" is flagged with more lobes
+SEGMENTED_ROUND_CIRCULARITY = 0.813  # "segmented-*" is flagged for ONE lobe at least this round
 
 COMPARED_ATTRIBUTES: tuple[str, ...] = ("cell_size", "nuclear_cytoplasmic_ratio", "nucleus_shape")
 
@@ -86,7 +87,13 @@ def _verdicts(row: Mapping) -> dict[str, bool]:
     lobes = _number(row.get("nucleus_lobes"))
     if lobes is not None and lobes >= 1 and isinstance(shape, str):  # 0 lobes: no nucleus found
         if shape.startswith("segmented-"):
-            out["nucleus_shape"] = lobes >= SEGMENTED_MIN_LOBES
+            # lobe counting misses thin bridges (most segmented nuclei measure one lobe), so only
+            # a single, round nucleus contradicts a segmented claim
+            circ = _number(row.get("nucleus_circularity"))
+            if lobes >= 2:
+                out["nucleus_shape"] = True
+            elif circ is not None:
+                out["nucleus_shape"] = circ < SEGMENTED_ROUND_CIRCULARITY
         elif shape.startswith("unsegmented-"):
             out["nucleus_shape"] = lobes <= UNSEGMENTED_MAX_LOBES
     return out
@@ -101,7 +108,8 @@ def check_consistency(row: Mapping) -> tuple[bool | None, list[str]]:
     """Compare a cell's caption attributes with its morphometry.
 
     ``row`` maps schema column names (``cell_size``, ``nuclear_cytoplasmic_ratio``,
-    ``nucleus_shape``, ``cell_diameter_um`` [µm], ``nc_ratio``, ``nucleus_lobes``) to values; missing
+    ``nucleus_shape``, ``cell_diameter_um`` [µm], ``nc_ratio``, ``nucleus_lobes``,
+    ``nucleus_circularity``) to values; missing
     keys, ``None`` and NaN mean "unknown". Returns ``(consistent, inconsistent_attributes)``:
     ``(None, [])`` when nothing is comparable, else ``(not disagreements, disagreements)`` with the
     disagreeing attribute names in :data:`COMPARED_ATTRIBUTES` order.
@@ -114,7 +122,7 @@ def check_consistency(row: Mapping) -> tuple[bool | None, list[str]]:
 
 
 _NEEDED = ("slide_id", "cell_size", "nuclear_cytoplasmic_ratio", "nucleus_shape",
-           "cell_diameter_um", "nc_ratio", "nucleus_lobes", "consistent", "inconsistent_attributes")
+           "cell_diameter_um", "nc_ratio", "nucleus_lobes", "nucleus_circularity")
 
 
 def _rows(cells: pa.Table | Iterable[Mapping]) -> Iterable[Mapping]:

@@ -1,8 +1,8 @@
-"""Read-only SQL over the outputs: DuckDB views ``cells``, ``slides``, ``runs``.
+"""Read-only SQL over the outputs: DuckDB views ``cells``, ``slides``, ``runs``, ``current_cells``.
 
 The views are the Arrow datasets of :mod:`pipeline.outputs` (local or S3, hive column
-``run_date``) plus ``current_cells`` (each slide's latest successful processing), registered on a private in-memory DuckDB connection. After registration the
-connection is locked down (``enable_external_access=false``, ``lock_configuration=true``), so a
+``run_date``) plus ``current_cells`` (each slide's latest successful processing), registered on
+a private in-memory DuckDB connection. After registration the connection is locked down (``enable_external_access=false``, ``lock_configuration=true``), so a
 query can read the registered views and nothing else: no files, no ``COPY``, ``ATTACH`` or
 extension installs. Only a single ``SELECT`` statement (``WITH ...``, ``FROM ...`` forms included)
 is accepted.

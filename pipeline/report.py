@@ -178,7 +178,9 @@ def _thumb(data: bytes | None, px: int) -> str:
     if px <= 0:
         return base64.b64encode(data).decode()
     try:
-        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (px, px))  # JPEG: decode at a reduced scale when that still covers px
+        img = img.convert("RGB")
     except Exception:  # noqa: BLE001 - a corrupt thumbnail must not sink the report; the card shows no image
         return ""
     if max(img.size) > px:
@@ -234,6 +236,17 @@ def _cohort_html(result: CohortResult) -> str:
                "the cell-level test, which treats cells of one slide as independent.</p>")
     out.append(_table(["cohorts", "cell type", "A", "B", "difference [95% CI]", "p (cells)", "q (cells)",
                        "p (units)", "q (units)"], rows))
+    freq: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for r in result.attributes.to_pylist():
+        freq.setdefault((r["cell_type"], r["attribute"], r["value"]), {})[r["cohort"]] = r
+    type_rank = {t: i for i, t in enumerate(CELL_TYPES)}
+    attr_rank = {a: i for i, a in enumerate(ATTRIBUTE_NAMES)}
+    keys = sorted(freq, key=lambda k: (type_rank.get(k[0], 99), k[0], attr_rank.get(k[1], 99), k[2]))
+    rows = [[_e(t), _e(a.replace("_", " ")), _e(v)] + [
+        (f"{freq[(t, a, v)][c]['count']}/{freq[(t, a, v)][c]['mentioned']} ({_pct(freq[(t, a, v)][c]['frequency'], 0)})"
+         if c in freq[(t, a, v)] else "–") for c in cohorts] for t, a, v in keys]
+    out.append(f"<details><summary>Attribute frequencies per cell type and cohort ({len(rows)} rows)</summary>"
+               + _table(["cell type", "attribute", "value", *cohorts], rows) + "</details>")
     if result.unmatched_manifest:
         out.append("<h3>Manifest rows without cells</h3><ul>" + "".join(f"<li>{_e(m)}</li>" for m in result.unmatched_manifest) + "</ul>")
     if result.unlisted_slides:
@@ -243,7 +256,7 @@ def _cohort_html(result: CohortResult) -> str:
 
 def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None = None,
                  manifest: str | Path | None = None, s3_endpoint: str | None = None,
-                 thumb_px: int = 128, page_size: int = 100) -> ReportStats:
+                 thumb_px: int = 112, page_size: int = 100) -> ReportStats:
     """Write the report to ``out``; returns what it contains and how long it took.
 
     ``slide``: a slide id, unique id prefix or URI (default: every slide with cells).

@@ -139,12 +139,26 @@ def upload(endpoint: str, bucket: str, objects: dict) -> None:
 
 
 def run_job_collect(lines: list | None = None, **settings):
-    """``pipeline.job.run_job`` with ``settings`` (JobConfig fields), progress lines into ``lines``."""
+    """``pipeline.job.run_job`` with ``settings`` (JobConfig fields), progress lines into ``lines``.
+
+    The model defaults to :func:`tiny_model`. The process environment is restored afterwards: the
+    job copies the S3 endpoint into ``os.environ``, which would leak into the next test.
+    """
+    import os
+
     from pipeline.job import load_config, run_job
 
     sink = lines if lines is not None else []
-    cfg = load_config(overrides=settings, env={})
-    return run_job(cfg, say=sink.append)
+    if "model" not in settings:
+        settings["model"] = tiny_model(None)
+    saved = dict(os.environ)
+    try:
+        cfg = load_config(overrides=settings, env={})
+        return run_job(cfg, say=sink.append)
+    finally:
+        for k in set(os.environ) - set(saved):
+            del os.environ[k]
+        os.environ.update(saved)
 
 
 def read_table(output: str, table: str, endpoint: str | None = None):
@@ -241,42 +255,51 @@ def baseline_archive(endpoint: str, tmp_root, n_slides: int = 6):
     return info
 
 
-def write_bomb_tiff(path, side: int = 65536, mpp: float = SMALL_MPP) -> None:
-    """A valid tiled RGB TIFF *declaring* ``side`` x ``side`` px (65,536² = 4.3 Gpx) whose every
-    tile entry points at the same single white 256² tile: ~0.7 MB on disk, 12 GiB decoded."""
-    import struct
+def write_bomb_tiff(path, side: int = 200_000, tiled: bool = False, mpp: float = SMALL_MPP) -> None:
+    """A small TIFF *declaring* ``side`` x ``side`` RGB px (a decompression bomb's header).
 
-    tile = 256
-    n_tiles = ((side + tile - 1) // tile) ** 2
-    tile_bytes = b"\xff" * (tile * tile * 3)
+    ``tiled=False``: one uncompressed strip holding only 768 real bytes (decoders refuse or would
+    allocate ``3·side²`` bytes). ``tiled=True``: 65,536-px deflate tiles that all point at one
+    tiny compressed stream. 200,000² px = 40 Gpx = 120 GB decoded, in < 1 kB (stripped).
+    """
+    import struct
+    import zlib
+
     res = round(1e4 / mpp)  # pixels per cm
-    entries = [
-        (256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, None), (259, 3, 1, 1), (262, 3, 1, 2),
-        (277, 3, 1, 3), (282, 5, 1, None), (283, 5, 1, None), (284, 3, 1, 1), (296, 3, 1, 3),
-        (322, 3, 1, tile), (323, 3, 1, tile), (324, 4, n_tiles, None), (325, 4, n_tiles, None),
-    ]
-    ifd_size = 2 + 12 * len(entries) + 4
-    extra_at = 8 + ifd_size
-    bps_at, xres_at = extra_at, extra_at + 6
-    yres_at = xres_at + 8
-    offs_at = yres_at + 8
-    counts_at = offs_at + 4 * n_tiles
-    data_at = counts_at + 4 * n_tiles
-    out = bytearray(b"II" + struct.pack("<HI", 42, 8))
-    out += struct.pack("<H", len(entries))
-    where = {258: bps_at, 282: xres_at, 283: yres_at, 324: offs_at, 325: counts_at}
+    if tiled:
+        tile = 65536
+        n = ((side + tile - 1) // tile) ** 2
+        payload = zlib.compress(b"\xff" * 4096)
+        layout = [(259, 3, 1, 8), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, n, "offs"), (325, 4, n, "counts")]
+    else:
+        n = 1
+        payload = b"\xff" * 768
+        layout = [(259, 3, 1, 1), (273, 4, 1, "data"), (278, 4, 1, side), (279, 4, 1, len(payload))]
+    entries = sorted([
+        (256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, "bps"), (262, 3, 1, 2), (277, 3, 1, 3),
+        (282, 5, 1, "xres"), (283, 5, 1, "yres"), (284, 3, 1, 1), (296, 3, 1, 3), *layout,
+    ])
+    at = 8 + 2 + 12 * len(entries) + 4
+    where = {"bps": at, "xres": at + 6, "yres": at + 14, "offs": at + 22, "counts": at + 22 + 4 * n}
+    data_at = at + 22 + (8 * n if tiled else 0)
+    where["data"] = data_at
+    out = bytearray(b"II" + struct.pack("<HI", 42, 8) + struct.pack("<H", len(entries)))
     for tag, typ, count, value in entries:
-        if value is None:
-            out += struct.pack("<HHII", tag, typ, count, where[tag])
+        if isinstance(value, str):
+            if value == "data":
+                out += struct.pack("<HHII", tag, typ, count, data_at)
+            else:
+                out += struct.pack("<HHII", tag, typ, count, where[value])
         elif typ == 3:
             out += struct.pack("<HHIHH", tag, typ, count, value, 0)
         else:
             out += struct.pack("<HHII", tag, typ, count, value)
     out += struct.pack("<I", 0)
-    out += struct.pack("<HHH", 8, 8, 8) + struct.pack("<II", res, 1) + struct.pack("<II", res, 1)
-    out += struct.pack(f"<{n_tiles}I", *([data_at] * n_tiles))
-    out += struct.pack(f"<{n_tiles}I", *([len(tile_bytes)] * n_tiles))
-    out += tile_bytes
+    out += struct.pack("<HHH", 8, 8, 8) + struct.pack("<IIII", res, 1, res, 1)
+    if tiled:
+        out += struct.pack(f"<{n}I", *([data_at] * n)) + struct.pack(f"<{n}I", *([len(payload)] * n))
+    assert len(out) == data_at
+    out += payload
     with open(path, "wb") as fh:
         fh.write(out)
 
@@ -284,14 +307,20 @@ def write_bomb_tiff(path, side: int = 65536, mpp: float = SMALL_MPP) -> None:
 _MODELS: dict = {}
 
 
-def tiny_model(tmp_root) -> str:
+def tiny_model(tmp_root=None) -> str:
     """A real (randomly initialised, ``tiny`` preset) HemBLIP safetensors checkpoint directory:
     captions are meaningless but every code path of the caption stage runs, fast on CPU."""
+    import atexit
+    import shutil
+    import tempfile
     from pathlib import Path
 
     if "tiny" not in _MODELS:
         from hemblip.model import build_model, save_model
 
+        if tmp_root is None:
+            tmp_root = tempfile.mkdtemp(prefix="fault-suite-model-")
+            atexit.register(shutil.rmtree, tmp_root, True)
         m = build_model("tiny")
         out = Path(tmp_root) / "tiny-model"
         save_model(m.model, m.image_processor, m.tokenizer, out)

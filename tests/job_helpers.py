@@ -4,6 +4,7 @@ whose Ray workers can reach it, expected cell ids computed independently, output
 from __future__ import annotations
 
 import io
+import os
 import uuid
 from pathlib import Path
 
@@ -40,11 +41,13 @@ def put(endpoint: str, bucket: str, key: str, data: bytes | Path) -> None:
     client(endpoint).put_object(Bucket=bucket, Key=key, Body=body)
 
 
-def job_config(endpoint: str, bucket: str, output: str | None = None, **kw) -> JobConfig:
+def job_config(endpoint: str, bucket: str, output: str | None = None, input: str | None = None, **kw) -> JobConfig:
     kw.setdefault("caption_batch_size", 8)
     kw.setdefault("chunk_slides", 2)
     kw.setdefault("thumbnail_px", 48)
-    return JobConfig(input=f"s3://{bucket}/slides/", output=output or f"s3://{bucket}/out/",
+    # The bundled demo checkpoint unless JOB_TEST_MODEL names another checkpoint directory.
+    kw.setdefault("model", os.environ.get("JOB_TEST_MODEL") or None)
+    return JobConfig(input=input or f"s3://{bucket}/slides/", output=output or f"s3://{bucket}/out/",
                      s3_endpoint=endpoint, forward_env=_FORWARD, **kw)
 
 

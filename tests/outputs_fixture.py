@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pipeline import consistency
 from pipeline.consistency import check_consistency
 from pipeline.schema import CELL_SCHEMA, RUN_SCHEMA, SCHEMA_VERSION, SLIDE_SCHEMA
 
@@ -192,10 +193,12 @@ def _cells_for(name: str, run_id: str, rng: np.random.Generator, pbc: dict, extr
             elif shape and shape.startswith("unsegmented-"):
                 lobes = 1
             size = attrs.get("cell_size")  # keep the measured size mostly in line with the caption
+            big_min, small_max = consistency.CELL_SIZE_BIG_MIN_UM, consistency.CELL_SIZE_SMALL_MAX_UM
             if size in ("big", "small") and rng.random() < 0.9:
-                diameter = float(rng.uniform(12.5, 16.0) if size == "big" else rng.uniform(8.0, 11.5))
+                diameter = float(rng.uniform(max(12.5, big_min + 0.3), max(16.0, big_min + 3)) if size == "big"
+                                 else rng.uniform(8.0, min(11.5, small_max - 0.3)))
             if i % 9 == 4 and size in ("big", "small"):  # some captions contradict the measured size
-                diameter = 7.0 if size == "big" else 18.0
+                diameter = big_min - 2.0 if size == "big" else small_max + 2.0
             cell_type_out = cell_type
             r_px = diameter / mpp / 2
             row = {

@@ -15,14 +15,14 @@ pytestmark = pytest.mark.unit
 
 def _row(**kw):
     base = {"cell_size": None, "nuclear_cytoplasmic_ratio": None, "nucleus_shape": None,
-            "cell_diameter_um": None, "nc_ratio": None, "nucleus_lobes": None}
+            "cell_diameter_um": None, "nc_ratio": None, "nucleus_lobes": None, "nucleus_circularity": None}
     return base | kw
 
 
 def test_thresholds_are_ordered():
     assert C.CELL_SIZE_BIG_MIN_UM <= C.CELL_SIZE_SPLIT_UM <= C.CELL_SIZE_SMALL_MAX_UM
     assert C.NC_RATIO_HIGH_MIN <= C.NC_RATIO_SPLIT <= C.NC_RATIO_LOW_MAX
-    assert C.SEGMENTED_MIN_LOBES >= 2 and C.UNSEGMENTED_MAX_LOBES >= 1
+    assert C.UNSEGMENTED_MAX_LOBES >= 1 and 0 < C.SEGMENTED_ROUND_CIRCULARITY <= 1
 
 
 def test_nothing_comparable_is_none():
@@ -46,13 +46,20 @@ def test_nc_ratio_and_lobes_and_order():
     lo, hi = C.NC_RATIO_LOW_MAX, C.NC_RATIO_HIGH_MIN
     row = _row(cell_size="small", cell_diameter_um=C.CELL_SIZE_SMALL_MAX_UM + 3,
                nuclear_cytoplasmic_ratio="low", nc_ratio=lo * 1.5,
-               nucleus_shape="segmented-multilobed", nucleus_lobes=1)
+               nucleus_shape="segmented-multilobed", nucleus_lobes=1, nucleus_circularity=0.95)
     assert check_consistency(row) == (False, ["cell_size", "nuclear_cytoplasmic_ratio", "nucleus_shape"])
     assert check_consistency(_row(nuclear_cytoplasmic_ratio="high", nc_ratio=hi * 0.5)) == (False, ["nuclear_cytoplasmic_ratio"])
     assert check_consistency(_row(nuclear_cytoplasmic_ratio="high", nc_ratio=hi + 1)) == (True, [])
     assert check_consistency(_row(nucleus_shape="unsegmented-round", nucleus_lobes=1)) == (True, [])
     assert check_consistency(_row(nucleus_shape="unsegmented-band", nucleus_lobes=C.UNSEGMENTED_MAX_LOBES + 1)) == (False, ["nucleus_shape"])
-    assert check_consistency(_row(nucleus_shape="segmented-bilobed", nucleus_lobes=C.SEGMENTED_MIN_LOBES)) == (True, [])
+    assert check_consistency(_row(nucleus_shape="segmented-bilobed", nucleus_lobes=2)) == (True, [])
+    # one lobe: only a round nucleus contradicts "segmented"; without circularity nothing to compare
+    round_ = C.SEGMENTED_ROUND_CIRCULARITY
+    assert check_consistency(_row(nucleus_shape="segmented-bilobed", nucleus_lobes=1,
+                                  nucleus_circularity=round_ + 0.01)) == (False, ["nucleus_shape"])
+    assert check_consistency(_row(nucleus_shape="segmented-bilobed", nucleus_lobes=1,
+                                  nucleus_circularity=round_ - 0.2)) == (True, [])
+    assert check_consistency(_row(nucleus_shape="segmented-bilobed", nucleus_lobes=1)) == (None, [])
     assert comparable_attributes(row) == ["cell_size", "nuclear_cytoplasmic_ratio", "nucleus_shape"]
 
 
@@ -60,7 +67,7 @@ def test_summary_per_slide_and_attribute():
     rows = [
         _row(slide_id="a", cell_size="big", cell_diameter_um=C.CELL_SIZE_BIG_MIN_UM - 1),  # bad size
         _row(slide_id="a", cell_size="big", cell_diameter_um=C.CELL_SIZE_BIG_MIN_UM + 3,
-             nucleus_shape="segmented-bilobed", nucleus_lobes=1),  # size ok, shape bad
+             nucleus_shape="segmented-bilobed", nucleus_lobes=1, nucleus_circularity=0.99),  # size ok, shape bad
         _row(slide_id="a"),  # nothing comparable
         _row(slide_id="b", nuclear_cytoplasmic_ratio="low", nc_ratio=0.3),  # ok
     ]

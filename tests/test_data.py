@@ -186,6 +186,10 @@ def test_generic_csv_caption_or_columns_and_box(tmp_path):
     (tmp_path / "c.csv").write_text("image,caption\nb.png,Eosinophil with bilobed nucleus from a case of CML.\n")
     (c,) = read_generic_csv(tmp_path / "c.csv")
     assert (c.cell_type, c.case, c.attributes["nucleus_shape"]) == ("eosinophil", "CML", "segmented-bilobed")
+    # a column for one field only: the other fields still come from the caption
+    (tmp_path / "c2.csv").write_text("image,caption,cell_type\nb.png,Eosinophil with bilobed nucleus.,basophil\n")
+    (c2,) = read_generic_csv(tmp_path / "c2.csv")
+    assert (c2.cell_type, c2.attributes["nucleus_shape"]) == ("basophil", "segmented-bilobed")
     (tmp_path / "d.csv").write_text("image,x0,y0,x1,y1,caption\na.png,5,5,5,9,x\n")
     with pytest.raises(DatasetError, match=r"d.csv:2: box .* has no area"):
         read_generic_csv(tmp_path / "d.csv")

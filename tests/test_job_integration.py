@@ -72,7 +72,7 @@ def test_full_run_failures_and_incremental_reruns(s3_server, ray_cluster, sample
         proxy.clear()
         by_uri = {r["slide_uri"]: r for r in first.slides}
         assert (first.listed, first.ok, first.failed, first.skipped) == (4, 2, 2, 0)
-        assert len(first.ignored) == 2 + len(samples)
+        assert len(first.ignored) == 1 + len(samples)  # README.txt + truth sidecars
         # 2 of 4 failed > the default 0.1: the run finishes, commits the good slides, exits 1.
         assert first.status == "threshold_exceeded" and first.exit_code == 1
         corrupt = by_uri[f"s3://{bucket}/slides/corrupt.svs"]
@@ -118,25 +118,32 @@ def test_full_run_failures_and_incremental_reruns(s3_server, ray_cluster, sample
         assert visible_files(cfg, "runs") == after[2]
 
 
-def test_kill_mid_publish_then_rerun_yields_each_cell_once(s3_server, ray_cluster, samples, tmp_path):
-    bucket = _seed(s3_server, samples, corrupt=False, extras=False)
+def test_kill_mid_publish_then_rerun_yields_each_cell_once(ray_cluster, samples, tmp_path):
+    """Local archive and local output (the S3 paths are covered above): crash after chunk 1 is
+    committed, while chunk 2 is half published; the re-run completes chunk 2 and does slide 3."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for s in samples:
+        (archive / s.path.name).write_bytes(s.path.read_bytes())
     out = str(tmp_path / "out")
     local = {s.path.name: s.path for s in samples}
-    cfg = job_config(s3_server, bucket, output=out, chunk_slides=1, fault_after_chunks=1, fault_point="mid_publish")
+    cfg = job_config(None, "", input=str(archive), output=out, chunk_slides=1, fault_after_chunks=1,
+                     fault_point="mid_publish")
     expected = expected_cell_ids(cfg, local)
     with pytest.raises(InjectedFault):
         run_job(cfg)
     # Chunk 1 is committed; chunk 2 has its cells visible but not its slides row (journal pending).
     assert len(visible_files(cfg, "slides")) == 1 and len(visible_files(cfg, "cells")) == 2
-    assert (tmp_path / "out" / "_journal").is_dir() and any((tmp_path / "out" / "_journal").iterdir())
+    assert any((tmp_path / "out" / "_journal").iterdir())
 
-    rerun = run_job(job_config(s3_server, bucket, output=out, chunk_slides=1))
+    rerun = run_job(job_config(None, "", input=str(archive), output=out, chunk_slides=1))
     assert len(rerun.recovery.rolled_forward) == 1
     assert (rerun.ok, rerun.skipped, rerun.exit_code) == (1, 2, 0)
     got = _cells_by_slide(cfg)
     assert {u: sorted(v) for u, v in got.items()} == {u: sorted(v) for u, v in expected.items()}
     ids = read_table(cfg, "cells").column("cell_id").to_pylist()
     assert len(ids) == len(set(ids)) == sum(len(v) for v in expected.values())
+    assert read_table(cfg, "slides").column("bytes_read").to_pylist() == [None] * 3  # read in place
     assert not any((tmp_path / "out" / "_journal").iterdir())
     assert not list((tmp_path / "out" / "_staging").rglob("*.parquet"))
 

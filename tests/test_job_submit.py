@@ -74,7 +74,8 @@ def _stop_head(temp_dir: str) -> None:
 def ray_head(s3_server):
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HEMBLIP_CACHE=os.path.join(temp_dir, "model-cache"))
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
     cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
@@ -91,6 +92,7 @@ def ray_head(s3_server):
 
 
 def test_ray_job_submit_runs_the_job(s3_server, ray_head, tmp_path_factory):
+    from hemblip.inference import DEMO_CHECKPOINT
     from pipeline.samples import build_sample_slides
 
     address, env = ray_head
@@ -98,12 +100,17 @@ def test_ray_job_submit_runs_the_job(s3_server, ray_head, tmp_path_factory):
     samples = build_sample_slides(tmp_path_factory.mktemp("submit-samples"))[:2]
     for s in samples:
         put(s3_server, bucket, "slides/" + s.path.name, s.path)
+    # The model comes from S3 too, as on a cluster (downloaded once per node into HEMBLIP_CACHE).
+    model_dir = Path(os.environ.get("JOB_TEST_MODEL") or DEMO_CHECKPOINT)
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        put(s3_server, bucket, "models/demo/" + f.relative_to(model_dir).as_posix(), f)
     excludes = [".venv", ".git", "demo_output", "*.egg-info", "tests", "bench", "docs", "cluster",
                 "__pycache__", ".pytest_cache", ".ruff_cache"]
     submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
               "--runtime-env-json", json.dumps({"excludes": excludes}), "--",
               sys.executable, "-m", "pipeline", "run", "--input", f"s3://{bucket}/slides/",
               "--output", f"s3://{bucket}/out/", "--s3-endpoint", s3_server,
+              "--model", f"s3://{bucket}/models/demo/",
               "--caption-batch-size", "8", "--thumbnail-px", "48"]
     t0 = time.monotonic()
     done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
@@ -116,4 +123,5 @@ def test_ray_job_submit_runs_the_job(s3_server, ray_head, tmp_path_factory):
     assert cells is not None and cells.num_rows > 0
     assert set(cells.column("slide_uri").to_pylist()) == {f"s3://{bucket}/slides/{s.path.name}" for s in samples}
     assert runs.column("status").to_pylist() == ["ok"] and runs.column("slides_ok").to_pylist() == [2]
+    assert runs.column("model_id").to_pylist() == [f"s3://{bucket}/models/demo/"]
     assert time.monotonic() - t0 < 420

@@ -251,3 +251,23 @@ def test_permanent_failures_are_settled_transient_ones_retried(tmp_path):
     w.commit_chunk(cells, slides)
     assert w.done_slides("v1") == {"bad"}
     assert w.done_slides("v1", retry_failed=True) == set()
+
+
+def test_readme_column_tables_match_schema():
+    from pipeline.job._docs import render
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "readme" / "job.md").read_text(encoding="utf-8")
+    assert render() in doc, "regenerate the tables with: python -m pipeline.job._docs"
+
+
+def test_skipped_rows_never_replace_chunks_nor_make_slides_done(tmp_path):
+    out = tmp_path / "out"
+    w = OutputWriter(storage_for(str(out)), str(out), "r1", "2026-01-02", "v1")
+    cells, slides = _rows(["s1"], cells_per=0)
+    slides[0]["status"] = "failed"
+    slides[0]["reason"] = "StorageError: s3://b/s1.svs: download failed (503)"
+    c = w.commit_chunk(cells, slides)
+    w.write_skipped([{"slide_id": "s1", "status": "skipped", "model_version": "v1", "run_id": "r1"}])
+    assert len(visible_parquet(storage_for(str(out)), str(out), "slides")) == 2
+    assert (out / "slides" / "run_date=2026-01-02" / f"part-{c.name}.parquet").is_file()
+    assert w.done_slides("v1") == set()

@@ -184,3 +184,25 @@ def test_evaluate_cli_bad_input_is_one_line_error(tmp_path, capsys):
     assert err.startswith("error: ") and "missing.csv: dataset file not found" in err and "\n" not in err
     assert main(["evaluate", "--data", str(tmp_path), "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().err
+
+
+def test_evaluate_with_a_real_untrained_tiny_model(tmp_path):
+    model_mod = pytest.importorskip("hemblip.model")
+    if not hasattr(model_mod, "build_model") or importlib.util.find_spec("hemblip.inference") is None:
+        pytest.skip("model building / Captioner not in this tree yet")
+    from hemblip.__main__ import main
+
+    loaded = model_mod.build_model("tiny", seed=0)
+    model_mod.save_model(loaded.model, loaded.image_processor, loaded.tokenizer, tmp_path / "tiny")
+    out_json = tmp_path / "r.json"
+    rc = main(["evaluate", "--model", str(tmp_path / "tiny"), "--data", str(FIXTURE / "annotations.json"),
+               "--no-bertscore", "--json", str(out_json), "--batch-size", "3", "--max-new-tokens", "6"])
+    assert rc == 0
+    report = json.loads(out_json.read_text())
+    model_row, base_row = report["rows"]
+    assert report["n_samples"] == 3 and model_row["name"] == str(tmp_path / "tiny")
+    assert report["model"]["version"] and len(report["model"]["version"]) == 16
+    assert 0.0 <= model_row["bleu"] <= 1.0 and model_row["mean_logprob"] < 0
+    assert len(report["examples"]) == 3 and all(isinstance(e["prediction"], str) for e in report["examples"])
+    # the baseline row is computed from the same references, independent of the model
+    assert base_row["n"] == 3 and report["baseline"]["source"].startswith("evaluated set")

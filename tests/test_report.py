@@ -79,6 +79,7 @@ def test_self_contained_and_complete(fx, report):
     assert text.count("class='diff-chart'") == 3 + 2  # 3 slides + 2 cohorts
     assert text.count("class='positions'") == 3
     assert "<h3>leukemia" in text and "Comparison between cohorts" in text
+    assert "Attribute frequencies per cell type and cohort" in text
     aml_chart = text[text.index("id='slide-" + fx.slide_ids["aml-01"]):]
     assert "data-type='myeloblast' data-count='10'" in aml_chart[:aml_chart.index("class='positions'")]
     circles = re.findall(r"<circle ", text)

@@ -171,3 +171,16 @@ def test_unreadable_svs_is_a_read_error(shared_data):
         s.read(0, (0, 0, 16, 16))
     assert str(ei.value).startswith(str(p) + ": ")
     assert isinstance(ei.value, SlideError) and isinstance(ei.value, OSError)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    base = _gradient(60, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    p = tmp_path / "rotated.jpg"
+    Image.fromarray(base).save(p, exif=exif, quality=95)
+    with open_slide(p) as s:
+        assert s.dimensions == (40, 60)
+        a = s.read(0, (0, 0, 40, 60))
+    expected = np.rot90(base, k=-1)
+    assert np.abs(a.astype(int) - expected.astype(int)).mean() < 4

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N cells")
     parser.add_argument("--batch-size", type=int, default=64, help="captioning batch size (default 64)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam count (default 1, greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="caption length limit in tokens (default: the model's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--no-bertscore", action="store_true", help="skip BERTScore")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON report here")
@@ -52,7 +54,11 @@ def main(args: argparse.Namespace) -> int:
         samples = samples[: args.limit]
     if not samples:
         raise DatasetError(f"{args.data}: no cells in split {args.split!r}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise HemblipConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     kwargs = {"batch_size": args.batch_size, "num_beams": args.num_beams, "device": args.device}
+    if args.max_new_tokens is not None:
+        kwargs["max_new_tokens"] = args.max_new_tokens
     report = evaluate(args.model, samples, kwargs, train_samples=train,
                       with_bertscore=not args.no_bertscore)
     report["data"] = {"spec": str(args.data), "split": args.split}

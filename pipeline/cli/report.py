@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="FILE", help="HTML file to write")
     parser.add_argument("--slide", metavar="ID", help="only this slide (id, unique id prefix or URI)")
     parser.add_argument("--manifest", metavar="CSV", help="cohort manifest: adds the cohort section (see `cohort`)")
-    parser.add_argument("--thumb-px", type=int, default=128, metavar="PX", help="re-encode thumbnails to PX pixels (0: keep stored JPEGs; default 128)")
+    parser.add_argument("--thumb-px", type=int, default=112, metavar="PX", help="re-encode thumbnails to PX pixels, the gallery's display size (0: keep the stored JPEGs; default 112)")
     parser.add_argument("--page-size", type=int, default=100, metavar="N", help="cells per gallery page (default 100)")
     parser.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS)")
 

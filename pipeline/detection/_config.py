@@ -30,9 +30,9 @@ class DetectorConfig:
     nucleus_threshold: float = 0.30
     #: nucleus area range of a white cell (platelets are ~3-8 µm², a small lymphocyte ~30 µm²)
     min_nucleus_area_um2: float = 9.0
-    max_nucleus_area_um2: float = 400.0
+    max_nucleus_area_um2: float = 1500.0
     #: lobes/fragments of one nucleus closer than this are one cell (segmented neutrophils)
-    lobe_merge_um: float = 2.0
+    lobe_merge_um: float = 1.5
     #: detections whose score (probability of being a white cell) is below this are dropped
     min_score: float = 0.5
     #: use the bundled learned verifier to score candidates (False: colour/size score only)

@@ -140,6 +140,10 @@ def nucleus_candidates(
                 "n_frag": nfrag,
                 "bg_sum": float(bg.sum()),
                 "fg_thr": float(fg_thr),
+                "border": float(
+                    sl[0].start == 0 or sl[1].start == 0
+                    or sl[0].stop == labels.shape[0] or sl[1].stop == labels.shape[1]
+                ),
                 "cy": float(sl[0].start + ys.mean()),
                 "cx": float(sl[1].start + xs.mean()),
             }
@@ -159,7 +163,11 @@ def _cell_regions(
     """Whole-cell masks (full image size, bool) of the kept nuclei, by watershed."""
     total = smooth(od.sum(-1), 0.5 / px_um)
     sample = total.ravel()[:: max(1, total.size // 100_000)]
-    t = max(otsu(np.minimum(sample, np.percentile(sample, 90))), 0.12)
+    sample = np.minimum(sample, np.percentile(sample, 90))
+    t_o = otsu(sample)
+    glass = float(np.median(sample[sample < t_o])) if (sample < t_o).any() else 0.0
+    # pale cytoplasm sits much closer to the glass than red cells do: split low
+    t = max(glass + 0.4 * (t_o - glass), 0.05)
     fg = (total > t).astype(np.uint8)
     fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, disk(0.6 / px_um))
     fg = ndi.binary_fill_holes(fg)
@@ -191,29 +199,47 @@ def _cell_regions(
     return out
 
 
+def _candidates(rgb: np.ndarray, mpp: float, cfg: DetectorConfig):
+    img, scale = _work_image(rgb, mpp, cfg)
+    px_um = mpp / scale
+    od, _feat, labels, feats = nucleus_candidates(img, px_um, cfg)
+    cand = []
+    for i, fe in enumerate(feats):
+        # a nucleus cut by the image border shows only part of its area
+        lo = cfg.min_nucleus_area_um2 * (0.34 if fe and fe["border"] else 1.0)
+        if fe and lo <= fe["area_um2"] <= cfg.max_nucleus_area_um2:
+            # centroid in px of rgb
+            fe["x"] = (fe["cx"] + 0.5) / scale - 0.5
+            fe["y"] = (fe["cy"] + 0.5) / scale - 0.5
+            cand.append((i + 1, fe))
+    return scale, px_um, od, labels, cand
+
+
+def candidate_features(rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None) -> list[dict]:
+    """Feature dicts of every size-plausible nucleus candidate (``x``, ``y`` in px of ``rgb``);
+    what the verifier scores. Used to train it."""
+    check_rgb(rgb)
+    cfg = config if config is not None else DetectorConfig()
+    return [fe for _, fe in _candidates(rgb, _check_mpp(mpp), cfg)[4]]
+
+
 def detect_wbc(rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None) -> list[Detection]:
     """White blood cells in ``rgb`` ((H, W, 3) uint8 at ``mpp`` µm/px).
 
     Returns one :class:`Detection` per nucleated cell (a multi-lobed nucleus is one cell), in
-    reading order (top to bottom, then left to right), coordinates in px of ``rgb``.
+    reading order (top to bottom, then left to right), coordinates in px of ``rgb``. Sizes are
+    physical (``config`` in µm), so the same settings work at any magnification.
     """
     check_rgb(rgb)
     mpp = _check_mpp(mpp)
     cfg = config if config is not None else DetectorConfig()
     if not isinstance(cfg, DetectorConfig):
         raise ConfigError(f"config: expected a DetectorConfig, got {type(cfg).__name__}")
-    img, scale = _work_image(rgb, mpp, cfg)
-    px_um = mpp / scale
-    od, _feat, labels, feats = nucleus_candidates(img, px_um, cfg)
+    scale, px_um, od, labels, cand = _candidates(rgb, mpp, cfg)
     from pipeline.detection._verifier import score_candidates
 
     keep: list[int] = []
     scores: dict[int, float] = {}
-    cand = [
-        (i + 1, fe)
-        for i, fe in enumerate(feats)
-        if fe and cfg.min_nucleus_area_um2 <= fe["area_um2"] <= cfg.max_nucleus_area_um2
-    ]
     if cfg.use_verifier:
         probs = score_candidates([fe for _, fe in cand])
     else:
@@ -224,29 +250,27 @@ def detect_wbc(rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None
             scores[k] = float(p)
     if not keep:
         return []
+    feats = {k: fe for k, fe in cand}
     regions = _cell_regions(od, labels, keep, px_um, cfg)
     inv = 1.0 / scale
     H, W = rgb.shape[:2]
-    boxes = {}
+    dets = []
     for k in keep:
+        fe = feats[k]
         ys, xs = np.nonzero(regions[k])
-        boxes[k] = (
+        box = (
             max(int(np.floor(xs.min() * inv)), 0),
             max(int(np.floor(ys.min() * inv)), 0),
             min(int(np.ceil((xs.max() + 1) * inv)), W),
             min(int(np.ceil((ys.max() + 1) * inv)), H),
         )
-    dets = []
-    for k in keep:
-        fe = feats[k - 1]
         # clumped: the cell's region borders another kept cell's region
         grown = cv2.dilate(regions[k].astype(np.uint8), disk(1)).astype(bool)
         clumped = any(grown[regions[j]].any() for j in keep if j != k)
-        cx, cy = (fe["cx"] + 0.5) * inv - 0.5, (fe["cy"] + 0.5) * inv - 0.5
         dets.append(
             Detection(
-                bbox=boxes[k],
-                centroid=(float(cx), float(cy)),
+                bbox=box,
+                centroid=(float(fe["x"]), float(fe["y"])),
                 area_px=float(regions[k].sum() * inv * inv),
                 score=scores[k],
                 clumped=bool(clumped),

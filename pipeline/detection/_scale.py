@@ -37,28 +37,27 @@ _STEP = 1.1  # geometric step of the disc radii
 def _cell_mask(img: np.ndarray) -> np.ndarray:
     od = optical_density(img, background_rgb(img))
     total = smooth(od.sum(-1), 1.0)
-    sample = total.ravel()[:: max(1, total.size // 100_000)]
-    # glass vs cells; clipped at the 90th percentile so dark nuclei do not pull the split up
-    t = max(otsu(np.minimum(sample, np.percentile(sample, 90))), 0.12)
+    feat = smooth(nucleus_feature(od), 1.0)
+    step = max(1, total.size // 100_000)
+    # glass vs cells (clipped at the 90th percentile so dark nuclei weigh less); when that split
+    # separated nuclei from everything else (a large white cell in the field), split again on
+    # the non-nuclear pixels only
+    every = total.ravel()[::step]
+    sample = every[feat.ravel()[::step] <= 1.0]
+    if sample.size < 50:
+        return np.zeros(total.shape, np.uint8)
+    t = otsu(np.minimum(every, np.percentile(every, 90)))
+    above = every > t
+    if above.any() and (feat.ravel()[::step][above] > 1.0).mean() > 0.5:
+        t = otsu(np.minimum(sample, np.percentile(sample, 90)))  # the split found the nuclei
+    t = max(t, 0.12)
     fg = (total > t).astype(np.uint8)
     fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
     fg = ndi.binary_fill_holes(fg).astype(np.uint8)  # the pale centre belongs to the cell
-    nuc = (smooth(nucleus_feature(od), 1.0) > 0.6).astype(np.uint8)
-    nuc = cv2.morphologyEx(nuc, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    # drop each nucleus with a margin of ~60 % of its own radius (most of its cytoplasm), so a
-    # white cell filling the field does not become the "typical object"
-    lab, n = ndi.label(nuc)
-    drop = np.zeros_like(fg)
-    for i, sl in enumerate(ndi.find_objects(lab), start=1):
-        m = (lab[sl] == i).astype(np.uint8)
-        r = int(round(0.6 * math.sqrt(m.sum() / math.pi))) + 2
-        y0, x0 = max(sl[0].start - r, 0), max(sl[1].start - r, 0)
-        y1, x1 = min(sl[0].stop + r, fg.shape[0]), min(sl[1].stop + r, fg.shape[1])
-        big = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        big[sl[0].start - y0 : sl[0].stop - y0, sl[1].start - x0 : sl[1].stop - x0] = m
-        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-        drop[y0:y1, x0:x1] |= cv2.dilate(big, k)
-    fg[drop > 0] = 0
+    nuc = (feat > 0.6).astype(np.uint8)
+    # strongly stained (nuclear) pixels are not red cells; a white cell's pale cytoplasm left
+    # around them is thin and does not make a peak of its own
+    fg[cv2.dilate(nuc, np.ones((5, 5), np.uint8)) > 0] = 0
     return fg
 
 
@@ -71,7 +70,7 @@ def _opened_area(dist: np.ndarray, r: float) -> float:
     return float((back <= r).sum())
 
 
-def red_cell_diameter_px(rgb: np.ndarray, min_cells: float = 2.0) -> float | None:
+def red_cell_diameter_px(rgb: np.ndarray, min_cells: float = 1.0) -> float | None:
     """Typical red-cell diameter in px of ``rgb`` ((H, W, 3) uint8), or None.
 
     None when the mask holds fewer than about ``min_cells`` cells' worth of area at the peak
@@ -114,7 +113,7 @@ def red_cell_diameter_px(rgb: np.ndarray, min_cells: float = 2.0) -> float | Non
     return 2.0 * r_peak * factor
 
 
-def estimate_mpp(rgb: np.ndarray, min_cells: float = 2.0) -> float | None:
+def estimate_mpp(rgb: np.ndarray, min_cells: float = 1.0) -> float | None:
     """µm per pixel of ``rgb`` ((H, W, 3) uint8) from its red cells, or None.
 
     The typical red-cell diameter (granulometry of the cell mask, nuclei excluded) is taken as

@@ -23,6 +23,8 @@ from pipeline.detection._detector import _check_mpp
 
 __all__ = ["Morphometry", "segment_cell", "focus_score"]
 
+_CELL_SPLIT = 0.4
+
 
 @dataclass(frozen=True)
 class Morphometry:
@@ -87,8 +89,11 @@ def segment_masks(crop: np.ndarray, px_um: float) -> tuple[np.ndarray, np.ndarra
     nuc = _central_component(nuc, 1.5 / px_um)
     # cell: stained vs glass, split from neighbouring red cells by a watershed seeded by the
     # nucleus
-    sample = np.minimum(total, np.percentile(total, 90))
-    t_c = max(otsu(sample.ravel()), 0.1)
+    sample = np.minimum(total, np.percentile(total, 90)).ravel()
+    t_o = otsu(sample)
+    glass = float(np.median(sample[sample < t_o])) if (sample < t_o).any() else 0.0
+    # pale cytoplasm is much closer to the glass than red cells are: split low
+    t_c = max(glass + _CELL_SPLIT * (t_o - glass), 0.05)
     fg = (total > t_c).astype(np.uint8)
     fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, disk(0.5 / px_um))
     fg = ndi.binary_fill_holes(fg) | nuc

@@ -27,6 +27,7 @@ FEATURE_NAMES = (
     "extent_um",
     "fill",
     "n_frag",
+    "border",
 )
 
 
@@ -45,6 +46,7 @@ def feature_vector(fe: dict) -> np.ndarray:
             np.log(max(fe["extent_um"], 0.1)),
             fe["fill"],
             min(fe["n_frag"], 6),
+            fe["border"],
         ],
         dtype=np.float64,
     )

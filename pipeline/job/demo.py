@@ -124,19 +124,23 @@ def _prepare_output(out: Path) -> None:
 
 
 def run_demo(output: str | Path = "demo_output", say: Callable[[str], None] | None = None,
-             caption_batch_size: int = 16, rerun: bool = True) -> DemoResult:
-    """Run the demo end to end (see the module doc). ``output``: local directory, recreated."""
-    from pipeline.job.config import JobConfig
+             caption_batch_size: int = 16, rerun: bool = True, model: str | None = None) -> DemoResult:
+    """Run the demo end to end (see the module doc). ``output``: local directory, recreated;
+    ``model``: a checkpoint directory instead of the bundled demo checkpoint."""
+    from pipeline.job.config import DEFAULT_FORWARD_ENV, JobConfig
     from pipeline.job.run import format_summary, run_job
 
     say = say or (lambda line: print(line, flush=True))
     t0 = time.perf_counter()
     out = Path(output).resolve()
     _prepare_output(out)
-    # moto accepts any credentials; set dummy ones (only if none are configured) so boto3's chain
-    # finds some, before Ray starts so its workers inherit them.
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo-key-id")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo-secret-key")
+    # moto accepts any credentials, and real ones must never be sent to a local test server:
+    # dummy ones for this process, before Ray starts so its workers inherit them (and forwarded
+    # explicitly in case a Ray cluster was already running).
+    os.environ["AWS_ACCESS_KEY_ID"] = "demo-key-id"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "demo-secret-key"
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -153,9 +157,10 @@ def run_demo(output: str | Path = "demo_output", say: Callable[[str], None] | No
             ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
         try:
-            cfg = JobConfig(input=f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}", output=str(out), model=None,
+            cfg = JobConfig(input=f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}", output=str(out), model=model,
                             s3_endpoint=s3.url, caption_batch_size=caption_batch_size,
-                            max_failed_fraction=0.5, chunk_slides=2)
+                            max_failed_fraction=0.5, chunk_slides=2,
+                            forward_env=DEFAULT_FORWARD_ENV + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
             say("== first run ==")
             first = run_job(cfg, say)
             say(format_summary(first, str(out)))
@@ -165,8 +170,8 @@ def run_demo(output: str | Path = "demo_output", say: Callable[[str], None] | No
                 second = run_job(cfg, say)
                 say(format_summary(second, str(out)))
                 say(f"second run: {second.ok + second.failed} slides processed, {second.cells_written} cells written "
-                    f"(one runs/ row records the run; {second.skipped} slides skipped as already done; "
-                    f"the failed slide is retried every run)")
+                    f"(one runs/ row records the run); {second.skipped} slides skipped: done, or failed for a reason "
+                    f"of their own bytes (retried with --retry-failed)")
         finally:
             if started_ray:
                 ray.shutdown()

@@ -253,14 +253,6 @@ def run_job(cfg: JobConfig, say: Callable[[str], None] | None = None) -> RunResu
     todo = [r for r in listing.slides if r.slide_id not in done]
     result.skipped = len(listing.slides) - len(todo)
     chunker = _Chunker(writer, cfg, run_id, model_version, say)
-    if cfg.record_skipped:
-        now = datetime.now(UTC)
-        for r in listing.slides:
-            if r.slide_id in done:
-                chunker.slides.append({"slide_id": r.slide_id, "slide_uri": r.uri, "slide_etag": r.etag,
-                                       "slide_bytes": r.size, "status": "skipped",
-                                       "reason": f"already settled with model {model_version}", "cell_count": 0,
-                                       "run_id": run_id, "model_version": model_version, "finished_at": now})
     say(f"{len(todo)} slides to process, {result.skipped} already done")
     started_ray = False
     try:
@@ -283,6 +275,13 @@ def run_job(cfg: JobConfig, say: Callable[[str], None] | None = None) -> RunResu
             import ray
 
             ray.shutdown()
+    if cfg.record_skipped and result.skipped:
+        now = datetime.now(UTC)
+        writer.write_skipped([
+            {"slide_id": r.slide_id, "slide_uri": r.uri, "slide_etag": r.etag, "slide_bytes": r.size,
+             "status": "skipped", "reason": f"already settled with model {model_version}", "cell_count": 0,
+             "run_id": run_id, "model_version": model_version, "finished_at": now}
+            for r in listing.slides if r.slide_id in done])
     _finish(result, chunker, writer, cfg, started, None, t0)
     return result
 

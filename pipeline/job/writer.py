@@ -210,6 +210,13 @@ class OutputWriter:
         self._fault("after_commit", number)
         return commit
 
+    def write_skipped(self, rows: list[dict]) -> str:
+        """``--record-skipped``: one file of ``status == "skipped"`` rows, named after the run (never
+        a chunk name, so it cannot replace a chunk's rows; skipped rows never make a slide done)."""
+        uri = self._uri("slides", f"run_date={self.run_date}", f"skipped-{self.run_id}.parquet")
+        self.storage.write_bytes(uri, _to_parquet(rows, SLIDE_SCHEMA))
+        return uri
+
     def write_run(self, row: dict) -> str:
         """Publish the run's one-row table (a single object: a PUT/rename is already atomic)."""
         uri = self._uri("runs", f"run_date={self.run_date}", f"run-{self.run_id}.parquet")

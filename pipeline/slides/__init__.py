@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import ConfigError, SlideOpenError
+from pipeline.slides._tiff import _is_tiled_tiff
 from pipeline.slides.base import DEFAULT_MAX_PIXELS, MAX_SIDE_PX, Slide
 
 __all__ = ["open_slide", "Slide", "DEFAULT_MAX_PIXELS", "MAX_SIDE_PX"]
@@ -56,6 +57,10 @@ def open_slide(
     vendor = detect_vendor(p)
     if vendor is not None:
         return OpenSlideSlide(p, vendor, mpp, max_pixels)
+    if _is_tiled_tiff(p):
+        # A tiled TIFF is a slide format; when OpenSlide cannot walk it the file is damaged
+        # (typically truncated), and decoding a surviving first page whole would hide that.
+        raise SlideOpenError(p, "tiled TIFF that OpenSlide cannot read (truncated or corrupt)")
     from pipeline.slides._image import ImageSlide
 
     return ImageSlide(p, mpp, max_pixels)

@@ -39,7 +39,7 @@ def plausible_mpp(value: float | None) -> float | None:
         return None
     if not math.isfinite(v) or not _MPP_RANGE[0] <= v <= _MPP_RANGE[1]:
         return None
-    return v
+    return float(f"{v:.10g}")  # drop binary noise of resolution rationals (0.07200000000000001)
 
 
 class Slide:
