@@ -124,9 +124,9 @@ def cell_type_from_label(label: str) -> str:
     key = " ".join(label.strip().lower().replace("_", " ").replace("-", " ").split())
     aliases = {"promyelocyte": "abnormal promyelocyte", "band neutrophil": "neutrophil",
                "segmented neutrophil": "neutrophil", "reactive lymphocyte": "atypical lymphocyte"}
-    key = aliases.get(key, key)
-    if key.endswith("s") and key[:-1] in CELL_TYPES:
+    if key.endswith("s") and (key[:-1] in CELL_TYPES or key[:-1] in aliases):
         key = key[:-1]
+    key = aliases.get(key, key)
     if key not in CELL_TYPES:
         raise ValueError(f"unknown cell type label {label!r}; expected one of {', '.join(CELL_TYPES)}")
     return key

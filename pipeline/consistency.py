@@ -45,12 +45,12 @@ __all__ = [
 
 # Calibrated by `python -m pipeline._calibrate_consistency --data ../shared/data` (see module doc).
 CELL_SIZE_SPLIT_UM = 16.70  # best big/small split of cell_diameter_um
-CELL_SIZE_SMALL_MAX_UM = 23.82  # "small" is flagged above this diameter
+CELL_SIZE_SMALL_MAX_UM = 23.46  # "small" is flagged above this diameter
 CELL_SIZE_BIG_MIN_UM = 15.20  # "big" is flagged below this diameter
 NC_RATIO_SPLIT = 0.995  # best low/high split of nc_ratio (nucleus area / cytoplasm area)
 NC_RATIO_LOW_MAX = 5.016  # "low" is flagged above this ratio
 NC_RATIO_HIGH_MIN = 0.495  # "high" is flagged below this ratio
-UNSEGMENTED_MAX_LOBES = 2  # "unsegmented-*" is flagged with more lobes
+UNSEGMENTED_MAX_LOBES = 1  # "unsegmented-*" is flagged with more lobes
 SEGMENTED_ROUND_CIRCULARITY = 0.813  # "segmented-*" is flagged for ONE lobe at least this round
 
 COMPARED_ATTRIBUTES: tuple[str, ...] = ("cell_size", "nuclear_cytoplasmic_ratio", "nucleus_shape")

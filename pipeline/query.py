@@ -33,7 +33,8 @@ class QueryError(PipelineError, ValueError):
 CURRENT_CELLS_SQL = """
 CREATE VIEW current_cells AS
 WITH latest AS (
-    SELECT slide_id, arg_max(run_id, finished_at) AS latest_run_id
+    -- a row without finished_at still counts, ordered by its partition date
+    SELECT slide_id, arg_max(run_id, coalesce(finished_at, run_date::TIMESTAMPTZ)) AS latest_run_id
     FROM slides WHERE status = 'ok' GROUP BY slide_id
 )
 SELECT c.* FROM cells AS c

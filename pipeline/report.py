@@ -154,7 +154,8 @@ def _positions_svg(cells: list[dict], width: int | None, height: int | None) -> 
         width, height = int(max(xs) * 1.05) + 1, int(max(ys) * 1.05) + 1
     scale = 460 / max(width, height)
     w, h = max(40, int(width * scale)), max(40, int(height * scale))
-    r = max(width, height) / 140
+    # dots shrink on crowded slides so that thousands of cells stay distinguishable
+    r = max(width, height) / 140 / max(1.0, math.sqrt(len(cells) / 300))
     parts = [f"<svg class='positions' role='img' aria-label='cell positions' width='{w}' height='{h}' "
              f"viewBox='0 0 {width} {height}' preserveAspectRatio='xMidYMid meet' xmlns='http://www.w3.org/2000/svg'>",
              f"<rect x='0' y='0' width='{width}' height='{height}' fill='#fbf4f6' stroke='#adb5bd' stroke-width='{r / 3:.1f}'/>"]

@@ -29,7 +29,7 @@ ACTOR_BUSY_TITLE = "ray::MapWorker(MapBatches(CaptionStage)).submit"  # an actor
 
 
 class Killer(threading.Thread):
-    """SIGKILLs the ``nth`` process (a descendant of this one) seen with exactly ``title``."""
+    """SIGKILLs the process (a descendant of this one) that is the ``nth`` to take ``title``."""
 
     def __init__(self, title: str, nth: int = 1):
         super().__init__(daemon=True)
@@ -41,13 +41,16 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         me = psutil.Process(os.getpid())
+        last: dict[int, str] = {}  # pid -> title at the previous poll: a worker runs many tasks
         while not self._halt.is_set() and not self.killed:
             for p in me.children(recursive=True):
                 try:
                     title = " ".join(p.cmdline()).strip()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                if title == self.title and p.pid not in self.seen:
+                entered = title == self.title and last.get(p.pid) != title
+                last[p.pid] = title
+                if entered:
                     self.seen.append(p.pid)
                     if len(self.seen) == self.nth:
                         os.kill(p.pid, signal.SIGKILL)

@@ -34,7 +34,7 @@ class DetectorConfig:
     #: lobes/fragments of one nucleus closer than this are one cell (segmented neutrophils)
     lobe_merge_um: float = 1.5
     #: detections whose score (probability of being a white cell) is below this are dropped
-    min_score: float = 0.5
+    min_score: float = 0.2
     #: use the bundled learned verifier to score candidates (False: colour/size score only)
     use_verifier: bool = True
 

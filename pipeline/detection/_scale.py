@@ -70,7 +70,7 @@ def _opened_area(dist: np.ndarray, r: float) -> float:
     return float((back <= r).sum())
 
 
-def red_cell_diameter_px(rgb: np.ndarray, min_cells: float = 1.0) -> float | None:
+def red_cell_diameter_px(rgb: np.ndarray, min_cells: float = 0.5) -> float | None:
     """Typical red-cell diameter in px of ``rgb`` ((H, W, 3) uint8), or None.
 
     None when the mask holds fewer than about ``min_cells`` cells' worth of area at the peak
@@ -113,7 +113,7 @@ def red_cell_diameter_px(rgb: np.ndarray, min_cells: float = 1.0) -> float | Non
     return 2.0 * r_peak * factor
 
 
-def estimate_mpp(rgb: np.ndarray, min_cells: float = 1.0) -> float | None:
+def estimate_mpp(rgb: np.ndarray, min_cells: float = 0.5) -> float | None:
     """µm per pixel of ``rgb`` ((H, W, 3) uint8) from its red cells, or None.
 
     The typical red-cell diameter (granulometry of the cell mask, nuclei excluded) is taken as

@@ -1,0 +1,353 @@
+"""Remote TIFF backend: Aperio SVS and generic tiled TIFF read straight from S3, tile by tile.
+
+The TIFF header and IFDs are parsed by tifffile over :class:`S3RangeFile` (a block-cached ranged
+reader); pixels come from the tiles a ``read`` touches, located through each level's
+TileOffsets/TileByteCounts, fetched with coalesced ranged GETs and decoded with imagecodecs. So a
+detection pass fetches the low-resolution detection level plus the level-0 tiles under the cells,
+never the whole file. Levels, downsamples and mpp follow OpenSlide's rules for the two formats so
+that this backend and :class:`~pipeline.slides._openslide.OpenSlideSlide` report the same slide
+(pixels equal up to JPEG decoder differences). Formats with other rules (NDPI, Philips, Leica
+SCN, Ventana BIF, OME, SubIFD pyramids, unusual sample layouts) raise ``SlideOpenError``: the
+caller stages the whole file and opens it locally instead.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import imagecodecs
+import numpy as np
+import tifffile
+
+from pipeline.errors import ConfigError, SlideOpenError, SlideReadError
+from pipeline.slides._s3range import S3RangeFile
+from pipeline.slides.base import DEFAULT_MAX_PIXELS, Slide, _why
+
+__all__ = ["RemoteTiffSlide", "open_remote_slide"]
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+# Compressions decoded here (TIFF tag 259): none, LZW, JPEG, Deflate (both codes).
+_COMPRESSIONS = {1: "none", 5: "lzw", 7: "jpeg", 8: "deflate", 32946: "deflate"}
+_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR = 2, 6
+_SUBFILE_REDUCED = 1
+# A tile this large (px) is a corrupt or hostile header, not a slide (scanners use 240-1024 px).
+_MAX_TILE_SIDE = 8192
+_MAX_TILE_BYTES = 64 * 1024 * 1024
+#: Decoded-tile cache: detection tiles overlap and neighbouring cells' crops share tiles.
+DEFAULT_TILE_CACHE_BYTES = 64 * 1024 * 1024
+_APERIO_MPP = re.compile(r"^\s*MPP\s*=\s*(.*?)\s*$")
+
+
+@dataclass(frozen=True)
+class _Level:
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    tiles_across: int
+    offsets: tuple[int, ...]
+    counts: tuple[int, ...]
+    compression: int
+    jpeg_tables: bytes | None
+    jpeg_colorspace: int | None  # None: let the decoder decide (YCbCr / JFIF streams)
+    decode: object  # tifffile's decoder for non-JPEG compressions
+
+
+def open_remote_slide(
+    s3_client,
+    bucket: str,
+    key: str,
+    mpp: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    size: int | None = None,
+    etag: str | None = None,
+) -> RemoteTiffSlide:
+    """Open ``s3://bucket/key`` (Aperio SVS or generic tiled TIFF) for ranged reads.
+
+    ``s3_client``: a boto3 S3 client; ``mpp``: level-0 µm/px used when the file records none
+    (``mpp_source`` "user"); ``size``/``etag``: the object's, when known from a listing (saves a
+    HEAD request; the ETag pins every read to that version).
+    Raises :class:`~pipeline.errors.SlideOpenError` for a missing object or any format this
+    backend does not handle (the caller then stages the file and uses
+    :func:`pipeline.slides.open_slide`); the error carries ``bytes_fetched`` (int) so the
+    caller can account for the bytes the attempt cost.
+    """
+    if mpp is not None:
+        try:
+            ok = 0 < float(mpp) < float("inf")
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"--mpp must be a positive number of µm per pixel, got {mpp!r}")
+        mpp = float(mpp)
+    if not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    reader = S3RangeFile(s3_client, bucket, key, size=size, etag=etag)
+    try:
+        return RemoteTiffSlide(reader, mpp, max_pixels)
+    except SlideOpenError as exc:
+        exc.bytes_fetched = reader.bytes_fetched
+        reader.close()
+        raise
+    except BaseException:
+        reader.close()
+        raise
+
+
+class RemoteTiffSlide(Slide):
+    """A TIFF-family slide on S3 read tile by tile (see the module doc).
+
+    Extra attributes: ``bytes_fetched`` (bytes received from S3 so far, header included),
+    ``requests`` (ranged GETs so far), ``uri``.
+    """
+
+    def __init__(
+        self,
+        reader: S3RangeFile,
+        user_mpp: float | None,
+        max_pixels: int,
+        tile_cache_bytes: int = DEFAULT_TILE_CACHE_BYTES,
+    ):
+        uri = reader.uri
+        self._reader = reader
+        head = reader.read(4)
+        reader.seek(0)
+        if head not in _TIFF_MAGIC:
+            raise SlideOpenError(uri, "not a TIFF file: the remote TIFF backend cannot read it")
+        try:
+            tf = tifffile.TiffFile(reader, name=uri.rsplit("/", 1)[-1])
+        except SlideReadError as exc:
+            raise SlideOpenError(uri, exc.cause) from exc
+        except Exception as exc:  # noqa: BLE001 - tifffile raises many types on bad headers
+            raise SlideOpenError(uri, f"cannot parse the TIFF header: {_why(exc)}") from exc
+        self._tf = tf
+        try:
+            vendor, pages = _select_levels(tf, uri)
+            levels = [_level(p, uri) for p in pages]
+            metadata_mpp = _aperio_mpp(pages[0]) if vendor == "aperio" else _resolution_mpp(pages[0])
+        except SlideReadError as exc:
+            tf.close()
+            raise SlideOpenError(uri, exc.cause) from exc
+        except SlideOpenError:
+            tf.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged IFD surfaces as assorted errors
+            tf.close()
+            raise SlideOpenError(uri, f"cannot parse the TIFF directories: {_why(exc)}") from exc
+        self.format = f"remote-tiff:{vendor}"
+        self.uri = uri
+        self._levels = levels
+        w0, h0 = levels[0].width, levels[0].height
+        # OpenSlide's rule: the mean of the two axes' ratios (levels are rarely exact halves).
+        downsamples = tuple((w0 / lv.width + h0 / lv.height) / 2.0 for lv in levels)
+        try:
+            super().__init__(
+                uri,
+                tuple((lv.width, lv.height) for lv in levels),
+                downsamples,
+                metadata_mpp,
+                user_mpp,
+                max_pixels,
+            )
+        except Exception:
+            tf.close()
+            raise
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = int(tile_cache_bytes)
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_fetched(self) -> int:
+        return self._reader.bytes_fetched
+
+    @property
+    def requests(self) -> int:
+        return self._reader.requests
+
+    def _read(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        lv = self._levels[level]
+        tx0, tx1 = x0 // lv.tile_w, (x1 - 1) // lv.tile_w
+        ty0, ty1 = y0 // lv.tile_h, (y1 - 1) // lv.tile_h
+        wanted = [(ty, tx) for ty in range(ty0, ty1 + 1) for tx in range(tx0, tx1 + 1)]
+        tiles: dict[tuple[int, int], np.ndarray | None] = {}
+        missing = []
+        with self._lock:
+            for t in wanted:
+                hit = self._cache.get((level, t[0] * lv.tiles_across + t[1]))
+                if hit is not None:
+                    self._cache.move_to_end((level, t[0] * lv.tiles_across + t[1]))
+                    tiles[t] = hit
+                else:
+                    missing.append(t)
+        if missing:
+            index = [ty * lv.tiles_across + tx for ty, tx in missing]
+            for i in index:
+                if i >= len(lv.offsets):
+                    raise SlideReadError(self.path, f"level {level} has no tile {i} (TileOffsets too short)")
+                if lv.counts[i] > _MAX_TILE_BYTES:
+                    raise SlideReadError(self.path, f"level {level} tile {i} declares {lv.counts[i]} bytes")
+            # A zero byte count is a tile the scanner skipped (no tissue): OpenSlide draws it
+            # transparent, which the base contract renders white.
+            ranges = [(lv.offsets[i], lv.counts[i]) if lv.counts[i] > 0 else (0, 0) for i in index]
+            blobs = self._reader.fetch_ranges(ranges)
+            for t, i, blob in zip(missing, index, blobs):
+                tile = self._decode(level, lv, i, blob) if blob else None
+                tiles[t] = tile
+                if tile is not None:
+                    self._remember((level, i), tile)
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        for (ty, tx), tile in tiles.items():
+            # Intersection of the tile with the box, in level px.
+            gx0, gy0 = tx * lv.tile_w, ty * lv.tile_h
+            ix0, iy0 = max(x0, gx0), max(y0, gy0)
+            ix1, iy1 = min(x1, gx0 + lv.tile_w), min(y1, gy0 + lv.tile_h)
+            dst = out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+            if tile is None:
+                dst[...] = 255
+            else:
+                dst[...] = tile[iy0 - gy0 : iy1 - gy0, ix0 - gx0 : ix1 - gx0]
+        return out
+
+    def _decode(self, level: int, lv: _Level, index: int, data: bytes) -> np.ndarray:
+        try:
+            if lv.compression == 7:
+                tile = imagecodecs.jpeg8_decode(
+                    data, tables=lv.jpeg_tables, colorspace=lv.jpeg_colorspace, outcolorspace="RGB"
+                )
+            else:
+                tile = lv.decode(data, index)[0]
+        except Exception as exc:  # noqa: BLE001 - codec errors have no common base
+            raise SlideReadError(self.path, f"level {level} tile {index} cannot be decoded: {_why(exc)}") from exc
+        tile = np.asarray(tile)
+        if tile.ndim == 4:  # tifffile's (depth, length, width, samples)
+            tile = tile[0]
+        if tile.dtype != np.uint8 or tile.ndim != 3 or tile.shape[2] != 3:
+            raise SlideReadError(self.path, f"level {level} tile {index} decoded to {tile.shape} {tile.dtype}")
+        if tile.shape[0] < lv.tile_h or tile.shape[1] < lv.tile_w:
+            raise SlideReadError(
+                self.path,
+                f"level {level} tile {index} decoded to {tile.shape[1]}x{tile.shape[0]} px, "
+                f"expected {lv.tile_w}x{lv.tile_h}",
+            )
+        return tile[: lv.tile_h, : lv.tile_w]
+
+    def _remember(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        with self._lock:
+            if key in self._cache:
+                return
+            self._cache[key] = tile
+            self._cache_bytes += tile.nbytes
+            while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.nbytes
+
+    def close(self) -> None:
+        if not self._closed:
+            self._tf.close()
+            self._reader.close()
+            with self._lock:
+                self._cache.clear()
+                self._cache_bytes = 0
+        super().close()
+
+
+def _select_levels(tf: tifffile.TiffFile, uri: str) -> tuple[str, list]:
+    """(vendor, level pages largest first) by OpenSlide's rules for Aperio and generic TIFF."""
+    for flag, name in (
+        ("is_ndpi", "Hamamatsu NDPI"),
+        ("is_philips", "Philips TIFF"),
+        ("is_scn", "Leica SCN"),
+        ("is_bif", "Ventana BIF"),
+        ("is_ome", "OME-TIFF"),
+    ):
+        if getattr(tf, flag, False):
+            raise SlideOpenError(uri, f"{name} is not read remotely (needs the whole file)")
+    pages = list(tf.pages)
+    first = pages[0]
+    if not first.is_tiled:
+        raise SlideOpenError(uri, "first TIFF page is not tiled: a plain image, not read remotely")
+    if (first.description or "").startswith("Aperio"):
+        vendor = "aperio"
+        # Aperio: every tiled directory is a level; stripped ones are thumbnail/label/macro.
+        levels = [p for p in pages if p.is_tiled]
+    else:
+        vendor = "generic-tiff"
+        # Generic TIFF: the first directory plus every tiled reduced-resolution one.
+        levels = [first] + [
+            p for p in pages[1:] if p.is_tiled and (int(p.subfiletype) & _SUBFILE_REDUCED)
+        ]
+    levels.sort(key=lambda p: -int(p.imagewidth))
+    return vendor, levels
+
+
+def _level(page, uri: str) -> _Level:
+    where = f"TIFF page {page.index}"
+    comp = int(page.compression)
+    if comp not in _COMPRESSIONS:
+        raise SlideOpenError(uri, f"{where}: compression {comp} is not read remotely")
+    if int(page.planarconfig) != 1 or int(page.samplesperpixel) != 3 or page.extrasamples:
+        raise SlideOpenError(uri, f"{where}: only interleaved 3-sample RGB is read remotely")
+    if int(page.bitspersample) != 8:
+        raise SlideOpenError(uri, f"{where}: {page.bitspersample}-bit samples are not read remotely")
+    photometric = int(page.photometric)
+    if photometric not in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR) or (
+        photometric == _PHOTOMETRIC_YCBCR and comp != 7
+    ):
+        raise SlideOpenError(uri, f"{where}: photometric {photometric} with compression {comp} is not read remotely")
+    if int(page.imagedepth) != 1:
+        raise SlideOpenError(uri, f"{where}: volumetric tiles are not read remotely")
+    tw, th = int(page.tilewidth), int(page.tilelength)
+    if not (0 < tw <= _MAX_TILE_SIDE and 0 < th <= _MAX_TILE_SIDE):
+        raise SlideOpenError(uri, f"{where}: implausible tile size {tw}x{th}")
+    w, h = int(page.imagewidth), int(page.imagelength)
+    across = -(-w // tw)
+    offsets = tuple(int(v) for v in page.dataoffsets)
+    counts = tuple(int(v) for v in page.databytecounts)
+    if len(offsets) != len(counts) or len(offsets) < across * -(-h // th):
+        raise SlideOpenError(
+            uri, f"{where}: {len(offsets)} tile offsets for a {w}x{h} image of {tw}x{th} tiles (truncated?)"
+        )
+    tables = page.jpegtables if comp == 7 else None
+    tables = bytes(tables) if tables is not None else None
+    colorspace = None
+    if comp == 7 and photometric == _PHOTOMETRIC_RGB and not (tables and b"JFIF" in tables[:64]):
+        # Aperio writes RGB (not YCbCr) JPEG tiles without a JFIF marker; libjpeg would assume
+        # YCbCr. Same decision as OpenSlide and tifffile.
+        colorspace = "RGB"
+    decode = None if comp == 7 else page.decode
+    return _Level(w, h, tw, th, across, offsets, counts, comp, tables, colorspace, decode)
+
+
+def _aperio_mpp(page) -> float | None:
+    """``MPP`` from an Aperio ImageDescription (``...|MPP = 0.2520|...``), as OpenSlide reads it."""
+    for field in (page.description or "").split("|")[1:]:
+        m = _APERIO_MPP.match(field)
+        if m:
+            try:
+                return float(m.group(1))
+            except ValueError:
+                return None
+    return None
+
+
+def _resolution_mpp(page) -> float | None:
+    """Mean of X/Y µm/px from the resolution tags when the unit is centimetre (OpenSlide's
+    generic-TIFF rule: inch resolutions are usually a tool's default dpi, not a scan scale)."""
+    tags = page.tags
+    unit = tags.get("ResolutionUnit")
+    if unit is None or int(unit.value) != 3:
+        return None
+    vals = []
+    for name in ("XResolution", "YResolution"):
+        tag = tags.get(name)
+        if tag is None:
+            continue
+        num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
+        if num and den:
+            vals.append(1e4 / (num / den))
+    return sum(vals) / len(vals) if vals else None
