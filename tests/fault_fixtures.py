@@ -326,3 +326,94 @@ def tiny_model(tmp_root=None) -> str:
         save_model(m.model, m.image_processor, m.tokenizer, out)
         _MODELS["tiny"] = str(out)
     return _MODELS["tiny"]
+
+
+# --------------------------------------------------------------------------- load
+
+
+class RssSampler:
+    """Samples RSS (bytes) every ``period`` s: this process (the driver) and every Ray worker
+    process descending from it (titles ``ray::...``, Ray's own agents excluded)."""
+
+    _AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+    def __init__(self, period: float = 0.25):
+        import threading
+
+        self.period = period
+        self.driver_peak = 0
+        self.worker_peak = 0  # largest single worker
+        self.workers_total_peak = 0  # largest sum over workers at one instant
+        self.worker_pids: set[int] = set()
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        import os
+
+        import psutil
+
+        me = psutil.Process(os.getpid())
+        while not self._halt.is_set():
+            try:
+                self.driver_peak = max(self.driver_peak, me.memory_info().rss)
+                total = 0
+                for p in me.children(recursive=True):
+                    try:
+                        title = " ".join(p.cmdline()).strip()
+                        if not title.startswith("ray::") or title.startswith(self._AGENTS):
+                            continue
+                        rss = p.memory_info().rss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                        continue
+                    self.worker_pids.add(p.pid)
+                    total += rss
+                    self.worker_peak = max(self.worker_peak, rss)
+                self.workers_total_peak = max(self.workers_total_peak, total)
+            except psutil.Error:
+                pass
+            self._halt.wait(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._halt.set()
+        self._thread.join(5)
+
+
+def load_run(endpoint: str, n_slides: int, workdir, chunk_slides: int = 16) -> dict:
+    """Process an archive of ``n_slides`` small slides (each a real BCCD field) on ``endpoint``
+    in one run of the job on the current Ray cluster, sampling memory. Returns the figures:
+    ``result``, ``output``, ``seconds``, ``cells``, ``slides_per_hour``, ``cells_per_s``,
+    ``driver_peak_mib``, ``worker_peak_mib``, ``workers_total_peak_mib``, ``workers_seen``."""
+    import time
+    from pathlib import Path
+
+    workdir = Path(workdir)
+    bucket = new_bucket(endpoint, "load")
+    paths = make_small_slides(workdir / "slides", n_slides)
+    upload(endpoint, bucket, {f"archive/{p.name}": p for p in paths})
+    out = f"s3://{bucket}/out/"
+    lines: list[str] = []
+    tiny_model(workdir)
+    t0 = time.perf_counter()
+    with RssSampler() as rss:
+        res = run_job_collect(lines, input=f"s3://{bucket}/archive/", output=out, s3_endpoint=endpoint,
+                              chunk_slides=chunk_slides)
+    seconds = time.perf_counter() - t0
+    mib = 1024 * 1024
+    return {
+        "result": res,
+        "output": out,
+        "bucket": bucket,
+        "seconds": seconds,
+        "cells": res.cells_written,
+        "slides_per_hour": res.ok / seconds * 3600,
+        "cells_per_s": res.cells_written / seconds,
+        "driver_peak_mib": rss.driver_peak / mib,
+        "worker_peak_mib": rss.worker_peak / mib,
+        "workers_total_peak_mib": rss.workers_total_peak / mib,
+        "workers_seen": len(rss.worker_pids),
+    }

@@ -8,6 +8,7 @@ which case the rule's fault is injected instead of (or on top of) the real answe
 ``reset``       read the request, then close the socket with an RST (no response at all)
 ``500``         ``500 InternalError`` with an S3 XML error body
 ``503``         ``503 SlowDown`` with an S3 XML error body
+``403``         ``403 AccessDenied`` (a permanent error: not retried by clients)
 ``throttle``    ``429``/``503 Throttling`` (``status=``) with a ``Retry-After`` header
 ``truncate``    forward, send the real headers (full ``Content-Length``) but only part of the body,
                 then close the connection
@@ -41,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __all__ = ["FAULTS", "OPERATIONS", "FaultRule", "FaultProxy", "classify"]
 
-FAULTS = ("reset", "500", "503", "throttle", "truncate", "delay")
+FAULTS = ("reset", "500", "503", "403", "throttle", "truncate", "delay")
 OPERATIONS = (
     "list",  # GET on a bucket (ListObjects/ListObjectsV2, list-type or no key)
     "list_buckets",  # GET /
@@ -70,6 +71,7 @@ _HOP = {
 _ERRORS = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "503": (503, "SlowDown", "Please reduce your request rate."),
+    "403": (403, "AccessDenied", "Access Denied"),
     "throttle": (503, "Throttling", "Rate exceeded."),
 }
 

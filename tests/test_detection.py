@@ -48,7 +48,7 @@ def smear(mpp: float, size_um: float = 120.0, seed: int = 0, wbcs=("round", "lob
         _disc(img, x, y, r, CYTO)
         if kind == "lobed":
             for ang in (0.0, 2.1, 4.2):
-                _disc(img, x + 2.4 * px * math.cos(ang), y + 2.4 * px * math.sin(ang), 1.7 * px, NUCLEUS)
+                _disc(img, x + 2.9 * px * math.cos(ang), y + 2.9 * px * math.sin(ang), 1.9 * px, NUCLEUS)
         else:
             _disc(img, x, y, 3.6 * px, NUCLEUS)
         boxes.append((x - r, y - r, x + r, y + r))
@@ -97,6 +97,13 @@ def test_synthetic_field_finds_each_white_cell_once(mpp):
         assert not d.clumped
     for p in plates:  # platelets are not white cells
         assert not any(math.hypot(d.centroid[0] - p[0], d.centroid[1] - p[1]) < 2 / mpp for d in dets)
+
+
+def test_colour_score_without_the_verifier():
+    rgb, boxes, _ = smear(0.25, seed=5)
+    dets = detect_wbc(rgb, 0.25, DetectorConfig(use_verifier=False, min_score=0.5))
+    assert len(dets) == len(boxes)
+    assert all(any(_inside(d.centroid, b) for b in boxes) for d in dets)
 
 
 def test_no_white_cells_no_detections():

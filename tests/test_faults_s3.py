@@ -37,9 +37,42 @@ def _print_stats(name: str, stats: dict) -> None:
         print(f"  {rule}: {c['injected']} injected / {c['matched']} matched")
 
 
+#: Recognisable credentials the driver uses throughout this module; the Ray workers use the
+#: session's own (``testing-key-id``/``testing-secret-key`` from conftest). Everything the runs
+#: produce is kept in PRODUCED and scanned by ``test_credentials_never_leak``.
+LEAK_KEY_ID = "AKIAG0LEAKCHECK0DRVR"
+LEAK_SECRET = "LeakCheck/Secret+Drv0123456789abcdefghijk"
+LEAK_TOKEN = "LeakCheckSessionToken0000"
+PRODUCED: dict[str, str] = {}
+OUTPUTS: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def leak_credentials(s3_server):
+    import os
+
+    worker_secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", LEAK_KEY_ID)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", LEAK_SECRET)
+        mp.setenv("AWS_SESSION_TOKEN", LEAK_TOKEN)
+        yield [LEAK_KEY_ID, LEAK_SECRET, LEAK_TOKEN, worker_secret]
+
+
 @pytest.fixture(scope="module")
 def base(s3_server, ray_cluster, tmp_path_factory):
     return baseline_archive(s3_server, tmp_path_factory.mktemp("base"))
+
+
+def _record(name: str, res=None, lines=None, exc=None, out=None) -> None:
+    if res is not None:
+        PRODUCED[f"{name}: result"] = repr(res)
+    if lines is not None:
+        PRODUCED[f"{name}: progress"] = "\n".join(lines)
+    if exc is not None:
+        PRODUCED[f"{name}: error"] = f"{exc!r} {exc}"
+    if out is not None:
+        OUTPUTS.append(out)
 
 
 def _out(bucket: str, name: str) -> str:
@@ -68,7 +101,9 @@ def test_transient_faults_everywhere_are_retried(s3_server, ray_cluster, base, f
                         name="output PUT/DELETE reset"),
     ]
     out = _out(b, "out-transient")
-    res = run_job_collect(input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2)
+    lines: list[str] = []
+    res = run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2)
+    _record("transient", res, lines, out=out)
     _print_stats("transient faults", fault_proxy.stats())
     assert res.exit_code == 0, res.slides
     assert res.ok == len(base["keys"]) and res.failed == 0
@@ -86,8 +121,10 @@ def test_persistent_slide_fault_is_recorded_and_retried_next_run(s3_server, ray_
     bad_uri = f"s3://{b}/{bad_key}"
     rule = fault_proxy.add("500", op=("get", "ranged_get"), path=rf"^/{b}/{re.escape(bad_key)}$")
     out = _out(b, "out-persistent")
-    res = run_job_collect(input=base["input"], output=out, s3_endpoint=fault_proxy.url,
+    lines: list[str] = []
+    res = run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url,
                           chunk_slides=2, s3_max_attempts=2, max_failed_fraction=0.5)
+    _record("persistent slide fault", res, lines, out=out)
     _print_stats("persistent slide fault", fault_proxy.stats())
     assert res.exit_code == 0 and res.failed == 1 and res.ok == len(base["keys"]) - 1
     assert rule.injected >= 2  # every attempt of the budget hit the fault
@@ -119,9 +156,11 @@ def test_persistent_output_write_failure_fails_the_run_and_rerun_completes(
     b = base["bucket"]
     out = _out(b, "out-unwritable-later")
     rule = fault_proxy.add("503", op=("put", "multipart"), path=rf"^/{b}/out-unwritable-later/")
+    lines: list[str] = []
     with pytest.raises(StorageError) as err:
-        run_job_collect(input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2,
+        run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2,
                         s3_max_attempts=2)
+    _record("unwritable output", lines=lines, exc=err.value, out=out)
     msg = str(err.value)
     assert msg.startswith(f"s3://{b}/out-unwritable-later/") and "SlowDown" in msg and "\n" not in msg
     assert rule.injected >= 2
@@ -142,6 +181,7 @@ def test_missing_output_bucket_is_a_clear_error_before_any_work(s3_server, ray_c
     out = "s3://no-such-bucket-g0/out/"
     with pytest.raises(PipelineError) as err:
         run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url, s3_max_attempts=1)
+    _record("missing output bucket", lines=lines, exc=err.value)
     assert "no-such-bucket-g0" in str(err.value) and "\n" not in str(err.value)
     # No slide was read: the error came before any work.
     assert fault_proxy.stats()["requests"].get("get", 0) == 0
@@ -154,53 +194,36 @@ def test_missing_input_bucket_is_a_clear_error(s3_server, fault_proxy, tmp_path)
     with pytest.raises(PipelineError) as err:
         run_job_collect(input="s3://no-such-bucket-g1/archive/", output=str(tmp_path / "out"),
                         s3_endpoint=fault_proxy.url, s3_max_attempts=1)
+    _record("missing input bucket", exc=err.value)
     assert "s3://no-such-bucket-g1/archive/" in str(err.value) and "NoSuchBucket" in str(err.value)
 
 
 # --------------------------------------------------------------------------- security (needs a run)
 
-LEAK_KEY_ID = "AKIAG0LEAKCHECK0DRVR"
-LEAK_SECRET = "LeakCheck/Secret+Drv0123456789abcdefghijk"
 
-
-def _leaks(text: str, secrets: list[str]) -> list[str]:
-    return [s for s in secrets if s in text]
-
-
-def test_credentials_never_leak(s3_server, ray_cluster, base, fault_proxy, monkeypatch, tmp_path, capfd):
-    """Recognisable credentials in the driver, the workers' own (the session's), a run with
-    retries and a failing slide, a failing run, the report and the query output: scan them all."""
-    import os
-
-    worker_secrets = [os.environ.get("AWS_SECRET_ACCESS_KEY", "testing-secret-key")]
-    secrets = [LEAK_KEY_ID, LEAK_SECRET, *worker_secrets]
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", LEAK_KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", LEAK_SECRET)
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "LeakCheckSessionToken0000")
-    secrets.append("LeakCheckSessionToken0000")
-    b = base["bucket"]
-    bad_key = base["keys"][0]
-    fault_proxy.add("500", op=("get", "ranged_get"), path=rf"^/{b}/{re.escape(bad_key)}$")
-    fault_proxy.add("503", op="list", first=1)
-    out = _out(b, "out-leakcheck")
-    lines: list[str] = []
-    res = run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url,
-                          chunk_slides=3, s3_max_attempts=2, max_failed_fraction=0.5)
-    assert res.failed == 1
-    texts = {"progress lines": "\n".join(lines), "result": repr(res)}
+def test_credentials_never_leak(s3_server, ray_cluster, base, fault_proxy, leak_credentials, tmp_path, capfd):
+    """Scan everything this module's runs produced (progress lines, results, errors, every object
+    they wrote: Parquet incl. ``runs/config_json``, journals), plus a bad-model run, the HTML
+    report, a query's output, stdout/stderr and every Ray log of the session."""
+    from pipeline.__main__ import main
     from pipeline.errors import PipelineError
 
-    for name, kwargs in {
-        "failing run (missing bucket)": dict(output="s3://no-such-bucket-g2/out/"),
-        "failing run (bad model)": dict(output=out, model=str(tmp_path / "no-model")),
-    }.items():
-        try:
-            run_job_collect(lines, **{"input": base["input"], "output": out,
-                                      "s3_endpoint": fault_proxy.url, "s3_max_attempts": 1, **kwargs})
-        except PipelineError as exc:
-            texts[name] = f"{exc!r} {exc}"
-    from pipeline.__main__ import main
-
+    if not OUTPUTS:  # run alone: produce something first (retries and a failing slide)
+        b = base["bucket"]
+        fault_proxy.add("500", op=("get", "ranged_get"), path=rf"^/{b}/{re.escape(base['keys'][0])}$")
+        fault_proxy.add("503", op="list", first=1)
+        out = _out(b, "out-leakcheck")
+        lines: list[str] = []
+        res = run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url,
+                              chunk_slides=3, s3_max_attempts=2, max_failed_fraction=0.5)
+        _record("leakcheck", res, lines, out=out)
+    try:
+        run_job_collect(input=base["input"], output=OUTPUTS[0], s3_endpoint=fault_proxy.url,
+                        s3_max_attempts=1, model=str(tmp_path / "no-model"))
+    except PipelineError as exc:
+        _record("bad model", exc=exc)
+    texts = dict(PRODUCED)
+    out = OUTPUTS[0]
     report = tmp_path / "report.html"
     assert main(["report", "--output", out, "--out", str(report), "--s3-endpoint", s3_server]) == 0
     texts["report"] = report.read_text(errors="replace")
@@ -208,27 +231,28 @@ def test_credentials_never_leak(s3_server, ray_cluster, base, fault_proxy, monke
                  "--format", "json"]) == 0
     captured = capfd.readouterr()
     texts["stdout/stderr"] = captured.out + captured.err
-    runs = read_table(out, "runs", s3_server).to_pylist()
-    texts["runs table"] = json.dumps(runs, default=str)
-    texts["slides table"] = json.dumps(read_table(out, "slides", s3_server).to_pylist(), default=str)
-    cfg = json.loads(runs[0]["config_json"])
-    assert not any(re.search("secret|password|token|access_key", k, re.I) for k in cfg), cfg
+    for o in OUTPUTS:
+        for row in read_table(o, "runs", s3_server).to_pylist():
+            cfg = json.loads(row["config_json"])
+            assert not any(re.search("secret|password|token|access_key", k, re.I) for k in cfg), cfg
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    for key in all_keys(s3_server, b, "out-leakcheck/"):
-        texts[f"object {key}"] = s3.get_object(Bucket=b, Key=key)["Body"].read().decode("latin-1")
-    # Ray's logs of this session (driver, raylet, every worker).
+    b = base["bucket"]
+    for key in all_keys(s3_server, b):
+        if not key.startswith("archive/"):
+            texts[f"object {key}"] = s3.get_object(Bucket=b, Key=key)["Body"].read().decode("latin-1")
     import ray
 
     log_dir = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     for p in log_dir.rglob("*"):
         if p.is_file() and p.stat().st_size < 50_000_000:
-            texts[f"ray log {p.name}"] = p.read_text(errors="replace")
-    found = {name: _leaks(text, secrets) for name, text in texts.items()}
+            texts[f"ray log {p.relative_to(log_dir)}"] = p.read_text(errors="replace")
+    found = {name: [s for s in leak_credentials if s in text] for name, text in texts.items()}
     found = {k: v for k, v in found.items() if v}
     assert not found, f"credentials leaked into: {found}"
-    assert len(texts) > 10
+    assert len(texts) > 10 and any(k.startswith("object ") and "/runs/" in k for k in texts)
+    print(f"\ncredential scan: {len(texts)} texts, {sum(map(len, texts.values())) / 1e6:.1f} MB, no leak")
 
 
 def test_writes_confined_to_output_prefix(s3_server, base):

@@ -33,6 +33,9 @@ class DetectorConfig:
     max_nucleus_area_um2: float = 1500.0
     #: lobes/fragments of one nucleus closer than this are one cell (segmented neutrophils)
     lobe_merge_um: float = 1.5
+    #: fragments smaller than this (a lobe, not a whole nucleus) join neighbours up to
+    #: 2.5 x lobe_merge_um away
+    lobe_max_area_um2: float = 9.0
     #: detections whose score (probability of being a white cell) is below this are dropped
     min_score: float = 0.2
     #: use the bundled learned verifier to score candidates (False: colour/size score only)
@@ -53,6 +56,7 @@ class DetectorConfig:
             "nucleus_threshold",
             "min_nucleus_area_um2",
             "max_nucleus_area_um2",
+            "lobe_max_area_um2",
         )
         for name in positive:
             if getattr(self, name) <= 0:

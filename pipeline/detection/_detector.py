@@ -97,14 +97,14 @@ def nucleus_candidates(
     thr = max(cfg.nucleus_threshold, min(t_adapt, 3.0 * cfg.nucleus_threshold))
     mask = (feat > thr).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, disk(0.5 / px_um))
-    # group lobes: fragments within lobe_merge_um share a label; fragments too small to be a
-    # nucleus on their own (lobes of a segmented neutrophil, broken chromatin of a blurred cell)
-    # reach twice as far, so two whole nuclei side by side stay two cells
+    # group lobes: fragments within lobe_merge_um share a label; fragments smaller than a whole
+    # nucleus (lobes of a segmented neutrophil, broken chromatin of a blurred cell, area below
+    # lobe_max_area_um2) reach further, so two whole nuclei side by side stay two cells
     grow = cv2.dilate(mask, disk(cfg.lobe_merge_um / 2 / px_um)) if cfg.lobe_merge_um > 0 else mask
     flab, nf = ndi.label(mask)
     if nf:
         sizes = ndi.sum(mask, flab, index=np.arange(1, nf + 1)) * px_um * px_um
-        small = np.isin(flab, 1 + np.flatnonzero(sizes < cfg.min_nucleus_area_um2)).astype(np.uint8)
+        small = np.isin(flab, 1 + np.flatnonzero(sizes < cfg.lobe_max_area_um2)).astype(np.uint8)
         if small.any() and cfg.lobe_merge_um > 0:
             grow = grow | cv2.dilate(small, disk(cfg.lobe_merge_um * 1.5 / px_um))
     glab, n = ndi.label(grow)

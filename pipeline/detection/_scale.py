@@ -48,7 +48,7 @@ def _cell_mask(img: np.ndarray) -> np.ndarray:
         return np.zeros(total.shape, np.uint8)
     t = otsu(np.minimum(every, np.percentile(every, 90)))
     above = every > t
-    if above.any() and (feat.ravel()[::step][above] > 1.0).mean() > 0.5:
+    if above.any() and (feat.ravel()[::step][above] > 0.6).mean() > 0.4:
         t = otsu(np.minimum(sample, np.percentile(sample, 90)))  # the split found the nuclei
     t = max(t, 0.12)
     fg = (total > t).astype(np.uint8)

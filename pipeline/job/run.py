@@ -185,14 +185,21 @@ def _stream(todo: list[SlideRef], cfg: JobConfig, model_id: str, model_version: 
     outcomes: dict[str, dict] = {}
     caption_s: dict[str, float] = defaultdict(float)
     finished: set[str] = set()
+    seen: dict[str, set[str]] = defaultdict(set)
     n = len(todo)
     batches = ds.iter_batches(batch_size=None, batch_format="numpy")
     try:
         for batch in batches:
             for i in range(len(batch["kind"])):
                 sid = str(batch["slide_id"][i])
+                if sid in finished:  # a re-executed task's repeat of a committed slide
+                    continue
                 if batch["kind"][i] == "cell":
-                    cells[sid].append(_cell_row(batch, i, base, check))
+                    row = _cell_row(batch, i, base, check)
+                    if row["cell_id"] in seen[sid]:  # idem, within a slide still in flight
+                        continue
+                    seen[sid].add(row["cell_id"])
+                    cells[sid].append(row)
                     caption_s[sid] += float(batch["caption_seconds"][i])
                 else:
                     outcomes[sid] = json.loads(batch["record"][i])
@@ -203,6 +210,7 @@ def _stream(todo: list[SlideRef], cfg: JobConfig, model_id: str, model_version: 
                                run_id=run_id, model_version=model_version, finished_at=None)
                     row["cell_types"] = dict(Counter(c["cell_type"] or "(none)" for c in cells[sid]))
                     say(_slide_line(len(finished), n, row))
+                    seen.pop(sid, None)
                     chunker.add(row, cells.pop(sid))
     finally:
         close = getattr(batches, "close", None)

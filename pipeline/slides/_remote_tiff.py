@@ -38,6 +38,7 @@ _MAX_TILE_SIDE = 8192
 _MAX_TILE_BYTES = 64 * 1024 * 1024
 #: Decoded-tile cache: detection tiles overlap and neighbouring cells' crops share tiles.
 DEFAULT_TILE_CACHE_BYTES = 64 * 1024 * 1024
+_RES_UNIT_UM = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: inch, centimetre -> µm
 _APERIO_MPP = re.compile(r"^\s*MPP\s*=\s*(.*?)\s*$")
 
 
@@ -127,7 +128,7 @@ class RemoteTiffSlide(Slide):
         self._tf = tf
         try:
             vendor, pages = _select_levels(tf, uri)
-            levels = [_level(p, uri) for p in pages]
+            levels = [_level(p, uri, reader.size) for p in pages]
             metadata_mpp = _aperio_mpp(pages[0]) if vendor == "aperio" else _resolution_mpp(pages[0])
         except SlideReadError as exc:
             tf.close()
@@ -285,7 +286,7 @@ def _select_levels(tf: tifffile.TiffFile, uri: str) -> tuple[str, list]:
     return vendor, levels
 
 
-def _level(page, uri: str) -> _Level:
+def _level(page, uri: str, size: int) -> _Level:
     where = f"TIFF page {page.index}"
     comp = int(page.compression)
     if comp not in _COMPRESSIONS:
@@ -312,6 +313,11 @@ def _level(page, uri: str) -> _Level:
         raise SlideOpenError(
             uri, f"{where}: {len(offsets)} tile offsets for a {w}x{h} image of {tw}x{th} tiles (truncated?)"
         )
+    end = max((o + n for o, n in zip(offsets, counts) if n > 0), default=0)
+    if end > size:
+        raise SlideOpenError(
+            uri, f"{where}: tile data ends at byte {end}, past the object's {size} bytes (truncated)"
+        )
     tables = page.jpegtables if comp == 7 else None
     tables = bytes(tables) if tables is not None else None
     colorspace = None
@@ -336,11 +342,12 @@ def _aperio_mpp(page) -> float | None:
 
 
 def _resolution_mpp(page) -> float | None:
-    """Mean of X/Y µm/px from the resolution tags when the unit is centimetre (OpenSlide's
-    generic-TIFF rule: inch resolutions are usually a tool's default dpi, not a scan scale)."""
+    """Mean of X/Y µm/px from the resolution tags in centimetre or inch units (OpenSlide's
+    generic-TIFF rule as measured on OpenSlide 4; no unit tag: None here)."""
     tags = page.tags
     unit = tags.get("ResolutionUnit")
-    if unit is None or int(unit.value) != 3:
+    um_per_unit = _RES_UNIT_UM.get(int(unit.value)) if unit is not None else None
+    if um_per_unit is None:
         return None
     vals = []
     for name in ("XResolution", "YResolution"):
@@ -349,5 +356,5 @@ def _resolution_mpp(page) -> float | None:
             continue
         num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
         if num and den:
-            vals.append(1e4 / (num / den))
+            vals.append(um_per_unit / (num / den))
     return sum(vals) / len(vals) if vals else None

@@ -20,9 +20,9 @@ from pipeline.errors import SlideOpenError, SlideReadError
 __all__ = ["S3RangeFile"]
 
 #: Block of the header cache: TIFF IFDs and tag arrays are small and mostly contiguous.
-DEFAULT_BLOCK = 64 * 1024
+DEFAULT_BLOCK = 8 * 1024
 #: Header-cache capacity in blocks (4 MiB at the default block size).
-DEFAULT_MAX_BLOCKS = 64
+DEFAULT_MAX_BLOCKS = 512
 #: Two requested ranges closer than this are fetched as one request: a round trip costs more than
 #: a few KiB of unused bytes (S3 first-byte latency is ~10-50 ms, ~1 MB at 100 MB/s).
 DEFAULT_MERGE_GAP = 16 * 1024
@@ -120,9 +120,13 @@ class S3RangeFile(io.RawIOBase):
         request. Raises :class:`~pipeline.errors.SlideReadError` on a short or failed read."""
         out: list[bytes | None] = [None] * len(ranges)
         order = sorted((o, n, i) for i, (o, n) in enumerate(ranges) if n > 0)
-        for i, (_, n) in enumerate(ranges):
+        for i, (o, n) in enumerate(ranges):
             if n <= 0:
                 out[i] = b""
+            elif o < 0 or o + n > self.size:
+                raise SlideReadError(
+                    self.uri, f"bytes {o}-{o + n - 1} lie past the object's {self.size} bytes (truncated)"
+                )
         k = 0
         while k < len(order):
             start, n, _ = order[k]

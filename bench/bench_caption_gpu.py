@@ -1,0 +1,125 @@
+"""Captioning throughput of the BLIP-base architecture on one GPU (bf16, fixed 30 new tokens).
+
+Builds BLIP-base at full size (ViT-B/16 at 384 px + BERT-base decoder, random weights, no
+download), then for each batch size times ``generate`` with ``min_new_tokens = max_new_tokens``
+so every batch does the same work whatever the weights say. Reports cells/s (model only, inputs
+already on the GPU), end-to-end cells/s at the largest batch (crops -> image processor -> captions
+-> parsed attributes), peak GPU memory and mean GPU utilisation while generating.
+
+``python -m bench bench_caption_gpu`` (or ``python bench/bench_caption_gpu.py``). Without CUDA it
+prints "needs CUDA" and its rows say "skipped: needs CUDA". Runs in well under 3 minutes on one
+modern GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+__all__ = ["run", "BATCH_SIZES", "NEW_TOKENS"]
+
+BATCH_SIZES = (64, 128, 256)
+NEW_TOKENS = 30
+_REPEATS = 3
+
+
+def _skipped(reason: str) -> list[dict]:
+    rows = [{"name": f"caption cells/s (batch {b}, {NEW_TOKENS} tokens)", "value": reason,
+             "unit": "cells/s", "goal": "higher"} for b in BATCH_SIZES]
+    rows.append({"name": "peak GPU memory", "value": reason, "unit": "GiB", "goal": "lower"})
+    return rows
+
+
+class _UtilSampler:
+    """Mean GPU utilisation (%) over a window, sampled every 50 ms via NVML (None without it)."""
+
+    def __init__(self, device_index: int):
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            self._nvml = pynvml
+        except Exception:  # noqa: BLE001 - NVML is optional: utilisation is then reported as n/a
+            self._nvml = None
+
+    def __enter__(self):
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._nvml is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def run() -> list[dict]:
+    """Benchmark rows: ``{"name", "value", "unit", "goal"}``."""
+    import numpy as np
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_caption_gpu: needs CUDA (no GPU visible); skipped", file=sys.stderr)
+        return _skipped("skipped: needs CUDA")
+
+    from hemblip.inference import Captioner
+    from hemblip.model import build_model
+
+    t0 = time.perf_counter()
+    captioner = Captioner(build_model("blip-base"), device="cuda", batch_size=max(BATCH_SIZES),
+                          max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    build_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    crops = list(rng.integers(0, 256, (max(BATCH_SIZES), 224, 224, 3), dtype=np.uint8))
+    pixels = captioner.pixel_values(crops)
+    rows: list[dict] = []
+    captioner.generate(pixels[:8])  # warm-up: kernels, allocator
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for b in BATCH_SIZES:
+        px = pixels[:b]
+        with _UtilSampler(captioner.device.index or 0) as util:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(_REPEATS):
+                seq, _ = captioner.generate(px)
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t) / _REPEATS
+        assert seq.shape == (b, NEW_TOKENS + 1), seq.shape
+        rows.append({"name": f"caption cells/s (batch {b}, {NEW_TOKENS} tokens)",
+                     "value": b / dt, "unit": "cells/s", "goal": "higher"})
+        rows.append({"name": f"GPU utilisation (batch {b})",
+                     "value": util.mean if util.mean is not None else "n/a (no pynvml)",
+                     "unit": "%", "goal": "higher"})
+    rows.append({"name": "peak GPU memory", "value": torch.cuda.max_memory_allocated() / 2**30,
+                 "unit": "GiB", "goal": "lower"})
+    b = max(BATCH_SIZES)
+    t = time.perf_counter()
+    results = captioner.caption(crops)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    assert len(results) == b
+    rows.append({"name": f"end-to-end cells/s (crops -> parsed captions, batch {b})",
+                 "value": b / dt, "unit": "cells/s", "goal": "higher"})
+    rows.append({"name": "model build + load to GPU", "value": build_s, "unit": "s", "goal": "lower"})
+    rows.append({"name": "device", "value": torch.cuda.get_device_name(0), "unit": "", "goal": ""})
+    return rows
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(f"{row['name']}: {row['value']} {row['unit']}")

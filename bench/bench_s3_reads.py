@@ -1,0 +1,182 @@
+"""S3 bytes fetched by a detection pass ÷ slide bytes, with the remote TIFF backend (goal ≤ 0.3).
+
+The slides are served by moto's S3 server on 127.0.0.1; each is opened with
+:func:`pipeline.slides._remote_tiff.open_remote_slide` and run through
+:func:`pipeline.detect.detect_slide` (scale from metadata, the detection level read in tiles, a
+36 µm level-0 crop around every cell). Every byte the ranged GETs return is counted, the TIFF
+header included. Staging the file, the job's fallback, costs 1.0 by definition.
+
+Slides: the three sample slides (``pipeline.samples``: one WBC in every 640x480 field, about 40x
+the WBC density of normal blood, so crops cover most of level 0) and the sparse ``smear`` slide
+of ``bench_detect`` (12 x 12 fields, 3 WBCs: about normal blood's 1 WBC per ~700 red cells).
+Run alone: ``python -m bench.bench_s3_reads``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.slides._remote_tiff import open_remote_slide
+
+_BUCKET = "bench-s3-reads"
+
+
+@contextmanager
+def s3_client():
+    """A boto3 client on a fresh moto S3 server on loopback (dummy credentials)."""
+    import boto3
+
+    from pipeline.job.demo import MotoServer
+
+    with MotoServer() as server:
+        client = boto3.client(
+            "s3",
+            endpoint_url=server.url,
+            region_name="us-east-1",
+            aws_access_key_id="bench-key-id",
+            aws_secret_access_key="bench-secret-key",
+        )
+        yield client, server.url
+
+
+def detect_remote(slide, config=None, source: str | None = None):
+    """``detect_slide`` on an already-open slide (the caller closes it)."""
+    import pipeline.detect as det
+
+    try:
+        return det.detect_slide(slide, config, source=source or slide.path)
+    except TypeError:
+        pass  # this detect_slide only takes a path: hand it the open slide through its opener
+    saved = det.open_slide
+    det.open_slide = lambda *a, **k: _Borrowed(slide)
+    try:
+        return det.detect_slide(slide.path, config, source=source or slide.path)
+    finally:
+        det.open_slide = saved
+
+
+class _Borrowed:
+    """Context manager yielding ``slide`` without closing it."""
+
+    def __init__(self, slide):
+        self.slide = slide
+
+    def __enter__(self):
+        return self.slide
+
+    def __exit__(self, *exc):
+        return None
+
+
+def build_slides(out: Path) -> list[Path]:
+    """The three sample slides and the sparse smear slide, written into ``out``."""
+    from bench.bench_detect import _smear_slide
+    from pipeline.samples import build_sample_slides
+
+    paths = [s.path for s in build_sample_slides(out)]
+    smear = out / "smear.tiff"
+    _smear_slide(smear)
+    return paths + [smear]
+
+
+def run() -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, s3_client() as (client, _):
+        client.create_bucket(Bucket=_BUCKET)
+        paths = build_slides(Path(tmp))
+        per = {}
+        costs: list[tuple[float, int, float]] = []  # (detection-level MP, cells, CPU s)
+        # Warm-up: imports and the detector's first calls are not a per-slide cost.
+        with open_remote_slide(client, _BUCKET, _upload(client, paths[0])) as slide:
+            detect_remote(slide)
+        for p in paths:
+            _upload(client, p)
+            t, cpu = time.perf_counter(), time.process_time()
+            with open_remote_slide(client, _BUCKET, p.name) as slide:
+                header = slide.bytes_fetched
+                res = detect_remote(slide)
+                fetched, requests = slide.bytes_fetched, slide.requests
+                ds = slide.level_downsamples[res.info["detect_level"]]
+            secs, cpu = time.perf_counter() - t, time.process_time() - cpu
+            level_mp = res.info["width"] * res.info["height"] / ds**2 / 1e6
+            costs.append((level_mp, len(res.records), cpu))
+            size = os.path.getsize(p)
+            per[p.name] = (fetched, size)
+            print(
+                f"{p.name}: {size:,} B object, fetched {fetched:,} B ({header:,} B header) in "
+                f"{requests} GETs, {len(res.records)} cells, detection level {res.info['detect_level']} "
+                f"({level_mp:.2f} MP), {secs:.1f} s wall, {cpu:.2f} CPU-s"
+            )
+            rows.append({
+                "name": f"s3_bytes_ratio_{p.stem}", "value": fetched / size, "unit": "fetched/size",
+                "goal": "<= 0.3" if p.stem == "smear" else "",
+                "detail": f"{len(res.records)} cells, {requests} GETs, {header} B header",
+            })
+        samples = [v for k, v in per.items() if k != "smear.tiff"]
+        rows.append({
+            "name": "s3_bytes_ratio_sample_archive", "value": sum(f for f, _ in samples) / sum(s for _, s in samples),
+            "unit": "fetched/size", "goal": "",
+            "detail": "three sample slides; one WBC per 640x480 field, crops cover most of level 0",
+        })
+        rows += _cost_model(client, paths[-1], costs)
+    return rows
+
+
+def _cost_model(client, smear: Path, costs: list[tuple[float, int, float]]) -> list[dict]:
+    """Per-stage CPU costs for docs/scaling.md, each a difference of two runs in this process.
+
+    * per detection-level MP: the sparse slide detected on a 4x larger level (working
+      resolution 0.288 instead of 0.5 µm/px, so level 2 instead of 3) minus the normal pass;
+    * per cell: dense sample slides minus the sparse one, after removing their area difference;
+    * fetch + decode only, per level-0 MP: reading the sparse slide's whole level 0 remotely.
+    """
+    from pipeline.detect import DetectConfig
+    from pipeline.detection import DetectorConfig
+
+    mp_s, cells_s, cpu_s = costs[-1]
+    cpu = time.process_time()
+    with open_remote_slide(client, _BUCKET, smear.name) as slide:
+        res = detect_remote(slide, DetectConfig(detector=DetectorConfig(working_mpp=0.288)))
+        ds = slide.level_downsamples[res.info["detect_level"]]
+    cpu_fine = time.process_time() - cpu
+    mp_fine = res.info["width"] * res.info["height"] / ds**2 / 1e6
+    per_mp = (cpu_fine - cpu_s) / (mp_fine - mp_s)
+    dense = costs[:-1]
+    mp_d = sum(m for m, _, _ in dense) / len(dense)
+    cells_d = sum(n for _, n, _ in dense) / len(dense)
+    cpu_d = sum(c for *_, c in dense) / len(dense)
+    per_cell = (cpu_d - cpu_s - per_mp * (mp_d - mp_s)) / (cells_d - cells_s)
+    cpu = time.process_time()
+    with open_remote_slide(client, _BUCKET, smear.name) as slide:
+        w, h = slide.dimensions
+        for y in range(0, h, 1024):
+            for x in range(0, w, 1024):
+                slide.read(0, (x, y, min(x + 1024, w), min(y + 1024, h)))
+    read_per_mp = (time.process_time() - cpu) / (w * h / 1e6)
+    print(
+        f"cost model: {per_mp:.3f} CPU-s per detection-level MP ({mp_fine:.2f} vs {mp_s:.2f} MP: "
+        f"{cpu_fine:.2f} vs {cpu_s:.2f} CPU-s), {per_cell:.4f} CPU-s per cell, "
+        f"{read_per_mp:.4f} CPU-s per level-0 MP fetched + decoded"
+    )
+    return [
+        {"name": "detect_cpu_s_per_level_mp", "value": per_mp, "unit": "CPU-s/MP", "goal": "",
+         "detail": "per MP of the pyramid level detection runs on (read + decode + detect)"},
+        {"name": "detect_cpu_s_per_cell", "value": per_cell, "unit": "CPU-s/cell", "goal": "",
+         "detail": "level-0 crop read + resample + morphometry + QC"},
+        {"name": "remote_read_cpu_s_per_mp", "value": read_per_mp, "unit": "CPU-s/MP", "goal": "",
+         "detail": "ranged GET + JPEG decode of level 0, 1024-px reads"},
+    ]
+
+
+def _upload(client, path: Path) -> str:
+    client.upload_file(str(path), _BUCKET, path.name)
+    return path.name
+
+
+if __name__ == "__main__":
+    for r in run():
+        print(r)

@@ -1,0 +1,233 @@
+"""Remote TIFF backend against OpenSlide on the same files, served by moto's S3 server."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import pipeline.detect as detect_mod
+from pipeline.errors import SlideOpenError, SlideReadError
+from pipeline.samples import build_sample_slides
+from pipeline.slides import open_slide
+from pipeline.slides._remote_tiff import open_remote_slide
+from pipeline.slides._s3range import S3RangeFile
+
+pytestmark = pytest.mark.integration
+
+FIXTURES = ("small.svs", "boxes.tiff")
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    bucket = f"remote-tiff-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    return client, bucket
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory, s3):
+    client, bucket = s3
+    out = build_sample_slides(tmp_path_factory.mktemp("samples"))
+    for s in out:
+        client.upload_file(str(s.path), bucket, f"samples/{s.path.name}")
+    return {f"samples/{s.path.name}": s.path for s in out}
+
+
+@pytest.fixture(scope="module")
+def fixtures(shared_data, s3):
+    client, bucket = s3
+    out = {}
+    for name in FIXTURES + ("unopenable.tiff", "unreadable.svs"):
+        path = shared_data / "openslide_fixtures" / name
+        client.upload_file(str(path), bucket, f"fixtures/{name}")
+        out[f"fixtures/{name}"] = path
+    return out
+
+
+def _put(s3, key: str, data: bytes) -> None:
+    client, bucket = s3
+    client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def _assert_same_pixels(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    assert a.shape == b.shape, what
+    # Both sides use libjpeg-turbo here (equal in practice); allow decoder rounding elsewhere.
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 2 and diff.mean() < 0.05, f"{what}: max {diff.max()}, mean {diff.mean():.4f}"
+
+
+def _compare(local_path: Path, s3, key: str, integer_levels_only_boxes: bool = False) -> None:
+    client, bucket = s3
+    with open_slide(local_path) as loc, open_remote_slide(client, bucket, key) as rem:
+        assert rem.format.split(":")[1] == loc.format.split(":")[1]
+        assert rem.level_dimensions == loc.level_dimensions
+        assert rem.level_downsamples == pytest.approx(loc.level_downsamples, rel=1e-12)
+        assert rem.mpp == loc.mpp and rem.mpp_source == loc.mpp_source
+        assert rem.path == f"s3://{bucket}/{key}"
+        for lv, (w, h) in enumerate(loc.level_dimensions):
+            _assert_same_pixels(rem.read(lv, (0, 0, w, h)), loc.read(lv, (0, 0, w, h)), f"{key} level {lv}")
+            # OpenSlide addresses a level through level-0 coordinates: at a level whose
+            # downsample is not an integer it resamples a sub-pixel shift, so only boxes at
+            # integer-downsample levels are comparable off the origin.
+            if integer_levels_only_boxes and rem.level_downsamples[lv] != int(rem.level_downsamples[lv]):
+                continue
+            for box in (
+                (w // 3, h // 5, w // 3 + w // 2 + 3, h // 5 + h // 3 + 1),  # unaligned to tiles
+                (w - 7, h - 5, w + 20, h + 9),  # over the right/bottom border: white padding
+                (-11, -3, 13, 17),  # over the left/top border
+            ):
+                _assert_same_pixels(rem.read(lv, box), loc.read(lv, box), f"{key} level {lv} box {box}")
+
+
+def test_sample_slides_read_like_openslide(samples, s3):
+    for key, path in samples.items():
+        _compare(path, s3, key)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_openslide_fixtures_read_like_openslide(fixtures, s3, name):
+    _compare(fixtures[f"fixtures/{name}"], s3, f"fixtures/{name}", integer_levels_only_boxes=True)
+
+
+def test_border_padding_is_white(samples, s3):
+    client, bucket = s3
+    key = next(iter(samples))
+    with open_remote_slide(client, bucket, key) as rem:
+        w, h = rem.level_dimensions[1]
+        out = rem.read(1, (w - 4, h - 4, w + 6, h + 6))
+        assert (out[4:, :] == 255).all() and (out[:, 4:] == 255).all()
+        assert not (out[:4, :4] == 255).all()
+
+
+def test_reads_fetch_only_the_tiles_they_need(samples, s3):
+    client, bucket = s3
+    key, path = next(iter(samples.items()))
+    size = path.stat().st_size
+    with open_remote_slide(client, bucket, key) as rem:
+        header = rem.bytes_fetched
+        assert 0 < header < size / 4
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            tw, th = page.tilewidth, page.tilelength
+            across = -(-page.imagewidth // tw)
+            # A box inside level-0 tile (1, 2) costs that tile's bytes, nothing more.
+            i = 2 * across + 1
+            tile_bytes = int(page.databytecounts[i])
+        rem.read(0, (tw + 5, 2 * th + 5, tw + 50, 2 * th + 60))
+        assert rem.bytes_fetched - header == tile_bytes
+        before = rem.bytes_fetched
+        rem.read(0, (tw + 60, 2 * th + 60, tw + 70, 2 * th + 70))  # same tile: decoded-tile cache
+        assert rem.bytes_fetched == before
+
+
+def test_detection_pass_matches_local_and_reads_less_than_the_file(tmp_path, s3, samples, monkeypatch):
+    # The sparse slide of the S3 benchmark: three WBC fields on a 7,680 x 5,760 px smear.
+    from bench.bench_detect import _smear_slide
+
+    client, bucket = s3
+    path = tmp_path / "smear.tiff"
+    _smear_slide(path)
+    client.upload_file(str(path), bucket, "smear.tiff")
+    local = detect_mod.detect_slide(path)
+    rem = open_remote_slide(client, bucket, "smear.tiff")
+    # detect_slide opens a path; hand it the already-open remote slide instead.
+    monkeypatch.setattr(detect_mod, "open_slide", lambda *a, **k: rem)
+    remote = detect_mod.detect_slide(path)
+    assert [r["bbox_x0"] for r in remote.records] == [r["bbox_x0"] for r in local.records]
+    assert len(remote.records) == 3
+    _assert_same_pixels(remote.crops, local.crops, "crops")
+    assert rem.bytes_fetched < 0.3 * path.stat().st_size
+
+
+def test_range_file_counts_and_coalesces(s3):
+    client, bucket = s3
+    data = bytes(range(256)) * 1024  # 256 KiB
+    _put(s3, "blob.bin", data)
+    f = S3RangeFile(client, bucket, "blob.bin", block_size=4096, merge_gap=100)
+    assert f.size == len(data)
+    f.seek(5000)
+    assert f.read(10) == data[5000:5010]
+    assert (f.bytes_fetched, f.requests) == (4096, 1)
+    f.seek(-3, 2)
+    assert f.read(10) == data[-3:]
+    got = f.fetch_ranges([(1000, 10), (1050, 20), (200_000, 5), (0, 0)])
+    assert got == [data[1000:1010], data[1050:1070], data[200_000:200_005], b""]
+    # Two cached blocks (the one holding 5000, the last one); then (1000, 10) and (1050, 20),
+    # 40 bytes apart, in one request of 70 bytes, and 5 bytes.
+    assert f.requests == 2 + 2 and f.bytes_fetched == 4096 + 4096 + 70 + 5
+
+
+def test_object_replaced_mid_read_fails_loudly(s3, samples):
+    client, bucket = s3
+    src = next(iter(samples.values()))
+    _put(s3, "changing.tiff", src.read_bytes())
+    with open_remote_slide(client, bucket, "changing.tiff") as rem:
+        _put(s3, "changing.tiff", src.read_bytes()[:-10] + b"0123456789")
+        with pytest.raises(SlideReadError, match=r"changing\.tiff.*changed while it was being read"):
+            rem.read(0, (0, 0, 600, 600))
+
+
+@pytest.mark.parametrize(
+    "key, body, match",
+    [
+        ("missing.svs", None, "no such object"),
+        ("empty.svs", b"", "empty object"),
+        ("notes.svs", b"plain text, not an image\n" * 10, "not a TIFF file"),
+        ("truncated.tiff", "half", "truncated"),
+    ],
+)
+def test_unusable_objects_raise_open_errors_naming_the_object(s3, samples, key, body, match):
+    client, bucket = s3
+    if body == "half":
+        full = next(iter(samples.values())).read_bytes()
+        body = full[:2000]  # first IFD survives, its tiles and the IFD chain do not
+    if body is not None:
+        _put(s3, key, body)
+    with pytest.raises(SlideOpenError, match=match) as info, open_remote_slide(client, bucket, key) as rem:
+        rem.read(0, (0, 0, 64, 64))
+    assert str(info.value).startswith(f"s3://{bucket}/{key}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_formats_needing_the_whole_file_are_refused_for_staging(s3, fixtures, tmp_path):
+    client, bucket = s3
+    # Plain (stripped) TIFF: OpenSlide does not treat it as a slide; the Pillow backend does.
+    plain = tmp_path / "plain.tiff"
+    tifffile.imwrite(plain, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    client.upload_file(str(plain), bucket, "plain.tiff")
+    with pytest.raises(SlideOpenError, match="not tiled") as info:
+        open_remote_slide(client, bucket, "plain.tiff")
+    assert info.value.bytes_fetched > 0
+    # Unsupported compression (OpenSlide cannot read it either).
+    with pytest.raises(SlideOpenError, match="compression"):
+        open_remote_slide(client, bucket, "fixtures/unopenable.tiff")
+    # Separate colour planes.
+    planar = tmp_path / "planar.tiff"
+    tifffile.imwrite(planar, np.zeros((3, 256, 256), np.uint8), tile=(128, 128), photometric="rgb", planarconfig="separate")
+    client.upload_file(str(planar), bucket, "planar.tiff")
+    with pytest.raises(SlideOpenError, match="interleaved"):
+        open_remote_slide(client, bucket, "planar.tiff")
+
+
+def test_corrupt_tile_is_a_read_error(s3, fixtures):
+    client, bucket = s3
+    with (
+        open_remote_slide(client, bucket, "fixtures/unreadable.svs") as rem,
+        pytest.raises(SlideReadError, match=r"unreadable\.svs: .*tile"),
+    ):
+        rem.read(0, (0, 0, 16, 16))
+
+
+def test_user_mpp_is_the_fallback(s3, fixtures):
+    client, bucket = s3
+    with open_remote_slide(client, bucket, "fixtures/boxes.tiff", mpp=0.25) as rem:
+        assert (rem.mpp, rem.mpp_source) == (0.25, "user")  # 72 dpi-style tags are not a scale
+    with open_remote_slide(client, bucket, "fixtures/small.svs", mpp=0.25) as rem:
+        assert (rem.mpp, rem.mpp_source) == (0.499, "metadata")
