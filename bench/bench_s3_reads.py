@@ -20,6 +20,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.slides._remote_tiff import open_remote_slide
 
 _BUCKET = "bench-s3-reads"
@@ -127,29 +129,35 @@ def run() -> list[dict]:
 
 
 def _cost_model(client, smear: Path, costs: list[tuple[float, int, float]]) -> list[dict]:
-    """Per-stage CPU costs for docs/scaling.md, each a difference of two runs in this process.
+    """Per-stage CPU costs for docs/scaling.md, from differences between runs in this process.
 
-    * per detection-level MP: the sparse slide detected on a 4x larger level (working
-      resolution 0.288 instead of 0.5 µm/px, so level 2 instead of 3) minus the normal pass;
-    * per cell: dense sample slides minus the sparse one, after removing their area difference;
-    * fetch + decode only, per level-0 MP: reading the sparse slide's whole level 0 remotely.
+    ``big``: the sparse slide tiled 2 x 2 (4x the detection-level px, 4x the cells). With the
+    dense sample slides (few px, many cells) the two differences to the sparse slide give the
+    CPU-s per detection-level MP and per cell, both at the detector's own working resolution.
+    Fetch + decode alone: reading the sparse slide's whole level 0 remotely.
     """
-    from pipeline.detect import DetectConfig
-    from pipeline.detection import DetectorConfig
+    import tifffile
 
-    mp_s, cells_s, cpu_s = costs[-1]
+    from pipeline import samples
+
+    big = smear.with_name("big.tiff")
+    level0 = tifffile.imread(smear, key=0)
+    samples._write_pyramid(big, samples._pyramid(np.tile(level0, (2, 2, 1))), samples.BCCD_MPP, "generic-tiff")
+    del level0
+    _upload(client, big)
     cpu = time.process_time()
-    with open_remote_slide(client, _BUCKET, smear.name) as slide:
-        res = detect_remote(slide, DetectConfig(detector=DetectorConfig(working_mpp=0.288)))
+    with open_remote_slide(client, _BUCKET, big.name) as slide:
+        res = detect_remote(slide)
         ds = slide.level_downsamples[res.info["detect_level"]]
-    cpu_fine = time.process_time() - cpu
-    mp_fine = res.info["width"] * res.info["height"] / ds**2 / 1e6
-    per_mp = (cpu_fine - cpu_s) / (mp_fine - mp_s)
+    cpu_b = time.process_time() - cpu
+    mp_b, cells_b = res.info["width"] * res.info["height"] / ds**2 / 1e6, len(res.records)
+    mp_s, cells_s, cpu_s = costs[-1]
     dense = costs[:-1]
-    mp_d = sum(m for m, _, _ in dense) / len(dense)
-    cells_d = sum(n for _, n, _ in dense) / len(dense)
-    cpu_d = sum(c for *_, c in dense) / len(dense)
-    per_cell = (cpu_d - cpu_s - per_mp * (mp_d - mp_s)) / (cells_d - cells_s)
+    mp_d, cells_d, cpu_d = (sum(c[i] for c in dense) / len(dense) for i in range(3))
+    per_mp, per_cell = np.linalg.solve(
+        np.array([[mp_b - mp_s, cells_b - cells_s], [mp_d - mp_s, cells_d - cells_s]]),
+        np.array([cpu_b - cpu_s, cpu_d - cpu_s]),
+    )
     cpu = time.process_time()
     with open_remote_slide(client, _BUCKET, smear.name) as slide:
         w, h = slide.dimensions
@@ -158,14 +166,15 @@ def _cost_model(client, smear: Path, costs: list[tuple[float, int, float]]) -> l
                 slide.read(0, (x, y, min(x + 1024, w), min(y + 1024, h)))
     read_per_mp = (time.process_time() - cpu) / (w * h / 1e6)
     print(
-        f"cost model: {per_mp:.3f} CPU-s per detection-level MP ({mp_fine:.2f} vs {mp_s:.2f} MP: "
-        f"{cpu_fine:.2f} vs {cpu_s:.2f} CPU-s), {per_cell:.4f} CPU-s per cell, "
+        f"cost model: {per_mp:.3f} CPU-s per detection-level MP, {per_cell:.4f} CPU-s per cell "
+        f"(big {mp_b:.2f} MP {cells_b} cells {cpu_b:.2f} CPU-s; sparse {mp_s:.2f} MP {cells_s} cells "
+        f"{cpu_s:.2f} CPU-s; dense {mp_d:.2f} MP {cells_d:.1f} cells {cpu_d:.2f} CPU-s); "
         f"{read_per_mp:.4f} CPU-s per level-0 MP fetched + decoded"
     )
     return [
-        {"name": "detect_cpu_s_per_level_mp", "value": per_mp, "unit": "CPU-s/MP", "goal": "",
+        {"name": "detect_cpu_s_per_level_mp", "value": float(per_mp), "unit": "CPU-s/MP", "goal": "",
          "detail": "per MP of the pyramid level detection runs on (read + decode + detect)"},
-        {"name": "detect_cpu_s_per_cell", "value": per_cell, "unit": "CPU-s/cell", "goal": "",
+        {"name": "detect_cpu_s_per_cell", "value": float(per_cell), "unit": "CPU-s/cell", "goal": "",
          "detail": "level-0 crop read + resample + morphometry + QC"},
         {"name": "remote_read_cpu_s_per_mp", "value": read_per_mp, "unit": "CPU-s/MP", "goal": "",
          "detail": "ranged GET + JPEG decode of level 0, 1024-px reads"},

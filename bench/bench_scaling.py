@@ -3,8 +3,8 @@
 Part 1, one Ray Data pipeline run twice on a local 2-CPU Ray cluster: ``_SLIDES`` sample slides
 on moto's S3 server (loopback) -> a task per slide that opens it with the remote TIFF backend,
 runs :func:`pipeline.detect.detect_slide` and returns its cell count -> collected on the driver.
-Once with one worker (``TaskPoolStrategy(size=1)``), once with two; both after a warm-up that
-imports everything in both workers. Reported: slides/s of each and their ratio. Other processes
+With one worker (``TaskPoolStrategy(size=1)``) and with two, alternating, twice each (the
+faster pass of each counts), after a warm-up that imports everything in both workers. Reported: slides/s of each and their ratio. Other processes
 on the machine compete for the same two cores: the load average at the start is printed.
 
 Part 2: the nightly job (``pipeline.job.run_job``) on the demo archive (three sample slides and
@@ -17,6 +17,7 @@ Run alone: ``python -m bench.bench_scaling``.
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import tempfile
@@ -76,8 +77,11 @@ def _scaling(client, endpoint: str, slides: list[Path]) -> list[dict]:
         keys.append(key)
     _pass(keys[:2], endpoint, 2)  # warm-up: worker start, imports, first OpenSlide/cv2 calls
     load = os.getloadavg()[0]
+    # Alternate twice and keep each setting's faster pass: other processes' load comes and goes.
     t1, rows1 = _pass(keys, endpoint, 1)
     t2, rows2 = _pass(keys, endpoint, 2)
+    t1 = min(t1, _pass(keys, endpoint, 1)[0])
+    t2 = min(t2, _pass(keys, endpoint, 2)[0])
     cells = sum(int(r["cells"]) for r in rows2)
     assert sum(int(r["cells"]) for r in rows1) == cells, "the two passes found different cells"
     per_slide = statistics.median(float(r["seconds"]) for r in rows1)
@@ -150,6 +154,7 @@ def run() -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset progress lines
     rows: list[dict] = []
     started = not ray.is_initialized()
     with tempfile.TemporaryDirectory() as tmp, s3_client() as (client, endpoint):

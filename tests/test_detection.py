@@ -184,7 +184,7 @@ def test_bad_arguments_are_clear_errors():
 # ------------------------------------------------------------------ real images (TXL-PBC val)
 
 
-def _subset(shared_data, per_source=6):
+def _subset(shared_data, per_source=10):
     root = shared_data / "txl_pbc"
     rows = sorted(
         (r for r in csv.DictReader((root / "source_map.csv").open()) if r["txl_split"] == "val"),
@@ -212,6 +212,8 @@ def test_real_val_subset_recall_and_precision(shared_data):
         dets = detect_wbc(img, mpp)
         m = len(match_detections([d.centroid for d in dets], gt))
         tp, fp, fn = tp + m, fp + len(dets) - m, fn + len(gt) - m
-    # regression floors (measured on this fixed subset: see docs/readme/detection.md)
+    # regression floors: 41 tp, 2 fp, 2 fn (recall = precision = 0.953) when written; the
+    # full-split numbers are in docs/readme/detection.md
+    assert tp + fn == 43
     assert tp / (tp + fn) >= 0.92
-    assert tp / (tp + fp) >= 0.90
+    assert tp / (tp + fp) >= 0.92

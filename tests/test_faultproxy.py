@@ -137,6 +137,13 @@ def test_multipart_upload_survives_part_faults(fault_proxy, bucket, tmp_path):
     assert s3.get_object(Bucket=bucket, Key="multi.bin")["Body"].read() == data
     assert rule.injected >= 1
     assert fault_proxy.stats()["requests"]["multipart"] >= 5  # create + 3 parts (+ retries) + complete
+    # The managed download of the same object: parallel ranged GETs, some failing or cut short.
+    slow = fault_proxy.add("503", op="ranged_get", every=2, name="ranged 503")
+    cut = fault_proxy.add("truncate", op="ranged_get", first=1, name="ranged truncated")
+    dest = tmp_path / "back.bin"
+    s3.download_file(bucket, "multi.bin", str(dest), Config=cfg)
+    assert dest.read_bytes() == data
+    assert slow.injected >= 1 and cut.injected == 1
 
 
 def test_triggers_are_deterministic():
@@ -213,3 +220,12 @@ def test_start_stop_cleanly(s3_server):
         _ = proxy.url
     with pytest.raises(ValueError, match="upstream"):
         FaultProxy("127.0.0.1:9000")
+
+
+def test_access_denied_is_not_retried(fault_proxy, bucket):
+    s3 = make_s3_client(fault_proxy.url, max_attempts=5)
+    rule = fault_proxy.add("403", op="put")
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        s3.put_object(Bucket=bucket, Key="denied", Body=b"x")
+    assert err.value.response["Error"]["Code"] == "AccessDenied"
+    assert rule.matched == 1  # a permanent error: one try only

@@ -107,9 +107,14 @@ def test_transient_faults_everywhere_are_retried(s3_server, ray_cluster, base, f
     _print_stats("transient faults", fault_proxy.stats())
     assert res.exit_code == 0, res.slides
     assert res.ok == len(base["keys"]) and res.failed == 0
+    # Every kind of fault reached the job where it was aimed (the exact split across rules
+    # depends on how many requests of each kind the job makes).
+    by_target = {"list": 0, "slide": 0, "output": 0}
     for rule in rules:
-        if rule.name != "slide GET slow 0.3 s" or rule.matched >= 4:
-            assert rule.injected > 0, f"rule {rule.name!r} never fired: {fault_proxy.stats()}"
+        by_target[rule.name.split()[0]] += rule.injected
+    assert all(n >= 3 for n in by_target.values()), (by_target, fault_proxy.stats())
+    for name in ("slide GET truncated", "slide GET 503 SlowDown", "output PUT 429 throttle"):
+        assert next(r for r in rules if r.name == name).injected > 0, name
     ids = cell_ids(out, s3_server)
     assert len(ids) == len(set(ids)) and set(ids) == base["cells"]
     assert_outputs_consistent(out, s3_server)

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 import pipeline.detect as detect_mod
-from pipeline.errors import SlideOpenError, SlideReadError
+from pipeline.errors import SlideOpenError, SlideReadError, StorageError
 from pipeline.samples import build_sample_slides
 from pipeline.slides import open_slide
 from pipeline.slides._remote_tiff import open_remote_slide
@@ -170,8 +170,16 @@ def test_object_replaced_mid_read_fails_loudly(s3, samples):
     _put(s3, "changing.tiff", src.read_bytes())
     with open_remote_slide(client, bucket, "changing.tiff") as rem:
         _put(s3, "changing.tiff", src.read_bytes()[:-10] + b"0123456789")
-        with pytest.raises(SlideReadError, match=r"changing\.tiff.*changed while it was being read"):
+        # Transient (the next run retries it), not a defect of the slide: StorageError.
+        with pytest.raises(StorageError, match=r"changing\.tiff.*changed while it was being read"):
             rem.read(0, (0, 0, 600, 600))
+
+
+def test_stale_listing_etag_is_a_storage_error(s3, samples):
+    client, bucket = s3
+    _put(s3, "stale.tiff", next(iter(samples.values())).read_bytes())
+    with pytest.raises(StorageError, match=r"stale\.tiff.*changed"):
+        open_remote_slide(client, bucket, "stale.tiff", etag="0123456789abcdef0123456789abcdef")
 
 
 @pytest.mark.parametrize(
@@ -231,3 +239,39 @@ def test_user_mpp_is_the_fallback(s3, fixtures):
         assert (rem.mpp, rem.mpp_source) == (0.25, "user")  # 72 dpi-style tags are not a scale
     with open_remote_slide(client, bucket, "fixtures/small.svs", mpp=0.25) as rem:
         assert (rem.mpp, rem.mpp_source) == (0.499, "metadata")
+
+
+def test_job_detect_stage_reads_tiff_in_place_and_stages_the_rest(s3_server, s3, samples, tmp_path):
+    import json
+
+    import pipeline.job.stage_detect as stage
+
+    if not hasattr(stage, "_open_remote"):
+        pytest.skip("integration patch (remote reads in pipeline/job/stage_detect.py) not applied")
+    from pipeline.job.listing import list_slides
+    from pipeline.job.storage import S3Settings, storage_for
+
+    client, bucket = s3
+    plain = tmp_path / "plain.tif"  # not a tiled slide: refused remotely, staged, Pillow backend
+    tifffile.imwrite(plain, np.full((300, 300, 3), 200, np.uint8), photometric="rgb")
+    client.upload_file(str(plain), bucket, "job/plain.tif")
+    key, svs = next((k, p) for k, p in samples.items() if k.endswith(".svs"))
+    client.upload_file(str(svs), bucket, "job/" + svs.name)
+    settings = stage.DetectSettings(s3=S3Settings(endpoint=s3_server), mpp=0.5, scratch_dir=str(tmp_path / "scratch"))
+    prefix = f"s3://{bucket}/job/"
+    refs = list_slides(storage_for(prefix, settings.s3), prefix, (".svs", ".tif")).slides
+    outcomes = {}
+    for ref in refs:
+        cells = 0
+        for batch in stage.process_slide(ref, settings):
+            for kind, rec in zip(batch["kind"], batch["record"]):
+                if kind == "slide":
+                    outcomes[ref.uri.rsplit("/", 1)[1]] = json.loads(rec)
+                else:
+                    cells += 1
+        assert cells == outcomes[ref.uri.rsplit("/", 1)[1]]["cell_count"]
+    svs_row, plain_row = outcomes[svs.name], outcomes["plain.tif"]
+    assert svs_row["status"] == "ok" and plain_row["status"] == "ok", outcomes
+    assert 0 < svs_row["bytes_read"] < svs_row["slide_bytes"]  # read in place
+    assert plain_row["bytes_read"] >= plain_row["slide_bytes"]  # staged whole
+    assert svs_row["cell_count"] == len(detect_mod.detect_slide(svs).records)

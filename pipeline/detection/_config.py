@@ -35,9 +35,9 @@ class DetectorConfig:
     lobe_merge_um: float = 1.5
     #: fragments smaller than this (a lobe, not a whole nucleus) join neighbours up to
     #: 2.5 x lobe_merge_um away
-    lobe_max_area_um2: float = 9.0
+    lobe_max_area_um2: float = 30.0
     #: detections whose score (probability of being a white cell) is below this are dropped
-    min_score: float = 0.2
+    min_score: float = 0.1
     #: use the bundled learned verifier to score candidates (False: colour/size score only)
     use_verifier: bool = True
 

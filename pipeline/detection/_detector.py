@@ -24,6 +24,7 @@ from skimage import segmentation
 
 from pipeline.detection._color import (
     background_rgb,
+    cell_threshold,
     check_rgb,
     disk,
     nucleus_feature,
@@ -88,7 +89,6 @@ def nucleus_candidates(
     bg = background_rgb(img)
     od = optical_density(img, bg)
     feat = smooth(nucleus_feature(od), 0.4 / px_um)
-    total = smooth(od.sum(-1), 0.4 / px_um)
     # adaptive part: the split between stained cells and the darkest (nuclear) class, so a
     # strongly stained field does not turn its red cells into nuclei
     sample = feat.ravel()[:: max(1, feat.size // 200_000)]
@@ -112,8 +112,6 @@ def nucleus_candidates(
     px_area = px_um * px_um
     feats: list[dict] = []
     objs = ndi.find_objects(labels, max_label=n)
-    fg_thr = max(0.15, otsu(np.minimum(total.ravel()[:: max(1, total.size // 100_000)],
-                                       np.percentile(total, 90))))
     for i, sl in enumerate(objs, start=1):
         if sl is None:
             feats.append({})
@@ -147,7 +145,6 @@ def nucleus_candidates(
                 "fill": float(fill),
                 "n_frag": nfrag,
                 "bg_sum": float(bg.sum()),
-                "fg_thr": float(fg_thr),
                 "border": float(
                     sl[0].start == 0 or sl[1].start == 0
                     or sl[0].stop == labels.shape[0] or sl[1].stop == labels.shape[1]
@@ -167,44 +164,69 @@ def _color_score(fe: dict) -> float:
 
 def _cell_regions(
     od: np.ndarray, labels: np.ndarray, keep: list[int], px_um: float, cfg: DetectorConfig
-) -> dict[int, np.ndarray]:
-    """Whole-cell masks (full image size, bool) of the kept nuclei, by watershed."""
+) -> dict[int, tuple[tuple[slice, slice], np.ndarray]]:
+    """Whole-cell mask of each kept nucleus as (window slices, bool mask within the window).
+
+    Cell vs glass is split low (pale cytoplasm is close to the glass); touching red cells are
+    separated by a watershed of the distance map seeded by the nucleus and by distance peaks
+    at least a red-cell radius deep. Computed in a window around each nucleus only (a tile
+    has few white cells), limited to ``max_cell_diameter_um``.
+    """
     total = smooth(od.sum(-1), 0.5 / px_um)
-    sample = total.ravel()[:: max(1, total.size // 100_000)]
-    sample = np.minimum(sample, np.percentile(sample, 90))
-    t_o = otsu(sample)
-    glass = float(np.median(sample[sample < t_o])) if (sample < t_o).any() else 0.0
-    # pale cytoplasm sits much closer to the glass than red cells do: split low
-    t = max(glass + 0.4 * (t_o - glass), 0.05)
-    fg = (total > t).astype(np.uint8)
-    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, disk(0.6 / px_um))
-    fg = ndi.binary_fill_holes(fg)
-    nuc = np.isin(labels, keep)
-    fg |= nuc
-    dist = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
-    markers = np.zeros(labels.shape, np.int32)
-    # other cells (red cells) compete for the foreground: peaks of the distance map at least
-    # a red-cell radius (~2.5 µm) deep, away from the kept nuclei
-    far = cv2.dilate(nuc.astype(np.uint8), disk(4.0 / px_um)) == 0
-    mx = ndi.maximum_filter(dist, size=max(int(5.0 / px_um), 3))
-    peaks = (dist == mx) & (dist > 2.0 / px_um) & far
-    plab, npk = ndi.label(peaks)
-    big = len(keep) + 1
-    markers[plab > 0] = plab[plab > 0] + big
-    for k in keep:
-        markers[labels == k] = k
-    ws = segmentation.watershed(-dist, markers, mask=fg)
-    out = {}
+    t = cell_threshold(total, 0.4)
     rmax = cfg.max_cell_diameter_um / 2 / px_um
+    margin = int(np.ceil(rmax + 4.0 / px_um))
+    H, W = labels.shape
+    kept = np.isin(labels, keep)
+    out = {}
     for k in keep:
-        m = ws == k
         ys, xs = np.nonzero(labels == k)
         cy, cx = ys.mean(), xs.mean()
-        yy, xx = np.ogrid[: m.shape[0], : m.shape[1]]
-        m &= (yy - cy) ** 2 + (xx - cx) ** 2 <= rmax * rmax
-        m |= labels == k
-        out[k] = m
+        y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, H)
+        x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, W)
+        win = (slice(y0, y1), slice(x0, x1))
+        lab = labels[win]
+        nuc_all = kept[win]
+        fg = (total[win] > t).astype(np.uint8)
+        fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, disk(0.6 / px_um))
+        fg = ndi.binary_fill_holes(fg) | nuc_all
+        dist = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
+        far = cv2.dilate(nuc_all.astype(np.uint8), disk(4.0 / px_um)) == 0
+        mx = ndi.maximum_filter(dist, size=max(int(5.0 / px_um), 3))
+        peaks = (dist == mx) & (dist > 2.0 / px_um) & far
+        plab, _ = ndi.label(peaks)
+        markers = np.where(plab > 0, plab + 2, 0).astype(np.int32)
+        markers[nuc_all] = 2  # other white cells compete too
+        markers[lab == k] = 1
+        ws = segmentation.watershed(-dist, markers, mask=fg)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        m = (ws == 1) & ((yy - cy) ** 2 + (xx - cx) ** 2 <= rmax * rmax)
+        out[k] = (win, m | (lab == k))
     return out
+
+
+def _touches(a, b) -> bool:
+    """Whether two windowed masks touch or overlap (8-connectivity)."""
+    (ay, ax), am = a
+    (by, bx), bm = b
+    y0, y1 = max(ay.start, by.start) - 1, min(ay.stop, by.stop) + 1
+    x0, x1 = max(ax.start, bx.start) - 1, min(ax.stop, bx.stop) + 1
+    if y1 <= y0 or x1 <= x0:
+        return False
+    h, w = y1 - y0, x1 - x0
+
+    def paste(win, m):
+        out = np.zeros((h, w), np.uint8)
+        sy0, sx0 = max(win[0].start, y0), max(win[1].start, x0)
+        sy1, sx1 = min(win[0].stop, y1), min(win[1].stop, x1)
+        if sy1 > sy0 and sx1 > sx0:
+            out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = m[
+                sy0 - win[0].start : sy1 - win[0].start, sx0 - win[1].start : sx1 - win[1].start
+            ]
+        return out
+
+    pa = cv2.dilate(paste((ay, ax), am), np.ones((3, 3), np.uint8))
+    return bool((pa & paste((by, bx), bm)).any())
 
 
 def _candidates(rgb: np.ndarray, mpp: float, cfg: DetectorConfig):
@@ -262,24 +284,28 @@ def detect_wbc(rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None
     regions = _cell_regions(od, labels, keep, px_um, cfg)
     inv = 1.0 / scale
     H, W = rgb.shape[:2]
+    # work-image boxes (x0, y0, x1, y1), exclusive
+    wboxes = {}
+    for k in keep:
+        (sy, sx), m = regions[k]
+        ys, xs = np.nonzero(m)
+        wboxes[k] = (sx.start + xs.min(), sy.start + ys.min(), sx.start + xs.max() + 1, sy.start + ys.max() + 1)
     dets = []
     for k in keep:
         fe = feats[k]
-        ys, xs = np.nonzero(regions[k])
+        bx0, by0, bx1, by1 = wboxes[k]
         box = (
-            max(int(np.floor(xs.min() * inv)), 0),
-            max(int(np.floor(ys.min() * inv)), 0),
-            min(int(np.ceil((xs.max() + 1) * inv)), W),
-            min(int(np.ceil((ys.max() + 1) * inv)), H),
+            max(int(np.floor(bx0 * inv)), 0),
+            max(int(np.floor(by0 * inv)), 0),
+            min(int(np.ceil(bx1 * inv)), W),
+            min(int(np.ceil(by1 * inv)), H),
         )
-        # clumped: the cell's region borders another kept cell's region
-        grown = cv2.dilate(regions[k].astype(np.uint8), disk(1)).astype(bool)
-        clumped = any(grown[regions[j]].any() for j in keep if j != k)
+        clumped = any(_touches(regions[k], regions[j]) for j in keep if j != k)
         dets.append(
             Detection(
                 bbox=box,
                 centroid=(float(fe["x"]), float(fe["y"])),
-                area_px=float(regions[k].sum() * inv * inv),
+                area_px=float(regions[k][1].sum() * inv * inv),
                 score=scores[k],
                 clumped=bool(clumped),
             )

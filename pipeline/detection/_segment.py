@@ -92,7 +92,8 @@ def segment_masks(crop: np.ndarray, px_um: float) -> tuple[np.ndarray, np.ndarra
     sample = np.minimum(total, np.percentile(total, 90)).ravel()
     t_o = otsu(sample)
     glass = float(np.median(sample[sample < t_o])) if (sample < t_o).any() else 0.0
-    # pale cytoplasm is much closer to the glass than red cells are: split low
+    # pale cytoplasm is much closer to the glass than red cells are: split low (a crop is
+    # centred on a cell, so unlike a whole field it is never mostly glass)
     t_c = max(glass + _CELL_SPLIT * (t_o - glass), 0.05)
     fg = (total > t_c).astype(np.uint8)
     fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, disk(0.5 / px_um))

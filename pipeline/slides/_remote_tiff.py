@@ -22,7 +22,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from pipeline.errors import ConfigError, SlideOpenError, SlideReadError
+from pipeline.errors import ConfigError, SlideOpenError, SlideReadError, StorageError
 from pipeline.slides._s3range import S3RangeFile
 from pipeline.slides.base import DEFAULT_MAX_PIXELS, Slide, _why
 
@@ -75,7 +75,9 @@ def open_remote_slide(
     Raises :class:`~pipeline.errors.SlideOpenError` for a missing object or any format this
     backend does not handle (the caller then stages the file and uses
     :func:`pipeline.slides.open_slide`); the error carries ``bytes_fetched`` (int) so the
-    caller can account for the bytes the attempt cost.
+    caller can account for the bytes the attempt cost. S3 failures after the client's retries,
+    and an object that no longer has ``etag``, raise :class:`~pipeline.errors.StorageError`
+    (here and from ``read``); undecodable tiles raise ``SlideReadError`` from ``read``.
     """
     if mpp is not None:
         try:
@@ -123,6 +125,8 @@ class RemoteTiffSlide(Slide):
             tf = tifffile.TiffFile(reader, name=uri.rsplit("/", 1)[-1])
         except SlideReadError as exc:
             raise SlideOpenError(uri, exc.cause) from exc
+        except StorageError:
+            raise
         except Exception as exc:  # noqa: BLE001 - tifffile raises many types on bad headers
             raise SlideOpenError(uri, f"cannot parse the TIFF header: {_why(exc)}") from exc
         self._tf = tf
@@ -133,7 +137,7 @@ class RemoteTiffSlide(Slide):
         except SlideReadError as exc:
             tf.close()
             raise SlideOpenError(uri, exc.cause) from exc
-        except SlideOpenError:
+        except (SlideOpenError, StorageError):
             tf.close()
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged IFD surfaces as assorted errors
@@ -169,6 +173,16 @@ class RemoteTiffSlide(Slide):
     @property
     def requests(self) -> int:
         return self._reader.requests
+
+    def _read_checked(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        # The base class turns every OSError into SlideReadError, which the job records as a
+        # defect of the slide's bytes; a failed or changed S3 object is transient: keep its type.
+        try:
+            return super()._read_checked(level, x0, y0, x1, y1)
+        except SlideReadError as exc:
+            if isinstance(exc.__cause__, StorageError):
+                raise exc.__cause__ from None
+            raise
 
     def _read(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         lv = self._levels[level]

@@ -15,7 +15,7 @@ import io
 import threading
 from collections import OrderedDict
 
-from pipeline.errors import SlideOpenError, SlideReadError
+from pipeline.errors import SlideOpenError, SlideReadError, StorageError
 
 __all__ = ["S3RangeFile"]
 
@@ -33,8 +33,10 @@ class S3RangeFile(io.RawIOBase):
 
     ``client``: a boto3 S3 client (caller-configured: endpoint, retries, credentials).
     ``size``/``etag``: pass them when known (from a listing) to skip the HEAD request.
-    Raises :class:`~pipeline.errors.SlideOpenError` when the object cannot be found or read at
-    open, :class:`~pipeline.errors.SlideReadError` when a later ranged read fails.
+    Raises :class:`~pipeline.errors.SlideOpenError` when the object does not exist or is empty,
+    :class:`~pipeline.errors.StorageError` when a request fails after the client's retries or
+    the object changed (transient: not a defect of the slide), and
+    :class:`~pipeline.errors.SlideReadError` for a read past the object's end (truncated file).
     """
 
     def __init__(
@@ -68,11 +70,15 @@ class S3RangeFile(io.RawIOBase):
             try:
                 head = client.head_object(Bucket=bucket, Key=key)
             except Exception as exc:  # noqa: BLE001 - botocore's errors have no common base we can rely on
-                raise SlideOpenError(self.uri, f"cannot open the S3 object: {_client_cause(exc)}") from exc
+                cause = _client_cause(exc)
+                if cause == _NO_SUCH_OBJECT:
+                    raise SlideOpenError(self.uri, cause) from exc
+                raise StorageError(f"{self.uri}: cannot open the S3 object: {cause}") from exc
             size = int(head["ContentLength"]) if size is None else size
             etag = head.get("ETag") if etag is None else etag
         self.size = int(size)
-        self.etag = etag
+        # An entity tag is quoted in HTTP; listings often hand it over without the quotes.
+        self.etag = f'"{etag.strip(chr(34))}"' if etag else None
         if self.size == 0:
             raise SlideOpenError(self.uri, "empty object (0 bytes)")
 
@@ -185,8 +191,8 @@ class S3RangeFile(io.RawIOBase):
             finally:
                 body.close()
         except Exception as exc:  # noqa: BLE001 - botocore/urllib3 errors have no common base
-            raise SlideReadError(
-                self.uri, f"ranged read of bytes {start}-{stop - 1} failed: {_client_cause(exc)}"
+            raise StorageError(
+                f"{self.uri}: ranged read of bytes {start}-{stop - 1} failed: {_client_cause(exc)}"
             ) from exc
         with self._lock:
             self.requests += 1
@@ -198,13 +204,16 @@ class S3RangeFile(io.RawIOBase):
         return data
 
 
+_NO_SUCH_OBJECT = "no such object"
+
+
 def _client_cause(exc: BaseException) -> str:
     resp = getattr(exc, "response", None)
     if isinstance(resp, dict):
         err = resp.get("Error", {})
         code = str(err.get("Code", ""))
         if code in ("404", "NoSuchKey", "NotFound"):
-            return "no such object"
+            return _NO_SUCH_OBJECT
         if code in ("412", "PreconditionFailed"):
             return "the object changed while it was being read (ETag mismatch)"
         if code in ("403", "AccessDenied"):
