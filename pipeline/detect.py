@@ -10,6 +10,7 @@ slide is never decoded whole at full resolution (except a plain image, which is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -106,17 +107,27 @@ class _Cell:
     diameter_um: float  # from the detector's area (fallback when segmentation finds nothing)
 
 
-def detect_slide(path: str | Path, config: DetectConfig | None = None, source: str | None = None) -> SlideCells:
+def detect_slide(
+    path: str | Path | Slide, config: DetectConfig | None = None, source: str | None = None
+) -> SlideCells:
     """Detect, crop and measure every white cell of the slide or image at ``path``.
 
-    ``source`` is written to each record's ``source`` column (default ``str(path)``).
+    ``path`` may also be an already-open :class:`~pipeline.slides.Slide` (e.g. a remote one);
+    the caller keeps it and closes it. ``source`` is written to each record's ``source`` column
+    (default ``str(path)``, or the slide's ``path``).
     Raises a :class:`pipeline.errors.SlideError` subclass naming the file on any bad input:
     ``SlideOpenError``, ``SlideReadError``, ``SlideTooLargeError``, ``ScaleError``.
     """
     cfg = config if config is not None else DetectConfig()
     t0 = time.perf_counter()
-    with open_slide(path, mpp=cfg.mpp, max_pixels=cfg.max_pixels) as slide:
+    if isinstance(path, Slide):
+        opened = contextlib.nullcontext(path)  # borrowed: the caller closes it
+    else:
+        opened = open_slide(path, mpp=cfg.mpp, max_pixels=cfg.max_pixels)
+    with opened as slide:
         mpp, mpp_source = slide.mpp, slide.mpp_source
+        if mpp is None and cfg.mpp is not None:
+            mpp, mpp_source = float(cfg.mpp), "user"
         if mpp is None:
             mpp = _estimate_scale(slide)
             if mpp is None:
@@ -134,7 +145,7 @@ def detect_slide(path: str | Path, config: DetectConfig | None = None, source: s
         cells, overview, n_tiles = _detect_cells(slide, level, mpp, cfg)
         if overview is None:
             overview = _read_overview(slide)
-        src = str(path) if source is None else source
+        src = source if source is not None else slide.path if isinstance(path, Slide) else str(path)
         records, crops = _measure(slide, cells, level, mpp, mpp_source, cfg, src)
         info = {
             "width": slide.dimensions[0],

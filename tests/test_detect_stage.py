@@ -230,3 +230,15 @@ def test_tiny_real_fixtures_run_without_cells(shared_data):
         res = detect_slide(shared_data / "openslide_fixtures" / name)
         assert res.records == [] and res.crops.shape == (0, 224, 224, 3)
         assert res.info["mpp_source"] == "metadata" and res.overview.shape == (16, 16, 3)
+
+
+def test_an_open_slide_is_borrowed_not_closed(samples, svs_cells):
+    from pipeline.slides import open_slide
+
+    svs, whole = svs_cells
+    with open_slide(svs.path) as s:
+        res = detect_slide(s)
+        assert not s._closed  # still usable by its owner
+        s.read(0, (0, 0, 4, 4))
+    assert res.records[0]["source"] == str(svs.path)
+    assert [r["bbox_x0"] for r in res.records] == [r["bbox_x0"] for r in whole.records]

@@ -106,15 +106,21 @@ def test_ray_job_submit_runs_the_job(s3_server, ray_head, tmp_path_factory):
         put(s3_server, bucket, "models/demo/" + f.relative_to(model_dir).as_posix(), f)
     excludes = [".venv", ".git", "demo_output", "*.egg-info", "tests", "bench", "docs", "cluster",
                 "__pycache__", ".pytest_cache", ".ruff_cache"]
-    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
+    submit = [RAY, "job", "submit", "--address", address, "--submission-id", f"hemblip-test-{bucket}",
+              "--working-dir", str(REPO),
               "--runtime-env-json", json.dumps({"excludes": excludes}), "--",
               sys.executable, "-m", "pipeline", "run", "--input", f"s3://{bucket}/slides/",
               "--output", f"s3://{bucket}/out/", "--s3-endpoint", s3_server,
               "--model", f"s3://{bucket}/models/demo/",
               "--caption-batch-size", "8", "--thumbnail-px", "48"]
-    t0 = time.monotonic()
-    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
-    log = done.stdout[-4000:] + done.stderr[-4000:]
+    for _ in range(12):
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
+        log = done.stdout[-4000:] + done.stderr[-4000:]
+        # `ray start` returns before the head's job agent registers (slow on a loaded machine);
+        # that refusal happens before the job exists, so submitting again is safe.
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(5)
     assert done.returncode == 0, log
     assert "succeeded" in log and "2 ok, 0 failed" in log, log
     cfg = job_config(s3_server, bucket)
@@ -124,4 +130,3 @@ def test_ray_job_submit_runs_the_job(s3_server, ray_head, tmp_path_factory):
     assert set(cells.column("slide_uri").to_pylist()) == {f"s3://{bucket}/slides/{s.path.name}" for s in samples}
     assert runs.column("status").to_pylist() == ["ok"] and runs.column("slides_ok").to_pylist() == [2]
     assert runs.column("model_id").to_pylist() == [f"s3://{bucket}/models/demo/"]
-    assert time.monotonic() - t0 < 420

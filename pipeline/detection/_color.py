@@ -93,15 +93,15 @@ def otsu(values: np.ndarray, bins: int = 128) -> float:
 def cell_threshold(total: np.ndarray, frac: float = 0.4) -> float:
     """Summed-OD level separating cells (including pale cytoplasm) from the glass.
 
-    Otsu between glass and stained pixels, the stained side clipped at its 90th percentile so
-    dark nuclei do not pull the split up (and taken over pixels above a faint floor, so a field
-    that is mostly glass still splits glass from cells rather than noise); the result is moved
+    Otsu between glass and stained pixels, clipped at the median of the stained pixels (those
+    above a faint floor) so dark nuclei do not pull the split up and a field that is mostly
+    glass still splits glass from cells rather than noise; the result is moved
     to ``frac`` of the way from the glass level to that split, because pale cytoplasm sits much
     closer to the glass than red cells do.
     """
     sample = total.ravel()[:: max(1, total.size // 100_000)]
     stained = sample[sample > 0.1]
-    hi = np.percentile(stained if stained.size > 100 else sample, 90)
+    hi = np.percentile(stained, 50) if stained.size > 100 else np.percentile(sample, 90)
     clipped = np.minimum(sample, hi)
     t_o = otsu(clipped)
     below = clipped[clipped < t_o]

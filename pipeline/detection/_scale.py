@@ -32,6 +32,7 @@ RBC_DIAMETER_UM = 7.5
 _MAX_SIDE = 512  # the spectrum is computed on a copy reduced (by powers of 2) to at most this
 _MIN_RADIUS_PX = 2.0  # at the reduced size; smaller objects are noise, stain specks, rims
 _STEP = 1.1  # geometric step of the disc radii
+_FINE_DIAMETER_PX = 16.0  # below this (after reduction) the estimate is redone finer
 
 
 def _cell_mask(img: np.ndarray) -> np.ndarray:
@@ -70,20 +71,12 @@ def _opened_area(dist: np.ndarray, r: float) -> float:
     return float((back <= r).sum())
 
 
-def red_cell_diameter_px(rgb: np.ndarray, min_cells: float = 0.5) -> float | None:
-    """Typical red-cell diameter in px of ``rgb`` ((H, W, 3) uint8), or None.
-
-    None when the mask holds fewer than about ``min_cells`` cells' worth of area at the peak
-    radius (no red cells, or an empty field).
-    """
-    check_rgb(rgb)
+def _diameter_at(rgb: np.ndarray, factor: int, min_cells: float) -> float | None:
+    """Granulometric red-cell diameter (px of ``rgb``) computed on ``rgb`` reduced ``factor``×."""
     h, w = rgb.shape[:2]
-    factor = 1
-    while max(h, w) / factor > _MAX_SIDE:
-        factor *= 2
     img = rgb
     if factor > 1:
-        img = cv2.resize(rgb, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
+        img = cv2.resize(rgb, (max(w // factor, 2), max(h // factor, 2)), interpolation=cv2.INTER_AREA)
     fg = _cell_mask(img)
     if fg.sum() < 50:
         return None
@@ -111,6 +104,31 @@ def red_cell_diameter_px(rgb: np.ndarray, min_cells: float = 0.5) -> float | Non
     if band / (math.pi * r_peak * r_peak) < min_cells:
         return None
     return 2.0 * r_peak * factor
+
+
+def red_cell_diameter_px(rgb: np.ndarray, min_cells: float = 0.5) -> float | None:
+    """Typical red-cell diameter in px of ``rgb`` ((H, W, 3) uint8), or None.
+
+    Computed on a copy reduced (by powers of 2) to ≤ 512 px; when red cells come out under
+    ~16 px there, it is recomputed at a finer reduction on a central window, so a 2048-px
+    level-0 window at 0.25 µm/px is measured as precisely as a small field. None when the mask
+    holds fewer than about ``min_cells`` cells' worth of area at the peak radius.
+    """
+    check_rgb(rgb)
+    h, w = rgb.shape[:2]
+    factor = 1
+    while max(h, w) / factor > _MAX_SIDE:
+        factor *= 2
+    d = _diameter_at(rgb, factor, min_cells)
+    if d is None or factor == 1 or d / factor >= _FINE_DIAMETER_PX:
+        return d
+    fine = factor
+    while fine > 1 and d / fine < _FINE_DIAMETER_PX:
+        fine //= 2
+    side = _MAX_SIDE * fine  # keep the work the same: a ≤ 512-px image after reduction
+    y0, x0 = max((h - side) // 2, 0), max((w - side) // 2, 0)
+    d2 = _diameter_at(rgb[y0 : y0 + side, x0 : x0 + side], fine, min_cells)
+    return d2 if d2 is not None else d
 
 
 def estimate_mpp(rgb: np.ndarray, min_cells: float = 0.5) -> float | None:

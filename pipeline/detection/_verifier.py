@@ -1,7 +1,7 @@
 """Learned verifier of nucleus candidates: a logistic model on colour/shape/size features.
 
 Weights live in ``verifier.npz`` beside this module (trained by ``_train.py`` on the TXL-PBC
-train split). Without the file, candidates are scored by colour contrast only.
+train split); a missing file is an error (``use_verifier=False`` scores by colour contrast).
 """
 
 from __future__ import annotations
@@ -66,9 +66,12 @@ def score_candidates(feats: list[dict]) -> list[float]:
         return []
     w = _load()
     if w is None:
-        from pipeline.detection._detector import _color_score
+        from pipeline.errors import ConfigError
 
-        return [_color_score(fe) for fe in feats]
+        raise ConfigError(
+            f"DetectorConfig.use_verifier: the verifier weights {WEIGHTS} are missing "
+            "(reinstall the package, or set use_verifier=False for the colour score)"
+        )
     x = np.stack([feature_vector(fe) for fe in feats])
     z = (x - w["mean"]) / w["std"]
     h = np.maximum(z @ w["w1"] + w["b1"], 0.0)

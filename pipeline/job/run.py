@@ -65,29 +65,22 @@ def _check_consistency():
     return check_consistency
 
 
-_VERSION_CACHE: dict[str | None, tuple[str, str]] = {}
-
-
 def model_identity(model: str | None, env: dict[str, str] | None = None) -> tuple[str, str]:
     """``(model_id, model_version)`` of a checkpoint location, as the caption actors will see it."""
-    if model in _VERSION_CACHE:
-        return _VERSION_CACHE[model]
     from hemblip import inference
     from hemblip.errors import HemblipError
 
     for key, value in (env or {}).items():
         os.environ.setdefault(key, value)
     try:
-        identify = getattr(inference, "checkpoint_identity", None)
-        if identify is not None:
-            ident = tuple(identify(model))
-        else:
-            cap = inference.Captioner(model, device="cpu", batch_size=1)
-            ident = (cap.model_id, cap.model_version)
+        # Loading the checkpoint once on the driver is the only way to get exactly the version the
+        # actors will compute (adapters hash base + adapter weights); it costs seconds, once per run.
+        cap = inference.Captioner(model, device="cpu", batch_size=1)
+        ident = (cap.model_id, cap.model_version)
+        del cap
     except HemblipError as exc:
         raise ConfigError(f"--model {model or '(demo checkpoint)'}: {exc}") from None
-    _VERSION_CACHE[model] = ident  # type: ignore[assignment]
-    return ident  # type: ignore[return-value]
+    return ident
 
 
 def _new_run_id(now: datetime) -> str:

@@ -219,5 +219,7 @@ def _client_cause(exc: BaseException) -> str:
         if code in ("403", "AccessDenied"):
             return "access denied"
         msg = err.get("Message") or ""
-        return f"{code} {msg}".strip() or type(exc).__name__
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        head = f"{code} (HTTP {status})" if status else code
+        return f"{head}: {msg}".strip(" :") or type(exc).__name__
     return " ".join(str(exc).split()) or type(exc).__name__
