@@ -47,31 +47,9 @@ def s3_client():
 
 def detect_remote(slide, config=None, source: str | None = None):
     """``detect_slide`` on an already-open slide (the caller closes it)."""
-    import pipeline.detect as det
+    from pipeline.detect import detect_slide
 
-    try:
-        return det.detect_slide(slide, config, source=source or slide.path)
-    except TypeError:
-        pass  # this detect_slide only takes a path: hand it the open slide through its opener
-    saved = det.open_slide
-    det.open_slide = lambda *a, **k: _Borrowed(slide)
-    try:
-        return det.detect_slide(slide.path, config, source=source or slide.path)
-    finally:
-        det.open_slide = saved
-
-
-class _Borrowed:
-    """Context manager yielding ``slide`` without closing it."""
-
-    def __init__(self, slide):
-        self.slide = slide
-
-    def __enter__(self):
-        return self.slide
-
-    def __exit__(self, *exc):
-        return None
+    return detect_slide(slide, config, source=source or slide.path)
 
 
 def build_slides(out: Path) -> list[Path]:

@@ -99,8 +99,12 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster for the whole session (2 logical CPUs, no dashboard)."""
+def ray_cluster(s3_server):
+    """One local Ray cluster for the whole session (2 logical CPUs, no dashboard).
+
+    Depends on ``s3_server`` so the dummy AWS credentials are in the environment before Ray
+    starts: workers inherit the driver's environment only at start-up.
+    """
     import ray
 
     if not ray.is_initialized():

@@ -127,7 +127,7 @@ def test_reads_fetch_only_the_tiles_they_need(samples, s3):
         assert rem.bytes_fetched == before
 
 
-def test_detection_pass_matches_local_and_reads_less_than_the_file(tmp_path, s3, samples, monkeypatch):
+def test_detection_pass_matches_local_and_reads_less_than_the_file(tmp_path, s3, samples):
     # The sparse slide of the S3 benchmark: three WBC fields on a 7,680 x 5,760 px smear.
     from bench.bench_detect import _smear_slide
 
@@ -136,10 +136,9 @@ def test_detection_pass_matches_local_and_reads_less_than_the_file(tmp_path, s3,
     _smear_slide(path)
     client.upload_file(str(path), bucket, "smear.tiff")
     local = detect_mod.detect_slide(path)
-    rem = open_remote_slide(client, bucket, "smear.tiff")
-    # detect_slide opens a path; hand it the already-open remote slide instead.
-    monkeypatch.setattr(detect_mod, "open_slide", lambda *a, **k: rem)
-    remote = detect_mod.detect_slide(path)
+    with open_remote_slide(client, bucket, "smear.tiff") as rem:
+        remote = detect_mod.detect_slide(rem)
+    assert remote.records[0]["source"] == f"s3://{bucket}/smear.tiff"
     assert [r["bbox_x0"] for r in remote.records] == [r["bbox_x0"] for r in local.records]
     assert len(remote.records) == 3
     _assert_same_pixels(remote.crops, local.crops, "crops")
