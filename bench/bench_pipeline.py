@@ -89,14 +89,15 @@ def _pipeline(crops: np.ndarray, batch: int, threads: int, model: str | None) ->
             ray.shutdown()
 
 
-def run(cells: int = 192, batch_size: int = 16, model: str | None = None) -> list[dict]:
+def run(cells: int = 192, batch_size: int = 16, model: str | None = None, threads: int | None = None) -> list[dict]:
     """Rows ``{name, value, unit, goal}``: pipeline cells/s, bare-loop cells/s, their ratio.
 
-    ``model``: checkpoint directory; None is the bundled demo checkpoint.
+    ``model``: checkpoint directory; None is the bundled demo checkpoint. ``threads``: torch
+    threads of both (default 1: what a caption actor with fractional CPUs gets from Ray).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    threads = _threads()
+    threads = threads or 1
     crops = _crops(cells)
     cap = _captioner(batch_size, threads, model)
     # The bare loop runs before and after the pipeline; their mean cancels slow drifts of a
@@ -117,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the demo checkpoint)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of both (default 1, as in the job)")
     a = ap.parse_args(argv)
-    for row in run(a.cells, a.batch_size, a.model):
+    for row in run(a.cells, a.batch_size, a.model, a.threads):
         print(f"{row['name']:<36} {row['value']:>10} {row['unit']:<8} goal {row['goal'] or '-'}  ({row['detail']})")
     return 0
 

@@ -25,7 +25,7 @@ _OPTIONS: list[tuple[str, dict]] = [
     ("caption_max_actors", {"type": int, "metavar": "N", "help": "maximum caption actors (default 1)"}),
     ("caption_gpus_per_actor", {"type": float, "metavar": "G", "help": "GPUs per caption actor, fractional allowed; 0 = CPU (default: 1 if the cluster has GPUs, else 0)"}),
     ("caption_cpus_per_actor", {"type": float, "metavar": "C", "help": "CPUs reserved per caption actor, fractional (default 0.25)"}),
-    ("caption_cpu_threads", {"type": int, "metavar": "N", "help": "torch threads of a caption actor running on CPU (default: all cores of its node)"}),
+    ("caption_cpu_threads", {"type": int, "metavar": "N", "help": "torch threads of a caption actor running on CPU (default: what Ray gives it, 1 for a fractional actor; raise together with --caption-cpus-per-actor)"}),
     ("chunk_slides", {"type": int, "metavar": "N", "help": "slides per committed chunk / output file (default 16)"}),
     ("chunk_cells", {"type": int, "metavar": "N", "help": "close a chunk early at this many cells (default 20000)"}),
     ("thumbnail_px", {"type": int, "metavar": "PX", "help": "side of the JPEG thumbnail stored per cell (default 96)"}),

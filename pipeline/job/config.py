@@ -66,7 +66,7 @@ class JobConfig:
     caption_max_actors: int = 1
     caption_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU)
     caption_cpus_per_actor: float = 0.25
-    caption_cpu_threads: int | None = None  # torch threads of a CPU actor; None: all cores
+    caption_cpu_threads: int | None = None  # torch threads of a CPU actor; None: Ray's (its CPUs)
     # outputs
     chunk_slides: int = 16
     chunk_cells: int = 20000

@@ -30,11 +30,6 @@ OUTPUT_KEYS = ("kind", "slide_id", "record", "thumbnail", "caption", "caption_lo
                "case", "attributes", "caption_seconds", "caption_started")
 
 
-def _cores() -> int:
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
-
-
 class CaptionStage:
     """Callable class for ``Dataset.map_batches(compute=ActorPoolStrategy(...))``.
 
@@ -42,9 +37,10 @@ class CaptionStage:
     ``expected_version``: the model version the driver planned with; a different checkpoint
     (e.g. overwritten mid-run) fails the actor instead of silently mixing versions.
     ``env``: environment set in the actor before loading (S3 endpoint for an ``s3://`` model).
-    ``cpu_threads``: torch threads when running on CPU. Ray pins a fractional-CPU actor to one
-    thread (OMP_NUM_THREADS=1); on the CPU fallback the caption stage is the heavy one, so by
-    default it uses every core this process may run on.
+    ``cpu_threads``: torch threads when running on CPU; None keeps what Ray gives the actor
+    (OMP_NUM_THREADS = its CPUs rounded, 1 for a fractional actor). More threads than reserved
+    cores oversubscribe the node: on a shared 2-core machine 2 threads captioned ~17x slower
+    than 1 (bench/bench_pipeline.py).
     """
 
     def __init__(self, model: str | None = None, batch_size: int = 32, device: str | None = None,
@@ -57,8 +53,8 @@ class CaptionStage:
         from hemblip import Captioner
         from hemblip.errors import CheckpointError
 
-        if not torch.cuda.is_available():
-            torch.set_num_threads(cpu_threads or _cores())
+        if cpu_threads is not None and not torch.cuda.is_available():
+            torch.set_num_threads(cpu_threads)
         self.captioner = Captioner(model, device=device, batch_size=batch_size)
         if expected_version is not None and self.captioner.model_version != expected_version:
             raise CheckpointError(
