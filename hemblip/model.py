@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,7 +322,11 @@ def _load_full(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
             config = BlipConfig.from_pretrained(str(d))
             model = BlipForConditionalGeneration(config)
             # The caller opted in to pickle; the restricted unpickler still refuses code objects.
-            state = torch.load(pickle_file, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(pickle_file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:  # code objects refused by the restricted unpickler
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(f"{pickle_file}: refused by the restricted unpickler: {first}") from exc
             result = model.load_state_dict(state, strict=False)
             missing = [k for k in result.missing_keys if "decoder.weight" not in k]
             if missing:

@@ -1,10 +1,7 @@
-"""PENDING (not collected): behaviour the issue requires that hemblip/model.py lacks today.
+"""Opted-in pickle checkpoints that carry code: refused with a one-line CheckpointError.
 
-With ``allow_pickle=True`` a pickle checkpoint carrying code is refused by torch's restricted
-unpickler, but the refusal escapes ``hemblip.model._load_full`` as a raw
-``_pickle.UnpicklingError`` with a multi-line message instead of a one-line
-``CheckpointError`` naming the file (``_load_full`` catches OSError/ValueError/RuntimeError/
-KeyError only). Move back to tests/ once fixed.
+With ``allow_pickle=True`` torch's restricted unpickler refuses code objects; the refusal must
+surface as a one-line ``CheckpointError`` naming the file, and the payload must never run.
 """
 
 from __future__ import annotations
