@@ -78,10 +78,17 @@ def ray_head(s3_server):
                HEMBLIP_CACHE=os.path.join(temp_dir, "model-cache"))
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
-    cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--ray-client-server-port", str(_free_port()), "--num-cpus", "2",
+    # Every port of the head is chosen free: the defaults (e.g. the dashboard agent's 52365) are
+    # taken when the session's in-process Ray cluster or another one already runs here.
+    ports = {flag: str(_free_port()) for flag in (
+        "--port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
+        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+        "--metrics-export-port")}
+    cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1",
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
            "--temp-dir", temp_dir, "--disable-usage-stats", "--include-dashboard", "true"]
+    for flag, port in ports.items():
+        cmd += [flag, port]
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
