@@ -76,7 +76,8 @@ def ray_head(s3_server):
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HEMBLIP_CACHE=os.path.join(temp_dir, "model-cache"))
-    env.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # the job gets --s3-endpoint
+        env.pop(key, None)
     dash = _free_port()
     # Every port of the head is chosen free: the defaults (e.g. the dashboard agent's 52365) are
     # taken when the session's in-process Ray cluster or another one already runs here.

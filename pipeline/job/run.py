@@ -70,8 +70,10 @@ def model_identity(model: str | None, env: dict[str, str] | None = None) -> tupl
     from hemblip import inference
     from hemblip.errors import HemblipError
 
-    for key, value in (env or {}).items():
-        os.environ.setdefault(key, value)
+    saved = {key: os.environ.get(key) for key in (env or {})}
+    # The run's settings (e.g. --s3-endpoint for an s3:// model) win over this process's
+    # environment, and only for this load: a long-lived caller's environment is left as it was.
+    os.environ.update(env or {})
     try:
         # Loading the checkpoint once on the driver is the only way to get exactly the version the
         # actors will compute (adapters hash base + adapter weights); it costs seconds, once per run.
@@ -80,6 +82,12 @@ def model_identity(model: str | None, env: dict[str, str] | None = None) -> tupl
         del cap
     except HemblipError as exc:
         raise ConfigError(f"--model {model or '(demo checkpoint)'}: {exc}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return ident
 
 

@@ -46,8 +46,8 @@ class CaptionStage:
     def __init__(self, model: str | None = None, batch_size: int = 32, device: str | None = None,
                  expected_version: str | None = None, env: Mapping[str, str] | None = None,
                  cpu_threads: int | None = None):
-        for key, value in (env or {}).items():
-            os.environ.setdefault(key, value)
+        # The run's settings win over whatever this worker process inherited.
+        os.environ.update(env or {})
         import torch
 
         from hemblip import Captioner
