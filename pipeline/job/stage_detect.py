@@ -1,11 +1,13 @@
-"""Per-slide CPU stage: stage the slide to local scratch, detect/crop/measure, remove the copy.
+"""Per-slide CPU stage: read the slide (in place or from a local copy), detect/crop/measure.
 
-Runs as a Ray Data task over one slide reference at a time. Slide bytes go from storage straight
-to the worker's local disk (never through the object store); what leaves the task are the crops
-(the object store carries them to the caption actors) and JSON records. Any failure (transfer
-after retries, unreadable slide, no scale) becomes the slide's outcome row with ``status =
-"failed"`` and a one-line reason; the task itself never raises, so one bad slide cannot fail
-the dataset.
+Runs as a Ray Data task over one slide reference at a time. A single-object SVS/tiled TIFF on S3
+is read in place with ranged GETs of only the tiles detection touches; anything else (local
+files, multi-file slides, formats that need the whole file) is staged to the worker's local disk
+and the copy removed afterwards. Slide bytes never go through the object store; what leaves the
+task are the crops (the object store carries them to the caption actors) and JSON records. Any
+failure (transfer after retries, unreadable slide, no scale) becomes the slide's outcome row
+with ``status = "failed"`` and a one-line reason; the task itself never raises, so one bad slide
+cannot fail the dataset.
 
 Output batch keys (one row per cell, then one ``kind == "slide"`` row per slide):
 
@@ -32,7 +34,7 @@ import numpy as np
 from pipeline.errors import StorageError
 from pipeline.job.identity import cell_id
 from pipeline.job.listing import SlidePart, SlideRef
-from pipeline.job.storage import S3Settings, is_s3, storage_for
+from pipeline.job.storage import S3Settings, is_s3, split_s3, storage_for
 
 __all__ = ["DetectSettings", "confined_path", "detect_batch", "ref_to_json", "ref_from_json", "BATCH_KEYS"]
 
@@ -105,6 +107,29 @@ def _stage(ref: SlideRef, settings: DetectSettings) -> tuple[Path, Path | None, 
         raise
 
 
+# TIFF-family suffixes the remote backend may read in place; it refuses (and the slide is
+# staged) anything else inside such a file, e.g. NDPI-like or plain non-tiled TIFFs.
+_REMOTE_SUFFIXES = (".svs", ".tif", ".tiff")
+
+
+def _open_remote(ref: SlideRef, settings: DetectSettings):
+    """(slide opened for ranged S3 reads or None, bytes the attempt fetched). None: not on S3,
+    several objects, another suffix, or a format the remote backend refuses (staged instead)."""
+    if not is_s3(ref.uri) or len(ref.parts) != 1 or not ref.uri.lower().endswith(_REMOTE_SUFFIXES):
+        return None, 0
+    from pipeline.errors import SlideOpenError
+    from pipeline.slides import open_remote_slide
+
+    part = ref.parts[0]
+    bucket, key = split_s3(part.uri)
+    client = storage_for(ref.uri, settings.s3).client
+    try:
+        slide = open_remote_slide(client, bucket, key, mpp=settings.mpp, size=part.size, etag=part.etag or None)
+    except SlideOpenError as exc:
+        return None, int(getattr(exc, "bytes_fetched", 0))
+    return slide, 0
+
+
 def _jpeg(crop: np.ndarray, side: int) -> bytes:
     from PIL import Image
 
@@ -164,11 +189,21 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
     local: Path | None = None
     scratch: Path | None = None
     try:
-        local, scratch, nread = _stage(ref, settings)
+        cfg = DetectConfig(crop_um=settings.crop_um, crop_px=P, mpp=settings.mpp)
+        remote, spent = _open_remote(ref, settings)
+        if remote is None:
+            local, scratch, nread = _stage(ref, settings)
         t1 = time.perf_counter()
-        outcome["stage_seconds"] = t1 - t0
-        outcome["bytes_read"] = nread if scratch is not None else None
-        result = detect_slide(local, DetectConfig(crop_um=settings.crop_um, crop_px=P, mpp=settings.mpp), source=ref.uri)
+        outcome["stage_seconds"] = t1 - t0  # remote: opening (header and IFDs) only
+        if remote is None:
+            outcome["bytes_read"] = spent + nread if scratch is not None else None
+            result = detect_slide(local, cfg, source=ref.uri)
+        else:
+            try:
+                with remote:
+                    result = detect_slide(remote, cfg, source=ref.uri)
+            finally:
+                outcome["bytes_read"] = remote.bytes_fetched
         outcome["detect_seconds"] = time.perf_counter() - t1
     except Exception as exc:  # noqa: BLE001 - any failure is this slide's outcome, not the run's
         outcome["reason"] = _reason(exc, local, ref.uri)

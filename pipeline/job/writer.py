@@ -7,6 +7,7 @@ Layout (docs/interfaces.md)::
     OUTPUT/runs/run_date=D/run-<run_id>.parquet      one row per run
     OUTPUT/_staging/<run_id>/<chunk>/...             written first, invisible to queries
     OUTPUT/_journal/<chunk>.json                     the commit record of a chunk being published
+    OUTPUT/_probe/<run_id>.probe                     the run's write probe, deleted at once
 
 Commit of a chunk: (1) write its files under ``_staging/``; (2) write the journal listing every
 ``staged -> visible`` move: this is the commit point; (3) publish the moves, cells before slides
@@ -138,6 +139,30 @@ class OutputWriter:
             self.storage.delete(obj.uri)
             rec.orphans_deleted += 1
         return rec
+
+    def probe(self) -> None:
+        """Write and delete one small object under ``OUTPUT/_probe/`` (never read by queries).
+
+        Listing succeeds on locations that cannot be written (an S3 prefix whose PUT is denied, a
+        local path under a regular file or in a read-only directory), and the first real write
+        would come only at the first chunk commit, after slides were read, detected and captioned.
+        The run calls this before any work, so such a location fails in seconds with
+        :class:`~pipeline.errors.StorageError` naming OUTPUT and the cause. Deleting is probed too:
+        an S3 publish (copy + delete) and recovery both need it.
+        """
+        uri = self._uri("_probe", f"{self.run_id}.probe")
+        try:
+            self.storage.write_bytes(uri, f"write probe of run {self.run_id}\n".encode())
+            self.storage.delete(uri)
+        except StorageError as exc:
+            raise StorageError(f"output {self.root} is not writable: {exc}") from None
+        if not is_s3(uri):
+            from pathlib import Path
+
+            try:  # leave no empty directory behind; another run's probe may still be there
+                Path(uri).parent.rmdir()
+            except OSError:
+                pass
 
     def _list_or_empty(self, prefix: str):
         if not is_s3(prefix):

@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 
 from pipeline.errors import ConfigError, SlideOpenError
+from pipeline.slides._remote_tiff import open_remote_slide
 from pipeline.slides._tiff import _is_tiled_tiff
 from pipeline.slides.base import DEFAULT_MAX_PIXELS, MAX_SIDE_PX, Slide
 
-__all__ = ["open_slide", "Slide", "DEFAULT_MAX_PIXELS", "MAX_SIDE_PX"]
+__all__ = ["open_slide", "open_remote_slide", "Slide", "DEFAULT_MAX_PIXELS", "MAX_SIDE_PX"]
 
 
 def open_slide(
