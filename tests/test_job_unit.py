@@ -256,7 +256,7 @@ def test_permanent_failures_are_settled_transient_ones_retried(tmp_path):
 def test_readme_column_tables_match_schema():
     from pipeline.job._docs import render
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "readme" / "job.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert render() in doc, "regenerate the tables with: python -m pipeline.job._docs"
 
 
@@ -286,7 +286,7 @@ def test_probe_names_the_output_when_it_cannot_be_written(tmp_path):
     out = blocker / "out"
     with pytest.raises(StorageError, match="is not writable") as err:
         OutputWriter(storage_for(str(out)), str(out), "r1", "2026-01-02", "v1").probe()
-    assert str(err.value).startswith(f"output {out} ") and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{out}: ") and "\n" not in str(err.value)
 
 
 # -- environment -------------------------------------------------------------------------------

@@ -274,3 +274,29 @@ def test_job_detect_stage_reads_tiff_in_place_and_stages_the_rest(s3_server, s3,
     assert 0 < svs_row["bytes_read"] < svs_row["slide_bytes"]  # read in place
     assert plain_row["bytes_read"] >= plain_row["slide_bytes"]  # staged whole
     assert svs_row["cell_count"] == len(detect_mod.detect_slide(svs).records)
+
+
+def test_bodies_broken_off_mid_read_are_retried(s3_server, samples, s3):
+    import boto3
+    from faultproxy import FaultProxy
+
+    _, bucket = s3
+    key, path = next((k, p) for k, p in samples.items() if k.endswith(".svs"))
+    proxy = FaultProxy(s3_server).start()
+    try:
+        client = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1")
+        # Headers with the full Content-Length, then part of the body and an RST: botocore does not
+        # retry a body, so the reader must; three breaks in a row stay under its attempts.
+        rule = proxy.add("truncate", op="ranged_get", path=rf"^/{bucket}/{key}$", first=3)
+        with open_slide(path) as loc, open_remote_slide(client, bucket, key) as rem:
+            w, h = loc.level_dimensions[-1]
+            lv = loc.level_count - 1
+            _assert_same_pixels(rem.read(lv, (0, 0, w, h)), loc.read(lv, (0, 0, w, h)), key)
+        assert rule.injected == 3
+        proxy.clear()
+        proxy.add("truncate", op="ranged_get", path=rf"^/{bucket}/{key}$")  # every request: give up
+        with pytest.raises(StorageError, match=r"failed after 4 attempts") as err:
+            open_remote_slide(client, bucket, key).close()
+        assert f"s3://{bucket}/{key}" in str(err.value)
+    finally:
+        proxy.stop()

@@ -1,8 +1,8 @@
-"""Render the output-column tables of docs/readme/job.md from :mod:`pipeline.schema`.
+"""Render the output-column tables of README.md ("Outputs") from :mod:`pipeline.schema`.
 
     python -m pipeline.job._docs            # prints the tables (markdown)
 
-A unit test checks that the README fragment holds exactly these tables.
+A unit test checks that the README holds exactly these tables.
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def run_job(cfg: JobConfig, say: Callable[[str], None] | None = None) -> RunResu
         say(f"recovered: completed {len(result.recovery.rolled_forward)} half-published chunks, "
             f"removed {result.recovery.orphans_deleted} uncommitted staged files")
     # A location that lists but cannot be written fails here, before any slide is read.
-    pass  # writer.probe()
+    writer.probe()
     done = set() if cfg.reprocess else writer.done_slides(model_version, cfg.retry_failed)
     todo = [r for r in listing.slides if r.slide_id not in done]
     result.skipped = len(listing.slides) - len(todo)

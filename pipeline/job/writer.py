@@ -155,14 +155,14 @@ class OutputWriter:
             self.storage.write_bytes(uri, f"write probe of run {self.run_id}\n".encode())
             self.storage.delete(uri)
         except StorageError as exc:
-            raise StorageError(f"output {self.root} is not writable: {exc}") from None
+            raise StorageError(f"{self.root}: output location is not writable: {exc}") from None
         if not is_s3(uri):
+            import contextlib
             from pathlib import Path
 
-            try:  # leave no empty directory behind; another run's probe may still be there
+            # Leave no empty directory behind; another run's probe may still be in it.
+            with contextlib.suppress(OSError):
                 Path(uri).parent.rmdir()
-            except OSError:
-                pass
 
     def _list_or_empty(self, prefix: str):
         if not is_s3(prefix):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.errors import ConfigError, SlideOpenError
+from pipeline.errors import SlideOpenError
 from pipeline.slides._remote_tiff import open_remote_slide
 from pipeline.slides._tiff import _is_tiled_tiff
-from pipeline.slides.base import DEFAULT_MAX_PIXELS, MAX_SIDE_PX, Slide
+from pipeline.slides.base import DEFAULT_MAX_PIXELS, MAX_SIDE_PX, Slide, check_open_args
 
 __all__ = ["open_slide", "open_remote_slide", "Slide", "DEFAULT_MAX_PIXELS", "MAX_SIDE_PX"]
 
@@ -29,16 +29,7 @@ def open_slide(
     Raises :class:`~pipeline.errors.SlideOpenError` for a missing, empty, truncated, unsupported
     or non-image file.
     """
-    if mpp is not None:
-        try:
-            ok = 0 < float(mpp) < float("inf")
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"--mpp must be a positive number of µm per pixel, got {mpp!r}")
-        mpp = float(mpp)
-    if not isinstance(max_pixels, int) or max_pixels <= 0:
-        raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    mpp = check_open_args(mpp, max_pixels)
     p = Path(path)
     try:
         st = p.stat()

@@ -22,9 +22,9 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from pipeline.errors import ConfigError, SlideOpenError, SlideReadError, StorageError
+from pipeline.errors import SlideOpenError, SlideReadError, StorageError
 from pipeline.slides._s3range import S3RangeFile
-from pipeline.slides.base import DEFAULT_MAX_PIXELS, Slide, _why
+from pipeline.slides.base import DEFAULT_MAX_PIXELS, Slide, _why, check_open_args
 
 __all__ = ["RemoteTiffSlide", "open_remote_slide"]
 
@@ -79,16 +79,7 @@ def open_remote_slide(
     and an object that no longer has ``etag``, raise :class:`~pipeline.errors.StorageError`
     (here and from ``read``); undecodable tiles raise ``SlideReadError`` from ``read``.
     """
-    if mpp is not None:
-        try:
-            ok = 0 < float(mpp) < float("inf")
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"--mpp must be a positive number of µm per pixel, got {mpp!r}")
-        mpp = float(mpp)
-    if not isinstance(max_pixels, int) or max_pixels <= 0:
-        raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    mpp = check_open_args(mpp, max_pixels)
     reader = S3RangeFile(s3_client, bucket, key, size=size, etag=etag)
     try:
         return RemoteTiffSlide(reader, mpp, max_pixels)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections import OrderedDict
 
 from pipeline.errors import SlideOpenError, SlideReadError, StorageError
@@ -26,6 +27,8 @@ DEFAULT_MAX_BLOCKS = 512
 #: Two requested ranges closer than this are fetched as one request: a round trip costs more than
 #: a few KiB of unused bytes (S3 first-byte latency is ~10-50 ms, ~1 MB at 100 MB/s).
 DEFAULT_MERGE_GAP = 16 * 1024
+#: Tries of one ranged GET whose response body breaks off mid-read (see ``S3RangeFile._get``).
+_BODY_ATTEMPTS = 4
 
 
 class S3RangeFile(io.RawIOBase):
@@ -183,17 +186,30 @@ class S3RangeFile(io.RawIOBase):
         kwargs = {"Bucket": self.bucket, "Key": self.key, "Range": f"bytes={start}-{stop - 1}"}
         if self.etag:
             kwargs["IfMatch"] = self.etag
-        try:
-            resp = self.client.get_object(**kwargs)
+        for attempt in range(1, _BODY_ATTEMPTS + 1):
+            try:
+                resp = self.client.get_object(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - botocore/urllib3 errors have no common base
+                # The client already retried this request (its own retry policy): give up.
+                raise StorageError(
+                    f"{self.uri}: ranged read of bytes {start}-{stop - 1} failed: {_client_cause(exc)}"
+                ) from exc
             body = resp["Body"]
             try:
                 data = body.read()
+                break
+            except Exception as exc:  # noqa: BLE001
+                # botocore retries a request until its headers arrive, never a body that breaks
+                # off afterwards (connection reset, incomplete read): retry that here, as the
+                # managed transfer does for staged downloads.
+                if attempt == _BODY_ATTEMPTS:
+                    raise StorageError(
+                        f"{self.uri}: ranged read of bytes {start}-{stop - 1} failed after "
+                        f"{attempt} attempts: {_client_cause(exc)}"
+                    ) from exc
+                time.sleep(min(1.0, 0.05 * 2**attempt))
             finally:
                 body.close()
-        except Exception as exc:  # noqa: BLE001 - botocore/urllib3 errors have no common base
-            raise StorageError(
-                f"{self.uri}: ranged read of bytes {start}-{stop - 1} failed: {_client_cause(exc)}"
-            ) from exc
         with self._lock:
             self.requests += 1
             self.bytes_fetched += len(data)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import SlideReadError, SlideTooLargeError
+from pipeline.errors import ConfigError, SlideReadError, SlideTooLargeError
 
 __all__ = ["Slide", "DEFAULT_MAX_PIXELS", "MAX_SIDE_PX", "plausible_mpp"]
 
@@ -41,6 +41,24 @@ def plausible_mpp(value: float | None) -> float | None:
         return None
     return float(f"{v:.10g}")  # drop binary noise of resolution rationals (0.07200000000000001)
 
+
+
+def check_open_args(mpp: object, max_pixels: object) -> float | None:
+    """Validate ``open_slide``'s ``mpp`` and ``max_pixels``; returns mpp as float (or None).
+
+    Raises :class:`~pipeline.errors.ConfigError` naming the flag at fault.
+    """
+    if mpp is not None:
+        try:
+            ok = 0 < float(mpp) < float("inf")
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"--mpp must be a positive number of µm per pixel, got {mpp!r}")
+        mpp = float(mpp)
+    if not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    return mpp
 
 class Slide:
     """A whole slide or a field-of-view image; open it with :func:`pipeline.slides.open_slide`.
