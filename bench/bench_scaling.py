@@ -107,7 +107,7 @@ def _job(endpoint: str, out: Path) -> list[dict]:
     seed_archive(endpoint)
     cfg = JobConfig(
         input=f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}", output=str(out), s3_endpoint=endpoint,
-        max_failed_fraction=0.5, forward_env=DEFAULT_FORWARD_ENV + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+        max_failed_fraction=0.5, forward_env=DEFAULT_FORWARD_ENV,
     )
     t = time.perf_counter()
     res = run_job(cfg, lambda line: None)

@@ -312,3 +312,13 @@ def test_model_identity_leaves_the_process_environment_as_it_was(tmp_path, monke
     with pytest.raises(ConfigError, match="--model"):
         model_identity(str(tmp_path / "no-such-checkpoint"), env)
     assert {key: os.environ.get(key) for key in env} == before
+
+
+@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MY_API_TOKEN"])
+def test_forwarding_a_secret_is_refused(name):
+    from pipeline.errors import ConfigError
+    from pipeline.job.config import JobConfig
+
+    with pytest.raises(ConfigError, match=f"--forward-env .*{name} looks like a secret"):
+        JobConfig(input="s3://a/in/", output="s3://a/out/", forward_env=(name,))
+    JobConfig(input="s3://a/in/", output="s3://a/out/", forward_env=("AWS_ENDPOINT_URL",))

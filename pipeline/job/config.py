@@ -33,6 +33,13 @@ DEFAULT_FORWARD_ENV: tuple[str, ...] = (
 _FAULT_POINTS = ("after_commit", "after_journal", "mid_publish")
 
 
+def _looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return upper in ("AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN") or any(
+        word in upper for word in ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+    )
+
+
 def flag_of(name: str) -> str:
     """``caption_batch_size`` -> ``--caption-batch-size (config key caption_batch_size)``."""
     return f"--{name.replace('_', '-')} (config key {name})"
@@ -100,6 +107,13 @@ class JobConfig:
             e.lower() if e.startswith(".") else "." + e.lower() for e in _as_tuple(self.extensions)
         )
         self.forward_env = _as_tuple(self.forward_env)
+        for name in self.forward_env:
+            if _looks_secret(name):
+                raise ConfigError(
+                    f"{flag_of('forward_env')}: {name} looks like a secret; Ray records forwarded "
+                    "variables in its logs, so give workers credentials through their own chain "
+                    "(instance role, IRSA, mounted profile) instead"
+                )
         if not self.extensions:
             raise ConfigError(f"{flag_of('extensions')} must list at least one suffix")
         if not 0.0 <= float(self.max_failed_fraction) <= 1.0:

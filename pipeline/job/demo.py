@@ -135,8 +135,8 @@ def run_demo(output: str | Path = "demo_output", say: Callable[[str], None] | No
     out = Path(output).resolve()
     _prepare_output(out)
     # moto accepts any credentials, and real ones must never be sent to a local test server:
-    # dummy ones for this process, before Ray starts so its workers inherit them (and forwarded
-    # explicitly in case a Ray cluster was already running).
+    # dummy ones for this process, before Ray starts so its workers inherit them (credentials are
+    # never forwarded through Ray's runtime environment: Ray writes it to its logs).
     os.environ["AWS_ACCESS_KEY_ID"] = "demo-key-id"
     os.environ["AWS_SECRET_ACCESS_KEY"] = "demo-secret-key"
     os.environ.pop("AWS_SESSION_TOKEN", None)
@@ -160,7 +160,7 @@ def run_demo(output: str | Path = "demo_output", say: Callable[[str], None] | No
             cfg = JobConfig(input=f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}", output=str(out), model=model,
                             s3_endpoint=s3.url, caption_batch_size=caption_batch_size,
                             max_failed_fraction=0.5, chunk_slides=2,
-                            forward_env=DEFAULT_FORWARD_ENV + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+                            forward_env=DEFAULT_FORWARD_ENV)
             say("== first run ==")
             first = run_job(cfg, say)
             say(format_summary(first, str(out)))
