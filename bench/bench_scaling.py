@@ -143,17 +143,9 @@ def run() -> list[dict]:
     import ray
 
     from bench.bench_s3_reads import build_slides, s3_client
+    from pipeline.job.demo import use_local_test_environment
 
-    # Dummy credentials for the local moto server, set before Ray starts so workers inherit them;
-    # real ones must never be sent to a test server.
-    os.environ["AWS_ACCESS_KEY_ID"] = "bench-key-id"
-    os.environ["AWS_SECRET_ACCESS_KEY"] = "bench-secret-key"
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    os.environ.pop("AWS_PROFILE", None)
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    use_local_test_environment("bench")  # dummy credentials for moto, before Ray starts
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset progress lines
     rows: list[dict] = []
     started = not ray.is_initialized()

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, PipelineError
 
-__all__ = ["DemoResult", "run_demo", "MotoServer", "seed_archive", "DEMO_BUCKET", "DEMO_PREFIX"]
+__all__ = ["DemoResult", "run_demo", "MotoServer", "seed_archive", "use_local_test_environment",
+           "DEMO_BUCKET", "DEMO_PREFIX"]
 
 DEMO_BUCKET = "demo-archive"
 DEMO_PREFIX = "slides/"
@@ -114,6 +115,23 @@ class DemoResult:
     seconds: float
 
 
+def use_local_test_environment(name: str) -> None:
+    """Dummy AWS credentials and offline flags for a run against a local S3 server.
+
+    moto accepts any credentials, and real ones must never be sent to a local test server. Set
+    them before Ray starts so its workers inherit them: credentials are never forwarded through
+    Ray's runtime environment, which Ray writes to its logs.
+    """
+    os.environ["AWS_ACCESS_KEY_ID"] = f"{name}-key-id"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = f"{name}-secret-key"
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
 def _prepare_output(out: Path) -> None:
     if out.exists():
         if not (out / _MARKER).exists() and any(out.iterdir()):
@@ -134,17 +152,7 @@ def run_demo(output: str | Path = "demo_output", say: Callable[[str], None] | No
     t0 = time.perf_counter()
     out = Path(output).resolve()
     _prepare_output(out)
-    # moto accepts any credentials, and real ones must never be sent to a local test server:
-    # dummy ones for this process, before Ray starts so its workers inherit them (credentials are
-    # never forwarded through Ray's runtime environment: Ray writes it to its logs).
-    os.environ["AWS_ACCESS_KEY_ID"] = "demo-key-id"
-    os.environ["AWS_SECRET_ACCESS_KEY"] = "demo-secret-key"
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    os.environ.pop("AWS_PROFILE", None)
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    use_local_test_environment("demo")
     import ray
 
     with MotoServer() as s3:
