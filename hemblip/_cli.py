@@ -23,12 +23,7 @@ def build_parser(prog: str, description: str, commands: Mapping[str, str],
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = [only] if only in commands else list(commands)
     for name in names:
-        try:
-            mod = importlib.import_module(commands[name])
-        except ModuleNotFoundError as exc:
-            if exc.name != commands[name]:  # a real missing dependency inside the module
-                raise
-            continue
+        mod = importlib.import_module(commands[name])
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_main=mod.main)

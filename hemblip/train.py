@@ -211,8 +211,7 @@ class _Batches:
 
 def _open_ended(sample) -> bool:
     """A caption that names the cell type only (no attribute, no case): partial supervision."""
-    attrs = getattr(sample, "attributes", None) or {}
-    return getattr(sample, "case", None) is None and not any(v is not None for v in attrs.values())
+    return sample.case is None and all(v is None for v in (sample.attributes or {}).values())
 
 
 def _shrink(image: np.ndarray, px: int) -> np.ndarray:
