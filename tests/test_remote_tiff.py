@@ -127,6 +127,41 @@ def test_reads_fetch_only_the_tiles_they_need(samples, s3):
         assert rem.bytes_fetched == before
 
 
+def test_prefetch_batches_requests_and_reads_then_cost_none(samples, s3):
+    client, bucket = s3
+    key, path = next(iter(samples.items()))
+    boxes = [(x, y, x + 300, y + 300) for x in (0, 900, 1800, 2600) for y in (0, 1000, 2000)]
+    with open_remote_slide(client, bucket, key) as plain:
+        expected = [plain.read(0, b) for b in boxes]
+        plain_requests = plain.requests - 1  # minus the header's
+    with open_remote_slide(client, bucket, key) as rem:
+        start = rem.requests
+        rem.prefetch(0, boxes + [(-50, -50, -1, -1), (5000, 5000, 6000, 6000)])  # outside: ignored
+        batched = rem.requests - start
+        after = rem.requests
+        got = [rem.read(0, b) for b in boxes]
+        assert rem.requests == after, "reads after a prefetch must be served from it"
+        rem.prefetch(0, boxes)  # everything is held now: no request
+        assert rem.requests == after
+    for a, b in zip(got, expected):
+        _assert_same_pixels(a, b, "prefetched read")
+    # Tiles of neighbouring boxes share a request; the plain reads paid one per read at least.
+    assert batched < plain_requests
+
+
+def test_detection_on_a_remote_slide_costs_fewer_requests_than_cells(samples, s3):
+    client, bucket = s3
+    for key, path in samples.items():
+        local = detect_mod.detect_slide(path)
+        with open_remote_slide(client, bucket, key) as rem:
+            remote = detect_mod.detect_slide(rem)
+            requests = rem.requests
+        assert [r["centroid_x"] for r in remote.records] == [r["centroid_x"] for r in local.records]
+        _assert_same_pixels(remote.crops, local.crops, f"{key} crops")
+        # Header, the detection level, then the crops' tiles in batches: not a request per cell.
+        assert requests < len(remote.records), (key, requests, len(remote.records))
+
+
 def test_detection_pass_matches_local_and_reads_less_than_the_file(tmp_path, s3, samples):
     # The sparse slide of the S3 benchmark: three WBC fields on a 7,680 x 5,760 px smear.
     from bench.bench_detect import _smear_slide
@@ -161,6 +196,19 @@ def test_range_file_counts_and_coalesces(s3):
     # Two cached blocks (the one holding 5000, the last one); then (1000, 10) and (1050, 20),
     # 40 bytes apart, in one request of 70 bytes, and 5 bytes.
     assert f.requests == 2 + 2 and f.bytes_fetched == 4096 + 4096 + 70 + 5
+
+
+def test_concurrent_range_fetch_returns_every_range_in_order(s3):
+    client, bucket = s3
+    data = bytes(range(251)) * 2048  # ~500 KiB; 251 keeps slices distinguishable
+    _put(s3, "blob-concurrent.bin", data)
+    f = S3RangeFile(client, bucket, "blob-concurrent.bin", merge_gap=0)
+    ranges = [(o, 777) for o in range(400_000, 0, -20_000)] + [(0, 0)]
+    got = f.fetch_ranges(ranges, workers=8)
+    assert got == [data[o:o + n] for o, n in ranges]
+    assert f.requests == 20 and f.bytes_fetched == 20 * 777
+    with pytest.raises(SlideReadError, match="past the object"):
+        f.fetch_ranges([(0, 10), (len(data) - 5, 10)], workers=8)
 
 
 def test_object_replaced_mid_read_fails_loudly(s3, samples):

@@ -38,6 +38,10 @@ _MAX_TILE_SIDE = 8192
 _MAX_TILE_BYTES = 64 * 1024 * 1024
 #: Decoded-tile cache: detection tiles overlap and neighbouring cells' crops share tiles.
 DEFAULT_TILE_CACHE_BYTES = 64 * 1024 * 1024
+#: Compressed tiles fetched ahead by ``prefetch`` and not yet read (oldest dropped beyond this).
+DEFAULT_PREFETCH_BYTES = 128 * 1024 * 1024
+#: Ranged GETs in flight at once during a prefetch.
+PREFETCH_WORKERS = 8
 _RES_UNIT_UM = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: inch, centimetre -> µm
 _APERIO_MPP = re.compile(r"^\s*MPP\s*=\s*(.*?)\s*$")
 
@@ -156,6 +160,9 @@ class RemoteTiffSlide(Slide):
         self._cache_bytes = 0
         self._cache_limit = int(tile_cache_bytes)
         self._lock = threading.Lock()
+        self._ahead: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # prefetched, compressed
+        self._ahead_bytes = 0
+        self._ahead_limit = DEFAULT_PREFETCH_BYTES
 
     @property
     def bytes_fetched(self) -> int:
@@ -175,6 +182,54 @@ class RemoteTiffSlide(Slide):
                 raise exc.__cause__ from None
             raise
 
+    def prefetch(self, level: int, boxes) -> None:
+        """Fetch the compressed tiles under ``boxes`` (``(x0, y0, x1, y1)`` in ``level`` px) in
+        one batch of coalesced, concurrent ranged GETs, so that the ``read`` calls that follow
+        cost no request each. Tiles already held are not fetched again; boxes are clipped to
+        the level. Raises like ``read`` (:class:`~pipeline.errors.StorageError` for S3,
+        :class:`~pipeline.errors.SlideReadError` for a damaged tile table)."""
+        if self._closed:
+            raise ValueError(f"{self.path}: slide is closed")
+        lv = self._levels[level]
+        wanted: dict[int, None] = {}  # ordered set of tile indices
+        for box in boxes:
+            x0, y0, x1, y1 = (int(v) for v in box)
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, lv.width), min(y1, lv.height)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            for ty in range(y0 // lv.tile_h, (y1 - 1) // lv.tile_h + 1):
+                for tx in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1):
+                    wanted[ty * lv.tiles_across + tx] = None
+        with self._lock:
+            index = [i for i in wanted if (level, i) not in self._cache and (level, i) not in self._ahead]
+        if not index:
+            return
+        try:
+            blobs = self._fetch_tiles(level, lv, index, workers=PREFETCH_WORKERS)
+        except SlideReadError as exc:
+            if isinstance(exc.__cause__, StorageError):
+                raise exc.__cause__ from None
+            raise
+        with self._lock:
+            for i, blob in zip(index, blobs):
+                self._ahead[(level, i)] = blob
+                self._ahead_bytes += len(blob)
+            while self._ahead_bytes > self._ahead_limit and self._ahead:
+                _, old = self._ahead.popitem(last=False)
+                self._ahead_bytes -= len(old)
+
+    def _fetch_tiles(self, level: int, lv: _Level, index: list[int], workers: int = 1) -> list[bytes]:
+        """Compressed bytes of tiles ``index`` of ``level`` (``b""`` for a skipped tile)."""
+        for i in index:
+            if i >= len(lv.offsets):
+                raise SlideReadError(self.path, f"level {level} has no tile {i} (TileOffsets too short)")
+            if lv.counts[i] > _MAX_TILE_BYTES:
+                raise SlideReadError(self.path, f"level {level} tile {i} declares {lv.counts[i]} bytes")
+        # A zero byte count is a tile the scanner skipped (no tissue): OpenSlide draws it
+        # transparent, which the base contract renders white.
+        ranges = [(lv.offsets[i], lv.counts[i]) if lv.counts[i] > 0 else (0, 0) for i in index]
+        return self._reader.fetch_ranges(ranges, workers=workers)
+
     def _read(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         lv = self._levels[level]
         tx0, tx1 = x0 // lv.tile_w, (x1 - 1) // lv.tile_w
@@ -182,25 +237,26 @@ class RemoteTiffSlide(Slide):
         wanted = [(ty, tx) for ty in range(ty0, ty1 + 1) for tx in range(tx0, tx1 + 1)]
         tiles: dict[tuple[int, int], np.ndarray | None] = {}
         missing = []
+        ahead: dict[int, bytes] = {}
         with self._lock:
             for t in wanted:
-                hit = self._cache.get((level, t[0] * lv.tiles_across + t[1]))
+                key = (level, t[0] * lv.tiles_across + t[1])
+                hit = self._cache.get(key)
                 if hit is not None:
-                    self._cache.move_to_end((level, t[0] * lv.tiles_across + t[1]))
+                    self._cache.move_to_end(key)
                     tiles[t] = hit
                 else:
                     missing.append(t)
+                    blob = self._ahead.pop(key, None)
+                    if blob is not None:
+                        self._ahead_bytes -= len(blob)
+                        ahead[key[1]] = blob
         if missing:
             index = [ty * lv.tiles_across + tx for ty, tx in missing]
-            for i in index:
-                if i >= len(lv.offsets):
-                    raise SlideReadError(self.path, f"level {level} has no tile {i} (TileOffsets too short)")
-                if lv.counts[i] > _MAX_TILE_BYTES:
-                    raise SlideReadError(self.path, f"level {level} tile {i} declares {lv.counts[i]} bytes")
-            # A zero byte count is a tile the scanner skipped (no tissue): OpenSlide draws it
-            # transparent, which the base contract renders white.
-            ranges = [(lv.offsets[i], lv.counts[i]) if lv.counts[i] > 0 else (0, 0) for i in index]
-            blobs = self._reader.fetch_ranges(ranges)
+            fetch = [i for i in index if i not in ahead]
+            if fetch:
+                ahead.update(zip(fetch, self._fetch_tiles(level, lv, fetch)))
+            blobs = [ahead[i] for i in index]
             for t, i, blob in zip(missing, index, blobs):
                 tile = self._decode(level, lv, i, blob) if blob else None
                 tiles[t] = tile
@@ -259,6 +315,8 @@ class RemoteTiffSlide(Slide):
             with self._lock:
                 self._cache.clear()
                 self._cache_bytes = 0
+                self._ahead.clear()
+                self._ahead_bytes = 0
         super().close()
 
 

@@ -15,6 +15,7 @@ import io
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.errors import SlideOpenError, SlideReadError, StorageError
 
@@ -123,10 +124,13 @@ class S3RangeFile(io.RawIOBase):
         return self.read(max(self.size - self._pos, 0))
 
     # -- bulk ranges ----------------------------------------------------------------------------
-    def fetch_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+    def fetch_ranges(self, ranges: list[tuple[int, int]], workers: int = 1) -> list[bytes]:
         """Bytes of each ``(offset, length)`` in ``ranges``, in the given order, bypassing the
         block cache. Ranges within ``merge_gap`` bytes of each other (after sorting) share one
-        request. Raises :class:`~pipeline.errors.SlideReadError` on a short or failed read."""
+        request; up to ``workers`` requests are in flight at once (S3's first-byte latency, not
+        bandwidth, bounds a run of small sequential GETs). Raises
+        :class:`~pipeline.errors.SlideReadError` on a short or failed read (the first failure
+        when several requests fail)."""
         out: list[bytes | None] = [None] * len(ranges)
         order = sorted((o, n, i) for i, (o, n) in enumerate(ranges) if n > 0)
         for i, (o, n) in enumerate(ranges):
@@ -136,6 +140,7 @@ class S3RangeFile(io.RawIOBase):
                 raise SlideReadError(
                     self.uri, f"bytes {o}-{o + n - 1} lie past the object's {self.size} bytes (truncated)"
                 )
+        groups: list[tuple[int, int, list[tuple[int, int, int]]]] = []  # (start, stop, members)
         k = 0
         while k < len(order):
             start, n, _ = order[k]
@@ -144,10 +149,22 @@ class S3RangeFile(io.RawIOBase):
             while j < len(order) and order[j][0] <= stop + self.merge_gap:
                 stop = max(stop, order[j][0] + order[j][1])
                 j += 1
-            blob = self._get(start, stop)
-            for o, m, i in order[k:j]:
-                out[i] = blob[o - start : o - start + m]
+            groups.append((start, stop, order[k:j]))
             k = j
+
+        def fill(group: tuple[int, int, list[tuple[int, int, int]]]) -> None:
+            start, stop, members = group
+            blob = self._get(start, stop)
+            for o, m, i in members:
+                out[i] = blob[o - start : o - start + m]
+
+        if workers <= 1 or len(groups) <= 1:
+            for g in groups:
+                fill(g)
+        else:
+            with ThreadPoolExecutor(max_workers=min(workers, len(groups))) as pool:
+                # list() re-raises the first failure in request order, after all have finished.
+                list(pool.map(fill, groups))
         return out  # type: ignore[return-value]
 
     # -- internals ------------------------------------------------------------------------------

@@ -146,6 +146,12 @@ class Slide:
             )
         return out
 
+    def prefetch(self, level: int, boxes) -> None:
+        """Hint that ``read(level, box)`` follows for each of ``boxes`` (``level`` px). Backends
+        that read over the network fetch the data in one batch; local backends ignore it."""
+        if self._closed:
+            raise ValueError(f"{self.path}: slide is closed")
+
     def _read_checked(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         try:
             arr = self._read(level, x0, y0, x1, y1)
