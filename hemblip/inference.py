@@ -1,13 +1,17 @@
 """Batch captioning of white-cell crops: the :class:`Captioner` the pipeline's GPU actors run.
 
-Crops go through the checkpoint's image processor, then one batched ``generate`` per
-``batch_size`` crops (bf16 autocast on CUDA). Each caption is parsed into cell type, case and
+Crops are preprocessed as one batch on the model's device (``preprocess="device"``, the default:
+the checkpoint's BLIP image processor reproduced with torch, see ``hemblip._preprocess``; the
+processor itself is used when one of its settings cannot be reproduced, or with
+``preprocess="processor"``), then one batched ``generate`` per ``batch_size`` crops (bf16
+autocast on CUDA). Each caption is parsed into cell type, case and
 every ontology attribute (:func:`hemblip.captions.parse_caption`) and scored by its mean token
 log-probability (from ``generate``'s scores: a confidence signal, higher is more confident).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from hemblip._preprocess import plan_for
 from hemblip.errors import DatasetError, HemblipConfigError
 
 __all__ = ["Captioner", "CaptionResult", "DEMO_CHECKPOINT", "DECODING"]
+
+_log = logging.getLogger(__name__)
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_checkpoint"
 
@@ -50,12 +57,17 @@ class Captioner:
     float32 on CPU), "bfloat16", "float16" or "float32". ``decoding``: "greedy" (default) or
     "beam" (the paper's settings); ``num_beams`` > 1 with greedy means plain beam search.
     ``min_new_tokens``: force at least this many tokens (benchmarks use min = max).
+    ``preprocess``: "device" (default: resize/rescale/normalise batched on ``device``) or
+    "processor" (the checkpoint's PIL image processor, one crop at a time on the CPU).
+    ``self.preprocess`` is the path in use: "device" falls back to "processor" (with a
+    warning; the reason is in ``self.preprocess_fallback``) when the processor has a setting
+    the device path does not reproduce.
     """
 
     def __init__(self, model=None, device: str | None = None, batch_size: int = 64,
                  num_beams: int = 1, max_new_tokens: int | None = None, dtype: str = "auto",
                  decoding: str = "greedy", min_new_tokens: int | None = None,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, preprocess: str = "device"):
         import torch
 
         from hemblip.model import LoadedModel, load_model
@@ -68,6 +80,8 @@ class Captioner:
             raise HemblipConfigError(f"--decoding must be one of {', '.join(DECODING)}, got {decoding!r}")
         if dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise HemblipConfigError(f"--dtype must be auto|bfloat16|float16|float32, got {dtype!r}")
+        if preprocess not in ("device", "processor"):
+            raise HemblipConfigError(f"--preprocess must be device|processor, got {preprocess!r}")
         if isinstance(model, LoadedModel):
             loaded = model
             self.model_id = loaded.location
@@ -86,6 +100,13 @@ class Captioner:
         self._amp_dtype = None if dtype == "float32" else getattr(torch, dtype)
         self.model = loaded.model.to(self.device).eval()
         self.image_processor = loaded.image_processor
+        self._device_prep, self.preprocess_fallback = None, None
+        if preprocess == "device":
+            self._device_prep, self.preprocess_fallback = plan_for(self.image_processor)
+            if self._device_prep is None:
+                _log.warning("%s: preprocessing with the image processor on the CPU: %s",
+                             self.model_id, self.preprocess_fallback)
+        self.preprocess = "device" if self._device_prep is not None else "processor"
         self.tokenizer = loaded.tokenizer
         self.batch_size = batch_size
         gen = dict(DECODING[decoding])
@@ -102,10 +123,12 @@ class Captioner:
 
     # ------------------------------------------------------------------ internals
     @staticmethod
-    def _check_crops(crops) -> list[np.ndarray]:
+    def _check_crops(crops) -> np.ndarray | list[np.ndarray]:
         if isinstance(crops, np.ndarray):
             if crops.ndim != 4:
                 raise DatasetError(f"crops: expected an (N, H, W, 3) uint8 array, got shape {crops.shape}")
+            if crops.shape[3] == 3 and crops.dtype == np.uint8 and min(crops.shape[1:3]) >= 1:
+                return crops  # one array: batches are slices, no per-crop copies
             crops = list(crops)
         out = []
         for i, c in enumerate(crops):
@@ -116,9 +139,18 @@ class Captioner:
             out.append(c)
         return out
 
-    def pixel_values(self, crops: list[np.ndarray]):
-        """Model input for crops: float32 tensor (N, 3, S, S) on the captioner's device."""
-        px = self.image_processor(images=crops, return_tensors="pt")["pixel_values"]
+    def pixel_values(self, crops: np.ndarray | list[np.ndarray]):
+        """Model input for crops: float32 tensor (N, 3, S, S) on the captioner's device.
+
+        ``crops``: (N, H, W, 3) uint8 array or list of (H, W, 3) uint8 arrays, any size; S is
+        the checkpoint's image size. Values in the processor's normalised units
+        ((x / 255 - mean) / std per channel). On the device path they match the processor's
+        but for rare values one or two uint8 steps of the resized image off (measured in
+        ``docs/readme/hemblip-model.md``).
+        """
+        if self._device_prep is not None:
+            return self._device_prep(crops, self.device)
+        px = self.image_processor(images=list(crops), return_tensors="pt")["pixel_values"]
         return px.to(self.device)
 
     def generate(self, pixel_values):
@@ -149,8 +181,8 @@ class Captioner:
     def caption(self, crops) -> list[CaptionResult]:
         """Caption crops: (N, H, W, 3) uint8 array or list of (H, W, 3) uint8 arrays.
 
-        Returns one :class:`CaptionResult` per crop, in order. Crops of any size are resized by
-        the checkpoint's image processor.
+        Returns one :class:`CaptionResult` per crop, in order. Crops of any size are resized to
+        the checkpoint's image size (see :meth:`pixel_values`).
         """
         from hemblip.captions import parse_caption
         from hemblip.tokenizer import detokenize

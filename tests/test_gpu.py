@@ -44,3 +44,43 @@ def test_caption_batch_bf16(base_captioner):
     assert len(results) == 24
     assert all(math.isfinite(r.mean_logprob) for r in results)
     assert torch.cuda.max_memory_allocated() > 0
+
+
+def _bccd_windows(n: int = 16) -> np.ndarray:
+    """Real smear content (bundled BCCD fields, MIT): 224 px windows of the first fields."""
+    from PIL import Image
+
+    from pipeline.samples import SAMPLE_DATA_DIR
+
+    fields = sorted((SAMPLE_DATA_DIR / "bccd" / "JPEGImages").glob("*.jpg"))[:n]
+    return np.stack([np.asarray(Image.open(f).convert("RGB"))[120:344, 200:424] for f in fields])
+
+
+def test_device_preprocess_cuda_matches_cpu(base_captioner):
+    from dataclasses import replace
+
+    from hemblip._preprocess import plan_for
+
+    crops = _bccd_windows()
+    plan, _ = plan_for(base_captioner.image_processor)
+    cuda = plan(crops, "cuda")
+    assert cuda.is_cuda and cuda.dtype == torch.float32 and cuda.shape == (16, 3, 384, 384)
+    cuda = cuda.cpu()
+    # Same float arithmetic on the CPU; and the processor (bounds of tests/test_inference.py).
+    cpu_float = replace(plan, float_kernel=True)(crops, "cpu")
+    ref = base_captioner.image_processor(images=list(crops), return_tensors="pt")["pixel_values"]
+    for other in (cpu_float, ref):
+        d = (cuda - other).abs()
+        assert float(d.mean()) < 3e-4 and float(d.max()) < 0.031, (float(d.mean()), float(d.max()))
+
+
+def test_device_preprocess_uses_pinned_memory(base_captioner):
+    from hemblip._preprocess import stage
+
+    crops = _bccd_windows(4)
+    assert stage(crops, "cuda").is_pinned() and not stage(crops, "cpu").is_pinned()
+    before = torch.cuda.host_memory_stats().get("active_requests.allocated", 0)
+    px = base_captioner.pixel_values(crops)
+    torch.cuda.synchronize()
+    assert px.is_cuda and base_captioner.preprocess == "device"
+    assert torch.cuda.host_memory_stats().get("active_requests.allocated", 0) > before

@@ -108,6 +108,8 @@ def test_caption_cli(real_crops, tmp_path, capsys):
     err = captured.err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith(str(broken)) and err[1].startswith(str(missing))
     assert main(["caption", str(paths[0])]) == 0
+    assert main(["caption", str(paths[0]), "--preprocess", "processor"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["caption"] == lines[0]["caption"]
 
 
 def test_caption_cli_bad_model(real_crops, tmp_path, capsys):
@@ -116,3 +118,147 @@ def test_caption_cli_bad_model(real_crops, tmp_path, capsys):
     paths, _ = real_crops
     rc = main(["caption", str(paths[0]), "--model", str(tmp_path)])
     assert rc == 2 and "not a HemBLIP checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- device preprocessing
+# Bounds measured on the 50 BCCD crops below (224 px, normalised units; one uint8 step of the
+# resized image is 1/255/std ~= 0.015): the device path differs from the PIL processor only where
+# a rounding lands on the other side of .5 (by one step, rarely two).
+#   224->112 (demo):   uint8 kernel mean 4e-6,  max 0.0150; float kernel mean 9e-5, max 0.0150
+#   224->384 (base):   uint8 kernel mean 5e-5,  max 0.0300; float kernel mean 6e-6, max 0.0300
+_MEAN_BOUND = 3e-4
+_MAX_BOUND = 0.031
+
+
+@pytest.fixture(scope="module")
+def bccd_crops():
+    """One 224 px crop per WBC box of the bundled BCCD fields (real smears, MIT; see
+    pipeline/sample_data/ATTRIBUTION.md): a 360 px square around the box centre, white outside
+    the field, resized with PIL as the detection stage hands crops over."""
+    from PIL import Image
+
+    from pipeline.samples import SAMPLE_DATA_DIR, read_voc_boxes
+
+    side, crops = 360, []
+    for f in sorted((SAMPLE_DATA_DIR / "bccd" / "JPEGImages").glob("*.jpg")):
+        img = np.pad(np.asarray(Image.open(f).convert("RGB")), ((side, side), (side, side), (0, 0)),
+                     constant_values=255)
+        for x0, y0, x1, y1 in read_voc_boxes(SAMPLE_DATA_DIR / "bccd" / "Annotations" / f"{f.stem}.xml"):
+            cx, cy = (x0 + x1) // 2 + side, (y0 + y1) // 2 + side
+            c = img[cy - side // 2:cy + side // 2, cx - side // 2:cx + side // 2]
+            crops.append(np.asarray(Image.fromarray(c).resize((224, 224), Image.BICUBIC)))
+    assert len(crops) >= 40
+    return np.stack(crops)
+
+
+def _diff(a, b) -> tuple[float, float]:
+    d = (a - b).abs()
+    return float(d.mean()), float(d.max())
+
+
+def _processor(size, **kwargs):
+    from transformers import BlipImageProcessorPil
+
+    size = {"height": size, "width": size} if isinstance(size, int) else size
+    return BlipImageProcessorPil(size=size, **kwargs)
+
+
+@pytest.mark.parametrize("float_kernel", [False, True], ids=["uint8-kernel", "float-kernel-as-cuda"])
+@pytest.mark.parametrize("size", [None, 384], ids=["demo-112", "blip-base-384"])
+def test_device_preprocess_matches_processor(captioner, bccd_crops, size, float_kernel):
+    from dataclasses import replace
+
+    from hemblip._preprocess import plan_for
+
+    proc = captioner.image_processor if size is None else _processor(size)
+    plan, reason = plan_for(proc)
+    assert reason is None
+    plan = replace(plan, float_kernel=float_kernel)
+    ref = proc(images=list(bccd_crops), return_tensors="pt")["pixel_values"]
+    got = plan(bccd_crops, "cpu")
+    s = size or 112
+    assert got.shape == ref.shape == (len(bccd_crops), 3, s, s) and got.dtype == ref.dtype
+    assert got.is_contiguous()
+    mean, worst = _diff(got, ref)
+    assert mean < _MEAN_BOUND and worst < _MAX_BOUND, (mean, worst)
+    # A list of crops gives the same tensor as the stacked array.
+    assert torch_equal(plan(list(bccd_crops[:5]), "cpu"), got[:5])
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all()) and a.shape == b.shape
+
+
+def test_device_preprocess_bilinear_sizes_and_no_resize(bccd_crops):
+    from hemblip._preprocess import plan_for
+
+    # Bilinear, a non-square target, mixed input sizes (processed per size, order kept), and an
+    # input already at the target size (no resize: exact up to float rounding).
+    proc = _processor({"height": 96, "width": 128}, resample=2)
+    plan, _ = plan_for(proc)
+    assert plan.mode == "bilinear" and plan.size == (96, 128)
+    crops = [bccd_crops[0], bccd_crops[1][:150, :180], bccd_crops[2], bccd_crops[3][:96, :128]]
+    got = plan(crops, "cpu")
+    ref = proc(images=crops, return_tensors="pt")["pixel_values"]
+    assert got.shape == ref.shape == (4, 3, 96, 128)
+    mean, worst = _diff(got, ref)
+    assert mean < _MEAN_BOUND and worst < _MAX_BOUND, (mean, worst)
+    assert _diff(got[3], ref[3])[1] < 1e-5
+
+
+def test_device_and_processor_captions_agree(bccd_crops):
+    device = Captioner(batch_size=64)
+    proc = Captioner(batch_size=64, preprocess="processor")
+    assert (device.preprocess, proc.preprocess) == ("device", "processor")
+    assert device.preprocess_fallback is None
+    a, b = device.caption(bccd_crops), proc.caption(list(bccd_crops))
+    # Measured: all 50 captions identical, mean log-prob within 1e-5.
+    assert [r.caption for r in a] == [r.caption for r in b]
+    assert max(abs(x.mean_logprob - y.mean_logprob) for x, y in zip(a, b)) < 1e-3
+
+
+@pytest.mark.parametrize("change, reason", [  # one setting each that the device path lacks
+    ({"do_center_crop": True, "crop_size": {"height": 100, "width": 100}}, "do_center_crop"),
+    ({"do_pad": True}, "do_pad"),
+    ({"resample": 0}, "resample"),
+    ({"size": {"shortest_edge": 112}}, "size"),
+    ({"reducing_gap": 2.0}, "reducing_gap"),
+])
+def test_unreproducible_processor_falls_back(captioner, bccd_crops, change, reason):
+    from hemblip._preprocess import plan_for
+    from hemblip.model import LoadedModel
+
+    proc = _processor(change.pop("size", 112), **change)
+    plan, why = plan_for(proc)
+    assert plan is None and reason in why
+    loaded = LoadedModel(captioner.model, proc, captioner.tokenizer, "test")
+    cap = Captioner(loaded, batch_size=8)
+    assert cap.preprocess == "processor" and reason in cap.preprocess_fallback
+    crops = list(bccd_crops[:3])
+    expected = proc(images=crops, return_tensors="pt")["pixel_values"]
+    assert torch_equal(cap.pixel_values(crops), expected)
+
+
+def test_other_processor_class_falls_back():
+    from transformers import BlipImageProcessorPil
+
+    from hemblip._preprocess import plan_for
+
+    class Custom(BlipImageProcessorPil):
+        pass
+
+    plan, why = plan_for(Custom())
+    assert plan is None and "Custom" in why
+
+
+def test_preprocess_flag_and_bad_crops_on_device_path(captioner):
+    with pytest.raises(HemblipConfigError, match="--preprocess"):
+        Captioner(preprocess="gpu")
+    assert captioner.preprocess == "device"
+    for bad, where in [(np.zeros((2, 8, 8, 3), np.float32), "crop 0"),
+                       (np.zeros((2, 8, 8, 4), np.uint8), "crop 0"),
+                       (np.zeros((8, 8, 3), np.uint8), "crops"),
+                       ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.int16)], "crop 1")]:
+        with pytest.raises(DatasetError, match=where) as info:
+            captioner.caption(bad)
+        assert "\n" not in str(info.value)

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoding", choices=("greedy", "beam"), default="greedy",
                         help="beam = the paper's 4 beams, repetition penalty 1.15, no repeated 3-grams")
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--preprocess", choices=("device", "processor"), default="device",
+                        help="device = resize/normalise batched on --device (default); processor = "
+                             "the checkpoint's PIL image processor, one crop at a time")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pickle (.bin/.pt) weights: only for checkpoints you trust")
 
@@ -54,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
     if crops:
         captioner = Captioner(args.model, device=args.device, batch_size=args.batch_size,
                               decoding=args.decoding, max_new_tokens=args.max_new_tokens,
-                              allow_pickle=args.allow_pickle)
+                              allow_pickle=args.allow_pickle,
+                              preprocess=getattr(args, "preprocess", "device"))
         for path, res in zip(good, captioner.caption(crops)):
             row = {"image": path, "caption": res.caption, "cell_type": res.cell_type,
                    "case": res.case,
