@@ -2,10 +2,11 @@
 
 ``detect_slide(path, config)`` opens the slide, settles its scale (metadata, else the user's
 ``mpp``, else estimated from red cells), runs :func:`pipeline.detection.detect_wbc` on overlapping
-tiles of the pyramid level closest to the detector's working resolution, keeps each cell once
-across tile borders, then reads a fixed physical-size square crop around each cell at level 0,
-resamples it to ``crop_px`` and measures it with :func:`pipeline.detection.segment_cell`. The
-slide is never decoded whole at full resolution (except a plain image, which is one level).
+tiles of the pyramid level closest to the detector's working resolution (or, with
+``DetectorConfig.max_detect_mpp``, the coarsest level at most that), keeps each cell once across
+tile borders, then reads a fixed physical-size square crop around each cell at level 0, resamples
+it to ``crop_px`` and measures it with :func:`pipeline.detection.segment_cell`. The slide is never
+decoded whole at full resolution (except a plain image, which is one level).
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ OVERVIEW_MAX_SIDE = 1024
 # Scale estimation reads level-0 windows of this side: enough red cells, bounded cost.
 _ESTIMATE_WINDOW = 2048
 _COLUMN_NAMES = [c[0] for c in DETECT_COLUMNS]
+# Cells whose level-0 crop tiles are fetched together (~4 tiles, tens of kB each, per cell).
+_CROP_PREFETCH_CELLS = 128
 
 
 @dataclass(frozen=True)
 class DetectConfig:
     """Settings of :func:`detect_slide` (lengths µm; tile sizes px at the detector's working
-    resolution ``detector.working_mpp``).
+    resolution ``detector.working_mpp``, or px of the detection level when that is coarser: a
+    1024-px tile of a 1.0 µm/px level covers 1 mm). Which level detection reads is
+    ``detector.max_detect_mpp``'s rule (:class:`~pipeline.detection.DetectorConfig`).
 
     ``crop_um``: side of the square crop centred on each cell; ``crop_px``: side it is
     resampled to; ``mpp``: level-0 µm/px for slides whose metadata has none; ``tile_px`` and
@@ -135,7 +140,7 @@ def detect_slide(
                     slide.path, "no mpp in metadata, none given (--mpp), and no red cells to estimate it from"
                 )
             mpp_source = "estimated"
-        level = _detect_level(slide, mpp, cfg.detector.working_mpp)
+        level = _detect_level(slide, mpp, cfg.detector)
         lw, lh = slide.level_dimensions[level]
         if lw * lh > cfg.max_detect_pixels:
             raise SlideTooLargeError(
@@ -182,10 +187,20 @@ def _estimate_scale(slide: Slide) -> float | None:
     return float(np.median(found)) if found else None
 
 
-def _detect_level(slide: Slide, mpp: float, working_mpp: float) -> int:
-    """Level whose mpp is closest to ``working_mpp`` (log scale); finer wins a tie."""
-    costs = [abs(math.log(mpp * ds / working_mpp)) for ds in slide.level_downsamples]
-    return min(range(len(costs)), key=lambda i: (round(costs[i], 9), i))
+def _detect_level(slide: Slide, mpp: float, detector: DetectorConfig) -> int:
+    """Pyramid level detection reads (``mpp``: level-0 µm/px).
+
+    The coarsest level whose mpp is at most ``detector.max_detect_mpp``, else level 0; with
+    ``max_detect_mpp`` None, the level closest to ``detector.working_mpp`` (log scale, finer wins
+    a tie).
+    """
+    level_mpps = [mpp * ds for ds in slide.level_downsamples]
+    cap = detector.max_detect_mpp
+    if cap is None:
+        costs = [abs(math.log(m / detector.working_mpp)) for m in level_mpps]
+        return min(range(len(costs)), key=lambda i: (round(costs[i], 9), i))
+    ok = [i for i, m in enumerate(level_mpps) if m <= cap * (1 + 1e-9)]
+    return max(ok, key=lambda i: (level_mpps[i], -i)) if ok else 0
 
 
 # -- detection on tiles --------------------------------------------------------------------------
@@ -215,6 +230,8 @@ def _detect_cells(slide: Slide, level: int, mpp: float, cfg: DetectConfig):
 
     cells: list[_Cell] = []
     for j, ty in enumerate(ys):
+        # A remote slide fetches the whole row band in one batch of concurrent requests.
+        slide.prefetch(level, [(tx, ty, min(tx + tile, lw), min(ty + tile, lh)) for tx in xs])
         for i, tx in enumerate(xs):
             x1, y1 = min(tx + tile, lw), min(ty + tile, lh)
             rgb = slide.read(level, (tx, ty, x1, y1))
@@ -317,71 +334,90 @@ def _paste_overview(ov: np.ndarray, rgb: np.ndarray, tx: int, ty: int, f: float,
 
 # -- crops, morphometry, QC ----------------------------------------------------------------------
 def _measure(slide: Slide, cells: list[_Cell], level: int, mpp: float, mpp_source: str, cfg: DetectConfig, source: str):
-    w, h = slide.dimensions
     side0 = max(2, int(round(cfg.crop_um / mpp)))  # level-0 px
-    crop_mpp = cfg.crop_um / cfg.crop_px
-    det = cfg.detector
     # Coordinates come from a coarser level: a box within one level px of the border touches it.
     tol = slide.level_downsamples[level]
     crops = np.empty((len(cells), cfg.crop_px, cfg.crop_px, 3), np.uint8)
-    records = []
+    records: list[dict | None] = [None] * len(cells)
     boxes = np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4)
-    for idx, c in enumerate(cells):
-        cx, cy = c.centroid
-        x0 = int(math.floor(cx - side0 / 2))
-        y0 = int(math.floor(cy - side0 / 2))
-        x1, y1 = x0 + side0, y0 + side0
-        raw = slide.read(0, (x0, y0, x1, y1))
-        interp = cv2.INTER_AREA if side0 >= cfg.crop_px else cv2.INTER_CUBIC
-        crop = cv2.resize(raw, (cfg.crop_px, cfg.crop_px), interpolation=interp)
-        crops[idx] = crop
-        m = segment_cell(crop, crop_mpp)
 
-        bx0, by0, bx1, by1 = c.box
-        flags = []
-        if bx0 <= tol or by0 <= tol or bx1 >= w - tol or by1 >= h - tol:
-            flags.append("slide_edge")
-        if not (m.focus_score >= det.min_focus):
-            flags.append("out_of_focus")
-        if c.clumped or _overlaps_other(boxes, idx):
-            flags.append("clumped")
-        diam = m.cell_diameter_um if _finite(m.cell_diameter_um) and m.cell_diameter_um > 0 else c.diameter_um
-        if not det.min_cell_diameter_um <= diam <= det.max_cell_diameter_um:
-            flags.append("implausible_size")
-        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-            flags.append("crop_incomplete")
+    def crop_box(c: _Cell) -> tuple[int, int, int, int]:
+        x0 = int(math.floor(c.centroid[0] - side0 / 2))
+        y0 = int(math.floor(c.centroid[1] - side0 / 2))
+        return x0, y0, x0 + side0, y0 + side0
 
-        cyto = tuple(float(v) for v in m.cytoplasm_rgb)
-        nuc = tuple(float(v) for v in m.nucleus_rgb)
-        rec = {
-            "source": source,
-            "cell_index": idx,
-            "bbox_x0": int(math.floor(bx0)),
-            "bbox_y0": int(math.floor(by0)),
-            "bbox_x1": int(math.ceil(bx1)),
-            "bbox_y1": int(math.ceil(by1)),
-            "centroid_x": float(cx),
-            "centroid_y": float(cy),
-            "mpp": float(mpp),
-            "mpp_source": mpp_source,
-            "crop_size_um": float(cfg.crop_um),
-            "cell_area_um2": _num(m.cell_area_um2),
-            "nucleus_area_um2": _num(m.nucleus_area_um2),
-            "cell_diameter_um": _num(m.cell_diameter_um),
-            "nc_ratio": _num(m.nc_ratio),
-            "nucleus_circularity": _num(m.nucleus_circularity),
-            "nucleus_lobes": int(m.nucleus_lobes),
-            "cytoplasm_r": _num(cyto[0]),
-            "cytoplasm_g": _num(cyto[1]),
-            "cytoplasm_b": _num(cyto[2]),
-            "nucleus_r": _num(nuc[0]),
-            "nucleus_g": _num(nuc[1]),
-            "nucleus_b": _num(nuc[2]),
-            "focus_score": _num(m.focus_score),
-            "qc_flags": flags,
-        }
-        records.append({k: rec[k] for k in _COLUMN_NAMES})
+    # Cells in reading order, in chunks whose level-0 tiles a remote slide fetches in one batch
+    # (one request per cell would cost a round trip each); the chunk bounds the bytes held.
+    order = sorted(range(len(cells)), key=lambda k: (cells[k].centroid[1], cells[k].centroid[0]))
+    for start in range(0, len(order), _CROP_PREFETCH_CELLS):
+        chunk = order[start:start + _CROP_PREFETCH_CELLS]
+        slide.prefetch(0, [crop_box(cells[k]) for k in chunk])
+        for idx in chunk:
+            records[idx] = _measure_one(slide, cells, idx, crop_box(cells[idx]), boxes, crops, mpp, mpp_source,
+                                        cfg, source, tol)
     return records, crops
+
+
+def _measure_one(slide: Slide, cells: list[_Cell], idx: int, box: tuple[int, int, int, int], boxes: np.ndarray,
+                 crops: np.ndarray, mpp: float, mpp_source: str, cfg: DetectConfig, source: str, tol: float) -> dict:
+    """Crop cell ``idx`` into ``crops[idx]``, segment and flag it; its DETECT record."""
+    w, h = slide.dimensions
+    side0 = box[2] - box[0]
+    crop_mpp = cfg.crop_um / cfg.crop_px
+    det = cfg.detector
+    c = cells[idx]
+    cx, cy = c.centroid
+    x0, y0, x1, y1 = box
+    raw = slide.read(0, (x0, y0, x1, y1))
+    interp = cv2.INTER_AREA if side0 >= cfg.crop_px else cv2.INTER_CUBIC
+    crop = cv2.resize(raw, (cfg.crop_px, cfg.crop_px), interpolation=interp)
+    crops[idx] = crop
+    m = segment_cell(crop, crop_mpp)
+
+    bx0, by0, bx1, by1 = c.box
+    flags = []
+    if bx0 <= tol or by0 <= tol or bx1 >= w - tol or by1 >= h - tol:
+        flags.append("slide_edge")
+    if not (m.focus_score >= det.min_focus):
+        flags.append("out_of_focus")
+    if c.clumped or _overlaps_other(boxes, idx):
+        flags.append("clumped")
+    diam = m.cell_diameter_um if _finite(m.cell_diameter_um) and m.cell_diameter_um > 0 else c.diameter_um
+    if not det.min_cell_diameter_um <= diam <= det.max_cell_diameter_um:
+        flags.append("implausible_size")
+    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+        flags.append("crop_incomplete")
+
+    cyto = tuple(float(v) for v in m.cytoplasm_rgb)
+    nuc = tuple(float(v) for v in m.nucleus_rgb)
+    rec = {
+        "source": source,
+        "cell_index": idx,
+        "bbox_x0": int(math.floor(bx0)),
+        "bbox_y0": int(math.floor(by0)),
+        "bbox_x1": int(math.ceil(bx1)),
+        "bbox_y1": int(math.ceil(by1)),
+        "centroid_x": float(cx),
+        "centroid_y": float(cy),
+        "mpp": float(mpp),
+        "mpp_source": mpp_source,
+        "crop_size_um": float(cfg.crop_um),
+        "cell_area_um2": _num(m.cell_area_um2),
+        "nucleus_area_um2": _num(m.nucleus_area_um2),
+        "cell_diameter_um": _num(m.cell_diameter_um),
+        "nc_ratio": _num(m.nc_ratio),
+        "nucleus_circularity": _num(m.nucleus_circularity),
+        "nucleus_lobes": int(m.nucleus_lobes),
+        "cytoplasm_r": _num(cyto[0]),
+        "cytoplasm_g": _num(cyto[1]),
+        "cytoplasm_b": _num(cyto[2]),
+        "nucleus_r": _num(nuc[0]),
+        "nucleus_g": _num(nuc[1]),
+        "nucleus_b": _num(nuc[2]),
+        "focus_score": _num(m.focus_score),
+        "qc_flags": flags,
+    }
+    return {k: rec[k] for k in _COLUMN_NAMES}
 
 
 def _overlaps_other(boxes: np.ndarray, idx: int) -> bool:

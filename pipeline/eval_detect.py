@@ -8,6 +8,11 @@ one-to-one (maximum matching, ties broken by distance to the box centre). Labels
 ``.txt`` (``class cx cy w h`` normalised, class 0 = WBC) or Pascal-VOC ``.xml`` (object name
 ``WBC``), found by image stem.
 
+``detect_mpp`` (``--detect-mpp``) evaluates detection on a coarser copy of each image, as the
+detection stage sees a slide when it reads a coarser pyramid level: the image is reduced with
+``cv2.INTER_AREA`` (a scanner's level is an area-downsample of level 0) to ``detect_mpp`` µm/px,
+detected there, and the detections are mapped back to the image's pixels for matching.
+
 ``python -m pipeline.eval_detect --segmentation DIR`` prints the nucleus and whole-cell Dice of
 :func:`~pipeline.detection.segment_cell` on ``segmentation_wbc``-style crops.
 """
@@ -24,10 +29,11 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.detection import DetectorConfig, detect_wbc, estimate_mpp, segment_cell
+from pipeline.detection import Detection, DetectorConfig, detect_wbc, estimate_mpp, segment_cell
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "read_labels",
     "read_source_map",
     "prf",
+    "detect_at",
     "evaluate_detection",
     "evaluate_segmentation",
     "format_table",
@@ -153,8 +160,6 @@ def prf(tp: int, fp: int, fn: int) -> dict:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    import cv2
-
     data = np.fromfile(str(path), dtype=np.uint8)
     if data.size == 0:
         raise ValueError("empty file")
@@ -172,6 +177,60 @@ def _default_source(images_dir: Path) -> str:
     return "all"
 
 
+def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    # OpenCV's default chroma subsampling is 4:2:0, as in scanners' YCbCr JPEG tiles.
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1])
+
+
+def detect_at(
+    rgb: np.ndarray,
+    mpp: float,
+    detect_mpp: float | None,
+    config: DetectorConfig | None = None,
+    jpeg_quality: int | None = None,
+) -> list[Detection]:
+    """``detect_wbc`` on ``rgb`` ((H, W, 3) uint8 at ``mpp`` µm/px) reduced to ``detect_mpp``.
+
+    The reduction is ``cv2.INTER_AREA`` to ``round(W * mpp / detect_mpp)`` px wide (likewise
+    high), as a coarser pyramid level would hold it, and detection is told ``detect_mpp``;
+    ``jpeg_quality`` (1-100) then re-encodes that image as JPEG (4:2:0), as a scanner stores
+    the level. Boxes, centroids and areas come back in px of ``rgb`` (pixel centres mapped,
+    boxes scaled and clipped). ``detect_mpp`` None, or not coarser than ``mpp``: ``rgb`` itself
+    (JPEG re-encoded at its own resolution if ``jpeg_quality`` is given) at ``mpp``.
+    """
+    if detect_mpp is None or detect_mpp <= mpp:
+        img = rgb if jpeg_quality is None else _jpeg(rgb, jpeg_quality)
+        return detect_wbc(img, mpp, config)
+    h, w = rgb.shape[:2]
+    f = mpp / detect_mpp
+    nw, nh = max(int(round(w * f)), 2), max(int(round(h * f)), 2)
+    small = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
+    if jpeg_quality is not None:
+        small = _jpeg(small, jpeg_quality)
+    sx, sy = nw / w, nh / h
+    out = []
+    for d in detect_wbc(small, detect_mpp, config):
+        x0, y0, x1, y1 = d.bbox
+        out.append(
+            Detection(
+                bbox=(
+                    max(int(math.floor(x0 / sx)), 0),
+                    max(int(math.floor(y0 / sy)), 0),
+                    min(int(math.ceil(x1 / sx)), w),
+                    min(int(math.ceil(y1 / sy)), h),
+                ),
+                centroid=((d.centroid[0] + 0.5) / sx - 0.5, (d.centroid[1] + 0.5) / sy - 0.5),
+                area_px=d.area_px / (sx * sy),
+                score=d.score,
+                clumped=d.clumped,
+            )
+        )
+    return out
+
+
 def evaluate_detection(
     images_dir: str | Path,
     labels_dir: str | Path,
@@ -180,14 +239,19 @@ def evaluate_detection(
     config: DetectorConfig | None = None,
     default_source: str | None = None,
     limit: int | None = None,
+    detect_mpp: float | None = None,
+    jpeg_quality: int | None = None,
 ) -> dict:
     """Precision/recall/F1 of ``detect_wbc`` overall and per source.
 
     ``mpp`` None: each image's mpp is estimated from its red cells (an image where that fails
     is recorded in ``errors`` and its white cells count as missed, as the stage would fail the
-    slide). Unreadable images and images without a label file are recorded in ``errors`` with a
-    reason and left out of the counts. Returns ``{"overall", "per_source", "images", "errors",
-    "n_images", "seconds"}``.
+    slide). ``detect_mpp`` (µm/px): detect on each image reduced to that resolution (see
+    :func:`detect_at`; images already at or coarser than it are used as they are); None: on
+    the image itself. ``jpeg_quality``: re-encode the image detection sees as JPEG of that
+    quality (4:2:0 chroma), as a scanner's tiles are. Unreadable images and images without a label file are recorded in
+    ``errors`` with a reason and left out of the counts. Returns ``{"overall", "per_source",
+    "images", "errors", "n_images", "seconds", "detect_mpp"}``.
     """
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
     for flag, d in (("--images", images_dir), ("--labels", labels_dir)):
@@ -195,6 +259,17 @@ def evaluate_detection(
             raise ConfigError(f"{flag} {d}: not a directory")
     if mpp is not None and (not isinstance(mpp, int | float) or not mpp > 0):
         raise ConfigError(f"--mpp: must be > 0, got {mpp!r}")
+    if detect_mpp is not None and (
+        isinstance(detect_mpp, bool)
+        or not isinstance(detect_mpp, int | float)
+        or not math.isfinite(detect_mpp)
+        or not 0 < detect_mpp <= 5.0
+    ):
+        raise ConfigError(f"--detect-mpp: must be a number of µm/px in (0, 5], got {detect_mpp!r}")
+    if jpeg_quality is not None and (
+        isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100
+    ):
+        raise ConfigError(f"--detect-jpeg: must be a JPEG quality in [1, 100], got {jpeg_quality!r}")
     smap = read_source_map(source_map) if isinstance(source_map, str | Path) else (source_map or {})
     fallback = default_source or _default_source(images_dir)
     paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -225,7 +300,7 @@ def evaluate_detection(
             )
             dets = []
         else:
-            dets = detect_wbc(img, m, config)
+            dets = detect_at(img, m, None if detect_mpp is None else float(detect_mpp), config, jpeg_quality)
         matches = match_detections([d.centroid for d in dets], gt)
         tp = len(matches)
         per_image.append(
@@ -234,6 +309,7 @@ def evaluate_detection(
                 "source": src,
                 "mpp": m,
                 "mpp_source": m_src,
+                "detect_mpp": None if m is None else max(m, detect_mpp or m),
                 "n_gt": len(gt),
                 "n_det": len(dets),
                 "tp": tp,
@@ -256,6 +332,8 @@ def evaluate_detection(
         "errors": errors,
         "n_images": len(paths),
         "seconds": seconds,
+        "detect_mpp": detect_mpp,
+        "jpeg_quality": jpeg_quality,
     }
 
 
@@ -297,8 +375,6 @@ def evaluate_segmentation(root: str | Path, limit: int | None = None) -> dict:
     one mpp: its median annotated cell equivalent diameter taken as 12 µm (a typical white
     cell). Returns per-dataset and overall (mean of the dataset means) Dice.
     """
-    import cv2
-
     root = Path(root)
     dsets = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("dataset"))
     if not dsets:

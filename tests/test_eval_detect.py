@@ -168,3 +168,86 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert data["overall"]["tp"] == 4
     rc = main(["eval-detect", "--images", str(tmp_path / "missing"), "--labels", str(labels)])
     assert rc == 2
+
+
+# -- detection on a coarser copy (--detect-mpp), as on a coarser pyramid level
+
+
+def test_detect_at_maps_coarse_detections_back():
+    from pipeline.detection import detect_wbc
+    from pipeline.eval_detect import detect_at
+
+    cells = [(100, 100), (280, 300), (300, 90)]
+    rgb, boxes = _field(0.25, cells)
+    fine = detect_wbc(rgb, 0.25)
+    assert detect_at(rgb, 0.25, None) == fine  # None: today's behaviour, unchanged
+    coarse = detect_at(rgb, 0.25, 1.0)  # the image is 100 px wide at 1.0 µm/px
+    assert len(coarse) == len(fine) == 3
+    for d, f, (x, y), b in zip(coarse, fine, sorted(cells, key=lambda c: (c[1], c[0])), sorted(boxes, key=lambda b: (b[1], b[0])), strict=True):
+        # centroid back in px of rgb: within 1 µm (4 px) of the cell's centre and the fine one
+        assert math.hypot(d.centroid[0] - x, d.centroid[1] - y) <= 4.0
+        assert math.hypot(d.centroid[0] - f.centroid[0], d.centroid[1] - f.centroid[1]) <= 4.0
+        x0, y0, x1, y1 = d.bbox
+        assert 0 <= x0 < x1 <= 400 and 0 <= y0 < y1 <= 400
+        assert x0 <= x <= x1 and y0 <= y <= y1
+        # box and area in rgb px, like the fine detection's (a 12 µm cell is 48 px across here)
+        assert all(abs(a - c) <= 8 for a, c in zip(d.bbox, f.bbox, strict=True))
+        assert d.area_px == pytest.approx(f.area_px, rel=0.2)
+        assert x1 - x0 == pytest.approx(b[2] - b[0], abs=10)
+
+
+def test_detect_at_leaves_coarser_images_alone_and_jpeg_reencodes():
+    from pipeline.detection import detect_wbc
+    from pipeline.eval_detect import detect_at
+
+    rgb, _ = _field(1.0, [(200, 200)])
+    assert detect_at(rgb, 1.0, 0.5) == detect_wbc(rgb, 1.0)
+    assert detect_at(rgb, 1.0, 1.0) == detect_wbc(rgb, 1.0)
+    fine, _ = _field(0.25, [(200, 200)])
+    dets = detect_at(fine, 0.25, 1.0)
+    assert len(dets) == 1 and math.hypot(dets[0].centroid[0] - 200, dets[0].centroid[1] - 200) <= 4.0
+    # --detect-jpeg re-encodes the reduced image (4:2:0 JPEG) before detection
+    small = cv2.resize(fine, (100, 100), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", small[:, :, ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    want = detect_wbc(cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1].copy(), 1.0)
+    got = detect_at(fine, 0.25, 1.0, jpeg_quality=90)
+    assert [d.score for d in got] == [d.score for d in want]
+    assert [d.centroid for d in got] == [((d.centroid[0] + 0.5) * 4 - 0.5, (d.centroid[1] + 0.5) * 4 - 0.5) for d in want]
+
+
+def test_evaluate_detection_at_a_coarser_mpp(tmp_path):
+    images, labels, smap = _write_set(tmp_path)
+    base = evaluate_detection(images, labels, source_map=smap, mpp=0.25)
+    same = evaluate_detection(images, labels, source_map=smap, mpp=0.25, detect_mpp=None)
+    assert same["overall"] == base["overall"] and same["images"] == base["images"]
+    assert base["detect_mpp"] is None and all(r["detect_mpp"] == 0.25 for r in base["images"])
+    coarse = evaluate_detection(images, labels, source_map=smap, mpp=0.25, detect_mpp=1.0)
+    o = coarse["overall"]
+    assert (o["tp"], o["fp"], o["fn"]) == (4, 0, 1)
+    assert coarse["detect_mpp"] == 1.0 and all(r["detect_mpp"] == 1.0 for r in coarse["images"])
+    # an image already coarser than --detect-mpp is used as it is
+    fine_only = evaluate_detection(images, labels, source_map=smap, mpp=0.25, detect_mpp=0.1)
+    assert fine_only["overall"] == base["overall"]
+    assert all(r["detect_mpp"] == 0.25 for r in fine_only["images"])
+    for bad in (0, -1, float("nan"), 6.0, True):
+        with pytest.raises(ConfigError, match="--detect-mpp"):
+            evaluate_detection(images, labels, detect_mpp=bad)
+    with pytest.raises(ConfigError, match="--detect-jpeg"):
+        evaluate_detection(images, labels, jpeg_quality=0)
+
+
+def test_cli_detect_mpp(tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    images, labels, smap = _write_set(tmp_path)
+    out = tmp_path / "r.json"
+    rc = main(["eval-detect", "--images", str(images), "--labels", str(labels), "--mpp", "0.25", "--detect-mpp", "1.0", "--detect-jpeg", "90", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "detection at 1.0 µm/px" in text and "JPEG quality 90" in text
+    data = json.loads(out.read_text())
+    assert data["detect_mpp"] == 1.0 and data["jpeg_quality"] == 90
+    api = evaluate_detection(images, labels, mpp=0.25, detect_mpp=1.0, jpeg_quality=90)
+    assert data["overall"] == json.loads(json.dumps(api["overall"], default=float))
+    assert main(["eval-detect", "--images", str(images), "--labels", str(labels), "--detect-mpp", "-1"]) == 2
+    assert "--detect-mpp" in capsys.readouterr().err

@@ -25,6 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crops-dir", type=Path, default=None, help="also write each crop as PNG here")
     parser.add_argument("--crop-um", type=float, default=36.0, help="side of the square crop in µm (default 36)")
     parser.add_argument("--crop-px", type=int, default=224, help="side the crop is resampled to in px (default 224)")
+    parser.add_argument(
+        "--max-detect-mpp",
+        type=float,
+        default=None,
+        metavar="UM_PER_PX",
+        help="detect on the coarsest pyramid level whose µm/px is at most this (≥ 0.5), else "
+        "level 0; e.g. 1.1 reads a 40x slide's 1.0 µm/px level: ~1/16 of the pixels, recall "
+        "0.02-0.04 lower on JPEG levels (default: the level closest to 0.5 µm/px)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -32,9 +41,11 @@ def main(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from pipeline.detect import DetectConfig, detect_slide
+    from pipeline.detection import DetectorConfig
     from pipeline.schema import DETECT_SCHEMA
 
-    cfg = DetectConfig(crop_um=args.crop_um, crop_px=args.crop_px, mpp=args.mpp)
+    detector = DetectorConfig() if args.max_detect_mpp is None else DetectorConfig(max_detect_mpp=args.max_detect_mpp)
+    cfg = DetectConfig(crop_um=args.crop_um, crop_px=args.crop_px, mpp=args.mpp, detector=detector)
     if args.out.exists() and args.out.is_dir():
         raise ConfigError(f"--out: {args.out} is a directory; give a .parquet file path")
     rows: list[dict] = []

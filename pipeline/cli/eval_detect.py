@@ -14,6 +14,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--source-map", metavar="CSV", help="CSV with an image id column and 'source'")
     parser.add_argument("--source-name", metavar="NAME", help="source of images not in the map (default: from the folder name)")
     parser.add_argument("--mpp", type=float, default=None, help="µm/px of every image (default: estimated per image from red cells)")
+    parser.add_argument(
+        "--detect-mpp",
+        type=float,
+        default=None,
+        metavar="X",
+        help="detect on each image area-reduced to X µm/px, as on a coarser pyramid level (default: the image as it is)",
+    )
+    parser.add_argument(
+        "--detect-jpeg",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="re-encode the image detection sees as JPEG of quality Q (4:2:0), as a scanner stores a level",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--json", metavar="OUT", help="write the full result (per image, errors) as JSON")
 
@@ -28,8 +42,14 @@ def main(args) -> int:
         mpp=args.mpp,
         default_source=args.source_name,
         limit=args.limit,
+        detect_mpp=args.detect_mpp,
+        jpeg_quality=args.detect_jpeg,
     )
     print(format_table(res))
+    if args.detect_mpp is not None:
+        print(f"detection at {args.detect_mpp} µm/px (images area-reduced to it)")
+    if args.detect_jpeg is not None:
+        print(f"detection input re-encoded as JPEG quality {args.detect_jpeg} (4:2:0)")
     print(f"{res['n_images']} images in {res['seconds']:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=float))

@@ -19,6 +19,9 @@ _OPTIONS: list[tuple[str, dict]] = [
     ("crop_um", {"type": float, "metavar": "UM", "help": "side of the square crop around each cell, µm (default 36)"}),
     ("crop_px", {"type": int, "metavar": "PX", "help": "crop side after resampling, px (default 224)"}),
     ("mpp", {"type": float, "metavar": "UM_PER_PX", "help": "level-0 µm/px for slides without it in their metadata"}),
+    ("max_detect_mpp", {"type": float, "metavar": "UM_PER_PX",
+                        "help": "detect on the coarsest pyramid level at most this µm/px (e.g. 1.1; default: the "
+                                "level nearest 0.5 µm/px, see the README's detection-level section)"}),
     ("detect_cpus", {"type": float, "metavar": "N", "help": "CPUs per detect task (default 1)"}),
     ("caption_batch_size", {"type": int, "metavar": "N", "help": "crops per caption batch (default 32)"}),
     ("caption_min_actors", {"type": int, "metavar": "N", "help": "minimum caption actors (default 1)"}),

@@ -16,11 +16,21 @@ class DetectorConfig:
 
     ``working_mpp`` is the resolution (µm/px) detection runs at: finer images are reduced to it
     (a white cell of ~12 µm is still ~24 px across at 0.5 µm/px, and a 1024² tile costs a few
-    milliseconds), coarser ones are used as they are. The detection stage reads the pyramid level
-    whose mpp is closest to it.
+    milliseconds), coarser ones are used as they are.
+
+    ``max_detect_mpp`` (opt-in) picks the pyramid level the detection stage reads: the coarsest
+    level whose mpp is at most this, else level 0. None (default): the level whose mpp is closest
+    to ``working_mpp`` (log scale, finer wins a tie), which reads level 0 of a 0.25/1.0/4.0 µm/px
+    40x pyramid. Detection on area-reduced 1.0 µm/px images kept precision and recall within
+    0.015 of 0.5 µm/px on TXL-PBC val and BCCD, but once that level is stored as a scanner does
+    (JPEG, 4:2:0 chroma) recall fell 0.02-0.04 while level-0 reading held, so the coarser level
+    is not the default (docs/readme/detection.md, "Detection level"). 1.1 admits the 1.0 µm/px
+    level of a 40x scanner whose level 0 is a little coarser than 0.25 µm/px (0.2527 x 4 = 1.011).
     """
 
     working_mpp: float = 0.5
+    #: coarsest pyramid level read for detection, µm/px, ≥ working_mpp (None: closest to it)
+    max_detect_mpp: float | None = None
     #: plausible whole-cell diameters; outside them a cell is flagged, see ``implausible_size``
     min_cell_diameter_um: float = 6.0
     max_cell_diameter_um: float = 30.0
@@ -66,6 +76,18 @@ class DetectorConfig:
                 f"DetectorConfig.working_mpp: {self.working_mpp} µm/px is too coarse to see a "
                 "white cell (use ≤ 5)"
             )
+        if self.max_detect_mpp is not None:
+            v = self.max_detect_mpp
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ConfigError(
+                    f"DetectorConfig.max_detect_mpp (--max-detect-mpp): must be a number of µm/px or None, got {v!r}"
+                )
+            # Below working_mpp the stage would read finer pixels than the detector uses.
+            if not self.working_mpp <= v <= 5.0:
+                raise ConfigError(
+                    f"DetectorConfig.max_detect_mpp (--max-detect-mpp): must be in [working_mpp = "
+                    f"{self.working_mpp}, 5] µm/px, got {v!r}"
+                )
         if self.max_cell_diameter_um <= self.min_cell_diameter_um:
             raise ConfigError(
                 "DetectorConfig.max_cell_diameter_um: must exceed min_cell_diameter_um "

@@ -67,6 +67,8 @@ class JobConfig:
     crop_px: int = 224
     mpp: float | None = None
     detect_cpus: float = 1.0
+    #: coarsest pyramid level detection reads, µm/px (None: the level closest to 0.5 µm/px)
+    max_detect_mpp: float | None = None
     # caption stage (actor pool)
     caption_batch_size: int = 32
     caption_min_actors: int = 1
@@ -135,6 +137,13 @@ class JobConfig:
                 raise ConfigError(f"{flag_of(name)} must be > 0, got {getattr(self, name)!r}")
         if self.mpp is not None and not float(self.mpp) > 0:
             raise ConfigError(f"{flag_of('mpp')} must be > 0 µm/px, got {self.mpp!r}")
+        if self.max_detect_mpp is not None:
+            from pipeline.detection import DetectorConfig
+
+            try:
+                DetectorConfig(max_detect_mpp=self.max_detect_mpp)
+            except ConfigError as exc:
+                raise ConfigError(f"{flag_of('max_detect_mpp')}: {str(exc).split(': ', 1)[-1]}") from None
         if float(self.caption_cpus_per_actor) < 0:
             raise ConfigError(f"{flag_of('caption_cpus_per_actor')} must be >= 0, got {self.caption_cpus_per_actor!r}")
         if self.caption_gpus_per_actor is not None and float(self.caption_gpus_per_actor) < 0:
@@ -221,7 +230,7 @@ def load_config(config_path: str | os.PathLike | None = None, overrides: dict[st
     for name in ("max_failed_fraction", "crop_um", "detect_cpus", "caption_cpus_per_actor"):
         if name in data and isinstance(data[name], int | float | str) and not isinstance(data[name], bool):
             data[name] = _to_float(name, data[name])
-    for name in ("mpp", "caption_gpus_per_actor"):
+    for name in ("mpp", "caption_gpus_per_actor", "max_detect_mpp"):
         if data.get(name) is not None:
             data[name] = _to_float(name, data[name])
     return JobConfig(**data)

@@ -175,7 +175,8 @@ def _stream(todo: list[SlideRef], cfg: JobConfig, model_id: str, model_version: 
     from pipeline.job.stage_detect import DetectSettings
 
     s3 = S3Settings(cfg.s3_endpoint, cfg.s3_max_attempts, cfg.transfer_concurrency, cfg.transfer_chunk_mb)
-    detect = DetectSettings(s3, cfg.scratch_dir, cfg.crop_um, cfg.crop_px, cfg.mpp, cfg.thumbnails, cfg.thumbnail_px)
+    detect = DetectSettings(s3, cfg.scratch_dir, cfg.crop_um, cfg.crop_px, cfg.mpp, cfg.thumbnails, cfg.thumbnail_px,
+                            max_detect_mpp=cfg.max_detect_mpp)
     caption = CaptionSettings(cfg.model, model_version, cfg.caption_batch_size, cfg.caption_min_actors,
                               cfg.caption_max_actors, resolve_gpus(cfg.caption_gpus_per_actor),
                               cfg.caption_cpus_per_actor, cfg.caption_cpu_threads)

@@ -53,6 +53,7 @@ class DetectSettings:
     mpp: float | None = None
     thumbnails: bool = True
     thumbnail_px: int = 96
+    max_detect_mpp: float | None = None  # None: DetectorConfig's default
 
 
 def ref_to_json(ref: SlideRef) -> str:
@@ -177,6 +178,7 @@ def _batch(kinds, sid, crops, records, thumbs) -> dict[str, np.ndarray]:
 def process_slide(ref: SlideRef, settings: DetectSettings):
     """Yield the output batches of one slide (see the module doc for the keys)."""
     from pipeline.detect import DetectConfig, detect_slide
+    from pipeline.detection import DetectorConfig
 
     outcome = {
         "slide_id": ref.slide_id, "slide_uri": ref.uri, "slide_etag": ref.etag,
@@ -189,7 +191,8 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
     local: Path | None = None
     scratch: Path | None = None
     try:
-        cfg = DetectConfig(crop_um=settings.crop_um, crop_px=P, mpp=settings.mpp)
+        detector = DetectorConfig() if settings.max_detect_mpp is None else DetectorConfig(max_detect_mpp=settings.max_detect_mpp)
+        cfg = DetectConfig(crop_um=settings.crop_um, crop_px=P, mpp=settings.mpp, detector=detector)
         remote, spent = _open_remote(ref, settings)
         if remote is None:
             local, scratch, nread = _stage(ref, settings)
@@ -232,8 +235,20 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
     yield _batch(["slide"], ref.slide_id, np.zeros((1, P, P, 3), np.uint8), [_dumps(outcome)], [b""])
 
 
+def _match_cpu_reservation() -> None:
+    """OpenCV's thread pool to the task's CPU reservation. Ray caps OpenMP and BLAS pools at
+    the task's CPUs (``OMP_NUM_THREADS``), but OpenCV sizes its own pool to the machine: two
+    1-CPU tasks on two cores each ran 2 OpenCV threads, so slides competed for the cores."""
+    import cv2
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0 and cv2.getNumThreads() != int(threads):
+        cv2.setNumThreads(int(threads))
+
+
 def detect_batch(batch: dict[str, np.ndarray], settings: DetectSettings):
     """Ray Data UDF. In: ``ref`` (N,) JSON of :class:`SlideRef` (N is 1 in the plan). Out: see module doc."""
+    _match_cpu_reservation()
     for text in batch["ref"]:
         yield from process_slide(ref_from_json(str(text)), settings)
 
