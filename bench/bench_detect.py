@@ -31,7 +31,9 @@ _GRID = 12  # smear slide: _GRID x _GRID blocks of 640 x 480
 _WBC_BLOCKS = ((2, 3), (6, 8), (9, 1))  # (row, col) of the whole WBC fields
 
 
-def _smear_slide(path: Path) -> None:
+def _smear_slide(path: Path, grid: int = _GRID) -> None:
+    """A smear at normal white-cell density: ``grid`` x ``grid`` blocks of 640 x 480 px (BCCD
+    fields' WBC-free quarters) with whole WBC fields at ``_WBC_BLOCKS``; a 4x pyramid."""
     fields = sorted((_samples.SAMPLE_DATA_DIR / "bccd" / "JPEGImages").glob("*.jpg"))
     quarters = []  # 320 x 240 pieces clear of any WBC box (16 px margin)
     for f in fields:
@@ -46,10 +48,10 @@ def _smear_slide(path: Path) -> None:
                     quarters.append(rgb[qy : qy + 240, qx : qx + 320])
     if not quarters:
         raise RuntimeError("no WBC-free quarter fields in the bundled sample data")
-    canvas = np.empty((_GRID * 480, _GRID * 640, 3), np.uint8)
+    canvas = np.empty((grid * 480, grid * 640, 3), np.uint8)
     k = 0
-    for by in range(_GRID * 2):
-        for bx in range(_GRID * 2):
+    for by in range(grid * 2):
+        for bx in range(grid * 2):
             canvas[by * 240 : by * 240 + 240, bx * 320 : bx * 320 + 320] = quarters[(k * 7) % len(quarters)]
             k += 1
     for i, (r, c) in enumerate(_WBC_BLOCKS):

@@ -1,14 +1,23 @@
 """Detection-stage scaling from 1 to 2 Ray workers (goal ≥ 1.7x) and end-to-end job throughput.
 
-Part 1, one Ray Data pipeline on a local 2-CPU Ray cluster: ``_SLIDES`` sample slides on moto's
-S3 server (loopback), listed as the job lists them -> a 1-CPU task per slide running the job's
-own detect stage (:func:`pipeline.job.stage_detect.detect_batch`: ranged reads, detection, crops,
-morphometry, thumbnails, records) -> collected on the driver. With one worker
-(``TaskPoolStrategy(size=1)``) and with two, alternating, ``_REPEATS`` times each (the fastest
-pass of each counts), after a warm-up that imports everything in both workers. Reported: slides/s
-of each and their ratio. The S3 server, the Ray driver and the raylet run on the same two cores
-(with one worker they have the second core to themselves): the load average at the start and
-the CPU seconds they used per pass are printed.
+Part 1, on a local 2-CPU Ray cluster: ``_SLIDES`` copies of a smear slide at normal white-cell
+density (11,520 x 8,640 px, a 4x pyramid, 3 WBCs: ``bench_detect._smear_slide``) on moto's S3
+server (loopback), listed as the job lists them, each detected by the job's own detect stage
+(:func:`pipeline.job.stage_detect.detect_batch`: ranged reads, detection, crops, morphometry,
+thumbnails, records) in a 1-CPU task. Two ways of running the tasks, each with one worker and
+with two, alternating, ``_REPEATS`` times (the fastest pass counts), after a warm-up:
+
+* the job's way, a Ray Data ``map_batches`` (``TaskPoolStrategy(size=workers)``): its executor
+  learns of a finished task through ``ray.wait(..., timeout=0.1 s)`` over every task in flight,
+  so with two in flight each finish can wait up to 0.1 s for the next dispatch, and the executor
+  itself needs CPU on the same two busy cores;
+* plain Ray tasks all submitted at once (a custom resource admits one or two at a time), so the
+  raylet starts the next one as soon as a worker is free: the stage's own scaling.
+
+Reported: slides/s of each and the ratios. The S3 server, the Ray driver and the raylet share
+the two cores (with one worker they have the second core to themselves); the load average at the
+start and the machine's busy CPU seconds per pass are printed. Slides of a few seconds exaggerate
+the per-task costs: a real slide takes minutes of detection.
 
 Part 2: the nightly job (``pipeline.job.run_job``) on the demo archive (three sample slides and
 one corrupt object, seeded by ``pipeline.job.demo.seed_archive``) with the bundled demo
@@ -28,7 +37,7 @@ import time
 import traceback
 from pathlib import Path
 
-_SLIDES = 12  # sample slides (copies under distinct keys) per timed pass
+_SLIDES = 8  # copies of the smear slide (distinct keys) per timed pass
 _REPEATS = 3  # timed passes per setting, alternating
 _BUCKET = "bench-scaling"
 
@@ -62,6 +71,7 @@ def _detect_task(batch: dict, settings) -> dict:
 
 
 def _pass(refs: list[str], settings, workers: int) -> tuple[float, list[dict]]:
+    """One timed pass through a Ray Data ``map_batches`` capped at ``workers`` tasks."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -79,11 +89,29 @@ def _pass(refs: list[str], settings, workers: int) -> tuple[float, list[dict]]:
     t = time.perf_counter()
     rows = ds.take_all()
     wall = time.perf_counter() - t
-    _BUSY.setdefault(workers, []).append((_busy_cpu_seconds() - busy0, sum(float(r["seconds"]) for r in rows)))
+    _BUSY.setdefault(("ray data", workers), []).append(
+        (_busy_cpu_seconds() - busy0, sum(float(r["seconds"]) for r in rows)))
     return wall, rows
 
 
-_BUSY: dict[int, list[tuple[float, float]]] = {}  # workers -> [(machine CPU-s, task wall-s)] per pass
+def _task_pass(refs: list[str], settings, workers: int) -> tuple[float, list[dict]]:
+    """One timed pass of plain Ray tasks, all submitted at once; ``_SLOT`` admits ``workers``."""
+    import numpy as np
+    import ray
+
+    remote = ray.remote(num_cpus=1)(_detect_task).options(resources={_SLOT: 2 // workers})
+    busy0 = _busy_cpu_seconds()
+    t = time.perf_counter()
+    outs = ray.get([remote.remote({"ref": np.array([r], dtype=object)}, settings) for r in refs])
+    wall = time.perf_counter() - t
+    rows = [{k: v[0] for k, v in o.items()} for o in outs]
+    _BUSY.setdefault(("ray tasks", workers), []).append(
+        (_busy_cpu_seconds() - busy0, sum(float(r["seconds"]) for r in rows)))
+    return wall, rows
+
+
+_SLOT = "bench_scaling_slot"  # custom resource: 2 per node; a task takes 2 (one at a time) or 1
+_BUSY: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (way, workers) -> [(machine CPU-s, task s)]
 
 
 def _busy_cpu_seconds() -> float:
@@ -94,48 +122,54 @@ def _busy_cpu_seconds() -> float:
     return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
-def _scaling(client, endpoint: str, slides: list[Path]) -> list[dict]:
+def _scaling(client, endpoint: str, slide: Path) -> list[dict]:
     from pipeline.job.listing import list_slides
     from pipeline.job.stage_detect import DetectSettings, ref_to_json
     from pipeline.job.storage import S3Settings, storage_for
 
     for i in range(_SLIDES):
-        p = slides[i % len(slides)]
-        client.upload_file(str(p), _BUCKET, f"copy{i:02d}/{p.name}")
+        client.upload_file(str(slide), _BUCKET, f"copy{i:02d}/{slide.name}")
     s3 = S3Settings(endpoint=endpoint)
     listing = list_slides(storage_for(f"s3://{_BUCKET}/", s3), f"s3://{_BUCKET}/", (".tiff", ".svs"))
     refs = [ref_to_json(r) for r in listing.slides]
     assert len(refs) == _SLIDES, f"listed {len(refs)} of {_SLIDES} benchmark slides"
     settings = DetectSettings(s3=s3)
-    _pass(refs[:2], settings, 2)  # warm-up: worker start, imports, first OpenSlide/cv2 calls
-    load = os.getloadavg()[0]
-    # Alternate and keep each setting's fastest pass: other processes' load comes and goes.
-    t1, rows1 = _pass(refs, settings, 1)
-    t2, rows2 = _pass(refs, settings, 2)
-    for _ in range(_REPEATS - 1):
-        t1 = min(t1, _pass(refs, settings, 1)[0])
-        t2 = min(t2, _pass(refs, settings, 2)[0])
-    cells = sum(int(r["cells"]) for r in rows2)
-    assert sum(int(r["cells"]) for r in rows1) == cells, "the two passes found different cells"
-    per_slide = statistics.median(float(r["seconds"]) for r in rows1)
-    print(
-        f"detection stage, {_SLIDES} slides ({cells} cells): 1 worker {t1:.1f} s, 2 workers {t2:.1f} s; "
-        f"median {per_slide:.2f} s/slide (open + detect + crops from S3); load average at start {load:.2f}"
-    )
-    for w, passes in sorted(_BUSY.items()):
-        timed = passes[1:] if w == 2 else passes  # the first 2-worker pass is the warm-up
-        busy = statistics.mean(b for b, _ in timed)
-        tasks = statistics.mean(t for _, t in timed)
-        print(f"  {w} worker(s): machine busy {busy:.1f} CPU-s per pass, detect tasks {tasks:.1f} s of it; "
-              f"the rest ({busy - tasks:.1f} CPU-s) is the S3 server, Ray and other processes")
-    detail = f"{_SLIDES} slides, {cells} cells, load avg {load:.2f} at start"
-    return [
-        {"name": "detect_stage_1_worker", "value": _SLIDES / t1, "unit": "slides/s", "goal": "", "detail": detail},
-        {"name": "detect_stage_2_workers", "value": _SLIDES / t2, "unit": "slides/s", "goal": "", "detail": detail},
-        {"name": "detect_stage_scaling_1_to_2", "value": t1 / t2, "unit": "x", "goal": ">= 1.7", "detail": detail},
-        {"name": "detect_stage_seconds_per_slide", "value": per_slide, "unit": "s/slide (1 core)", "goal": "",
-         "detail": "median wall time of one sample slide's detect task (2,800 x 2,160 px, ~14 cells)"},
-    ]
+    rows: list[dict] = []
+    for way, run_pass in (("ray data", _pass), ("ray tasks", _task_pass)):
+        # Warm-up, a whole 2-worker pass: both workers start, import and make their first calls
+        # (with two slides only, both could land on one worker and leave the other cold).
+        run_pass(refs, settings, 2)
+        _BUSY.pop((way, 2), None)
+        load = os.getloadavg()[0]
+        # Alternate and keep each setting's fastest pass: other processes' load comes and goes.
+        t1, rows1 = run_pass(refs, settings, 1)
+        t2, rows2 = run_pass(refs, settings, 2)
+        for _ in range(_REPEATS - 1):
+            t1 = min(t1, run_pass(refs, settings, 1)[0])
+            t2 = min(t2, run_pass(refs, settings, 2)[0])
+        cells = sum(int(r["cells"]) for r in rows2)
+        assert sum(int(r["cells"]) for r in rows1) == cells, "the two passes found different cells"
+        per_slide = statistics.median(float(r["seconds"]) for r in rows1)
+        print(f"detection stage as {way}, {_SLIDES} slides ({cells} cells): 1 worker {t1:.2f} s, 2 workers "
+              f"{t2:.2f} s, {t1 / t2:.2f}x; median {per_slide:.2f} s/slide with one worker; load average at "
+              f"start {load:.2f}")
+        for w in (1, 2):
+            busy = statistics.mean(b for b, _ in _BUSY[(way, w)])
+            tasks = statistics.mean(t for _, t in _BUSY[(way, w)])
+            print(f"  {w} worker(s): machine busy {busy:.1f} CPU-s per pass; detect tasks ran {tasks:.1f} s")
+        tag = "ray_data" if way == "ray data" else "ray_tasks"
+        detail = (f"{_SLIDES} slides of 11,520 x 8,640 px at normal WBC density, {cells} cells, "
+                  f"load avg {load:.2f} at start")
+        rows += [
+            {"name": f"detect_{tag}_1_worker", "value": _SLIDES / t1, "unit": "slides/s", "goal": "", "detail": detail},
+            {"name": f"detect_{tag}_2_workers", "value": _SLIDES / t2, "unit": "slides/s", "goal": "",
+             "detail": detail},
+            {"name": f"detect_{tag}_scaling_1_to_2", "value": t1 / t2, "unit": "x", "goal": ">= 1.7", "detail": detail},
+        ]
+        if way == "ray data":
+            rows.append({"name": "detect_stage_seconds_per_slide", "value": per_slide, "unit": "s/slide (1 core)",
+                         "goal": "", "detail": "median wall time of one slide's detect task, one worker"})
+    return rows
 
 
 def _job(endpoint: str, out: Path) -> list[dict]:
@@ -181,7 +215,7 @@ def _job(endpoint: str, out: Path) -> list[dict]:
 def run() -> list[dict]:
     import ray
 
-    from bench.bench_s3_reads import build_slides, s3_client
+    from bench.bench_s3_reads import s3_client
     from pipeline.job.demo import use_local_test_environment
 
     use_local_test_environment("bench")  # dummy credentials for moto, before Ray starts
@@ -190,12 +224,15 @@ def run() -> list[dict]:
     started = not ray.is_initialized()
     with tempfile.TemporaryDirectory() as tmp, s3_client() as (client, endpoint):
         if started:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+            ray.init(num_cpus=2, resources={_SLOT: 2}, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
         try:
             client.create_bucket(Bucket=_BUCKET)
-            slides = build_slides(Path(tmp))[:3]
-            rows += _scaling(client, endpoint, slides)
+            from bench.bench_detect import _smear_slide
+
+            smear = Path(tmp) / "smear-large.tiff"
+            _smear_slide(smear, grid=18)
+            rows += _scaling(client, endpoint, smear)
             try:
                 rows += _job(endpoint, Path(tmp) / "job-output")
             except Exception as exc:  # noqa: BLE001 - the job is another part; report, keep part 1
