@@ -34,6 +34,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from pipeline.detection import Detection, DetectorConfig, detect_wbc, estimate_mpp, segment_cell
+from pipeline.detection._storage import jpeg_roundtrip as _jpeg
+from pipeline.detection._storage import reduce_to
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -177,14 +179,6 @@ def _default_source(images_dir: Path) -> str:
     return "all"
 
 
-def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
-    # OpenCV's default chroma subsampling is 4:2:0, as in scanners' YCbCr JPEG tiles.
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1])
-
-
 def detect_at(
     rgb: np.ndarray,
     mpp: float,
@@ -205,12 +199,9 @@ def detect_at(
         img = rgb if jpeg_quality is None else _jpeg(rgb, jpeg_quality)
         return detect_wbc(img, mpp, config)
     h, w = rgb.shape[:2]
-    f = mpp / detect_mpp
-    nw, nh = max(int(round(w * f)), 2), max(int(round(h * f)), 2)
-    small = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
+    small, sx, sy = reduce_to(rgb, mpp, detect_mpp)
     if jpeg_quality is not None:
         small = _jpeg(small, jpeg_quality)
-    sx, sy = nw / w, nh / h
     out = []
     for d in detect_wbc(small, detect_mpp, config):
         x0, y0, x1, y1 = d.bbox

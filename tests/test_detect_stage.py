@@ -209,8 +209,11 @@ def test_config_errors_name_the_flag(kwargs, flag):
 def test_pyramid_without_mpp_is_estimated_from_level0_windows(tmp_path):
     import tifffile
 
-    rgb = np.asarray(Image.open(FIELD).convert("RGB"))
-    base = np.tile(rgb, (4, 4, 1))  # 2560 x 1920: wider than one estimation window
+    # Four different fields, 2 x 2, tiled 2 x 2 (2560 x 1920: wider than one estimation window).
+    # One field repeated 16x gives the estimator a single field's red cells to judge from.
+    fields = sorted((SAMPLE_DATA_DIR / "bccd" / "JPEGImages").glob("*.jpg"))[:4]
+    f = [np.asarray(Image.open(x).convert("RGB")) for x in fields]
+    base = np.tile(np.concatenate([np.concatenate(f[:2], axis=1), np.concatenate(f[2:], axis=1)]), (2, 2, 1))
     p = tmp_path / "noscale.tiff"
     with tifffile.TiffWriter(p) as tw:
         for i in range(3):

@@ -232,3 +232,47 @@ def test_missing_verifier_weights_is_a_clear_error(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         _verifier._load.cache_clear()
+
+
+def test_verifier_training_sees_each_storage_condition():
+    from pipeline.detection._train import CONDITIONS, image_rows, storage_views
+
+    rgb, boxes, _ = smear(0.25, seed=3)
+    views = list(storage_views(rgb, 0.25, index=7))
+    assert [v[0] for v in views] == list(range(len(CONDITIONS)))
+    again = list(storage_views(rgb, 0.25, index=7))
+    for (ci, view, vmpp, sx, sy, q), (_, view2, _, _, _, q2) in zip(views, again, strict=True):
+        name, target, qualities, _weight = CONDITIONS[ci]
+        assert q == q2 and np.array_equal(view, view2)  # deterministic in (seed, image, condition)
+        want_mpp = 0.25 if target is None else target
+        assert vmpp == want_mpp
+        assert view.shape[1] == round(rgb.shape[1] * 0.25 / want_mpp) and sx == view.shape[1] / rgb.shape[1]
+        assert sy == view.shape[0] / rgb.shape[0]
+        if qualities is None:
+            assert q is None
+            if target is None:
+                assert view is rgb
+        else:
+            assert q in qualities
+            clean = rgb if target is None else cv2.resize(rgb, view.shape[1::-1], interpolation=cv2.INTER_AREA)
+            assert not np.array_equal(view, clean), name  # really re-encoded
+
+    X, y, c = image_rows(rgb, boxes, index=7, cfg=DetectorConfig(use_verifier=False, min_score=0.0))
+    assert X.shape == (len(y), 12) and len(c) == len(y)
+    for ci in range(len(CONDITIONS)):  # every white cell is one positive in every view
+        assert int(y[c == ci].sum()) == len(boxes), CONDITIONS[ci][0]
+
+
+@pytest.mark.parametrize("target,quality", [(0.5, 80), (1.0, 90), (1.0, 70), (1.1, 80)])
+def test_white_cells_survive_scanner_storage(target, quality):
+    """A level area-reduced to 0.5-1.1 µm/px and stored as JPEG 4:2:0 keeps every white cell
+    (the verifier is trained on such views; one trained on clean images only lost them)."""
+    from pipeline.detection._storage import jpeg_roundtrip, reduce_to
+
+    rgb, boxes, _ = smear(0.25, seed=1)
+    view, sx, sy = reduce_to(rgb, 0.25, target)
+    dets = detect_wbc(jpeg_roundtrip(view, quality), target)
+    cents = [((d.centroid[0] + 0.5) / sx - 0.5, (d.centroid[1] + 0.5) / sy - 0.5) for d in dets]
+    for box in boxes:
+        assert sum(_inside(p, box) for p in cents) == 1, (box, dets)
+    assert len(dets) == len(boxes)

@@ -21,10 +21,10 @@ class DetectorConfig:
     ``max_detect_mpp`` (opt-in) picks the pyramid level the detection stage reads: the coarsest
     level whose mpp is at most this, else level 0. None (default): the level whose mpp is closest
     to ``working_mpp`` (log scale, finer wins a tie), which reads level 0 of a 0.25/1.0/4.0 µm/px
-    40x pyramid. Detection on area-reduced 1.0 µm/px images kept precision and recall within
-    0.015 of 0.5 µm/px on TXL-PBC val and BCCD, but once that level is stored as a scanner does
-    (JPEG, 4:2:0 chroma) recall fell 0.02-0.04 while level-0 reading held, so the coarser level
-    is not the default (docs/readme/detection.md, "Detection level"). 1.1 admits the 1.0 µm/px
+    40x pyramid. With the verifier retrained on scanner-stored views (JPEG 4:2:0, 0.5-1.1
+    µm/px), a 1.1 µm/px level stored at JPEG q80 keeps precision >= 0.965 but recall 0.962-0.964
+    on TXL-PBC val and BCCD, against 0.974-0.983 at today's level, so the coarser level is not
+    the default (docs/readme/detection.md, "Detection level"). 1.1 admits the 1.0 µm/px
     level of a 40x scanner whose level 0 is a little coarser than 0.25 µm/px (0.2527 x 4 = 1.011).
     """
 
