@@ -15,7 +15,7 @@ the pipeline's wall time spent outside ``Captioner.caption`` (moving blocks, bui
 last batch's trip to the driver), which does not depend on the model's speed.
 
     python bench/bench_pipeline.py [--cells 192] [--batch-size 16] [--repeats 3]
-    python -m bench            # collects run() with the other benchmarks: batch 16 and 64
+    python -m bench            # collects run() with the other benchmarks: batch 16, 32, 64
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _measure(crops: np.ndarray, batch: int, threads: int, model: str | None, rep
     ]
 
 
-def run(cells: int = 192, batch_sizes: tuple[int, ...] = (16, 64), model: str | None = None,
+def run(cells: int = 192, batch_sizes: tuple[int, ...] = (16, 32, 64), model: str | None = None,
         threads: int | None = None, repeats: int = 3) -> list[dict]:
     """Rows ``{name, value, unit, goal, detail}`` per batch size: pipeline cells/s, bare-loop
     cells/s, their ratio, and the share of pipeline time spent outside the model.
@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=192)
     ap.add_argument("--batch-size", type=int, action="append", default=None,
-                    help="caption batch size; repeat for several (default: 16 and 64)")
+                    help="caption batch size; repeat for several (default: 16, 32 (the job's) and 64)")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the demo checkpoint)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of both (default 1, as in the job)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating passes of each (the fastest counts)")
     a = ap.parse_args(argv)
-    for row in run(a.cells, tuple(a.batch_size or (16, 64)), a.model, a.threads, a.repeats):
+    for row in run(a.cells, tuple(a.batch_size or (16, 32, 64)), a.model, a.threads, a.repeats):
         print(f"{row['name']:<44} {row['value']:>10} {row['unit']:<8} goal {row['goal'] or '-'}  ({row['detail']})")
     return 0
 
