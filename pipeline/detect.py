@@ -341,19 +341,16 @@ def _measure(slide: Slide, cells: list[_Cell], level: int, mpp: float, mpp_sourc
     records: list[dict | None] = [None] * len(cells)
     boxes = np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4)
 
-    def crop_box(c: _Cell) -> tuple[int, int, int, int]:
-        x0 = int(math.floor(c.centroid[0] - side0 / 2))
-        y0 = int(math.floor(c.centroid[1] - side0 / 2))
-        return x0, y0, x0 + side0, y0 + side0
-
+    corners = [(int(math.floor(c.centroid[0] - side0 / 2)), int(math.floor(c.centroid[1] - side0 / 2))) for c in cells]
+    crop_boxes = [(x0, y0, x0 + side0, y0 + side0) for x0, y0 in corners]  # level-0 px
     # Cells in reading order, in chunks whose level-0 tiles a remote slide fetches in one batch
     # (one request per cell would cost a round trip each); the chunk bounds the bytes held.
     order = sorted(range(len(cells)), key=lambda k: (cells[k].centroid[1], cells[k].centroid[0]))
     for start in range(0, len(order), _CROP_PREFETCH_CELLS):
         chunk = order[start:start + _CROP_PREFETCH_CELLS]
-        slide.prefetch(0, [crop_box(cells[k]) for k in chunk])
+        slide.prefetch(0, [crop_boxes[k] for k in chunk])
         for idx in chunk:
-            records[idx] = _measure_one(slide, cells, idx, crop_box(cells[idx]), boxes, crops, mpp, mpp_source,
+            records[idx] = _measure_one(slide, cells, idx, crop_boxes[idx], boxes, crops, mpp, mpp_source,
                                         cfg, source, tol)
     return records, crops
 

@@ -245,3 +245,24 @@ def test_an_open_slide_is_borrowed_not_closed(samples, svs_cells):
         s.read(0, (0, 0, 4, 4))
     assert res.records[0]["source"] == str(svs.path)
     assert [r["bbox_x0"] for r in res.records] == [r["bbox_x0"] for r in whole.records]
+
+
+def test_detect_task_caps_opencv_threads_at_its_cpu_reservation(monkeypatch):
+    # Ray sets OMP_NUM_THREADS to a task's CPUs; OpenCV ignores it and sizes its pool to the
+    # machine, so two 1-CPU detect tasks each ran two OpenCV threads.
+    import cv2
+
+    from pipeline.job.stage_detect import _match_cpu_reservation
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        _match_cpu_reservation()
+        assert cv2.getNumThreads() == 1
+        cv2.setNumThreads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS")  # outside a Ray task: left as it is
+        _match_cpu_reservation()
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)

@@ -322,3 +322,19 @@ def test_forwarding_a_secret_is_refused(name):
     with pytest.raises(ConfigError, match=f"--forward-env .*{name} looks like a secret"):
         JobConfig(input="s3://a/in/", output="s3://a/out/", forward_env=(name,))
     JobConfig(input="s3://a/in/", output="s3://a/out/", forward_env=("AWS_ENDPOINT_URL",))
+
+
+def test_s3_client_is_built_once_per_process_and_configuration(monkeypatch):
+    # A client costs 0.1-0.3 CPU-s to build: every slide's storage must reuse it, but another
+    # configuration or another credential environment must not get a stale one.
+    from pipeline.job.storage import S3Settings, storage_for
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unit-key-a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unit-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s = S3Settings(endpoint="http://127.0.0.1:9")
+    a = storage_for("s3://bucket-a/x.svs", s).client
+    assert storage_for("s3://bucket-b/y.svs", S3Settings(endpoint="http://127.0.0.1:9")).client is a
+    assert storage_for("s3://bucket-a/x.svs", S3Settings(endpoint="http://127.0.0.1:9", max_attempts=2)).client is not a
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unit-key-b")
+    assert storage_for("s3://bucket-a/x.svs", s).client is not a

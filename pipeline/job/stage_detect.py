@@ -191,8 +191,8 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
     local: Path | None = None
     scratch: Path | None = None
     try:
-        detector = DetectorConfig() if settings.max_detect_mpp is None else DetectorConfig(max_detect_mpp=settings.max_detect_mpp)
-        cfg = DetectConfig(crop_um=settings.crop_um, crop_px=P, mpp=settings.mpp, detector=detector)
+        cfg = DetectConfig(crop_um=settings.crop_um, crop_px=P, mpp=settings.mpp,
+                           detector=DetectorConfig(max_detect_mpp=settings.max_detect_mpp))
         remote, spent = _open_remote(ref, settings)
         if remote is None:
             local, scratch, nread = _stage(ref, settings)
