@@ -9,19 +9,32 @@ gallery renders pages of ``page_size`` cells, so thousands of cells stay respons
 
 Only stored data are read: the ``thumbnail_jpeg`` column (re-encoded to ``thumb_px`` to keep the
 file small), never the slides. No network access at view time.
+
+Every stored string is treated as hostile (S3 keys, captions and QC flags come from outside):
+it is escaped for the context it lands in (HTML text or quoted attribute via :func:`_e`; the cell
+data as a JSON block with ``<``, ``>``, ``&``, U+2028/2029 escaped; URL hashes percent-encoded),
+the page has no inline event handlers or style attributes, and a Content Security Policy allows
+only the page's own ``<style>`` and ``<script>`` (by SHA-256 hash) and ``data:`` images. The file
+is written to a temporary name beside ``--out`` and renamed, so a failed write leaves no part.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import html
 import io
 import json
 import math
+import os
+import re
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from PIL import Image
 
@@ -29,12 +42,12 @@ from hemblip.ontology import ABNORMAL_CELL_TYPES, ATTRIBUTE_NAMES, ATTRIBUTES, C
 from pipeline._report_assets import SCRIPT, STYLE
 from pipeline.cohort import CohortResult, cohort_analysis, wilson_interval
 from pipeline.consistency import consistency_summary
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.outputs import Outputs, open_outputs
 from pipeline.query import connect
 from pipeline.schema import QC_FLAGS
 
-__all__ = ["ReportStats", "build_report", "TYPE_COLOURS"]
+__all__ = ["ReportStats", "ReportOutputError", "build_report", "TYPE_COLOURS"]
 
 TYPE_COLOURS: dict[str | None, str] = dict(zip(CELL_TYPES, [
     "#1c7ed6", "#e8590c", "#7048e8", "#2f9e44", "#f08c00", "#c92a2a", "#a61e4d", "#862e9c",
@@ -56,23 +69,68 @@ class ReportStats:
     seconds: float
 
 
-def _e(x: object) -> str:
-    return html.escape("" if x is None else str(x))
+class ReportOutputError(PipelineError, OSError):
+    """``--out`` cannot be written (a parent is a file, no permission, disk full, ...).
+
+    ``str(err)`` is ``"--out <path>: <cause>"``, one line.
+    """
+
+
+class _Html(str):
+    """Markup built by this module from escaped parts; :func:`_table` escapes any other cell."""
+
+
+def _e(x: object) -> _Html:
+    """``x`` as HTML text, safe in element content and in quoted (either quote) attribute values."""
+    return _Html(html.escape("" if x is None else str(x), quote=True))
+
+
+def _token(x: object) -> str:
+    """A stored value reduced to a CSS class-name fragment (letters, digits, ``-``, ``_``)."""
+    return re.sub(r"[^a-z0-9_-]", "-", str(x).lower())[:40]
+
+
+def _show(x: object) -> str:
+    """A path or id for a one-line message: control characters (newlines) shown escaped."""
+    s = str(x)
+    return s if s.isprintable() else ascii(s)
+
+
+_OTHER_COLOUR = "#495057"
 
 
 def _colour(t: str | None) -> str:
-    return TYPE_COLOURS.get(t, "#495057")
+    return TYPE_COLOURS.get(t, _OTHER_COLOUR)
+
+
+# colours come from fixed lists, never from data, and reach the page as classes: a CSP that
+# forbids style attributes still lets the page's own (hashed) stylesheet colour the legends
+_SWATCH_CSS = "".join(
+    [f".sw-t{i}{{background:{c}}}" for i, c in enumerate(TYPE_COLOURS.values())]
+    + [f".legend i.sw-v{j}{{background:{c};border-radius:2px}}" for j, c in enumerate(_VALUE_COLOURS)]
+    + [f".sw-other{{background:{_OTHER_COLOUR}}}", ".sw-qc{background:#fff;border:2px solid #000}"])
+
+
+def _swatch(t: str | None) -> str:
+    keys = list(TYPE_COLOURS)
+    return f"sw-t{keys.index(t)}" if t in TYPE_COLOURS else "sw-other"
 
 
 def _name(uri: str | None) -> str:
     return (uri or "?").rstrip("/").rsplit("/", 1)[-1]
 
 
+def _cell(c: object) -> str:
+    return c if isinstance(c, _Html) else _e(c)
+
+
 def _table(headers: list[str], rows: list[list[object]], num: set[int] | None = None) -> str:
+    """An HTML table; cells are escaped unless they are :class:`_Html` built by this module."""
     num = num or set()
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td class='num'>{c}</td>" if i in num else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        "<tr>" + "".join(f"<td class='num'>{_cell(c)}</td>" if i in num else f"<td>{_cell(c)}</td>"
+                         for i, c in enumerate(r)) + "</tr>"
         for r in rows)
     return f"<table class='data'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -100,19 +158,19 @@ def _differential_svg(counts: dict[str | None, int]) -> str:
         lo, hi = wilson_interval(k, n)
         y = i * rh + 4
         parts.append(
-            f"<g class='bar' data-type='{_e(t)}' data-count='{k}'><title>{_e(t)}: {k}/{n} = {_pct(k / n)} "
+            f"<g class='bar' data-type='{_e(t)}' data-count='{int(k)}'><title>{_e(t)}: {int(k)}/{int(n)} = {_pct(k / n)} "
             f"(95% CI {_pct(lo)}–{_pct(hi)})</title>"
             f"<text x='{lw - 6}' y='{y + 13}' font-size='12' text-anchor='end'>{_e(t)}</text>"
             f"<rect x='{lw}' y='{y + 2}' width='{bw * k / n:.1f}' height='{rh - 8}' fill='{_colour(t)}' opacity='0.85'/>"
             f"<line x1='{lw + bw * lo:.1f}' y1='{y + 8}' x2='{lw + bw * hi:.1f}' y2='{y + 8}' stroke='#1d2330' stroke-width='1.4'/>"
             f"<line x1='{lw + bw * lo:.1f}' y1='{y + 4}' x2='{lw + bw * lo:.1f}' y2='{y + 12}' stroke='#1d2330'/>"
             f"<line x1='{lw + bw * hi:.1f}' y1='{y + 4}' x2='{lw + bw * hi:.1f}' y2='{y + 12}' stroke='#1d2330'/>"
-            f"<text x='{lw + bw + 8}' y='{y + 13}' font-size='11.5'>{k} · {_pct(k / n)} [{_pct(lo, 0)}–{_pct(hi, 0)}]</text></g>")
+            f"<text x='{lw + bw + 8}' y='{y + 13}' font-size='11.5'>{int(k)} · {_pct(k / n)} [{_pct(lo, 0)}–{_pct(hi, 0)}]</text></g>")
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _stacked_bar(values: dict[str, int], order: tuple[str, ...], width: int = 260) -> str:
+def _stacked_bar(values: dict[str, int], order: tuple[str, ...], width: int = 260) -> _Html:
     n = sum(values.values())
     x, parts = 0.0, []
     for j, v in enumerate(order):
@@ -123,7 +181,7 @@ def _stacked_bar(values: dict[str, int], order: tuple[str, ...], width: int = 26
         parts.append(f"<rect x='{x:.1f}' y='0' width='{w:.1f}' height='14' fill='{_VALUE_COLOURS[j % len(_VALUE_COLOURS)]}'>"
                      f"<title>{_e(v)}: {k}/{n} ({_pct(k / n)})</title></rect>")
         x += w
-    return f"<svg width='{width}' height='14' xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg>"
+    return _Html(f"<svg width='{int(width)}' height='14' xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg>")
 
 
 def _attributes_html(cells: list[dict]) -> str:
@@ -138,9 +196,9 @@ def _attributes_html(cells: list[dict]) -> str:
         order = ATTRIBUTES[a].values + tuple(sorted(set(values) - set(ATTRIBUTES[a].values)))
         n = sum(values.values())
         legend = " ".join(
-            f"<span><i style='background:{_VALUE_COLOURS[j % len(_VALUE_COLOURS)]};border-radius:2px'></i>{_e(v)} {values[v]} ({_pct(values[v] / n, 0)})</span>"
+            f"<span><i class='sw-v{j % len(_VALUE_COLOURS)}'></i>{_e(v)} {values[v]} ({_pct(values[v] / n, 0)})</span>"
             for j, v in enumerate(order) if values.get(v))
-        rows.append([_e(a.replace("_", " ")), str(n), _stacked_bar(values, order), f"<span class='legend'>{legend}</span>"])
+        rows.append([a.replace("_", " "), n, _stacked_bar(values, order), _Html(f"<span class='legend'>{legend}</span>")])
     if not rows:
         return "<p class='muted'>No caption attributes.</p>"
     return _table(["attribute", "cells", "distribution", "values"], rows, num={1})
@@ -152,6 +210,7 @@ def _positions_svg(cells: list[dict], width: int | None, height: int | None) -> 
         xs = [c["centroid_x"] for c in cells] or [1]
         ys = [c["centroid_y"] for c in cells] or [1]
         width, height = int(max(xs) * 1.05) + 1, int(max(ys) * 1.05) + 1
+    width, height = int(width), int(height)
     scale = 460 / max(width, height)
     w, h = max(40, int(width * scale)), max(40, int(height * scale))
     # dots shrink on crowded slides so that thousands of cells stay distinguishable
@@ -161,15 +220,16 @@ def _positions_svg(cells: list[dict], width: int | None, height: int | None) -> 
              f"<rect x='0' y='0' width='{width}' height='{height}' fill='#fbf4f6' stroke='#adb5bd' stroke-width='{r / 3:.1f}'/>"]
     for c in cells:
         stroke = f" stroke='#000' stroke-width='{r / 2.5:.1f}'" if c["qc_flags"] else ""
-        parts.append(f"<circle cx='{c['centroid_x']:.0f}' cy='{c['centroid_y']:.0f}' r='{r:.1f}' fill='{_colour(c['cell_type'])}' "
-                     f"fill-opacity='0.8'{stroke}><title>{_e(c['cell_type'] or 'untyped')} #{c['cell_index']}</title></circle>")
+        parts.append(f"<circle cx='{float(c['centroid_x']):.0f}' cy='{float(c['centroid_y']):.0f}' r='{r:.1f}' "
+                     f"fill='{_colour(c['cell_type'])}' fill-opacity='0.8'{stroke}>"
+                     f"<title>{_e(c['cell_type'] or 'untyped')} #{_e(c['cell_index'])}</title></circle>")
     parts.append("</svg>")
     present = []
     for t in list(CELL_TYPES) + [None]:
         if any(c["cell_type"] == t for c in cells):
             present.append(t)
-    legend = "".join(f"<span><i style='background:{_colour(t)}'></i>{_e(t or 'untyped')}</span>" for t in present)
-    return (f"{''.join(parts)}<div class='legend'>{legend}<span><i style='background:#fff;border:2px solid #000'></i>QC-flagged</span></div>"
+    legend = "".join(f"<span><i class='{_swatch(t)}'></i>{_e(t or 'untyped')}</span>" for t in present)
+    return (f"{''.join(parts)}<div class='legend'>{legend}<span><i class='sw-qc'></i>QC-flagged</span></div>"
             f"<div class='kv'>slide extent {width:,} × {height:,} px (level 0); one dot per cell centroid</div>")
 
 
@@ -197,15 +257,109 @@ def _json_value(v: object) -> object:
     return v
 
 
+def _script_json(obj: object) -> str:
+    """``obj`` as JSON that cannot end or re-mode the ``<script>`` block it sits in.
+
+    ``<``, ``>`` and ``&`` only occur inside JSON strings, where ``\\u003c`` etc. mean the same,
+    so ``</script``, ``<!--`` (which would switch the HTML tokenizer into its escaped states) and
+    entity look-alikes never appear; U+2028/2029 are escaped for pre-ES2019 JavaScript parsers.
+    """
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _csp_hash(text: str) -> str:
+    """CSP source expression allowing the inline element whose content is exactly ``text``."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def _status(status: object) -> _Html:
+    return _Html(f"<span class='status-{_token(status)}'>{_e(status)}</span>")
+
+
+def _oserror_cause(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _missing_dirs(out: Path) -> tuple[list[Path], Path]:
+    """Directories above ``out`` that do not exist yet (deepest first) and the nearest that does."""
+    missing, p = [], out.parent
+    try:
+        while not (p.exists() or p.is_symlink()) and p != p.parent:
+            missing.append(p)
+            p = p.parent
+    except OSError as exc:  # e.g. a parent we may not search
+        raise ReportOutputError(f"--out {_show(out)}: cannot look at {_show(p)}: {_oserror_cause(exc)}") from exc
+    return missing, p
+
+
+def _check_out(out: Path) -> None:
+    """Raise :class:`ReportOutputError` when ``out`` plainly cannot be written (cheap checks only)."""
+    _, p = _missing_dirs(out)
+    try:
+        is_dir = out.is_dir()
+    except OSError as exc:
+        raise ReportOutputError(f"--out {_show(out)}: {_oserror_cause(exc)}") from exc
+    if is_dir:
+        raise ReportOutputError(f"--out {_show(out)}: is a directory")
+    if not p.is_dir():
+        raise ReportOutputError(f"--out {_show(out)}: {_show(p)} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ReportOutputError(f"--out {_show(out)}: cannot create files in {_show(p)}: permission denied")
+
+
+def _write_out(out: Path, data: bytes) -> int:
+    """Write ``data`` to ``out`` all or nothing: a temporary file beside it, then a rename.
+
+    On failure the temporary file and any directories this call created are removed, ``out``
+    keeps its previous content, and :class:`ReportOutputError` names the path and the cause.
+    Returns the number of bytes written.
+    """
+    missing, _ = _missing_dirs(out)
+    created: list[Path] = []
+    tmp, tmp_made = out.parent / f".{out.name[:100]}.{secrets.token_hex(6)}.tmp", False
+    try:
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: theirs, not ours to remove
+                continue
+            except OSError as exc:
+                raise ReportOutputError(f"--out {_show(out)}: cannot create directory {_show(d)}: "
+                                        f"{_oserror_cause(exc)}") from exc
+            created.append(d)
+        # 0o666 under the umask: the mode a plain open() would give the report
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        tmp_made = True
+        with open(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException as exc:
+        if tmp_made:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        for d in reversed(created):  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if isinstance(exc, OSError) and not isinstance(exc, ReportOutputError):
+            raise ReportOutputError(f"--out {_show(out)}: {_oserror_cause(exc)}") from exc
+        raise
+    return len(data)
+
+
 def _resolve_slide(con, slide: str) -> str:
     hits = con.execute(
         "SELECT DISTINCT slide_id, slide_uri FROM slides WHERE slide_id = ? OR slide_uri = ? OR starts_with(slide_id, ?)",
         [slide, slide, slide]).fetchall()
     ids = sorted({h[0] for h in hits})
     if not ids:
-        raise ConfigError(f"--slide {slide}: no such slide id, id prefix or URI in the outputs")
+        raise ConfigError(f"--slide {_show(slide)}: no such slide id, id prefix or URI in the outputs")
     if len(ids) > 1:
-        raise ConfigError(f"--slide {slide}: ambiguous, matches {len(ids)} slides ({', '.join(i[:12] for i in ids[:5])})")
+        raise ConfigError(f"--slide {_show(slide)}: ambiguous, matches {len(ids)} slides "
+                          f"({', '.join(_show(i[:12]) for i in ids[:5])})")
     return ids[0]
 
 
@@ -217,8 +371,8 @@ def _cohort_html(result: CohortResult) -> str:
         rows = [r for r in d if r["cohort"] == cohort]
         counts = {r["cell_type"]: r["count"] for r in rows}
         meta = rows[0] if rows else {}
-        out.append(f"<h3>{_e(cohort)} <span class='muted'>({meta.get('slides', 0)} slides, "
-                   f"{meta.get('patients', 0)} patients, {meta.get('typed_cells', 0)} typed cells)</span></h3>")
+        out.append(f"<h3>{_e(cohort)} <span class='muted'>({_e(meta.get('slides', 0))} slides, "
+                   f"{_e(meta.get('patients', 0))} patients, {_e(meta.get('typed_cells', 0))} typed cells)</span></h3>")
         out.append(_differential_svg(counts))
     comp = [r for r in result.comparison.to_pylist()]
     unit = {(r["cohort_a"], r["cohort_b"], r["cell_type"]): r for r in result.unit_comparison.to_pylist()}
@@ -226,7 +380,7 @@ def _cohort_html(result: CohortResult) -> str:
     for r in comp:
         u = unit.get((r["cohort_a"], r["cohort_b"], r["cell_type"]), {})
         fmt = lambda p: "–" if p is None else f"{p:.3g}"  # noqa: E731
-        rows.append([_e(f"{r['cohort_a']} vs {r['cohort_b']}"), _e(r["cell_type"]),
+        rows.append([f"{r['cohort_a']} vs {r['cohort_b']}", r["cell_type"],
                      f"{r['count_a']}/{r['typed_a']} ({_pct(r['proportion_a'])})",
                      f"{r['count_b']}/{r['typed_b']} ({_pct(r['proportion_b'])})",
                      f"{_pct(r['difference'])} [{_pct(r['diff_ci_low'])}, {_pct(r['diff_ci_high'])}]",
@@ -243,7 +397,7 @@ def _cohort_html(result: CohortResult) -> str:
     type_rank = {t: i for i, t in enumerate(CELL_TYPES)}
     attr_rank = {a: i for i, a in enumerate(ATTRIBUTE_NAMES)}
     keys = sorted(freq, key=lambda k: (type_rank.get(k[0], 99), k[0], attr_rank.get(k[1], 99), k[2]))
-    rows = [[_e(t), _e(a.replace("_", " ")), _e(v)] + [
+    rows = [[t, a.replace("_", " "), v] + [
         (f"{freq[(t, a, v)][c]['count']}/{freq[(t, a, v)][c]['mentioned']} ({_pct(freq[(t, a, v)][c]['frequency'], 0)})"
          if c in freq[(t, a, v)] else "–") for c in cohorts] for t, a, v in keys]
     out.append(f"<details><summary>Attribute frequencies per cell type and cohort ({len(rows)} rows)</summary>"
@@ -266,6 +420,8 @@ def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None =
     if page_size < 1:
         raise ConfigError(f"--page-size must be >= 1, got {page_size}")
     t0 = time.perf_counter()
+    out = Path(out)
+    _check_out(out)  # before the work: a bad --out should not cost a full build to find out
     if not isinstance(outputs, Outputs):
         outputs = open_outputs(outputs, s3_endpoint=s3_endpoint)
     con = connect(outputs)
@@ -304,8 +460,15 @@ def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None =
     cohort = cohort_analysis(outputs, manifest, allow_unknown=True) if manifest else None
 
     loc = outputs.location
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
-             f"<title>HemBLIP cell report – {_e(_name(loc))}</title><style>{STYLE}</style></head><body>"
+    style = STYLE + _SWATCH_CSS
+    # the policy comes first in <head> so that it governs everything after it
+    csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(style)}; script-src {_csp_hash(SCRIPT)}; "
+           "base-uri 'none'; form-action 'none'")
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+             f"<meta http-equiv='Content-Security-Policy' content=\"{csp}\">"
+             "<meta name='referrer' content='no-referrer'>"
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+             f"<title>HemBLIP cell report – {_e(_name(loc))}</title><style>{style}</style></head><body>"
              f"<header><h1>HemBLIP blood-smear cell report</h1><div class='sub'>{_e(loc)}"
              f"{' · slide ' + _e(slide_id) if slide_id else ''} · {len(by_slide)} slides with cells · {len(cells):,} cells · "
              f"generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC</div></header>"
@@ -315,7 +478,7 @@ def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None =
     # --- runs
     run_rows = [[_e(r["run_id"]), _e(f"{r['started_at']:%Y-%m-%d %H:%M}" if r["started_at"] else ""),
                  _e(f"{(r['finished_at'] - r['started_at']).total_seconds() / 60:.1f} min" if r["finished_at"] and r["started_at"] else ""),
-                 f"<span class='status-{_e(r['status'])}'>{_e(r['status'])}</span>", str(r["slides_listed"]), str(r["slides_ok"]),
+                 _status(r["status"]), str(r["slides_listed"]), str(r["slides_ok"]),
                  str(r["slides_failed"]), str(r["slides_skipped"]), f"{r['cells_written']:,}" if r["cells_written"] is not None else "",
                  _e(r["model_version"])] for r in runs]
     parts.append("<section id='runs'><h2>Run summary</h2>")
@@ -346,7 +509,7 @@ def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None =
 
     # --- slides
     parts.append("<section id='slides'><h2>Slides</h2>")
-    status_rows = [[_e(_name(r["slide_uri"])), f"<span class='status-{_e(r['status'])}'>{_e(r['status'])}</span>",
+    status_rows = [[_e(_name(r["slide_uri"])), _status(r["status"]),
                     _e(r["reason"] or ""), str(len(by_slide.get(r["slide_id"], [])))] for r in slides_latest]
     parts.append(_table(["slide", "latest status", "reason", "cells"], status_rows, num={3}))
     for sid, scells in sorted(by_slide.items(), key=lambda kv: kv[1][0]["slide_uri"]):
@@ -360,14 +523,15 @@ def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None =
         typed = sum(v for t, v in counts.items() if t is not None)
         abnormal = sum(v for t, v in counts.items() if t in ABNORMAL_CELL_TYPES)
         mpp = info.get("mpp")
-        mpp_text = f"{mpp:.4f} µm/px ({info.get('mpp_source')})" if mpp else "mpp unknown"
+        mpp_text = f"{float(mpp):.4f} µm/px ({_e(info.get('mpp_source'))})" if mpp else "mpp unknown"
         parts.append(
             f"<div class='slide' id='slide-{_e(sid)}' data-slide='{_e(sid)}'><h3>{_e(_name(scells[0]['slide_uri']))}</h3>"
             f"<div class='kv'>{_e(scells[0]['slide_uri'])} · id {_e(sid)} · run {_e(info.get('run_id'))} · "
             f"{mpp_text} · {len(scells)} cells, "
             f"{typed} typed, {counts.get(None, 0)} untyped · atypical/blast-type {abnormal} ({_pct(abnormal / typed if typed else None)}) · "
-            f"QC flags: {', '.join(f'{k} {v}' for k, v in sorted(flags.items())) or 'none'} · "
-            f"<a href='#slide={_e(sid)}' onclick=\"location.hash='slide={_e(sid)}';document.getElementById('cells').scrollIntoView();return false;\">show its cells</a></div>"
+            f"QC flags: {', '.join(f'{_e(k)} {v}' for k, v in sorted(flags.items())) or 'none'} · "
+            # no inline handler: the page script finds the link by data-show-slide
+            f"<a href='#slide={_e(quote(sid, safe=''))}' data-show-slide='{_e(sid)}'>show its cells</a></div>"
             f"<div class='slide-grid'><div><h3>Differential count (95% Wilson CI)</h3>{_differential_svg(counts)}</div>"
             f"<div><h3>Where cells were found</h3>{_positions_svg(scells, info.get('width'), info.get('height'))}</div></div>"
             f"<details><summary>Attribute distributions ({len(scells)} cells)</summary>{_attributes_html(scells)}</details></div>")
@@ -395,12 +559,10 @@ def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None =
         "rows": [[_json_value(c[k]) for k in _GALLERY_COLS] for c in cells],
         "thumbnails": [_thumb(c["_thumb"], thumb_px) for c in cells],
     }
-    text = json.dumps(blob, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-    parts.append(f"</main><script id='cell-data' type='application/json'>{text}</script><script>{SCRIPT}</script></body></html>")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(parts), encoding="utf-8")
-    return ReportStats(path=out, slides=len(by_slide), cells=len(cells), bytes=out.stat().st_size,
+    parts.append(f"</main><script id='cell-data' type='application/json'>{_script_json(blob)}</script>"
+                 f"<script>{SCRIPT}</script></body></html>")
+    size = _write_out(out, "".join(parts).encode("utf-8"))
+    return ReportStats(path=out, slides=len(by_slide), cells=len(cells), bytes=size,
                        seconds=time.perf_counter() - t0)
 
 

@@ -1,5 +1,11 @@
 """Inline CSS and JavaScript of the static HTML report (kept as Python strings so that they ship
-with the package without package-data configuration)."""
+with the package without package-data configuration).
+
+The page runs under a Content Security Policy that allows exactly these two texts (by hash), so
+the script must not use inline handlers, ``eval`` or style attributes, and it puts data into the
+page only through ``textContent``, ``dataset`` and properties, never as markup. The URL hash is
+anyone's input: the parser ignores what it cannot decode or does not know and never throws.
+"""
 
 from __future__ import annotations
 
@@ -55,19 +61,27 @@ SCRIPT = r"""
 (function () {
   'use strict';
   var data = JSON.parse(document.getElementById('cell-data').textContent);
-  var cols = {}; data.columns.forEach(function (c, i) { cols[c] = i; });
+  var cols = Object.create(null); data.columns.forEach(function (c, i) { cols[c] = i; });
   var rows = data.rows, imgs = data.thumbnails, PAGE = data.page_size;
-  var el = function (tag, cls, text) { var e = document.createElement(tag); if (cls) e.className = cls; if (text != null) e.textContent = text; return e; };
+  var el = function (tag, cls, text) { var e = document.createElement(tag); if (cls) e.className = cls; if (text != null) e.textContent = String(text); return e; };
   var get = function (r, c) { return r[cols[c]]; };
+  var list = function (v) { return Array.isArray(v) ? v : []; };
+  var has = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); };
+  // a malformed %-sequence (URIError) makes that key or value unusable, not the page
+  var dec = function (x) { try { return decodeURIComponent(x); } catch (e) { return null; } };
   var selType = document.getElementById('f-type'), selFlag = document.getElementById('f-flag'),
       selSlide = document.getElementById('f-slide'), selCons = document.getElementById('f-consistency');
   var grid = document.getElementById('gallery'), count = document.getElementById('gallery-count');
 
   function state() {
     var s = { type: '', flag: '', slide: '', consistency: '', page: 1, view: '' };
-    location.hash.replace(/^#/, '').split('&').forEach(function (kv) {
-      if (!kv) return; var p = kv.split('='); var k = decodeURIComponent(p[0]), v = decodeURIComponent(p.slice(1).join('=') || '');
-      if (k in s) s[k] = k === 'page' ? Math.max(1, parseInt(v, 10) || 1) : v;
+    String(location.hash || '').replace(/^#/, '').split('&').forEach(function (kv) {
+      if (!kv) return;
+      var i = kv.indexOf('=');
+      var k = dec(i < 0 ? kv : kv.slice(0, i)), v = i < 0 ? '' : dec(kv.slice(i + 1));
+      if (k === null || v === null || !has(s, k)) return;  // own keys only: no __proto__ & co.
+      if (k === 'page') { var n = parseInt(v, 10); s.page = isFinite(n) && n > 1 ? Math.min(n, 1e9) : 1; }
+      else s[k] = v;
     });
     return s;
   }
@@ -81,7 +95,7 @@ SCRIPT = r"""
   function matches(r, s) {
     if (s.type) { var t = get(r, 'cell_type'); if ((s.type === '(untyped)' ? t !== null : t !== s.type)) return false; }
     if (s.slide && get(r, 'slide_id') !== s.slide) return false;
-    var flags = get(r, 'qc_flags') || [];
+    var flags = list(get(r, 'qc_flags'));
     if (s.flag === '(none)') { if (flags.length) return false; }
     else if (s.flag === '(any)') { if (!flags.length) return false; }
     else if (s.flag && flags.indexOf(s.flag) < 0) return false;
@@ -95,13 +109,13 @@ SCRIPT = r"""
   function card(r, i) {
     var c = el('div', 'cell');
     var t = get(r, 'cell_type');
-    c.dataset.type = t === null ? '(untyped)' : t;
-    c.dataset.flags = (get(r, 'qc_flags') || []).join(' ');
-    c.dataset.slide = get(r, 'slide_id');
-    c.dataset.cell = get(r, 'cell_id');
+    c.dataset.type = t === null ? '(untyped)' : String(t);
+    c.dataset.flags = list(get(r, 'qc_flags')).join(' ');
+    c.dataset.slide = String(get(r, 'slide_id'));
+    c.dataset.cell = String(get(r, 'cell_id'));
     if (get(r, 'consistent') === false) c.classList.add('inconsistent');
     var img = el('img'); img.loading = 'lazy'; img.alt = (t || 'cell') + ' ' + get(r, 'cell_id');
-    if (imgs[i]) img.src = 'data:image/jpeg;base64,' + imgs[i];
+    if (typeof imgs[i] === 'string' && /^[A-Za-z0-9+/=]+$/.test(imgs[i])) img.src = 'data:image/jpeg;base64,' + imgs[i];
     c.appendChild(img);
     var b = el('div', 'body');
     b.appendChild(el('div', 'type', (t || 'untyped') + (get(r, 'case') ? ' · ' + get(r, 'case') : '')));
@@ -113,9 +127,9 @@ SCRIPT = r"""
       ' · lobes ' + fmt(get(r, 'nucleus_lobes'), 0) + ' · circ ' + fmt(get(r, 'nucleus_circularity'), 2) +
       ' · focus ' + fmt(get(r, 'focus_score'), 0) + ' · logp ' + fmt(get(r, 'caption_logprob'), 2)));
     var badges = el('div');
-    (get(r, 'qc_flags') || []).forEach(function (f) { badges.appendChild(el('span', 'badge', f)); });
+    list(get(r, 'qc_flags')).forEach(function (f) { badges.appendChild(el('span', 'badge', f)); });
     var cons = get(r, 'consistent');
-    if (cons === false) badges.appendChild(el('span', 'badge bad', 'disagrees: ' + (get(r, 'inconsistent_attributes') || []).join(', ')));
+    if (cons === false) badges.appendChild(el('span', 'badge bad', 'disagrees: ' + list(get(r, 'inconsistent_attributes')).join(', ')));
     else if (cons === true) badges.appendChild(el('span', 'badge ok', 'morphometry agrees'));
     b.appendChild(badges);
     b.appendChild(el('div', 'muted', get(r, 'slide_name') + ' #' + get(r, 'cell_index') + ' @ (' + fmt(get(r, 'centroid_x'), 0) + ', ' + fmt(get(r, 'centroid_y'), 0) + ') px'));
@@ -149,6 +163,14 @@ SCRIPT = r"""
   document.getElementById('p-prev').addEventListener('click', function () { var s = state(); s.page = Math.max(1, s.page - 1); setHash(s); });
   document.getElementById('p-next').addEventListener('click', function () { var s = state(); s.page = s.page + 1; setHash(s); });
   window.addEventListener('hashchange', render);
+  // "show its cells" links of the slide sections (no inline handlers: the CSP forbids them)
+  Array.prototype.forEach.call(document.querySelectorAll('a[data-show-slide]'), function (a) {
+    a.addEventListener('click', function (ev) {
+      ev.preventDefault();
+      setHash({ view: state().view, type: '', flag: '', slide: a.getAttribute('data-show-slide') || '', consistency: '', page: 1 });
+      document.getElementById('cells').scrollIntoView();
+    });
+  });
   render();
   // a link that carries gallery filters (e.g. report.html#type=lymphocyte) opens on the gallery;
   // #view=gallery&... shows the gallery alone (handy for sharing a filtered set of cells)

@@ -9,7 +9,9 @@ HELP = "write a self-contained HTML report: runs, per-slide differential counts,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, metavar="LOCATION", help="output location of the nightly job: a directory or s3://bucket/prefix")
-    parser.add_argument("--out", required=True, metavar="FILE", help="HTML file to write")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="HTML file to write (missing directories are created; an existing file is replaced whole, "
+                             "only once the report is complete)")
     parser.add_argument("--slide", metavar="ID", help="only this slide (id, unique id prefix or URI)")
     parser.add_argument("--manifest", metavar="CSV", help="cohort manifest: adds the cohort section (see `cohort`)")
     parser.add_argument("--thumb-px", type=int, default=112, metavar="PX", help="re-encode thumbnails to PX pixels, the gallery's display size (0: keep the stored JPEGs; default 112)")
