@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.errors import ConfigError
+from pipeline._redact import redact_urls_in
+from pipeline.errors import ConfigError, PipelineError
 
 HELP = "run the nightly job: slide archive (s3:// or local) -> cells/slides/runs Parquet"
 
@@ -73,9 +74,20 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.job import format_summary, load_config, run_job
 
     cfg = load_config(args.config, overrides_from(args))
+
+    def say(line: str) -> None:
+        # Progress lines carry slide failure reasons, which may quote an S3 URL from a worker.
+        print(redact_urls_in(line), flush=True)
+
     try:
-        result = run_job(cfg)
+        result = run_job(cfg, say=say)
     except HemblipError as exc:
-        raise ConfigError(f"--model {cfg.model or '(demo checkpoint)'}: {exc}") from None
-    print(format_summary(result, cfg.output), flush=True)
+        raise ConfigError(redact_urls_in(f"--model {cfg.model or '(demo checkpoint)'}: {exc}")) from None
+    except PipelineError as exc:
+        # The dispatcher prints str(exc) on stderr: a storage error may quote the endpoint URL.
+        text = redact_urls_in(str(exc))
+        if text != str(exc):
+            raise PipelineError(text) from None
+        raise
+    print(redact_urls_in(format_summary(result, cfg.output)), flush=True)
     return result.exit_code
