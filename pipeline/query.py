@@ -1,8 +1,10 @@
-"""Read-only SQL over the outputs: DuckDB views ``cells``, ``slides``, ``runs``, ``current_cells``.
+"""Read-only SQL over the outputs: DuckDB views ``cells``, ``slides``, ``runs``, ``current_cells``,
+``current_slides``.
 
 The views are the Arrow datasets of :mod:`pipeline.outputs` (local or S3, hive column
-``run_date``) plus ``current_cells`` (each slide's latest successful processing), registered on
-a private in-memory DuckDB connection. After registration the connection is locked down (``enable_external_access=false``, ``lock_configuration=true``), so a
+``run_date``) plus ``current_cells`` (each slide's latest successful processing) and
+``current_slides`` (each slide's latest outcome), registered on a private in-memory DuckDB
+connection. After registration the connection is locked down (``enable_external_access=false``, ``lock_configuration=true``), so a
 query can read the registered views and nothing else: no files, no ``COPY``, ``ATTACH`` or
 extension installs. Only a single ``SELECT`` statement (``WITH ...``, ``FROM ...`` forms included)
 is accepted.
@@ -21,7 +23,7 @@ import pyarrow as pa
 from pipeline.errors import PipelineError
 from pipeline.outputs import TABLES, Outputs, open_outputs
 
-__all__ = ["QueryError", "CURRENT_CELLS_SQL", "connect", "query", "query_arrow", "open_outputs", "Outputs"]
+__all__ = ["QueryError", "CURRENT_CELLS_SQL", "CURRENT_SLIDES_SQL", "connect", "query", "query_arrow", "open_outputs", "Outputs"]
 
 
 class QueryError(PipelineError, ValueError):
@@ -41,13 +43,28 @@ SELECT c.* FROM cells AS c
 JOIN latest AS l ON c.slide_id = l.slide_id AND c.run_id = l.latest_run_id
 """
 
+#: Each slide's current state: its latest non-skipped ``slides`` row, one row per slide URI.
+#: A skip is not an outcome (the job writes no row for a skipped slide unless --record-skipped),
+#: so a run that skipped everything leaves a corrupt slide listed as failed until a later row
+#: supersedes it: an ``ok`` of the same bytes (same slide_id) or of new bytes at the same URI (a
+#: new etag, hence a new slide_id). A slide with only skipped rows keeps its latest skipped row.
+CURRENT_SLIDES_SQL = """
+CREATE VIEW current_slides AS
+SELECT * FROM slides
+QUALIFY row_number() OVER (
+    PARTITION BY coalesce(slide_uri, slide_id)
+    ORDER BY (status IS DISTINCT FROM 'skipped') DESC,
+             coalesce(finished_at, run_date::TIMESTAMPTZ) DESC NULLS LAST, run_id DESC NULLS LAST) = 1
+"""
+
 
 def connect(outputs: Outputs | str, s3_endpoint: str | None = None,
             extra: dict[str, pa.Table] | None = None) -> duckdb.DuckDBPyConnection:
     """A locked-down in-memory DuckDB connection over the outputs.
 
     Views: ``cells``, ``slides``, ``runs`` (every committed row, column ``run_date`` from the
-    partition) and ``current_cells`` (cells of each slide's latest ``ok`` processing). ``outputs``
+    partition), ``current_cells`` (cells of each slide's latest ``ok`` processing) and
+    ``current_slides`` (each slide URI's latest non-skipped ``slides`` row: its current outcome). ``outputs``
     is an :class:`Outputs` or a location (local directory or ``s3://bucket/prefix``); ``extra``
     registers more Arrow tables (e.g. a cohort manifest) before the connection is locked.
     """
@@ -59,6 +76,7 @@ def connect(outputs: Outputs | str, s3_endpoint: str | None = None,
     for name, table in (extra or {}).items():
         con.register(name, table)
     con.execute(CURRENT_CELLS_SQL)
+    con.execute(CURRENT_SLIDES_SQL)
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con

@@ -1,6 +1,6 @@
 """Static, self-contained HTML report of the outputs (one file: inline CSS/JS/SVG, data-URI images).
 
-Sections: run summary (runs, last run's failures), caption ⇄ morphometry consistency, optional
+Sections: run summary (runs, slides failing now: each slide's latest outcome), caption ⇄ morphometry consistency, optional
 cohort tables, per slide (differential count with 95% Wilson intervals, attribute distributions,
 where cells were found drawn over the slide extent, QC flags), and a cell gallery grouped by cell
 type with filters (slide, type, QC flag, consistency) kept in the URL hash, e.g.
@@ -40,7 +40,15 @@ from PIL import Image
 
 from hemblip.ontology import ABNORMAL_CELL_TYPES, ATTRIBUTE_NAMES, ATTRIBUTES, CELL_TYPES
 from pipeline._report_assets import SCRIPT, STYLE
-from pipeline.cohort import CohortResult, cohort_analysis, wilson_interval
+from pipeline.cohort import (
+    ALPHA,
+    MIN_UNITS_PER_COHORT,
+    POOLED_SCOPE,
+    CohortResult,
+    cohort_analysis,
+    summarize,
+    wilson_interval,
+)
 from pipeline.consistency import consistency_summary
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.outputs import Outputs, open_outputs
@@ -363,34 +371,64 @@ def _resolve_slide(con, slide: str) -> str:
     return ids[0]
 
 
+def _unit_values(units: list[dict], cohort: str, cell_type: str, limit: int = 6) -> str:
+    """A cohort's per-patient proportions of one cell type: median, then each value (or the range)."""
+    mine = sorted((r for r in units if r["cohort"] == cohort and r["cell_type"] == cell_type), key=lambda r: r["unit"])
+    if not mine:
+        return "–"
+    props = sorted(r["proportion"] for r in mine)
+    k = len(props)
+    median = props[k // 2] if k % 2 else (props[k // 2 - 1] + props[k // 2]) / 2
+    detail = (", ".join(f"{r['unit']} {_pct(r['proportion'])}" for r in mine) if k <= limit
+              else f"range {_pct(props[0])}–{_pct(props[-1])}")
+    return f"median {_pct(median)} ({detail})"
+
+
 def _cohort_html(result: CohortResult) -> str:
+    """Patient level first (headline, per-patient proportions, the test or why there is none);
+    cells pooled per cohort after it, under the descriptive-only label."""
+    summary = summarize(result)
+    unit = summary["unit"]
     d = result.differential.to_pylist()
     cohorts = sorted({r["cohort"] for r in d})
-    out = []
+    units = result.units.to_pylist() if result.units.num_columns else []
+    fmt = lambda p: "–" if p is None else f"{p:.3g}"  # noqa: E731
+    out = ["<h3>Comparison between cohorts</h3>", f"<p>{_e(summary['headline'])}</p>",
+           f"<p class='muted'>Units are {_e(unit)}s: cells of one {_e(unit)} are not independent samples, so cohorts "
+           f"are compared on per-{_e(unit)} proportions of typed cells (two-sided Mann–Whitney U, exact permutation "
+           f"distribution for small cohorts, Benjamini–Hochberg q). A pair of cohorts is tested only with at least "
+           f"{MIN_UNITS_PER_COHORT} {_e(unit)}s in each and a smallest attainable p ≤ {ALPHA:g}.</p>"]
+    rows = []
+    for r in result.unit_comparison.to_pylist():
+        rows.append([f"{r['cohort_a']} vs {r['cohort_b']}", r["cell_type"],
+                     f"{r['cohort_a']}: {_unit_values(units, r['cohort_a'], r['cell_type'])}",
+                     f"{r['cohort_b']}: {_unit_values(units, r['cohort_b'], r['cell_type'])}",
+                     fmt(r["p_value"]), fmt(r["q_value"]),
+                     "" if r["testable"] else f"not tested: smallest attainable p {fmt(r['min_attainable_p'])}"])
+    out.append(_table(["cohorts", "cell type", f"A (per {unit})", f"B (per {unit})", "p", "q (BH)", "note"], rows))
+    out.append(f"<h3>Cells pooled per cohort <span class='muted'>({_e(POOLED_SCOPE)})</span></h3>"
+               "<p class='muted'>Differential counts with 95% Wilson intervals over all typed cells of a cohort; the "
+               f"intervals treat cells as independent and describe these cells, not the {_e(unit)}s they come from.</p>")
     for cohort in cohorts:
-        rows = [r for r in d if r["cohort"] == cohort]
-        counts = {r["cell_type"]: r["count"] for r in rows}
-        meta = rows[0] if rows else {}
+        rows_c = [r for r in d if r["cohort"] == cohort]
+        counts = {r["cell_type"]: r["count"] for r in rows_c}
+        meta = rows_c[0] if rows_c else {}
         out.append(f"<h3>{_e(cohort)} <span class='muted'>({_e(meta.get('slides', 0))} slides, "
                    f"{_e(meta.get('patients', 0))} patients, {_e(meta.get('typed_cells', 0))} typed cells)</span></h3>")
         out.append(_differential_svg(counts))
-    comp = [r for r in result.comparison.to_pylist()]
-    unit = {(r["cohort_a"], r["cohort_b"], r["cell_type"]): r for r in result.unit_comparison.to_pylist()}
     rows = []
-    for r in comp:
-        u = unit.get((r["cohort_a"], r["cohort_b"], r["cell_type"]), {})
-        fmt = lambda p: "–" if p is None else f"{p:.3g}"  # noqa: E731
+    for r in result.comparison.to_pylist():
         rows.append([f"{r['cohort_a']} vs {r['cohort_b']}", r["cell_type"],
                      f"{r['count_a']}/{r['typed_a']} ({_pct(r['proportion_a'])})",
                      f"{r['count_b']}/{r['typed_b']} ({_pct(r['proportion_b'])})",
                      f"{_pct(r['difference'])} [{_pct(r['diff_ci_low'])}, {_pct(r['diff_ci_high'])}]",
-                     fmt(r["p_value"]), fmt(r["q_value"]), fmt(u.get("p_value")), fmt(u.get("q_value"))])
-    out.append("<h3>Comparison between cohorts</h3><p class='muted'>Cell level: Fisher's exact test on "
-               "type vs other typed cells, Newcombe 95% interval of the difference, Benjamini–Hochberg q. "
-               "Unit level: Mann–Whitney U on per-patient (else per-slide) proportions, BH q; trust it over "
-               "the cell-level test, which treats cells of one slide as independent.</p>")
-    out.append(_table(["cohorts", "cell type", "A", "B", "difference [95% CI]", "p (cells)", "q (cells)",
-                       "p (units)", "q (units)"], rows))
+                     fmt(r["p_value"]), fmt(r["q_value"])])
+    out.append(f"<details><summary>Cell-level test ({_e(POOLED_SCOPE)})</summary><p class='muted'>Fisher's exact "
+               "test on the pooled 2×2 table (type vs other typed cells), Newcombe 95% interval of the difference, "
+               f"Benjamini–Hochberg q. Every cell counts as an independent sample, so these p-values overstate the "
+               f"evidence and say nothing about a difference between {_e(unit)}s.</p>"
+               + _table(["cohorts", "cell type", "A", "B", "difference [95% CI]", "p (pooled cells)",
+                         "q (pooled cells)"], rows) + "</details>")
     freq: dict[tuple[str, str, str], dict[str, dict]] = {}
     for r in result.attributes.to_pylist():
         freq.setdefault((r["cell_type"], r["attribute"], r["value"]), {})[r["cohort"]] = r
@@ -400,7 +438,8 @@ def _cohort_html(result: CohortResult) -> str:
     rows = [[t, a.replace("_", " "), v] + [
         (f"{freq[(t, a, v)][c]['count']}/{freq[(t, a, v)][c]['mentioned']} ({_pct(freq[(t, a, v)][c]['frequency'], 0)})"
          if c in freq[(t, a, v)] else "–") for c in cohorts] for t, a, v in keys]
-    out.append(f"<details><summary>Attribute frequencies per cell type and cohort ({len(rows)} rows)</summary>"
+    out.append(f"<details><summary>Attribute frequencies per cell type and cohort ({len(rows)} rows; cells pooled, "
+               "descriptive)</summary>"
                + _table(["cell type", "attribute", "value", *cohorts], rows) + "</details>")
     if result.unmatched_manifest:
         out.append("<h3>Manifest rows without cells</h3><ul>" + "".join(f"<li>{_e(m)}</li>" for m in result.unmatched_manifest) + "</ul>")
@@ -429,10 +468,10 @@ def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None =
     where, params = ("WHERE slide_id = ?", [slide_id]) if slide_id else ("", [])
 
     runs = con.sql("SELECT * EXCLUDE (config_json) FROM runs ORDER BY started_at DESC").to_arrow_table().to_pylist()
+    # a skip is no outcome: current_slides keeps each slide's latest ok/failed row
     slides_latest = con.sql(f"""
-        SELECT slide_id, arg_max(slide_uri, finished_at) AS slide_uri, arg_max(status, finished_at) AS status,
-               arg_max(reason, finished_at) AS reason, max(finished_at) AS finished_at
-        FROM slides {where} GROUP BY slide_id ORDER BY slide_uri""", params=params).to_arrow_table().to_pylist()
+        SELECT slide_id, slide_uri, status, reason, finished_at
+        FROM current_slides {where} ORDER BY slide_uri, slide_id""", params=params).to_arrow_table().to_pylist()
     ok_slides = {r["slide_id"]: r for r in con.sql(f"""
         SELECT slide_id, arg_max(slide_uri, finished_at) AS slide_uri, arg_max(run_id, finished_at) AS run_id,
                arg_max(width, finished_at) AS width, arg_max(height, finished_at) AS height,
@@ -485,12 +524,23 @@ def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None =
     parts.append(_table(["run", "started (UTC)", "duration", "status", "listed", "ok", "failed", "skipped", "cells", "model"],
                         run_rows, num={4, 5, 6, 7, 8}) if runs else "<p class='muted'>No runs recorded.</p>")
     if runs:
-        failures = con.execute(
-            f"SELECT slide_uri, reason, finished_at FROM slides WHERE run_id = ? AND status = 'failed' "
-            f"{where.replace('WHERE', 'AND')} ORDER BY slide_uri", [runs[0]["run_id"], *params]).fetchall()
-        parts.append(f"<h3>Failures in the last run ({_e(runs[0]['run_id'])}): {len(failures)}</h3>")
+        # the latest outcome per slide, not the last run's rows: a re-run that skipped everything
+        # writes none, and a corrupt slide must stay listed until a later ok row supersedes it
+        failures = con.execute(f"""
+            SELECT c.slide_uri, c.reason, c.run_id, c.finished_at,
+                   (SELECT count(*) FROM slides s WHERE s.slide_id = c.slide_id AND s.status = 'failed') AS attempts
+            FROM current_slides c WHERE c.status = 'failed' {where.replace('WHERE slide_id', 'AND c.slide_id')}
+            ORDER BY c.slide_uri, c.slide_id""", params).fetchall()
+        parts.append(f"<h3>Slides failing now (latest outcome per slide): {len(failures)}</h3>"
+                     "<p class='muted'>A failed slide stays listed until a later run processes it ok (the same "
+                     "bytes retried, or new bytes at the same URI); runs that skip it do not change it. Last run "
+                     f"{_e(runs[0]['run_id'])}: {_e(runs[0]['slides_ok'])} ok, {_e(runs[0]['slides_failed'])} failed, "
+                     f"{_e(runs[0]['slides_skipped'])} skipped.</p>")
         if failures:
-            parts.append(_table(["slide", "reason"], [[_e(u), _e(r)] for u, r, _ in failures]))
+            parts.append(_table(
+                ["slide", "reason", "last attempt (run)", "at (UTC)", "failed attempts"],
+                [[_e(u), _e(r), _e(rid), _e(f"{t:%Y-%m-%d %H:%M}" if t else ""), str(n)] for u, r, rid, t, n in failures],
+                num={4}))
     parts.append("</section>")
 
     # --- consistency
@@ -511,7 +561,7 @@ def build_report(outputs: Outputs | str, out: str | Path, *, slide: str | None =
     parts.append("<section id='slides'><h2>Slides</h2>")
     status_rows = [[_e(_name(r["slide_uri"])), _status(r["status"]),
                     _e(r["reason"] or ""), str(len(by_slide.get(r["slide_id"], [])))] for r in slides_latest]
-    parts.append(_table(["slide", "latest status", "reason", "cells"], status_rows, num={3}))
+    parts.append(_table(["slide", "current outcome", "reason", "cells"], status_rows, num={3}))
     for sid, scells in sorted(by_slide.items(), key=lambda kv: kv[1][0]["slide_uri"]):
         info = ok_slides.get(sid, {})
         counts: dict[str | None, int] = {}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from scipy import stats
@@ -14,12 +17,15 @@ from pipeline.__main__ import main as cli
 from pipeline.cohort import (
     benjamini_hochberg,
     cohort_analysis,
+    min_attainable_p,
     newcombe_interval,
     read_manifest,
+    summarize,
     wilson_interval,
     write_results,
 )
 from pipeline.errors import ConfigError
+from pipeline.schema import CELL_SCHEMA, RUN_SCHEMA, SLIDE_SCHEMA
 
 sys.path.insert(0, str(Path(__file__).parent))
 from outputs_fixture import build_outputs  # noqa: E402
@@ -134,11 +140,120 @@ def test_cli_writes_parquet_and_csv(fx, manifest, tmp_path, capsys):
     assert cli(["cohort", "--output", str(fx.root), "--manifest", str(manifest), "--out", str(out)]) == 0
     text = capsys.readouterr()
     assert "leukemia: 2 slides, 50 typed cells" in text.out and "broken-01" in text.err
-    for name in ("differential", "attributes", "comparison", "unit_comparison", "slides"):
+    for name in ("differential", "attributes", "comparison", "unit_comparison", "units", "slides"):
         assert (out / f"{name}.csv").stat().st_size > 0
         assert pq.read_table(out / f"{name}.parquet").num_rows > 0
     assert "broken-01" in (out / "unmatched.csv").read_text()
     assert cli(["cohort", "--output", str(fx.root), "--manifest", str(tmp_path / "none.csv")]) == 2
     assert "cannot read" in capsys.readouterr().err
     r = cohort_analysis(str(fx.root), manifest)
-    assert len(write_results(r, tmp_path / "again")) == 11
+    assert len(write_results(r, tmp_path / "again")) == 6 * 2 + 2  # tables, unmatched.csv, summary.json
+
+
+# --- patient level first; pooled cells are descriptive only ---------------------------------------
+
+AML_VS_OTHERS = ("slide_uri,cohort,patient\ns3://smears/archive/aml-01.svs,AML,P1\n"
+                 "s3://smears/archive/healthy-01.svs,other,P2\ns3://smears/archive/cll-01.svs,other,P3\n")
+POOLED_LABEL = "cells pooled per group, not independent samples: descriptive only"
+
+
+@pytest.mark.parametrize("n1, n2", [(1, 1), (1, 2), (2, 2), (2, 3), (3, 3), (3, 4), (4, 4), (1, 6), (5, 6), (2, 9)])
+def test_min_attainable_p_is_the_exact_mann_whitney_minimum(n1, n2):
+    # the most extreme arrangement (every unit of one cohort above every unit of the other)
+    exact = stats.mannwhitneyu(list(range(n1)), list(range(n1, n1 + n2)), method="exact").pvalue
+    assert min_attainable_p(n1, n2) == pytest.approx(exact)
+    assert min_attainable_p(n2, n1) == pytest.approx(exact)
+
+
+def test_min_attainable_p_edges():
+    assert min_attainable_p(1, 2) == pytest.approx(2 / 3)
+    assert min_attainable_p(0, 5) is None
+    assert 0 <= min_attainable_p(200, 200) < 1e-100
+
+
+def test_one_vs_two_patients_is_too_small_for_any_test(fx, tmp_path, capsys):
+    m = _manifest(tmp_path, AML_VS_OTHERS)
+    r = cohort_analysis(str(fx.root), m)
+    # pooled cells make myeloblasts (10/22 vs 0/56) "significant": exactly what must not be headlined
+    pooled = {x["cell_type"]: x for x in r.comparison.to_pylist()}
+    assert pooled["myeloblast"]["q_value"] < 0.05
+    assert all(x["scope"] == POOLED_LABEL for x in pooled.values())
+    unit = {x["cell_type"]: x for x in r.unit_comparison.to_pylist()}
+    u = unit["myeloblast"]
+    assert (u["units_a"], u["units_b"]) == (1, 2) and u["p_value"] is None and u["testable"] is False
+    assert u["min_attainable_p"] == pytest.approx(2 / 3) and "0.667" in u["note"]
+    per_patient = {(x["unit"], x["cell_type"]): x for x in r.units.to_pylist()}
+    assert (per_patient[("P1", "myeloblast")]["count"], per_patient[("P1", "myeloblast")]["typed_cells"]) == (10, 22)
+    assert per_patient[("P3", "myeloblast")]["proportion"] == 0.0
+
+    out = tmp_path / "res"
+    assert cli(["cohort", "--output", str(fx.root), "--manifest", str(m), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    headline = text.splitlines()[0]
+    assert "too few patients" in headline and "1 vs 2" in headline and "0.667" in headline, headline
+    assert not re.search(r"\d+ cell-type differences with BH q < 0.05", text)
+    assert POOLED_LABEL in text
+    # the pooled section comes after the patient-level one and every Fisher mention sits in it
+    assert text.index(POOLED_LABEL) > text.index("per-patient")
+    assert all(i > text.index(POOLED_LABEL) for i in (m_.start() for m_ in re.finditer("Fisher", text)))
+    s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert s["tests_possible"] is False and s["significant"] == [] and s["headline"] == headline
+    assert s["pairs"] == [{"cohort_a": "AML", "cohort_b": "other", "units_a": 1, "units_b": 2,
+                           "min_attainable_p": pytest.approx(2 / 3), "testable": False, "reason": s["pairs"][0]["reason"]}]
+    assert s["cell_level"]["scope"] == POOLED_LABEL
+    assert cli(["cohort", "--output", str(fx.root), "--manifest", str(m), "--out", str(out), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["headline"] == headline
+
+
+def _cohort_outputs(fx, root: Path, groups: dict[str, list[dict[str, int]]]) -> Path:
+    """Outputs with one slide per patient holding the given cell-type counts; returns a manifest."""
+    cell0 = next(c for c in fx.cells if c["cell_type"])
+    slide0 = next(s for s in fx.slides if s["status"] == "ok")
+    cells, slides, lines = [], [], ["slide_uri,cohort,patient"]
+    for cohort, patients in groups.items():
+        for i, counts in enumerate(patients):
+            uri, sid = f"s3://smears/{cohort}-{i}.svs", f"{cohort}-{i}".ljust(32, "0")
+            slides.append(dict(slide0, slide_id=sid, slide_uri=uri, cell_count=sum(counts.values())))
+            cells += [dict(cell0, cell_id=f"{sid}-{t}-{j}", slide_id=sid, slide_uri=uri, cell_type=t, qc_flags=[])
+                      for t, k in counts.items() for j in range(k)]
+            lines.append(f"{uri},{cohort},{cohort}-P{i}")
+    for table, rows, schema in (("cells", cells, CELL_SCHEMA), ("slides", slides, SLIDE_SCHEMA),
+                                ("runs", fx.runs[:1], RUN_SCHEMA)):
+        d = root / table / "run_date=2026-11-27"
+        d.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), d / "part-x.parquet")
+    (root.parent / "cohorts.csv").write_text("\n".join(lines) + "\n")
+    return root.parent / "cohorts.csv"
+
+
+def test_four_vs_four_patients_exact_test_with_ties(fx, tmp_path, capsys):
+    groups = {"A": [{"neutrophil": 15, "lymphocyte": 5 + i} for i in range(4)],
+              "B": [{"neutrophil": 15, "lymphocyte": 4 + i, "myeloblast": 5 + i} for i in range(4)]}
+    m = _cohort_outputs(fx, tmp_path / "out", groups)
+    r = cohort_analysis(str(tmp_path / "out"), m)
+    unit = {x["cell_type"]: x for x in r.unit_comparison.to_pylist()}
+    mb = unit["myeloblast"]
+    # A's proportions tie at 0: the exact permutation p is 2/C(8,4); the normal approximation says 0.02
+    assert mb["testable"] is True and mb["p_value"] == pytest.approx(2 / 70)
+    assert mb["min_attainable_p"] == pytest.approx(2 / 70) and mb["method"] == "exact"
+    assert mb["q_value"] == pytest.approx(stats.false_discovery_control(
+        [x["p_value"] for x in r.unit_comparison.to_pylist()])[list(unit).index("myeloblast")])
+    s = summarize(r)
+    assert s["tests_possible"] is True and "myeloblast" in {x["cell_type"] for x in s["significant"]}
+    assert s["headline"].startswith(f"{len(s['significant'])} of 3 cell-type comparisons differ between cohorts")
+    assert "patient" in s["headline"] and "Mann–Whitney" in s["headline"]
+
+
+def test_three_vs_three_patients_cannot_reach_005(fx, tmp_path):
+    groups = {"A": [{"neutrophil": 20}] * 3, "B": [{"neutrophil": 10, "myeloblast": 10}] * 3}
+    m = _cohort_outputs(fx, tmp_path / "out", groups)
+    s = summarize(cohort_analysis(str(tmp_path / "out"), m))
+    assert s["tests_possible"] is False
+    assert "3 vs 3" in s["headline"] and "0.1" in s["headline"] and "4 vs 4" in s["headline"]
+
+
+def test_slides_as_units_are_named_as_such(fx, tmp_path):
+    ids = fx.slide_ids
+    m = _manifest(tmp_path, f"slide_id,cohort\n{ids['healthy-01']},A\n{ids['aml-01']},B\n{ids['cll-01']},B\n")
+    s = summarize(cohort_analysis(str(fx.root), m))
+    assert s["unit"] == "slide" and "too few slides" in s["headline"]

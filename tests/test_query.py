@@ -62,7 +62,7 @@ def test_views_partitions_and_only_committed_files(fx):
 
 def test_readme_examples_cover_the_issue(fx):
     assert set(_examples()) >= {"cells_per_slide", "differential_per_slide", "abnormal_fraction",
-                                "attribute_by_cell_type", "qc_flagged", "last_run_failures"}
+                                "attribute_by_cell_type", "qc_flagged", "current_failures"}
 
 
 def test_example_cells_per_slide(fx):
@@ -113,11 +113,16 @@ def test_example_qc_flagged(fx):
     assert sum(r["cells"] for r in rows) > 0
 
 
-def test_example_last_run_failures(fx):
-    rows = query_arrow(str(fx.root), _examples()["last_run_failures"]).to_pylist()
-    expected = sorted((s["slide_uri"], s["reason"]) for s in fx.slides if s["run_id"] == RUN2 and s["status"] == "failed")
-    assert [(r["slide_uri"], r["reason"]) for r in rows] == expected
-    assert len(rows) == 2 and "SlideReadError" in rows[1]["reason"]
+def test_example_current_failures(fx):
+    """Slides whose latest non-skipped outcome is a failure (tests/test_current_outcomes.py: after a
+    run that skipped everything, and after the slide is fixed)."""
+    rows = query_arrow(str(fx.root), _examples()["current_failures"]).to_pylist()
+    latest: dict[str, dict] = {}
+    for s in sorted((s for s in fx.slides if s["status"] != "skipped"), key=lambda s: s["finished_at"]):
+        latest[s["slide_uri"]] = s
+    expected = sorted((s["slide_uri"], s["reason"], s["run_id"]) for s in latest.values() if s["status"] == "failed")
+    assert [(r["slide_uri"], r["reason"], r["run_id"]) for r in rows] == expected
+    assert len(rows) == 2 and "SlideReadError" in rows[1]["reason"] and rows[0]["slide_uri"].endswith("broken-01.svs")
 
 
 def test_example_inconsistent_per_slide(fx):

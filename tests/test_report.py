@@ -100,6 +100,25 @@ def test_slide_filter_and_errors(fx, tmp_path, capsys):
         build_report(str(fx.root), tmp_path / "x.html", slide="s3://nope.svs")
 
 
+def test_cohort_section_leads_with_patients_not_pooled_cells(fx, tmp_path):
+    """1 patient vs 2: the pooled-cell Fisher test calls myeloblasts significant; the report must
+    say no test is possible and show the pooled test only under its descriptive label."""
+    m = tmp_path / "aml.csv"
+    m.write_text("slide_uri,cohort,patient\ns3://smears/archive/aml-01.svs,AML,P1\n"
+                 "s3://smears/archive/healthy-01.svs,other,P2\ns3://smears/archive/cll-01.svs,other,P3\n")
+    out = tmp_path / "r.html"
+    build_report(str(fx.root), out, manifest=m, thumb_px=0)
+    text = out.read_text(encoding="utf-8")
+    start = text.index("<section id='cohorts'>")
+    sec = text[start:text.index("</section>", start)]
+    label = "cells pooled per group, not independent samples: descriptive only"
+    head = sec.index("too few patients")
+    assert "1 vs 2" in sec[head:head + 300] and "0.667" in sec[head:head + 300]
+    assert head < sec.index(label) < sec.index("Fisher")
+    assert sec.count("Fisher") == sec[sec.index(label):].count("Fisher")
+    assert "P1" in sec and "45.5%" in sec  # per-patient proportion of myeloblasts, AML patient
+
+
 def _chromium(url: str, tmp_path: Path, screenshot: Path | None = None, size: str = "1400,1800") -> str:
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed (scripts/ensure_chromium.sh could not install Debian's chromium)")
