@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hemblip._paths import dataset_path
 from hemblip.captions import parse_caption, render_caption
 from hemblip.errors import DatasetError
 from hemblip.ontology import (
@@ -250,13 +251,16 @@ def _txl_label_box(image_path: Path, width: int, height: int) -> tuple[float, ..
 
 def _wbcatt_image(row: dict[str, str], root: Path) -> Path:
     candidates: list[Path] = []
+    # Every name in the row is checked, not only the one that exists: a row naming a path
+    # outside the image root is refused as a whole.
     if row.get("image"):
-        rel = Path(row["image"])
-        candidates += [root / rel, root / Path(*rel.parts[1:])] if len(rel.parts) > 1 else [root / rel]
+        first = dataset_path(root, row["image"])
+        parts = row["image"].split("/")
+        candidates += [first, dataset_path(root, "/".join(parts[1:]))] if len(parts) > 1 else [first]
     if row.get("path"):
-        candidates.append(root / row["path"])
+        candidates.append(dataset_path(root, row["path"]))
     if row.get("img_name"):
-        candidates.append(root / row["img_name"])
+        candidates.append(dataset_path(root, row["img_name"]))
     for c in candidates:
         if c.is_file():
             return c
@@ -291,7 +295,11 @@ def read_wbcatt(csv_path: str | Path, image_root: str | Path, *, skip_missing: b
         split = (row.get("wbcatt_split") or file_split or "").lower() or None
         if split is not None and split not in SPLITS:
             raise DatasetError(f"{where}: unknown split {split!r}")
-        img_path = _wbcatt_image(row, root)
+        try:
+            img_path = _wbcatt_image(row, root)
+        except DatasetError as exc:
+            _skip_or_raise(DatasetError(f"{where}: {exc}"), where, skip_missing, skipped)
+            continue
         try:
             image = _load_image(img_path)
         except DatasetError as exc:
@@ -380,7 +388,7 @@ def read_leukemia_attri(coco_json: str | Path, image_root: str | Path | None = N
         key = im.get("id")
         if key not in cache:
             try:
-                cache[key] = _load_image(root / str(im.get("file_name", "")))
+                cache[key] = _load_image(dataset_path(root, str(im.get("file_name", ""))))
             except DatasetError as exc:
                 cache[key] = exc
         image = cache[key]
@@ -447,9 +455,8 @@ def read_generic_csv(csv_path: str | Path, image_root: str | Path | None = None,
         if split is not None and split not in SPLITS:
             raise DatasetError(f"{where}: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         box = _row_box(row, _BOX_COLUMNS, where) if present_box else None
-        img_path = root / row["image"]
         try:
-            image = _load_image(img_path)
+            image = _load_image(dataset_path(root, row["image"]))
         except DatasetError as exc:
             _skip_or_raise(DatasetError(f"{where}: {exc}"), f"{where} ({row['image']})", skip_missing, skipped)
             continue

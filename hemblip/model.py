@@ -5,13 +5,16 @@ A *location* is one of:
 * a local directory holding a checkpoint (``config.json``, ``model.safetensors`` or a sharded
   ``model.safetensors.index.json``, ``preprocessor_config.json``, tokenizer files) or a LoRA
   adapter directory written by :func:`hemblip.lora.save_adapter` (merged on load);
-* ``s3://bucket/prefix``: every object under the prefix is downloaded once to a local cache
-  (``$HEMBLIP_CACHE`` or ``~/.cache/hemblip``) with boto3's standard credential chain
-  (``AWS_ENDPOINT_URL`` included), then loaded as a directory;
+* ``s3://bucket/prefix``: the checkpoint files under the prefix (``*.json``, ``*.safetensors``,
+  ``*.txt``) are downloaded once to a local cache (``$HEMBLIP_CACHE`` or ``~/.cache/hemblip``)
+  with boto3's standard credential chain (``AWS_ENDPOINT_URL`` included), then loaded as a
+  directory; a hostile key (``..``, ``//``, backslash) refuses the checkpoint, and nothing is
+  written outside the cache;
 * a Hugging Face hub id (``Salesforce/blip-image-captioning-base``), only where a network exists
   (or the hub cache already holds it); only safetensors/JSON/text files are fetched.
 
-Weights are read from safetensors only. Pickle weights (``.bin``/``.pt``/``.pth``/``.ckpt``) raise
+Weights are read from safetensors only, by this module: a safetensors index may name only
+``.safetensors`` shards inside the checkpoint folder (transformers never picks weight files). Pickle weights (``.bin``/``.pt``/``.pth``/``.ckpt``) raise
 :class:`~hemblip.errors.UnsafeCheckpointError` unless ``allow_pickle=True``. Remote code is never
 trusted. A config *spec* (``tiny``, ``demo``, ``blip-base`` or ``config:NAME[,key=value...]``)
 builds a fresh randomly initialised model with the offline word-level tokenizer.
@@ -21,12 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
+import re
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hemblip._paths import UnsafePathError, create_dirs_inside, inside, name_problem, safe_join
 from hemblip.errors import CheckpointError, HemblipConfigError, UnsafeCheckpointError
 
 __all__ = [
@@ -45,6 +53,7 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"  # the only pickle name peft reads
 ADAPTER_BASE = "hemblip_base.json"
 
 #: Named architectures for ``config:`` specs. Dimensions: image px, ViT patch px, hidden sizes.
@@ -61,6 +70,8 @@ PRESETS: dict[str, dict[str, int]] = {
                       max_positions=512, vocab_size=30524),
 }
 _ALIASES = {"base": "blip-base"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -184,47 +195,195 @@ def _cache_root() -> Path:
     return Path(os.environ.get("HEMBLIP_CACHE", Path.home() / ".cache" / "hemblip"))
 
 
-def _download_s3(uri: str) -> Path:
-    """Mirror every object under ``s3://bucket/prefix/`` into the cache; returns the local dir.
+_MIRROR_SUFFIXES = (".json", ".safetensors", ".txt")  # what a checkpoint needs; as the hub path
+_ETAGS = ".etags.json"
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+#: How long (s) a process waits for another one filling the same cache folder.
+_LOCK_WAIT_S = 1800.0
 
-    Objects whose size and ETag match the cached copy are not fetched again.
+
+def _parse_s3(uri: str) -> tuple[str, str]:
+    """(bucket, prefix) of an ``s3://`` model URI, refusing names that are not a safe local path."""
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise CheckpointError(f"{uri}: no bucket in the S3 URI")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise CheckpointError(f"{uri}: {bucket!r} is not a valid S3 bucket name")
+    prefix = prefix.strip("/")
+    problem = name_problem(prefix) if prefix else None
+    if problem:
+        raise CheckpointError(f"{uri}: refusing the model prefix {prefix!r}: {problem}")
+    return bucket, prefix
+
+
+class _CacheLock:
+    """An exclusive lock on one cache folder, shared by every process on this machine.
+
+    ``fcntl.flock`` is released by the kernel when its holder dies, so a crashed download never
+    leaves the cache locked. The lock file is opened with ``O_NOFOLLOW`` and never truncated, so a
+    symlink planted in its place cannot be used to clobber a file elsewhere.
+    """
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.fd = path, what, -1
+
+    def __enter__(self) -> _CacheLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking, the atomic renames still keep files whole
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    raise CheckpointError(
+                        f"{self.what}: another process has held the cache lock {self.path} for "
+                        f"{_LOCK_WAIT_S:.0f} s; remove it if that process is gone") from None
+                time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor releases the flock
+
+
+def _read_etags(path: Path) -> dict[str, str]:
+    """The ETags recorded by the last mirror; ``{}`` when missing or unreadable (re-download)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(doc, dict) else {}
+
+
+def _write_atomic(dest: Path, data: bytes) -> None:
+    """Write ``dest`` through a unique temporary file in its folder and one rename.
+
+    The rename replaces a symlink at ``dest`` instead of writing through it.
+    """
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plan_mirror(uri: str, prefix: str, objects: list[dict]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(``(relative name, object)`` to mirror, keys not needed by a checkpoint).
+
+    A key that is not a safe relative name refuses the whole checkpoint: whoever wrote it did not
+    mean well, so no file of it is trusted.
+    """
+    plan, skipped = [], []
+    for obj in objects:
+        key = obj["Key"]
+        rel = key[len(prefix) + 1:] if prefix else key
+        if rel == "":
+            continue
+        if rel.endswith("/"):  # a "folder" marker object (S3 console); holds no data
+            rel = rel[:-1]
+            if not name_problem(rel):
+                continue
+        problem = name_problem(rel)
+        if problem:
+            raise CheckpointError(f"{uri}: refusing the checkpoint: object key {key!r} is unsafe ({problem})")
+        parts = rel.split("/")
+        # Hidden names are never checkpoint files and would collide with the cache's own files.
+        if any(p.startswith(".") for p in parts) or not parts[-1].endswith(_MIRROR_SUFFIXES):
+            skipped.append(key)
+            continue
+        plan.append((rel, obj))
+    return plan, skipped
+
+
+def _download_s3(uri: str) -> Path:
+    """Mirror the checkpoint files under ``s3://bucket/prefix/`` into the cache; returns the local dir.
+
+    Only ``*.json``, ``*.safetensors`` and ``*.txt`` objects are fetched (as from the hub); other
+    objects are logged and ignored. A key that is not a safe relative name (``..``, ``//``,
+    backslash, control characters) refuses the whole checkpoint before anything is written, and
+    nothing is ever written outside ``$HEMBLIP_CACHE`` (symlinks in the cache are not followed).
+    Objects whose size and ETag match the cached copy are not fetched again; files mirrored
+    earlier whose object is gone are removed. Concurrent processes are serialised by a lock per
+    folder, and each file appears whole (unique temporary name, then an atomic rename).
     """
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise CheckpointError(f"{uri}: no bucket in the S3 URI")
-    prefix = prefix.strip("/")
-    local = _cache_root() / "s3" / bucket / prefix
-    local.mkdir(parents=True, exist_ok=True)
-    etags_path = local / ".etags.json"
-    etags = json.loads(etags_path.read_text()) if etags_path.exists() else {}
+    bucket, prefix = _parse_s3(uri)
+    parts = ["s3", bucket, *(prefix.split("/") if prefix else [])]
     try:
-        s3 = boto3.client("s3")
-        n = 0
-        for page in s3.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix) + 1 if prefix else 0:]
-                if not rel or rel.endswith("/"):
-                    continue
-                n += 1
-                dest = local / rel
-                if (dest.exists() and dest.stat().st_size == obj["Size"]
+        root = _cache_root()
+        root.mkdir(parents=True, exist_ok=True)  # the cache root is the user's choice, links and all
+        locks = create_dirs_inside(root, ["s3", ".locks"])
+        lock_name = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:32] + ".lock"
+        with _CacheLock(locks / lock_name, uri):
+            local = create_dirs_inside(root, parts)
+            etags_path = local / _ETAGS
+            etags = _read_etags(etags_path)
+            s3 = boto3.client("s3")
+            objects = [obj for page in s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix + "/" if prefix else "") for obj in page.get("Contents", [])]
+            if not objects:
+                raise CheckpointError(f"{uri}: no objects under this prefix")
+            plan, skipped = _plan_mirror(uri, prefix, objects)
+            if skipped:
+                log.info("%s: %d object(s) are not checkpoint files and were not mirrored: %s%s",
+                         uri, len(skipped), ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+            if not plan:
+                raise CheckpointError(
+                    f"{uri}: no checkpoint files (*.json, *.safetensors, *.txt) under this prefix; "
+                    f"{len(skipped)} other object(s) ignored")
+            for rel, obj in plan:
+                *dirs, name = rel.split("/")
+                try:
+                    parent = create_dirs_inside(local, dirs)
+                except UnsafePathError as exc:
+                    raise CheckpointError(
+                        f"{uri}: refusing to write object {obj['Key']!r} into the model cache: {exc}") from None
+                dest = parent / name
+                if (not dest.is_symlink() and dest.is_file() and dest.stat().st_size == obj["Size"]
                         and etags.get(rel) == obj["ETag"]):
                     continue
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(dest.name + ".part")
-                s3.download_file(bucket, obj["Key"], str(tmp))
-                tmp.replace(dest)
+                fd, tmp = tempfile.mkstemp(dir=parent, prefix=".", suffix=".part")
+                os.close(fd)
+                try:
+                    s3.download_file(bucket, obj["Key"], tmp)
+                    os.replace(tmp, dest)
+                finally:
+                    Path(tmp).unlink(missing_ok=True)
                 etags[rel] = obj["ETag"]
+            wanted = {rel for rel, _ in plan}
+            for rel in sorted(set(etags) - wanted):
+                _remove_stale(local, rel)
+                del etags[rel]
+            _write_atomic(etags_path, json.dumps(etags, sort_keys=True).encode())
+    except CheckpointError:
+        raise
+    except UnsafePathError as exc:
+        raise CheckpointError(f"{uri}: refusing to write into the model cache: {exc}") from exc
     except (BotoCoreError, ClientError) as exc:
         raise CheckpointError(f"{uri}: cannot download checkpoint: {exc}") from exc
-    if n == 0:
-        raise CheckpointError(f"{uri}: no objects under this prefix")
-    etags_path.write_text(json.dumps(etags))
+    except OSError as exc:
+        raise CheckpointError(f"{uri}: cannot write the model cache {_cache_root()}: {exc}") from exc
     return local
+
+
+def _remove_stale(local: Path, rel: str) -> None:
+    """Delete a file mirrored earlier whose object is gone (it must not be loaded with the rest)."""
+    try:
+        path = safe_join(local, rel, resolve=False)
+        if inside(local, path.parent):  # never unlink through a symlinked folder
+            path.unlink(missing_ok=True)
+    except (UnsafePathError, OSError):
+        pass  # a name we did not write, or already gone: nothing of ours to remove
 
 
 def _download_hub(repo_id: str) -> Path:
@@ -259,6 +418,87 @@ def resolve_location(location: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------- loading
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _trust_root(d: Path) -> Path:
+    """The folder a checkpoint's files may resolve into.
+
+    The checkpoint folder itself, except for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>``), whose files are links to ``../../blobs/<sha>``.
+    """
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        return d.parent.parent
+    return d
+
+
+def _checked_weights(d: Path, name: object, where: str) -> Path:
+    """``d/name`` for a weights file named by the checkpoint (file name or index entry).
+
+    Pickle names raise :class:`UnsafeCheckpointError`; a name that is not a ``.safetensors`` file
+    inside the checkpoint folder (``..``, absolute, symlink out of it) or is missing raises
+    :class:`CheckpointError`.
+    """
+    if isinstance(name, str) and name.lower().endswith(PICKLE_SUFFIXES):
+        raise UnsafeCheckpointError(
+            f"{where}: weights file {name!r} is pickle, which can run arbitrary code when loaded; "
+            "only .safetensors shards are read")
+    if not isinstance(name, str) or not name.endswith(".safetensors"):
+        raise CheckpointError(f"{where}: weights file {name!r} is not a .safetensors file")
+    try:
+        path = safe_join(d, name, resolve=False)
+    except UnsafePathError as exc:
+        raise CheckpointError(f"{where}: weights file {name!r} is refused: {exc}") from None
+    if not inside(_trust_root(d), path):
+        raise CheckpointError(f"{where}: weights file {name!r} resolves outside the checkpoint folder (symlink)")
+    if not path.is_file():
+        raise CheckpointError(f"{where}: weights file {name!r} not found")
+    return path
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from a checkpoint file; one-line CheckpointError naming it otherwise."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable {what} ({_first_line(exc)})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: not a {what}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _safetensors_files(d: Path, location: str) -> list[Path]:
+    """The validated safetensors weights of a full checkpoint, in load order."""
+    if (d / WEIGHTS_FILE).is_file() or (d / WEIGHTS_FILE).is_symlink():
+        return [_checked_weights(d, WEIGHTS_FILE, location)]
+    index_path = d / WEIGHTS_INDEX
+    weight_map = _read_json(index_path, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: no 'weight_map' object naming the weight shards")
+    names = list(dict.fromkeys(weight_map.values()))
+    if not all(isinstance(n, str) for n in names):
+        bad = next(n for n in names if not isinstance(n, str))
+        raise CheckpointError(f"{index_path}: weight_map values must be shard file names, got {bad!r}")
+    return [_checked_weights(d, n, str(index_path)) for n in sorted(names)]
+
+
+def _read_safetensors(files: list[Path]) -> dict:
+    """Tensors of every file, merged; one-line CheckpointError naming a corrupt/truncated file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f), device="cpu"))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{f}: cannot load weights: not a readable safetensors file ({_first_line(exc)})") from None
+    return state
+
+
 def _pickle_files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES
                   and p.name not in ("optimizer.pt", "scheduler.pt"))
@@ -266,7 +506,7 @@ def _pickle_files(d: Path) -> list[Path]:
 
 def _check_checkpoint_dir(d: Path, location: str, allow_pickle: bool) -> Path | None:
     """Validate a full checkpoint dir; return the pickle weights file to use, or None."""
-    has_weights = (d / WEIGHTS_FILE).is_file() or (d / WEIGHTS_INDEX).is_file()
+    has_weights = any((d / n).is_file() or (d / n).is_symlink() for n in (WEIGHTS_FILE, WEIGHTS_INDEX))
     pickles = _pickle_files(d)
     missing = []
     if not (d / "config.json").is_file():
@@ -285,6 +525,9 @@ def _check_checkpoint_dir(d: Path, location: str, allow_pickle: bool) -> Path | 
         raise UnsafeCheckpointError(
             f"{location}: weights are pickle files ({', '.join(p.name for p in pickles)}), which can "
             "run arbitrary code when loaded; convert them to safetensors or pass allow_pickle=True")
+    if not inside(_trust_root(d), pickles[0]):
+        raise CheckpointError(f"{location}: weights file {pickles[0].name!r} resolves outside the "
+                              "checkpoint folder (symlink)")
     return pickles[0]
 
 
@@ -305,84 +548,118 @@ def _load_processors(d: Path, location: str):
 def _load_full(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
     import torch
     from safetensors import SafetensorError
-    from transformers import BlipConfig, BlipForConditionalGeneration
+    from transformers import BlipConfig, BlipForConditionalGeneration, GenerationConfig
 
     pickle_file = _check_checkpoint_dir(d, location, allow_pickle)
+    # Weights are validated and read here, never chosen by transformers: from_pretrained(dir)
+    # would follow the index to any file it names (a .bin shard is unpickled, ../ is followed).
+    files = _safetensors_files(d, location) if pickle_file is None else [pickle_file]
     _quiet()
     image_processor, tokenizer = _load_processors(d, location)
     try:
+        config = BlipConfig.from_pretrained(str(d))
         if pickle_file is None:
-            model = BlipForConditionalGeneration.from_pretrained(str(d), use_safetensors=True)
-            if (d / WEIGHTS_FILE).is_file():
-                files = [d / WEIGHTS_FILE]
-            else:
-                index = json.loads((d / WEIGHTS_INDEX).read_text())
-                files = [d / f for f in sorted(set(index["weight_map"].values()))]
+            state = _read_safetensors(files)
+            model = BlipForConditionalGeneration.from_pretrained(None, config=config, state_dict=state)
+            # Where the weights came from, as from_pretrained(d) records it (peft's adapter
+            # config and vocabulary check read it).
+            model.name_or_path = model.config.name_or_path = str(d)
+            if (d / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(str(d))
         else:
-            config = BlipConfig.from_pretrained(str(d))
             model = BlipForConditionalGeneration(config)
             # The caller opted in to pickle; the restricted unpickler still refuses code objects.
             try:
                 state = torch.load(pickle_file, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:  # code objects refused by the restricted unpickler
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CheckpointError(f"{pickle_file}: refused by the restricted unpickler: {first}") from exc
+                raise CheckpointError(
+                    f"{pickle_file}: refused by the restricted unpickler: {_first_line(exc)}") from exc
             result = model.load_state_dict(state, strict=False)
             missing = [k for k in result.missing_keys if "decoder.weight" not in k]
             if missing:
                 raise CheckpointError(f"{pickle_file}: missing weights {', '.join(missing[:5])}")
             model.tie_weights()
-            files = [pickle_file]
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
         if isinstance(exc, CheckpointError):
             raise
-        raise CheckpointError(f"{location}: cannot load weights: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"{location}: cannot load weights: {_first_line(exc)}") from exc
     model.eval()
     return LoadedModel(model, image_processor, tokenizer, location, files)
 
 
+def _adapter_weights(d: Path, location: str, allow_pickle: bool) -> Path:
+    """The adapter weights file peft will read, validated (peft reads ``adapter_model.safetensors``
+    when present, else ``adapter_model.bin``; nothing else)."""
+    if (d / ADAPTER_WEIGHTS).is_file() or (d / ADAPTER_WEIGHTS).is_symlink():
+        path = _checked_weights(d, ADAPTER_WEIGHTS, location)
+        _read_safetensors([path])  # corrupt/truncated: a one-line error naming it, before peft
+        return path
+    pickles = [p for p in _pickle_files(d) if p.name.startswith("adapter_model")]
+    if pickles and not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{location}: adapter weights are pickle ({pickles[0].name}); pass allow_pickle=True")
+    pickle_file = d / ADAPTER_PICKLE
+    if not pickle_file.is_file():
+        raise CheckpointError(f"{location}: adapter directory; missing {ADAPTER_WEIGHTS}")
+    if not inside(_trust_root(d), pickle_file):
+        raise CheckpointError(f"{location}: adapter weights {ADAPTER_PICKLE!r} resolve outside the "
+                              "checkpoint folder (symlink)")
+    return pickle_file
+
+
 def _load_adapter(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
+    from safetensors import SafetensorError
+
     from hemblip.lora import load_adapter
 
-    if not (d / ADAPTER_WEIGHTS).is_file():
-        pickles = [p for p in _pickle_files(d) if p.name.startswith("adapter_model")]
-        if pickles and not allow_pickle:
-            raise UnsafeCheckpointError(
-                f"{location}: adapter weights are pickle ({pickles[0].name}); pass allow_pickle=True")
-        if not pickles:
-            raise CheckpointError(f"{location}: adapter directory; missing {ADAPTER_WEIGHTS}")
+    adapter_config = _read_json(d / ADAPTER_CONFIG, "adapter config")
+    adapter_file = _adapter_weights(d, location, allow_pickle)
     base_ref = None
     if (d / ADAPTER_BASE).is_file():
-        base_ref = json.loads((d / ADAPTER_BASE).read_text()).get("base")
+        base_ref = _read_json(d / ADAPTER_BASE, "adapter base pointer").get("base")
+        if base_ref is not None and not isinstance(base_ref, str):
+            raise CheckpointError(f"{d / ADAPTER_BASE}: 'base' must be a location string, got {base_ref!r}")
         if base_ref and not base_ref.startswith("s3://") and not Path(base_ref).is_absolute():
             candidate = d / base_ref
             if candidate.exists():
                 base_ref = str(candidate)
     if not base_ref:
-        base_ref = json.loads((d / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not base_ref:
+        base_ref = adapter_config.get("base_model_name_or_path")
+    if not base_ref or not isinstance(base_ref, str):
         raise CheckpointError(f"{location}: adapter names no base model ({ADAPTER_BASE} missing)")
-    base = load_model(base_ref, allow_pickle=allow_pickle)
-    merged = load_adapter(base.model, d, merge=True)
+    base = _load(base_ref, allow_pickle, adapter_ok=False)
+    try:
+        merged = load_adapter(base.model, d, merge=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{adapter_file}: refused by the restricted unpickler: {_first_line(exc)}") from exc
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{location}: cannot load adapter: {_first_line(exc)}") from exc
     merged.eval()
-    adapter_file = d / ADAPTER_WEIGHTS
-    files = base.weights_files + ([adapter_file] if adapter_file.is_file() else [])
+    files = [*base.weights_files, adapter_file]
     return LoadedModel(merged, base.image_processor, base.tokenizer, location, files, merged_adapter=True)
+
+
+def _load(loc: str, allow_pickle: bool, *, adapter_ok: bool = True) -> LoadedModel:
+    if is_config_spec(loc):
+        return build_model(loc)
+    d = resolve_location(loc)
+    if (d / ADAPTER_CONFIG).is_file():
+        if not adapter_ok:  # an adapter whose base is an adapter (or itself) would never end
+            raise CheckpointError(f"{loc}: is an adapter, but it is named as an adapter's base model")
+        return _load_adapter(d, loc, allow_pickle)
+    return _load_full(d, loc, allow_pickle)
 
 
 def load_model(location: str | os.PathLike, *, allow_pickle: bool = False) -> LoadedModel:
     """Load a checkpoint or adapter from a directory, ``s3://`` URI, hub id, or build a spec.
 
-    Raises :class:`CheckpointError` (message lists what is missing) or
-    :class:`UnsafeCheckpointError` (pickle weights without ``allow_pickle``).
+    Raises :class:`CheckpointError` (message lists what is missing or what is refused) or
+    :class:`UnsafeCheckpointError` (pickle weights without ``allow_pickle``, or a pickle shard
+    named by a safetensors index).
     """
-    loc = str(location)
-    if is_config_spec(loc):
-        return build_model(loc)
-    d = resolve_location(loc)
-    if (d / ADAPTER_CONFIG).is_file():
-        return _load_adapter(d, loc, allow_pickle)
-    return _load_full(d, loc, allow_pickle)
+    return _load(str(location), allow_pickle)
 
 
 # ----------------------------------------------------------------------------- saving
