@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.detection import DetectorConfig, detect_wbc, estimate_mpp, segment_cell
 from pipeline.errors import ConfigError, ScaleError, SlideTooLargeError
 from pipeline.schema import DETECT_COLUMNS
-from pipeline.slides import DEFAULT_MAX_PIXELS, Slide, open_slide
+from pipeline.slides import DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS, Slide, open_slide
 
 __all__ = ["DetectConfig", "SlideCells", "detect_slide"]
 
@@ -46,7 +46,9 @@ class DetectConfig:
     resampled to; ``mpp``: level-0 µm/px for slides whose metadata has none; ``tile_px`` and
     ``overlap_px`` (None: 1.25 x the largest plausible cell) tile the detection level;
     ``max_pixels``: largest plain image / single read accepted; ``max_detect_pixels``: largest
-    detection level accepted (decompression-bomb guards, :class:`SlideTooLargeError`).
+    detection level accepted; ``max_decode_mb``: memory budget in MiB of any one decode (a
+    plain image decoded whole, one tile, one read), checked from the header before decoding
+    (decompression-bomb guards, :class:`SlideTooLargeError`).
     """
 
     crop_um: float = 36.0
@@ -57,6 +59,7 @@ class DetectConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_detect_pixels: int = 2**32
+    max_decode_mb: float = DEFAULT_MAX_DECODE_MB
 
     def __post_init__(self) -> None:
         def bad(name: str, flag: str, why: str, v: object) -> ConfigError:
@@ -80,6 +83,8 @@ class DetectConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(name, name, "must be a positive integer", v)
+        if not _finite_pos(self.max_decode_mb):
+            raise bad("max_decode_mb", "--max-decode-mb", "must be a positive number of MiB", self.max_decode_mb)
 
 
 def _finite_pos(v: object) -> bool:
@@ -128,7 +133,7 @@ def detect_slide(
     if isinstance(path, Slide):
         opened = contextlib.nullcontext(path)  # borrowed: the caller closes it
     else:
-        opened = open_slide(path, mpp=cfg.mpp, max_pixels=cfg.max_pixels)
+        opened = open_slide(path, mpp=cfg.mpp, max_pixels=cfg.max_pixels, max_decode_mb=cfg.max_decode_mb)
     with opened as slide:
         mpp, mpp_source = slide.mpp, slide.mpp_source
         if mpp is None and cfg.mpp is not None:

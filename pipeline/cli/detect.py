@@ -34,6 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "level 0; e.g. 1.1 reads a 40x slide's 1.0 µm/px level: ~1/16 of the pixels, recall "
         "0.962-0.964 on JPEG q80 levels against 0.974-0.983 (default: the level closest to 0.5 µm/px)",
     )
+    parser.add_argument(
+        "--max-decode-mb",
+        type=float,
+        default=None,
+        metavar="MIB",
+        help="memory budget of any one decode, checked from the file's header before decoding: a "
+        "plain image decoded whole, one slide tile, one read; larger files fail with a one-line "
+        "error (decompression-bomb guard; default 1024)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,8 +53,9 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.detection import DetectorConfig
     from pipeline.schema import DETECT_SCHEMA
 
+    extra = {} if args.max_decode_mb is None else {"max_decode_mb": args.max_decode_mb}
     cfg = DetectConfig(crop_um=args.crop_um, crop_px=args.crop_px, mpp=args.mpp,
-                       detector=DetectorConfig(max_detect_mpp=args.max_detect_mpp))
+                       detector=DetectorConfig(max_detect_mpp=args.max_detect_mpp), **extra)
     if args.out.exists() and args.out.is_dir():
         raise ConfigError(f"--out: {args.out} is a directory; give a .parquet file path")
     rows: list[dict] = []

@@ -22,9 +22,18 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from pipeline.errors import SlideOpenError, SlideReadError, StorageError
+from pipeline.errors import SlideOpenError, SlideReadError, SlideTooLargeError, StorageError
 from pipeline.slides._s3range import S3RangeFile
-from pipeline.slides.base import DEFAULT_MAX_PIXELS, Slide, _why, check_open_args
+from pipeline.slides._tiff import first_pages
+from pipeline.slides.base import (
+    DEFAULT_MAX_DECODE_MB,
+    DEFAULT_MAX_PIXELS,
+    Slide,
+    _why,
+    check_open_args,
+    decode_budget_bytes,
+    over_budget,
+)
 
 __all__ = ["RemoteTiffSlide", "open_remote_slide"]
 
@@ -70,12 +79,14 @@ def open_remote_slide(
     *,
     size: int | None = None,
     etag: str | None = None,
+    max_decode_mb: float = DEFAULT_MAX_DECODE_MB,
 ) -> RemoteTiffSlide:
     """Open ``s3://bucket/key`` (Aperio SVS or generic tiled TIFF) for ranged reads.
 
     ``s3_client``: a boto3 S3 client; ``mpp``: level-0 µm/px used when the file records none
     (``mpp_source`` "user"); ``size``/``etag``: the object's, when known from a listing (saves a
-    HEAD request; the ETag pins every read to that version).
+    HEAD request; the ETag pins every read to that version); ``max_decode_mb``: memory budget in
+    MiB of one tile decode and one ``read`` (as :func:`pipeline.slides.open_slide`).
     Raises :class:`~pipeline.errors.SlideOpenError` for a missing object or any format this
     backend does not handle (the caller then stages the file and uses
     :func:`pipeline.slides.open_slide`); the error carries ``bytes_fetched`` (int) so the
@@ -83,10 +94,10 @@ def open_remote_slide(
     and an object that no longer has ``etag``, raise :class:`~pipeline.errors.StorageError`
     (here and from ``read``); undecodable tiles raise ``SlideReadError`` from ``read``.
     """
-    mpp = check_open_args(mpp, max_pixels)
+    mpp = check_open_args(mpp, max_pixels, max_decode_mb)
     reader = S3RangeFile(s3_client, bucket, key, size=size, etag=etag)
     try:
-        return RemoteTiffSlide(reader, mpp, max_pixels)
+        return RemoteTiffSlide(reader, mpp, max_pixels, max_decode_bytes=decode_budget_bytes(max_decode_mb))
     except SlideOpenError as exc:
         exc.bytes_fetched = reader.bytes_fetched
         reader.close()
@@ -103,14 +114,20 @@ class RemoteTiffSlide(Slide):
     ``requests`` (ranged GETs so far), ``uri``.
     """
 
+    # The RGB result plus the decoded tiles under the box, held together until it is filled.
+    _read_bytes_per_px = 6
+
     def __init__(
         self,
         reader: S3RangeFile,
         user_mpp: float | None,
         max_pixels: int,
         tile_cache_bytes: int = DEFAULT_TILE_CACHE_BYTES,
+        *,
+        max_decode_bytes: int | None = None,
     ):
         uri = reader.uri
+        budget = decode_budget_bytes(DEFAULT_MAX_DECODE_MB) if max_decode_bytes is None else int(max_decode_bytes)
         self._reader = reader
         head = reader.read(4)
         reader.seek(0)
@@ -127,12 +144,12 @@ class RemoteTiffSlide(Slide):
         self._tf = tf
         try:
             vendor, pages = _select_levels(tf, uri)
-            levels = [_level(p, uri, reader.size) for p in pages]
+            levels = [_level(p, uri, reader.size, budget) for p in pages]
             metadata_mpp = _aperio_mpp(pages[0]) if vendor == "aperio" else _resolution_mpp(pages[0])
         except SlideReadError as exc:
             tf.close()
             raise SlideOpenError(uri, exc.cause) from exc
-        except (SlideOpenError, StorageError):
+        except (SlideOpenError, SlideTooLargeError, StorageError):
             tf.close()
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged IFD surfaces as assorted errors
@@ -152,6 +169,7 @@ class RemoteTiffSlide(Slide):
                 metadata_mpp,
                 user_mpp,
                 max_pixels,
+                budget,
             )
         except Exception:
             tf.close()
@@ -276,6 +294,17 @@ class RemoteTiffSlide(Slide):
         return out
 
     def _decode(self, level: int, lv: _Level, index: int, data: bytes) -> np.ndarray:
+        if lv.compression == 7:
+            # libjpeg allocates what the JPEG's own frame header declares, whatever the TIFF
+            # says; OpenSlide refuses a mismatch before decoding, and so do we.
+            dims = _jpeg_dimensions(data)
+            if dims != (lv.tile_w, lv.tile_h):
+                got = "no frame header" if dims is None else f"{dims[0]}x{dims[1]} px"
+                raise SlideReadError(
+                    self.path,
+                    f"level {level} tile {index}: JPEG declares {got}, expected the TIFF tile "
+                    f"size {lv.tile_w}x{lv.tile_h}",
+                )
         try:
             if lv.compression == 7:
                 tile = imagecodecs.jpeg8_decode(
@@ -331,10 +360,11 @@ def _select_levels(tf: tifffile.TiffFile, uri: str) -> tuple[str, list]:
     ):
         if getattr(tf, flag, False):
             raise SlideOpenError(uri, f"{name} is not read remotely (needs the whole file)")
-    pages = list(tf.pages)
-    first = pages[0]
+    first = tf.pages.first
     if not first.is_tiled:
         raise SlideOpenError(uri, "first TIFF page is not tiled: a plain image, not read remotely")
+    # Tiled: OpenSlide's case, so OpenSlide's verdict on the directory count (see open_slide).
+    pages = first_pages(tf, uri)
     if (first.description or "").startswith("Aperio"):
         vendor = "aperio"
         # Aperio: every tiled directory is a level; stripped ones are thumbnail/label/macro.
@@ -349,7 +379,7 @@ def _select_levels(tf: tifffile.TiffFile, uri: str) -> tuple[str, list]:
     return vendor, levels
 
 
-def _level(page, uri: str, size: int) -> _Level:
+def _level(page, uri: str, size: int, budget: int) -> _Level:
     where = f"TIFF page {page.index}"
     comp = int(page.compression)
     if comp not in _COMPRESSIONS:
@@ -366,6 +396,10 @@ def _level(page, uri: str, size: int) -> _Level:
     if int(page.imagedepth) != 1:
         raise SlideOpenError(uri, f"{where}: volumetric tiles are not read remotely")
     tw, th = int(page.tilewidth), int(page.tilelength)
+    # OpenSlide's rule and arithmetic (a tile decodes to 4-byte ARGB there), so that a slide
+    # refused here is refused the same way when staged and opened locally.
+    if tw * th * 4 > budget:
+        raise over_budget(uri, f"{where} declares {tw}x{th} px tiles, each", tw * th * 4, budget)
     if not (0 < tw <= _MAX_TILE_SIDE and 0 < th <= _MAX_TILE_SIDE):
         raise SlideOpenError(uri, f"{where}: implausible tile size {tw}x{th}")
     w, h = int(page.imagewidth), int(page.imagelength)
@@ -390,6 +424,39 @@ def _level(page, uri: str, size: int) -> _Level:
         colorspace = "RGB"
     decode = None if comp == 7 else page.decode
     return _Level(w, h, tw, th, across, offsets, counts, comp, tables, colorspace, decode)
+
+
+# JPEG markers that start a frame header (SOF0-SOF15 less DHT, JPG and DAC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first frame header of the JPEG stream ``data``, or None when
+    there is none before the first scan (or the stream is not JPEG)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI, SOS: no frame header before the data
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _SOF_MARKERS:
+            if i + 9 > n or length < 7:
+                return None
+            h = int.from_bytes(data[i + 5 : i + 7], "big")
+            w = int.from_bytes(data[i + 7 : i + 9], "big")
+            return w, h
+        i += 2 + length
+    return None
 
 
 def _aperio_mpp(page) -> float | None:

@@ -28,6 +28,10 @@ DEFAULT_MAX_BLOCKS = 512
 #: Two requested ranges closer than this are fetched as one request: a round trip costs more than
 #: a few KiB of unused bytes (S3 first-byte latency is ~10-50 ms, ~1 MB at 100 MB/s).
 DEFAULT_MERGE_GAP = 16 * 1024
+#: Most bytes the file interface (the parser's reads: TIFF header, IFDs, tag arrays) fetches in
+#: all. A slide's header is well under 10 MB (tile tables of a 100k x 100k px slide are ~2 MB);
+#: a hostile one could declare tag arrays as large as the object, read again and again.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024 * 1024
 #: Tries of one ranged GET whose response body breaks off mid-read (see ``S3RangeFile._get``).
 _BODY_ATTEMPTS = 4
 
@@ -40,7 +44,9 @@ class S3RangeFile(io.RawIOBase):
     Raises :class:`~pipeline.errors.SlideOpenError` when the object does not exist or is empty,
     :class:`~pipeline.errors.StorageError` when a request fails after the client's retries or
     the object changed (transient: not a defect of the slide), and
-    :class:`~pipeline.errors.SlideReadError` for a read past the object's end (truncated file).
+    :class:`~pipeline.errors.SlideReadError` for a read past the object's end (truncated file)
+    or once the file interface has fetched more than ``max_header_bytes`` in all (bulk ranges
+    from :meth:`fetch_ranges` do not count).
     """
 
     def __init__(
@@ -54,6 +60,7 @@ class S3RangeFile(io.RawIOBase):
         block_size: int = DEFAULT_BLOCK,
         max_blocks: int = DEFAULT_MAX_BLOCKS,
         merge_gap: int = DEFAULT_MERGE_GAP,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ):
         super().__init__()
         if block_size <= 0 or max_blocks <= 0 or merge_gap < 0:
@@ -65,6 +72,8 @@ class S3RangeFile(io.RawIOBase):
         self.block_size = int(block_size)
         self.max_blocks = int(max_blocks)
         self.merge_gap = int(merge_gap)
+        self.max_header_bytes = int(max_header_bytes)
+        self._header_fetched = 0
         self.bytes_fetched = 0
         self.requests = 0
         self._lock = threading.Lock()
@@ -177,7 +186,17 @@ class S3RangeFile(io.RawIOBase):
         run: list[int] = []
         for b in missing + [None]:
             if run and (b is None or b != run[-1] + 1):
-                blob = self._get(run[0] * bs, min((run[-1] + 1) * bs, self.size))
+                start, stop = run[0] * bs, min((run[-1] + 1) * bs, self.size)
+                with self._lock:
+                    self._header_fetched += stop - start
+                    over = self._header_fetched > self.max_header_bytes
+                if over:
+                    raise SlideReadError(
+                        self.uri,
+                        f"header reads exceed {self.max_header_bytes} bytes (oversized or "
+                        "repeated tag arrays: corrupt or hostile file)",
+                    )
+                blob = self._get(start, stop)
                 with self._lock:
                     for r in run:
                         self._blocks[r] = blob[(r - run[0]) * bs : (r - run[0] + 1) * bs]

@@ -15,11 +15,29 @@ import numpy as np
 
 from pipeline.errors import ConfigError, SlideReadError, SlideTooLargeError
 
-__all__ = ["Slide", "DEFAULT_MAX_PIXELS", "MAX_SIDE_PX", "plausible_mpp"]
+__all__ = [
+    "Slide",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_DECODE_MB",
+    "MAX_SIDE_PX",
+    "MAX_TIFF_DIRECTORIES",
+    "plausible_mpp",
+]
 
 #: Refuse plain images whose level 0 declares more pixels than this (they are decoded whole),
 #: and any single ``read`` larger than this.
 DEFAULT_MAX_PIXELS = 2**31
+#: Memory budget (MiB) of any one decode, computed from the header before decoding: a plain
+#: image decoded whole (decoder buffers, the RGB array and one working copy), one tile of a tiled
+#: slide, or one ``read``'s buffers. A compressed file can declare any size (a 1.5 MB PNG declares
+#: 20000 x 20000 px = 4.5 GiB decoded); 1 GiB holds a ~100 Mpx camera image, far above smear
+#: cameras (5-20 Mpx), and keeps several workers per host safe from the OOM killer.
+DEFAULT_MAX_DECODE_MB = 1024
+#: More TIFF directories (IFDs) than this is a corrupt or hostile file: slides have 2-20 (levels,
+#: thumbnail, label, macro). Walking tens of thousands costs seconds and memory before any pixel;
+#: both the local and the remote reader refuse such a file (:class:`SlideOpenError`).
+MAX_TIFF_DIRECTORIES = 64
+_MIB = 1024 * 1024
 #: No scanner produces a level-0 side this long (a 25 mm x 75 mm glass slide at 0.1 µm/px is
 #: 750,000 px); a longer declared side is a corrupt or hostile header.
 MAX_SIDE_PX = 2**20
@@ -43,8 +61,11 @@ def plausible_mpp(value: float | None) -> float | None:
 
 
 
-def check_open_args(mpp: object, max_pixels: object) -> float | None:
-    """Validate ``open_slide``'s ``mpp`` and ``max_pixels``; returns mpp as float (or None).
+def check_open_args(
+    mpp: object, max_pixels: object, max_decode_mb: object = DEFAULT_MAX_DECODE_MB
+) -> float | None:
+    """Validate ``open_slide``'s ``mpp``, ``max_pixels`` and ``max_decode_mb`` (MiB); returns
+    mpp as float (or None).
 
     Raises :class:`~pipeline.errors.ConfigError` naming the flag at fault.
     """
@@ -58,7 +79,34 @@ def check_open_args(mpp: object, max_pixels: object) -> float | None:
         mpp = float(mpp)
     if not isinstance(max_pixels, int) or max_pixels <= 0:
         raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if (
+        not isinstance(max_decode_mb, int | float)
+        or isinstance(max_decode_mb, bool)
+        or not 0 < max_decode_mb < float("inf")
+    ):
+        raise ConfigError(
+            f"--max-decode-mb must be a positive number of MiB, got {max_decode_mb!r}"
+        )
     return mpp
+
+
+def decode_budget_bytes(max_decode_mb: float) -> int:
+    """``max_decode_mb`` (MiB, already validated) in bytes."""
+    return int(max_decode_mb * _MIB)
+
+
+def over_budget(path: object, what: str, need: int, budget: int) -> SlideTooLargeError:
+    """The one-line error for a decode needing ``need`` bytes over the ``budget`` (bytes)."""
+    return SlideTooLargeError(
+        path,
+        f"{what} would need {_mib(need)} MiB to decode, over the {_mib(budget)} MiB decode budget "
+        "(--max-decode-mb; corrupt header or decompression bomb)",
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / _MIB:.0f}" if n >= 10 * _MIB else f"{n / _MIB:.1f}"
+
 
 class Slide:
     """A whole slide or a field-of-view image; open it with :func:`pipeline.slides.open_slide`.
@@ -70,6 +118,8 @@ class Slide:
     """
 
     format: str = "unknown"
+    #: Bytes one ``read`` allocates per px of its box (output plus the backend's buffers).
+    _read_bytes_per_px: int = 3
 
     def __init__(
         self,
@@ -79,11 +129,15 @@ class Slide:
         metadata_mpp: float | None,
         user_mpp: float | None,
         max_pixels: int,
+        max_decode_bytes: int | None = None,
     ):
         self.path = str(path)
         self.level_dimensions = tuple((int(w), int(h)) for w, h in level_dimensions)
         self.level_downsamples = tuple(float(d) for d in level_downsamples)
         self.max_pixels = int(max_pixels)
+        self.max_decode_bytes = (
+            decode_budget_bytes(DEFAULT_MAX_DECODE_MB) if max_decode_bytes is None else int(max_decode_bytes)
+        )
         for w, h in self.level_dimensions:
             if w <= 0 or h <= 0:
                 raise SlideReadError(self.path, f"level with empty dimensions {w}x{h}")
@@ -135,6 +189,10 @@ class Slide:
             raise SlideTooLargeError(
                 self.path, f"a read of {x1 - x0}x{y1 - y0} px exceeds the {self.max_pixels} px limit"
             )
+        need = (x1 - x0) * (y1 - y0) * self._read_bytes_per_px
+        if need > self.max_decode_bytes:
+            raise over_budget(self.path, f"a read of {x1 - x0}x{y1 - y0} px at level {level}", need,
+                              self.max_decode_bytes)
         w, h = self.level_dimensions[level]
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
         if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
