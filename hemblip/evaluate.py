@@ -6,10 +6,11 @@ training set's most frequent cell type, case and value of every attribute.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 from hemblip.data import CaptionSample
-from hemblip.metrics import baseline_caption, score_captions
+from hemblip.metrics import baseline_caption, check_bertscore_model, score_captions
 from hemblip.ontology import ATTRIBUTE_NAMES
 
 __all__ = ["evaluate", "evaluate_captions", "render_markdown"]
@@ -22,12 +23,17 @@ def _labels(s: CaptionSample) -> dict:
 
 
 def evaluate(model, samples: Sequence[CaptionSample], captioner_kwargs: Mapping | None = None, *,
-             train_samples: Sequence[CaptionSample] | None = None, with_bertscore: bool = True) -> dict:
+             train_samples: Sequence[CaptionSample] | None = None, with_bertscore: bool = True,
+             bertscore_model: str | os.PathLike | None = None, bertscore_layers: int | None = None) -> dict:
     """Caption ``samples`` with :class:`hemblip.Captioner` and score them (see :func:`evaluate_captions`).
 
     ``model``: a checkpoint location (``None`` = the demo checkpoint) or an existing ``Captioner``;
     ``captioner_kwargs`` go to ``Captioner(...)`` (``batch_size``, ``num_beams``, ``device``...).
+    ``bertscore_model``: local BERTScore model directory, checked before any captioning (see
+    :func:`hemblip.metrics.bertscore`; without one BERTScore is n/a and nothing is downloaded).
     """
+    if with_bertscore and bertscore_model is not None:
+        check_bertscore_model(bertscore_model)  # fail before minutes of captioning, not after
     if hasattr(model, "caption") and hasattr(model, "model_id"):
         captioner = model
     else:
@@ -37,7 +43,8 @@ def evaluate(model, samples: Sequence[CaptionSample], captioner_kwargs: Mapping 
     results = captioner.caption([s.image for s in samples]) if samples else []
     report = evaluate_captions(
         samples, [r.caption for r in results], train_samples=train_samples,
-        model_name=str(captioner.model_id), with_bertscore=with_bertscore)
+        model_name=str(captioner.model_id), with_bertscore=with_bertscore,
+        bertscore_model=bertscore_model, bertscore_layers=bertscore_layers)
     report["model"] = {"id": str(captioner.model_id), "version": getattr(captioner, "model_version", None),
                        "captioner_kwargs": dict(captioner_kwargs or {})}
     logprobs = [r.mean_logprob for r in results if r.mean_logprob is not None]
@@ -47,24 +54,29 @@ def evaluate(model, samples: Sequence[CaptionSample], captioner_kwargs: Mapping 
 
 def evaluate_captions(samples: Sequence[CaptionSample], predictions: Sequence[str], *,
                       train_samples: Sequence[CaptionSample] | None = None,
-                      model_name: str = "model", with_bertscore: bool = True) -> dict:
+                      model_name: str = "model", with_bertscore: bool = True,
+                      bertscore_model: str | os.PathLike | None = None,
+                      bertscore_layers: int | None = None) -> dict:
     """Score generated captions against the samples' references and labels.
 
     Returns ``{"n_samples", "rows": [model row, baseline row], "baseline": {...}, "examples"}``;
     each row is :func:`hemblip.metrics.score_captions`' dict plus ``"name"``. The baseline's
     majority comes from ``train_samples`` when given (and non-empty), else from ``samples``
-    themselves (said in ``baseline["source"]``).
+    themselves (said in ``baseline["source"]``). ``bertscore_model``/``bertscore_layers``: see
+    :func:`hemblip.metrics.bertscore`.
     """
     if len(samples) != len(predictions):
         raise ValueError(f"{len(samples)} samples but {len(predictions)} predictions")
     refs = [s.caption for s in samples]
     labels = [_labels(s) for s in samples]
-    model_row = {"name": model_name, **score_captions(refs, predictions, labels, with_bertscore=with_bertscore)}
+    bs = {"with_bertscore": with_bertscore, "bertscore_model": bertscore_model,
+          "bertscore_layers": bertscore_layers}
+    model_row = {"name": model_name, **score_captions(refs, predictions, labels, **bs)}
     train = list(train_samples or [])
     source = f"training split ({len(train)} cells)" if train else "evaluated set (no training split given)"
     base = baseline_caption([_labels(s) for s in (train or samples)]) if (train or samples) else ""
     base_row = {"name": "majority baseline",
-                **score_captions(refs, [base] * len(refs), labels, with_bertscore=with_bertscore)}
+                **score_captions(refs, [base] * len(refs), labels, **bs)}
     return {
         "n_samples": len(samples),
         "rows": [model_row, base_row],

@@ -3,7 +3,8 @@
 Text metrics compare generated captions with reference captions: BLEU (NLTK ``sentence_bleu``,
 4-gram uniform weights, ``SmoothingFunction().method4``, whitespace tokens of lower-cased text,
 averaged over samples), ROUGE-L F (``rouge_score``, Porter stemmer, averaged), and BERTScore F1
-only when the ``bert_score`` package and its model are available locally (else None + reason).
+only when the ``bert_score`` package is installed and a local model directory is given (else None
++ reason, at once: nothing is ever downloaded).
 
 Attribute metrics compare the *reference labels* (a sample's cell type/attributes, None = not
 mentioned) with what :func:`hemblip.captions.parse_caption` reads from the generated caption:
@@ -21,17 +22,22 @@ mentioned) with what :func:`hemblip.captions.parse_caption` reads from the gener
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from hemblip.captions import parse_caption, render_caption
+from hemblip.errors import HemblipConfigError
 from hemblip.ontology import ATTRIBUTE_NAMES, CELL_TYPES, HEALTHY_ATTRIBUTES
 
 __all__ = [
     "bleu",
     "rouge_l",
     "bertscore",
+    "check_bertscore_model",
     "attribute_metrics",
     "cell_type_metrics",
     "exact_match",
@@ -80,29 +86,103 @@ def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> float | No
     return float(sum(scores) / len(scores))
 
 
-def bertscore(references: Sequence[str], predictions: Sequence[str],
-              model_type: str | None = None) -> tuple[float | None, str | None]:
-    """Mean BERTScore F1, or ``(None, reason)`` when the package or its model is not available.
+def _show(value: object) -> str:
+    """``value`` as text safe on one line (control characters escaped)."""
+    s = str(value)
+    return s if s.isprintable() else ascii(s)
 
-    Never downloads: runs only if ``bert_score`` is installed and its model is already cached.
+
+def check_bertscore_model(model_path: str | os.PathLike) -> Path:
+    """The BERTScore model directory ``model_path`` as a Path, or :class:`HemblipConfigError`.
+
+    It must be an existing local directory (a hub name is refused: nothing is downloaded) with a
+    ``config.json`` and safetensors weights (pickle ``.bin`` weights are not loaded).
+    """
+    path = Path(os.fspath(model_path))
+    where = f"--bertscore-model {_show(path)}"
+    if not path.exists():
+        raise HemblipConfigError(f"{where}: no such directory (give a local copy of the model; "
+                                 "nothing is downloaded)")
+    if not path.is_dir():
+        raise HemblipConfigError(f"{where}: not a directory")
+    if not (path / "config.json").is_file():
+        raise HemblipConfigError(f"{where}: no config.json (not a transformers model directory)")
+    if not any(path.glob("*.safetensors")):
+        raise HemblipConfigError(f"{where}: no *.safetensors weights (pickle .bin weights are not "
+                                 "loaded; convert them to safetensors)")
+    return path
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Hub offline mode for the duration of the block, then exactly the previous setting.
+
+    ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import, into a module constant that
+    transformers consults on every load; once imported (the captioner imports it), changing the
+    environment alone does nothing, so both are set here.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # no hub client: nothing can reach the network through it
+        constants = None
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved_env = {k: os.environ.get(k) for k in names}
+    saved_const = getattr(constants, "HF_HUB_OFFLINE", None)
+    try:
+        for k in names:
+            os.environ[k] = "1"
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = True
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = saved_const
+
+
+def bertscore(references: Sequence[str], predictions: Sequence[str],
+              model_path: str | os.PathLike | None = None,
+              num_layers: int | None = None) -> tuple[float | None, str | None]:
+    """Mean BERTScore F1 with the local model directory ``model_path``, or ``(None, reason)``.
+
+    Never touches the network: without ``model_path`` the answer is n/a at once (the package is
+    not even imported); with one, the model is loaded from that directory with the hub in offline
+    mode. ``num_layers``: the hidden layer whose embeddings are compared; default bert_score's
+    own choice for a model of the directory's name (e.g. 17 for ``roberta-large``), else the
+    reason asks for it. A bad ``model_path`` raises :class:`HemblipConfigError` (one line).
     """
     _check_lengths(references, predictions)
+    path = check_bertscore_model(model_path) if model_path is not None else None
+    if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
+                                   or num_layers < 1):
+        raise HemblipConfigError(f"--bertscore-layers must be an integer >= 1, got {num_layers!r}")
     if importlib.util.find_spec("bert_score") is None:
         return None, "package bert_score not installed"
+    if path is None:
+        return None, "no local BERTScore model given (--bertscore-model DIR); nothing is downloaded"
     if not references:
         return None, "no samples"
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        if num_layers is None:
+            from bert_score.utils import model2layers
+
+            num_layers = model2layers.get(path.name)
+            if num_layers is None:
+                return None, (f"bert_score has no default layer for a model named {_show(path.name)}; "
+                              "pass --bertscore-layers N")
         from bert_score import score
 
-        _p, _r, f1 = score(list(predictions), list(references), lang="en", model_type=model_type,
-                           verbose=False)
+        with _hub_offline():
+            _p, _r, f1 = score(list(predictions), list(references), model_type=str(path),
+                               num_layers=int(num_layers), verbose=False)
         return float(f1.mean()), None
     except Exception as exc:  # noqa: BLE001 - any failure to load the model means "not available"
-        return None, f"bert_score model not available locally ({exc.__class__.__name__}: {str(exc)[:120]})"
+        why = " ".join(str(exc).split())[:120]
+        return None, f"bert_score model at {_show(path)} not usable ({exc.__class__.__name__}: {why})"
 
 
 def attribute_metrics(references: Sequence[Mapping[str, str | None]],
@@ -194,7 +274,8 @@ def _first_index(values: Sequence, v) -> int:
 
 def score_captions(references: Sequence[str], predictions: Sequence[str],
                    labels: Sequence[Labels] | None = None, *,
-                   with_bertscore: bool = True) -> dict:
+                   with_bertscore: bool = True, bertscore_model: str | os.PathLike | None = None,
+                   bertscore_layers: int | None = None) -> dict:
     """Every metric of one model on one set: text metrics on the caption strings, attribute and
     cell-type metrics of ``parse_caption(prediction)`` against ``labels`` (each
     ``{"cell_type", "case", "attributes"}``; default: parsed from the references).
@@ -204,6 +285,7 @@ def score_captions(references: Sequence[str], predictions: Sequence[str],
     "mean_balanced_accuracy_wbcatt", "attributes"}``;
     ``mean_balanced_accuracy`` averages over attributes some reference states,
     ``mean_balanced_accuracy_wbcatt`` over the 11 WBCAtt ones among them.
+    ``bertscore_model``/``bertscore_layers``: see :func:`bertscore` (no model: n/a, no download).
     """
     _check_lengths(references, predictions)
     if labels is None:
@@ -219,7 +301,7 @@ def score_captions(references: Sequence[str], predictions: Sequence[str],
     em, em_n = exact_match(ref_attrs, pred_attrs)
     case_pairs = [(lab.get("case"), p.case) for lab, p in zip(labels, parsed) if lab.get("case") is not None]
     if with_bertscore:
-        bs, bs_reason = bertscore(references, predictions)
+        bs, bs_reason = bertscore(references, predictions, bertscore_model, bertscore_layers)
     else:
         bs, bs_reason = None, "not requested"
     return {

@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="caption length limit in tokens (default: the model's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--no-bertscore", action="store_true", help="skip BERTScore")
+    parser.add_argument("--bertscore-model", type=Path, default=None, metavar="DIR",
+                        help="local BERTScore model directory (config.json + safetensors, e.g. a "
+                             "copy of roberta-large); without it BERTScore is n/a: nothing is "
+                             "downloaded")
+    parser.add_argument("--bertscore-layers", type=int, default=None, metavar="N",
+                        help="hidden layer BERTScore compares (default: bert_score's choice for a "
+                             "model of the directory's name, e.g. 17 for roberta-large)")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the Markdown tables here")
 
@@ -35,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
     from hemblip.data import load_dataset, split_samples
     from hemblip.errors import DatasetError, HemblipConfigError
     from hemblip.evaluate import evaluate, render_markdown
+    from hemblip.metrics import check_bertscore_model
 
     if args.limit is not None and args.limit < 1:
         raise HemblipConfigError(f"--limit must be >= 1, got {args.limit}")
@@ -44,6 +52,12 @@ def main(args: argparse.Namespace) -> int:
         raise HemblipConfigError(f"--num-beams must be >= 1, got {args.num_beams}")
     if not 0.0 <= args.val_fraction < 1.0:
         raise HemblipConfigError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.no_bertscore and (args.bertscore_model is not None or args.bertscore_layers is not None):
+        raise HemblipConfigError("--no-bertscore contradicts --bertscore-model/--bertscore-layers")
+    if args.bertscore_layers is not None and args.bertscore_layers < 1:
+        raise HemblipConfigError(f"--bertscore-layers must be >= 1, got {args.bertscore_layers}")
+    if args.bertscore_model is not None:
+        check_bertscore_model(args.bertscore_model)  # before loading data and captioning
     samples = load_dataset(args.data)
     train = None
     if args.split != "all":
@@ -60,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None:
         kwargs["max_new_tokens"] = args.max_new_tokens
     report = evaluate(args.model, samples, kwargs, train_samples=train,
-                      with_bertscore=not args.no_bertscore)
+                      with_bertscore=not args.no_bertscore, bertscore_model=args.bertscore_model,
+                      bertscore_layers=args.bertscore_layers)
     report["data"] = {"spec": str(args.data), "split": args.split}
     markdown = render_markdown(report)
     if args.json is not None:
