@@ -59,6 +59,8 @@ class Captioner:
     ``min_new_tokens``: force at least this many tokens (benchmarks use min = max).
     ``preprocess``: "device" (default: resize/rescale/normalise batched on ``device``) or
     "processor" (the checkpoint's PIL image processor, one crop at a time on the CPU).
+    ``base``: for a LoRA adapter ``model``, the base model to use instead of the one the
+    adapter names (``--base``; see :func:`hemblip.model.load_model`).
     ``self.preprocess`` is the path in use: "device" falls back to "processor" (with a
     warning; the reason is in ``self.preprocess_fallback``) when the processor has a setting
     the device path does not reproduce.
@@ -67,7 +69,7 @@ class Captioner:
     def __init__(self, model=None, device: str | None = None, batch_size: int = 64,
                  num_beams: int = 1, max_new_tokens: int | None = None, dtype: str = "auto",
                  decoding: str = "greedy", min_new_tokens: int | None = None,
-                 allow_pickle: bool = False, preprocess: str = "device"):
+                 allow_pickle: bool = False, preprocess: str = "device", base: str | None = None):
         import torch
 
         from hemblip.model import LoadedModel, load_model
@@ -82,6 +84,11 @@ class Captioner:
             raise HemblipConfigError(f"--dtype must be auto|bfloat16|float16|float32, got {dtype!r}")
         if preprocess not in ("device", "processor"):
             raise HemblipConfigError(f"--preprocess must be device|processor, got {preprocess!r}")
+        if base is not None and (model is None or isinstance(model, LoadedModel)):
+            raise HemblipConfigError(
+                "--base names the base of a LoRA adapter given with --model "
+                + ("(an already loaded model takes no --base)" if model is not None
+                   else "(the bundled demo checkpoint has none)"))
         if isinstance(model, LoadedModel):
             loaded = model
             self.model_id = loaded.location
@@ -90,8 +97,8 @@ class Captioner:
             self.model_id = "hemblip-demo"
         else:
             loaded = load_model(os.fspath(model) if isinstance(model, Path) else model,
-                                allow_pickle=allow_pickle)
-            self.model_id = str(model)
+                                allow_pickle=allow_pickle, base=base)
+            self.model_id = str(model) if base is None else f"{model} (base {base})"
         self._loaded = loaded
         self.model_version = loaded.version
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -3,8 +3,13 @@
 A *location* is one of:
 
 * a local directory holding a checkpoint (``config.json``, ``model.safetensors`` or a sharded
-  ``model.safetensors.index.json``, ``preprocessor_config.json``, tokenizer files) or a LoRA
-  adapter directory written by :func:`hemblip.lora.save_adapter` (merged on load);
+  ``model.safetensors.index.json``, the image-processor settings in ``preprocessor_config.json``
+  or, as transformers 5's ``BlipProcessor.save_pretrained`` writes them, in the
+  ``image_processor`` section of ``processor_config.json``, tokenizer files) or a LoRA adapter
+  directory (merged on load): written by :func:`hemblip.lora.save_adapter`, or by peft's
+  ``save_pretrained`` alone. An adapter's base is, first found: ``load_model(..., base=)``
+  (``--base``), ``hemblip_base.json``, peft's ``base_model_name_or_path``; a relative local
+  path there is resolved against the adapter's directory (``s3://`` adapters: its URI);
 * ``s3://bucket/prefix``: the checkpoint files under the prefix (``*.json``, ``*.safetensors``,
   ``*.txt``) are downloaded once to a local cache (``$HEMBLIP_CACHE`` or ``~/.cache/hemblip``)
   with boto3's standard credential chain (``AWS_ENDPOINT_URL`` included), then loaded as a
@@ -16,8 +21,10 @@ A *location* is one of:
 Weights are read from safetensors only, by this module: a safetensors index may name only
 ``.safetensors`` shards inside the checkpoint folder (transformers never picks weight files). Pickle weights (``.bin``/``.pt``/``.pth``/``.ckpt``) raise
 :class:`~hemblip.errors.UnsafeCheckpointError` unless ``allow_pickle=True``. Remote code is never
-trusted. A config *spec* (``tiny``, ``demo``, ``blip-base`` or ``config:NAME[,key=value...]``)
-builds a fresh randomly initialised model with the offline word-level tokenizer.
+trusted. A config *spec* (``tiny``, ``random-demo-shape``, ``blip-base`` or
+``config:NAME[,key=value...]``) builds a fresh randomly initialised model with the offline
+word-level tokenizer. ``demo`` is refused with a hint: it is easily taken for the bundled (trained)
+demo checkpoint, which is what ``--model`` uses by default.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ __all__ = [
     "LoadedModel",
     "PRESETS",
     "build_model",
+    "check_spec",
     "is_config_spec",
     "load_model",
     "resolve_location",
@@ -55,14 +63,17 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"  # the only pickle name peft reads
 ADAPTER_BASE = "hemblip_base.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"  # transformers 5 BlipProcessor.save_pretrained
 
 #: Named architectures for ``config:`` specs. Dimensions: image px, ViT patch px, hidden sizes.
 PRESETS: dict[str, dict[str, int]] = {
     # Unit tests: trains in seconds on a CPU.
     "tiny": dict(image_size=64, patch_size=16, vision_hidden=64, vision_layers=2, vision_heads=2,
                  text_hidden=64, text_layers=2, text_heads=2, max_positions=64),
-    # The committed demo checkpoint (trained on 2 CPU cores in about 20 minutes).
-    "demo": dict(image_size=112, patch_size=14, vision_hidden=192, vision_layers=4, vision_heads=4,
+    # The shape of the committed demo checkpoint (trained from it on 2 CPU cores in about 20
+    # minutes); built from this spec the weights are random, hence the name.
+    "random-demo-shape": dict(image_size=112, patch_size=14, vision_hidden=192, vision_layers=4, vision_heads=4,
                  text_hidden=192, text_layers=3, text_heads=4, max_positions=96),
     # BLIP-base (Salesforce/blip-image-captioning-base): ViT-B/16 at 384 px, BERT-base decoder.
     "blip-base": dict(image_size=384, patch_size=16, vision_hidden=768, vision_layers=12,
@@ -70,6 +81,12 @@ PRESETS: dict[str, dict[str, int]] = {
                       max_positions=512, vocab_size=30524),
 }
 _ALIASES = {"base": "blip-base"}
+#: Spec names refused with a hint: a random model under a name users read as a trained one.
+_RETIRED = {
+    "demo": ("builds a randomly initialised model, not the bundled demo checkpoint "
+             "(hemblip/demo_checkpoint, what --model uses by default); for a random model of the "
+             "demo's shape use 'random-demo-shape'"),
+}
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +131,22 @@ def is_config_spec(spec: str) -> bool:
     s = str(spec)
     if s.startswith("config:"):
         return True
-    return (s in PRESETS or s in _ALIASES) and not Path(s).exists()
+    return (s in PRESETS or s in _ALIASES or s in _RETIRED) and not Path(s).exists()
+
+
+def check_spec(spec: str) -> None:
+    """Raise :class:`HemblipConfigError` for a config spec that :func:`build_model` would refuse
+    (unknown preset, bad override, the retired ``demo``); locations pass unchecked."""
+    if is_config_spec(spec):
+        _parse_spec(str(spec))
 
 
 def _parse_spec(spec: str) -> dict[str, int]:
     body = spec[len("config:"):] if spec.startswith("config:") else spec
     name, _, rest = body.partition(",")
     name = _ALIASES.get(name.strip(), name.strip())
+    if name in _RETIRED:
+        raise HemblipConfigError(f"model spec {spec!r}: {name!r} {_RETIRED[name]}")
     if name not in PRESETS:
         raise HemblipConfigError(
             f"--base {spec!r}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -387,14 +413,18 @@ def _remove_stale(local: Path, rel: str) -> None:
 
 
 def _download_hub(repo_id: str) -> Path:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         from huggingface_hub import snapshot_download
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         return Path(snapshot_download(
             repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"],
             local_files_only=offline))
     except Exception as exc:  # noqa: BLE001 - any hub failure means "not a usable location"
+        if offline:
+            raise CheckpointError(
+                f"{repo_id}: not a local directory, not an s3:// URI, and not in the Hugging Face "
+                "hub cache (HF_HUB_OFFLINE is set, so the hub is not asked)") from exc
         raise CheckpointError(
             f"{repo_id}: not a local directory, not an s3:// URI, and not fetchable from the "
             f"Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
@@ -411,7 +441,7 @@ def resolve_location(location: str | os.PathLike) -> Path:
         if not path.is_dir():
             raise CheckpointError(f"{loc}: is a file; a checkpoint is a directory")
         return path
-    if loc.count("/") == 1 and not loc.startswith((".", "/", "~")):
+    if _looks_like_hub_id(loc):
         return _download_hub(loc)
     raise CheckpointError(f"{loc}: no such directory")
 
@@ -513,8 +543,8 @@ def _check_checkpoint_dir(d: Path, location: str, allow_pickle: bool) -> Path | 
         missing.append("config.json")
     if not has_weights and not pickles:
         missing.append(f"{WEIGHTS_FILE} (or {WEIGHTS_INDEX})")
-    if not (d / "preprocessor_config.json").is_file():
-        missing.append("preprocessor_config.json")
+    if not ((d / PREPROCESSOR_CONFIG).is_file() or (d / PROCESSOR_CONFIG).is_file()):
+        missing.append(f"{PREPROCESSOR_CONFIG} (or {PROCESSOR_CONFIG})")
     if not ((d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()):
         missing.append("tokenizer.json or vocab.txt")
     if missing:
@@ -531,11 +561,37 @@ def _check_checkpoint_dir(d: Path, location: str, allow_pickle: bool) -> Path | 
     return pickles[0]
 
 
-def _load_processors(d: Path, location: str):
-    from transformers import AutoTokenizer, BlipImageProcessorPil
+def _image_processor(d: Path, location: str):
+    """The BLIP image processor of a checkpoint folder.
 
+    ``preprocessor_config.json`` when present; otherwise the ``image_processor`` section of
+    ``processor_config.json`` (what transformers 5's ``BlipProcessor.save_pretrained`` writes),
+    read here rather than left to transformers' file lookup, so a malformed one is a one-line
+    error naming it.
+    """
+    from transformers import BlipImageProcessorPil
+
+    if (d / PREPROCESSOR_CONFIG).is_file():
+        try:
+            return BlipImageProcessorPil.from_pretrained(str(d))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{location}: cannot load {PREPROCESSOR_CONFIG}: {_first_line(exc)}") from exc
+    path = d / PROCESSOR_CONFIG
+    section = _read_json(path, "processor config").get("image_processor")
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{path}: no 'image_processor' object with the image-processor settings "
+                              f"(got {type(section).__name__})")
     try:
-        image_processor = BlipImageProcessorPil.from_pretrained(str(d))
+        return BlipImageProcessorPil.from_dict(section)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: bad 'image_processor' settings: {_first_line(exc)}") from None
+
+
+def _load_processors(d: Path, location: str):
+    from transformers import AutoTokenizer
+
+    image_processor = _image_processor(d, location)
+    try:
         tokenizer = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{location}: cannot load processor/tokenizer: {exc}") from exc
@@ -607,27 +663,67 @@ def _adapter_weights(d: Path, location: str, allow_pickle: bool) -> Path:
     return pickle_file
 
 
-def _load_adapter(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
+def _relative_base(ref: str, d: Path, location: str) -> str:
+    """A base location named by an adapter, a relative local path resolved against the adapter.
+
+    Relative to the adapter's folder when it is there (for an ``s3://`` adapter: its URI,
+    unless the name is a hub id); else relative to the current directory when it is there (what
+    older releases wrote: the path as given at training time); else a hub id as written, or
+    the adapter-relative path (reported missing).
+    """
+    if ref.startswith(("s3://", "~")) or Path(ref).is_absolute():
+        return ref
+    if (d / ref).exists():  # before specs: "base" is OUT/base, not the blip-base preset
+        return str(d / ref)
+    if is_config_spec(ref):
+        return ref
+    if location.startswith("s3://") and not _looks_like_hub_id(ref):
+        import posixpath
+
+        bucket, prefix = _parse_s3(location)
+        key = posixpath.normpath(posixpath.join("/", prefix, ref)).lstrip("/")
+        return f"s3://{bucket}/{key}"
+    if Path(ref).exists() or _looks_like_hub_id(ref):
+        return ref
+    return str(d / ref)  # missing: the error names the path that was looked for
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+
+
+def _adapter_base(d: Path, location: str, adapter_config: dict) -> tuple[str, str]:
+    """(base location, where it was read) from the adapter's own files."""
+    if (d / ADAPTER_BASE).is_file():
+        ref = _read_json(d / ADAPTER_BASE, "adapter base pointer").get("base")
+        if ref is not None and not isinstance(ref, str):
+            raise CheckpointError(f"{d / ADAPTER_BASE}: 'base' must be a location string, got {ref!r}")
+        if ref:
+            return _relative_base(ref, d, location), ADAPTER_BASE
+    ref = adapter_config.get("base_model_name_or_path")
+    if not ref or not isinstance(ref, str):
+        raise CheckpointError(f"{location}: adapter names no base model ({ADAPTER_BASE} missing and no "
+                              f"base_model_name_or_path in {ADAPTER_CONFIG}); pass --base DIR|URI")
+    return _relative_base(ref, d, location), ADAPTER_CONFIG
+
+
+def _load_adapter(d: Path, location: str, allow_pickle: bool, base_override: str | None = None) -> LoadedModel:
     from safetensors import SafetensorError
 
     from hemblip.lora import load_adapter
 
     adapter_config = _read_json(d / ADAPTER_CONFIG, "adapter config")
     adapter_file = _adapter_weights(d, location, allow_pickle)
-    base_ref = None
-    if (d / ADAPTER_BASE).is_file():
-        base_ref = _read_json(d / ADAPTER_BASE, "adapter base pointer").get("base")
-        if base_ref is not None and not isinstance(base_ref, str):
-            raise CheckpointError(f"{d / ADAPTER_BASE}: 'base' must be a location string, got {base_ref!r}")
-        if base_ref and not base_ref.startswith("s3://") and not Path(base_ref).is_absolute():
-            candidate = d / base_ref
-            if candidate.exists():
-                base_ref = str(candidate)
-    if not base_ref:
-        base_ref = adapter_config.get("base_model_name_or_path")
-    if not base_ref or not isinstance(base_ref, str):
-        raise CheckpointError(f"{location}: adapter names no base model ({ADAPTER_BASE} missing)")
-    base = _load(base_ref, allow_pickle, adapter_ok=False)
+    if base_override is not None:
+        base_ref, source = base_override, "--base"
+    else:
+        base_ref, source = _adapter_base(d, location, adapter_config)
+    try:
+        base = _load(base_ref, allow_pickle, adapter_ok=False)
+    except CheckpointError as exc:
+        hint = "" if source == "--base" else "; point --base DIR|URI at a local copy of the base"
+        # Same class (UnsafeCheckpointError stays one); the adapter and the pointer are named.
+        raise type(exc)(f"{location}: base model {base_ref!r} (from {source}): {_first_line(exc)}{hint}") from exc
     try:
         merged = load_adapter(base.model, d, merge=True)
     except pickle.UnpicklingError as exc:
@@ -641,25 +737,38 @@ def _load_adapter(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
     return LoadedModel(merged, base.image_processor, base.tokenizer, location, files, merged_adapter=True)
 
 
-def _load(loc: str, allow_pickle: bool, *, adapter_ok: bool = True) -> LoadedModel:
+def _load(loc: str, allow_pickle: bool, *, adapter_ok: bool = True, base: str | None = None) -> LoadedModel:
+    not_adapter = (f"--base {base!r} applies only to a LoRA adapter, and {loc!r} is not one "
+                   "(it is a full checkpoint or a config spec)")
     if is_config_spec(loc):
+        if base is not None:
+            raise CheckpointError(not_adapter)
         return build_model(loc)
     d = resolve_location(loc)
     if (d / ADAPTER_CONFIG).is_file():
         if not adapter_ok:  # an adapter whose base is an adapter (or itself) would never end
             raise CheckpointError(f"{loc}: is an adapter, but it is named as an adapter's base model")
-        return _load_adapter(d, loc, allow_pickle)
+        return _load_adapter(d, loc, allow_pickle, base)
+    if base is not None:
+        raise CheckpointError(not_adapter)
     return _load_full(d, loc, allow_pickle)
 
 
-def load_model(location: str | os.PathLike, *, allow_pickle: bool = False) -> LoadedModel:
+def load_model(location: str | os.PathLike, *, allow_pickle: bool = False,
+               base: str | os.PathLike | None = None) -> LoadedModel:
     """Load a checkpoint or adapter from a directory, ``s3://`` URI, hub id, or build a spec.
+
+    ``base``: for a LoRA adapter, the base model location to use instead of the one the adapter
+    names (``hemblip_base.json`` / peft's ``base_model_name_or_path``, e.g. a hub id), as
+    ``--base`` gives it; relative paths are relative to the current directory. The version
+    hashes the base's weights then the adapter's, as for any adapter. Refused (CheckpointError)
+    for anything but an adapter.
 
     Raises :class:`CheckpointError` (message lists what is missing or what is refused) or
     :class:`UnsafeCheckpointError` (pickle weights without ``allow_pickle``, or a pickle shard
     named by a safetensors index).
     """
-    return _load(str(location), allow_pickle)
+    return _load(str(location), allow_pickle, base=None if base is None else os.fspath(base))
 
 
 # ----------------------------------------------------------------------------- saving

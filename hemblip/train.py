@@ -8,7 +8,8 @@ after every epoch so ``resume=True`` continues where a run stopped.
 
 Output directory layout::
 
-    OUT/                  best model so far: a checkpoint (full) or an adapter (lora)
+    OUT/                  best model so far: a checkpoint (full) or an adapter (lora; its
+                          hemblip_base.json names the base absolute, or "base" for OUT/base)
     OUT/base/             lora only, when the base was a config spec: the base weights
     OUT/_resume/          weights.safetensors, optimizer.pt, scheduler.pt, state.json
     OUT/train_log.jsonl   one line per epoch: train/val loss, lr, seconds
@@ -91,6 +92,9 @@ class TrainConfig:
         for source, k in self.oversample.items():
             if int(k) < 1:
                 raise HemblipConfigError(f"--oversample {source}={k}: factor must be >= 1")
+        from hemblip.model import check_spec
+
+        check_spec(self.base)  # a bad or retired spec fails before the data is read
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -276,7 +280,9 @@ def _save_best(model, loaded, config: TrainConfig, out: Path) -> None:
     if config.mode == "full":
         save_model(model, loaded.image_processor, loaded.tokenizer, out)
         return
-    base_ref = "base" if is_config_spec(config.base) else config.base
+    # A relative base path is the user's, relative to the current directory: save_adapter stores
+    # it absolute (OUT/base relative to OUT), so the adapter loads from anywhere.
+    base_ref = str(out / "base") if is_config_spec(config.base) else config.base
     save_adapter(model, out, base_ref, loaded.image_processor, loaded.tokenizer)
 
 

@@ -16,6 +16,8 @@ __all__ = [
     "SlideTooLargeError",
     "ScaleError",
     "StorageError",
+    "WorkerEnvironmentError",
+    "WorkerDiedError",
 ]
 
 
@@ -60,3 +62,35 @@ class ScaleError(SlideError):
 
 class StorageError(PipelineError, OSError):
     """An S3/local storage operation failed after retries; the message names the URI."""
+
+
+class WorkerEnvironmentError(PipelineError, OSError):
+    """The worker's environment cannot serve a slide that may well be fine: a local input path
+    this node does not see, permission denied, a scratch directory that is read-only, full or too
+    deep for the file system's path limit. Not the slide's fault, so never settled for good: the
+    next run retries it. ``str(err)`` is ``"<path>: <cause>"``."""
+
+    def __init__(self, path: object, cause: str):
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: {cause}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.cause}"
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.cause))
+
+
+class WorkerDiedError(PipelineError, RuntimeError):
+    """The worker process died (killed by a signal, out of memory, crashed in a decoder) every
+    time it worked on a slide, as many times as the job allows (``max_slide_attempts``); the slide
+    is then recorded failed without being opened again. ``str(err)`` is ``"<uri>: <cause>"``."""
+
+    def __init__(self, uri: object, cause: str):
+        self.uri = str(uri)
+        self.cause = cause
+        super().__init__(f"{self.uri}: {cause}")
+
+    def __reduce__(self):
+        return (type(self), (self.uri, self.cause))

@@ -19,6 +19,8 @@ __all__ = [
     "RUN_COLUMNS",
     "QC_FLAGS",
     "MPP_SOURCES",
+    "FAILURE_CLASSES",
+    "PERMANENT_FAILURE_CLASSES",
     "schema_of",
     "DETECT_SCHEMA",
     "CELL_SCHEMA",
@@ -37,6 +39,19 @@ QC_FLAGS: tuple[str, ...] = (
     "crop_incomplete",  # the fixed-size crop extends past the slide border (padded)
 )
 MPP_SOURCES: tuple[str, ...] = ("metadata", "user", "estimated")
+
+#: What a slide's failure is attributed to, decided by the exception's type (never its text).
+FAILURE_CLASSES: tuple[str, ...] = (
+    "slide",  # the slide's bytes: unreadable, truncated, too large, no scale, over-long member name
+    "storage",  # transient storage trouble (after retries): retried by the next run
+    "config",  # configuration / the worker's environment (path not visible, permissions, disk)
+    "internal",  # an unexpected exception (a bug): retried by the next run
+    "worker_died",  # the worker process died on every attempt at this slide (signal, OOM, crash)
+)
+#: Classes that repeat for the same slide identity (URI + ETag + size): a later run with the same
+#: model skips such a slide until its bytes change, unless ``--retry-failed``. ``worker_died`` is
+#: one: several deaths in a row on one slide, with other slides passing, point at its bytes.
+PERMANENT_FAILURE_CLASSES: tuple[str, ...] = ("slide", "worker_died")
 
 # (name, arrow type, unit or "", description)
 DETECT_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
@@ -106,6 +121,7 @@ SLIDE_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
     ("slide_bytes", pa.int64(), "bytes", "size of the slide object(s)"),
     ("status", pa.string(), "", "ok | failed | skipped"),
     ("reason", pa.string(), "", "why it failed or was skipped (null when ok)"),
+    ("failure_class", pa.string(), "", "slide | storage | config | internal | worker_died (null unless failed)"),
     ("cell_count", pa.int64(), "", "cells written for this slide"),
     ("mpp", pa.float64(), "µm/px", "level-0 scale used"),
     ("mpp_source", pa.string(), "", "metadata | user | estimated"),

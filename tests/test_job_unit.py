@@ -224,12 +224,13 @@ def test_staging_without_journal_is_rolled_back(tmp_path):
     assert not list((out / "_staging").rglob("*.parquet"))
 
 
-def test_corrupt_journal_is_reported(tmp_path):
+def test_stray_journal_file_is_deleted_not_a_block(tmp_path):
     out = tmp_path / "out"
     st = storage_for(str(out))
     st.write_bytes(str(out / "_journal" / "x.json"), b"{not json")
-    with pytest.raises(StorageError, match="x.json: unreadable commit journal"):
-        OutputWriter(st, str(out), "r1", "2026-01-02", "v1").recover()
+    rec = OutputWriter(st, str(out), "r1", "2026-01-02", "v1").recover()
+    assert rec.notes == [f"deleted {out / '_journal' / 'x.json'}: not a commit journal"]
+    assert not (out / "_journal" / "x.json").exists()
 
 
 def test_same_chunk_maps_to_same_files(tmp_path):
@@ -303,7 +304,7 @@ def test_model_identity_leaves_the_process_environment_as_it_was(tmp_path, monke
 
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    # What _forwarded_env hands over for a run with --s3-endpoint (nothing listens on port 9).
+    # What cfg.worker_env() hands over for a run with --s3-endpoint (nothing listens on port 9).
     env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "us-east-1"}
     before = {key: os.environ.get(key) for key in env}
     model_id, version = model_identity(_tiny_checkpoint(tmp_path), env)

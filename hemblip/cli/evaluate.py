@@ -12,6 +12,9 @@ HELP = "evaluate a HemBLIP model on a caption dataset (BLEU, ROUGE-L, attribute 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="checkpoint directory or s3:// URI (default: the bundled demo checkpoint)")
+    parser.add_argument("--base", default=None, metavar="DIR|URI",
+                        help="for a LoRA adapter --model: the base model to use instead of the one "
+                             "the adapter names (e.g. a local copy of Salesforce/blip-image-captioning-base)")
     parser.add_argument("--data", required=True,
                         help="dataset: WBCAtt/generic CSV, LeukemiaAttri COCO JSON, a folder with "
                              "samples.csv, or the shared data folder (demo dataset)")
@@ -73,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
     kwargs = {"batch_size": args.batch_size, "num_beams": args.num_beams, "device": args.device}
     if args.max_new_tokens is not None:
         kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.base is not None:
+        kwargs["base"] = args.base
     report = evaluate(args.model, samples, kwargs, train_samples=train,
                       with_bertscore=not args.no_bertscore, bertscore_model=args.bertscore_model,
                       bertscore_layers=args.bertscore_layers)

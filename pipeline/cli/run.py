@@ -14,6 +14,7 @@ _OPTIONS: list[tuple[str, dict]] = [
     ("input", {"metavar": "URI", "help": "slide archive: s3://bucket/prefix/ or a local directory"}),
     ("output", {"metavar": "URI", "help": "output location: s3://bucket/prefix/ or a local directory"}),
     ("model", {"metavar": "DIR|URI", "help": "HemBLIP checkpoint (directory or s3:// prefix); default: the bundled demo checkpoint"}),
+    ("base", {"metavar": "DIR|URI", "help": "for a LoRA adapter --model: the base model to use instead of the one the adapter names (e.g. a local copy of Salesforce/blip-image-captioning-base); the model version hashes base + adapter"}),
     ("s3_endpoint", {"metavar": "URL", "help": "S3 endpoint (overrides AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), e.g. http://127.0.0.1:9000"}),
     ("max_failed_fraction", {"type": float, "metavar": "F", "help": "exit 1 when more than this fraction of processed slides failed (default 0.1)"}),
     ("extensions", {"metavar": "EXT[,EXT]", "help": "slide suffixes, comma-separated (default: .svs,.tif,.tiff,.ndpi,.vms,.vmu,.scn,.mrxs,.svslide,.bif,.dcm)"}),
@@ -23,6 +24,12 @@ _OPTIONS: list[tuple[str, dict]] = [
     ("max_detect_mpp", {"type": float, "metavar": "UM_PER_PX",
                         "help": "detect on the coarsest pyramid level at most this µm/px (e.g. 1.1; default: the "
                                 "level nearest 0.5 µm/px, see the README's detection-level section)"}),
+    ("max_decode_mb", {"type": float, "metavar": "MIB",
+                       "help": "memory budget of any one image decode, checked from the header before decoding; "
+                               "a bigger image, tile or read fails as its slide (decompression-bomb guard; default 1024)"}),
+    ("max_slide_attempts", {"type": int, "metavar": "N",
+                            "help": "worker deaths (out of memory, signal, crash) on one slide before it is recorded "
+                                    "failed with failure_class worker_died (default 3)"}),
     ("detect_cpus", {"type": float, "metavar": "N", "help": "CPUs per detect task (default 1)"}),
     ("caption_batch_size", {"type": int, "metavar": "N", "help": "crops per caption batch (default 32)"}),
     ("caption_min_actors", {"type": int, "metavar": "N", "help": "minimum caption actors (default 1)"}),
@@ -38,6 +45,9 @@ _OPTIONS: list[tuple[str, dict]] = [
     ("ray_address", {"metavar": "ADDR", "help": "Ray cluster to connect to (default: RAY_ADDRESS, a local cluster, or a new one)"}),
     ("s3_max_attempts", {"type": int, "metavar": "N", "help": "attempts per S3 request, with exponential backoff (default 5)"}),
     ("transfer_concurrency", {"type": int, "metavar": "N", "help": "parallel ranged GETs per staged slide (default 4)"}),
+    ("lease_ttl_s", {"type": float, "metavar": "S",
+                     "help": "the run's lease on the output expires this long after its last renewal; a second run "
+                             "on the same output refuses while it is live (default 600)"}),
     ("transfer_chunk_mb", {"type": int, "metavar": "MB", "help": "part size of ranged GETs (default 8)"}),
     ("fault_after_chunks", {"type": int, "metavar": "N", "help": argparse.SUPPRESS}),
     ("fault_point", {"metavar": "POINT", "help": argparse.SUPPRESS}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -22,6 +23,16 @@ def local_etag(st: os.stat_result) -> str:
 
 class LocalStorage(Storage):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every entry at or under ``prefix``; nothing is opened, nothing silently left out.
+
+        A symlink to a file is followed: the target's size and mtime make the identity. A
+        directory symlink is listed as an entry but not descended into: no loop, no escape from
+        the input folder, no slide listed twice under two names. A dangling symlink, a symlink
+        loop, a FIFO, a socket, a device file and a subfolder that cannot be read are listed too,
+        with their own ``lstat`` identity, so one of them never aborts the listing: the detect
+        stage refuses a slide-named one with its reason, and the job reports the others as
+        non-slides. Only an unreadable ``prefix`` itself raises :class:`StorageError`.
+        """
         root = Path(prefix)
         if root.is_file():
             st = root.stat()
@@ -29,15 +40,38 @@ class LocalStorage(Storage):
             return
         if not root.is_dir():
             raise StorageError(f"{prefix}: no such directory")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                p = Path(dirpath) / name
+
+        def entries(folder: Path) -> list[os.DirEntry]:
+            with os.scandir(folder) as it:
+                return sorted(it, key=lambda e: e.name)
+
+        try:
+            stack = [iter(entries(root))]
+        except OSError as exc:
+            raise StorageError(f"{prefix}: cannot list ({exc.strerror or exc})") from None
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
+            try:
+                real_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                real_dir = False
+            if real_dir:
                 try:
-                    st = p.stat()
-                except OSError as exc:
-                    raise StorageError(f"{p}: cannot stat ({exc.strerror or exc})") from None
-                yield ObjectInfo(str(p), st.st_size, local_etag(st))
+                    stack.append(iter(entries(Path(entry.path))))
+                    continue
+                except OSError:
+                    pass  # listed below as an entry of its own
+            try:
+                st = os.stat(entry.path)
+            except OSError:  # dangling symlink, symlink loop, vanished entry
+                try:
+                    st = os.lstat(entry.path)
+                except OSError:
+                    continue  # removed since the folder was read: there is nothing to list
+            yield ObjectInfo(entry.path, st.st_size, local_etag(st))
 
     def read_bytes(self, uri: str) -> bytes:
         try:
@@ -79,6 +113,109 @@ class LocalStorage(Storage):
             os.replace(s, d)
         except OSError as exc:
             raise StorageError(f"{dst}: cannot publish from {src} ({exc.strerror or exc})") from None
+
+    # -- conditional writes ------------------------------------------------------------------
+    # A file has no version the OS would compare for us, so the compare-and-replace steps hold an
+    # exclusive flock() on the object's directory: every conditional operation on objects of that
+    # directory, in any process on this machine (and on NFS v4 clients), runs one at a time. The
+    # token is a hash of the content; a lease record's content carries its renewal time and a
+    # random id, so two versions never share a token.
+    @staticmethod
+    def _token(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:32]
+
+    @contextlib.contextmanager
+    def _dir_lock(self, uri: str):
+        parent = Path(uri).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(parent, os.O_RDONLY)
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot write ({exc.strerror or exc})") from None
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    def _read_versioned(self, uri: str, max_bytes: int) -> tuple[bytes, str] | None:
+        """The first ``max_bytes + 1`` bytes and the token of the whole file, hashed in pieces
+        so that an oversized file is never held in memory."""
+        h = hashlib.sha256()
+        head = b""
+        try:
+            with open(uri, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+                    if len(head) <= max_bytes:
+                        head += block[: max_bytes + 1 - len(head)]
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot read ({exc.strerror or exc})") from None
+        return head, h.hexdigest()[:32]
+
+    def _temp_with(self, uri: str, data: bytes) -> str:
+        p = Path(uri)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=p.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return tmp
+
+    def read_versioned(self, uri: str, max_bytes: int) -> tuple[bytes, str] | None:
+        return self._read_versioned(uri, max_bytes)
+
+    def create_exclusive(self, uri: str, data: bytes) -> str | None:
+        with self._dir_lock(uri):
+            tmp = None
+            try:
+                tmp = self._temp_with(uri, data)
+                # link() fails when the name exists, and the name appears with its whole content.
+                os.link(tmp, uri)
+            except FileExistsError:
+                return None
+            except OSError as exc:
+                raise StorageError(f"{uri}: cannot write ({exc.strerror or exc})") from None
+            finally:
+                if tmp is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+        return self._token(data)
+
+    def replace_if(self, uri: str, data: bytes, token: str) -> str | None:
+        with self._dir_lock(uri):
+            current = self._read_versioned(uri, 0)
+            if current is None or current[1] != token:
+                return None
+            tmp = None
+            try:
+                tmp = self._temp_with(uri, data)
+                os.replace(tmp, uri)
+                tmp = None
+            except OSError as exc:
+                raise StorageError(f"{uri}: cannot write ({exc.strerror or exc})") from None
+            finally:
+                if tmp is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+        return self._token(data)
+
+    def delete_if(self, uri: str, token: str) -> bool:
+        with self._dir_lock(uri):
+            current = self._read_versioned(uri, 0)
+            if current is None or current[1] != token:
+                return False
+            self.delete(uri)
+        return True
 
     def download(self, uri: str, dest: Path, etag: str | None = None) -> int:
         src = Path(uri)

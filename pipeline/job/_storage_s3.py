@@ -31,6 +31,27 @@ def _cause(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _status(exc: BaseException) -> tuple[int | None, str]:
+    """``(HTTP status, S3 error code)`` of a botocore error; ``(None, "")`` for other errors."""
+    resp = getattr(exc, "response", None)
+    if not isinstance(resp, dict):
+        return None, ""
+    return resp.get("ResponseMetadata", {}).get("HTTPStatusCode"), str(resp.get("Error", {}).get("Code", ""))
+
+
+def _no_such_key(exc: BaseException) -> bool:
+    status, code = _status(exc)
+    # A HEAD-style 404 has no body, hence no code; a missing bucket is an error, not "absent".
+    return status == 404 and code in ("NoSuchKey", "404", "NotFound", "")
+
+
+def _condition_failed(exc: BaseException) -> bool:
+    """412 PreconditionFailed: the condition did not hold; 409 ConditionalRequestConflict: another
+    conditional write of the key was in flight and won."""
+    status, code = _status(exc)
+    return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
 # Environment that decides which credentials and region a new client resolves.
 _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
@@ -138,6 +159,52 @@ class S3Storage(Storage):
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"{dst}: cannot publish from {src} ({_cause(exc)})") from None
         self.delete(src)
+
+    # -- conditional writes (AWS S3 since 2024, MinIO, Ceph RGW, moto >= 5) ---------------------
+    def read_versioned(self, uri: str, max_bytes: int) -> tuple[bytes, str] | None:
+        bucket, key = split_s3(uri)
+        try:
+            try:
+                resp = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{int(max_bytes)}")
+            except Exception as exc:  # noqa: BLE001
+                if _status(exc)[0] != 416:
+                    raise
+                resp = self.client.get_object(Bucket=bucket, Key=key)  # an empty object has no byte 0
+            return resp["Body"].read(max_bytes + 1), resp.get("ETag", "").strip('"')
+        except Exception as exc:  # noqa: BLE001
+            if _no_such_key(exc):
+                return None
+            raise StorageError(f"{uri}: cannot read ({_cause(exc)})") from None
+
+    def create_exclusive(self, uri: str, data: bytes) -> str | None:
+        bucket, key = split_s3(uri)
+        try:
+            resp = self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as exc:  # noqa: BLE001
+            if _condition_failed(exc):
+                return None
+            raise StorageError(f"{uri}: cannot write ({_cause(exc)})") from None
+        return resp.get("ETag", "").strip('"')
+
+    def replace_if(self, uri: str, data: bytes, token: str) -> str | None:
+        bucket, key = split_s3(uri)
+        try:
+            resp = self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=f'"{token}"')
+        except Exception as exc:  # noqa: BLE001
+            if _condition_failed(exc) or _no_such_key(exc):
+                return None
+            raise StorageError(f"{uri}: cannot write ({_cause(exc)})") from None
+        return resp.get("ETag", "").strip('"')
+
+    def delete_if(self, uri: str, token: str) -> bool:
+        bucket, key = split_s3(uri)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key, IfMatch=f'"{token}"')
+        except Exception as exc:  # noqa: BLE001
+            if _condition_failed(exc) or _no_such_key(exc):
+                return False
+            raise StorageError(f"{uri}: cannot delete ({_cause(exc)})") from None
+        return True
 
     def download(self, uri: str, dest: Path, etag: str | None = None) -> int:
         from boto3.s3.transfer import TransferConfig

@@ -60,6 +60,7 @@ _INT_LIMITS = {
     "s3_max_attempts": 100,
     "transfer_concurrency": 1024,
     "transfer_chunk_mb": 5120,  # S3's largest part, 5 GiB
+    "max_slide_attempts": 100,
 }
 # C0/C1 controls and Unicode line breaks: a value holding one would split a log line or an error.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -98,12 +99,14 @@ class JobConfig:
     """Everything one run of ``python -m pipeline run`` needs.
 
     ``input``/``output``/``model`` are local paths or ``s3://bucket/prefix`` URIs; ``model=None``
-    is the bundled demo checkpoint. Sizes: ``crop_um`` µm, ``crop_px``/``thumbnail_px`` px.
+    is the bundled demo checkpoint. ``base``: for a LoRA adapter ``model``, the base model to use
+    instead of the one the adapter names (e.g. a local copy of a hub base). Sizes: ``crop_um`` µm, ``crop_px``/``thumbnail_px`` px.
     """
 
     input: str = ""
     output: str = ""
     model: str | None = None
+    base: str | None = None
     s3_endpoint: str | None = None
     dry_run: bool = False
     reprocess: bool = False
@@ -117,6 +120,11 @@ class JobConfig:
     detect_cpus: float = 1.0
     #: coarsest pyramid level detection reads, µm/px (None: the level closest to 0.5 µm/px)
     max_detect_mpp: float | None = None
+    #: memory budget of any one decode (whole plain image, tile, read box), MiB, checked from the
+    #: header before decoding: a decompression bomb fails as its slide instead of killing workers
+    max_decode_mb: float = 1024.0
+    #: worker deaths (OOM kill, signal, crash) on one slide before it is recorded failed
+    max_slide_attempts: int = 3
     # caption stage (actor pool)
     caption_batch_size: int = 32
     caption_min_actors: int = 1
@@ -138,6 +146,9 @@ class JobConfig:
     s3_max_attempts: int = 5
     transfer_concurrency: int = 4
     transfer_chunk_mb: int = 8
+    #: a run's lease on OUTPUT expires this many seconds after its last renewal (renewed every
+    #: third of it); a second run refuses while the lease is live and takes over a stale one
+    lease_ttl_s: float = 600.0
     # test hook: raise in the driver after committing N chunks (env PIPELINE_FAULT_AFTER_CHUNKS)
     fault_after_chunks: int | None = None
     fault_point: str = "after_commit"
@@ -149,7 +160,7 @@ class JobConfig:
             raise ConfigError(f"{flag_of('input')} is required: an s3://bucket/prefix/ or a local directory")
         if not self.output:
             raise ConfigError(f"{flag_of('output')} is required: an s3://bucket/prefix/ or a local directory")
-        for name in ("input", "output", "model"):
+        for name in ("input", "output", "model", "base"):
             value = getattr(self, name)
             if value is not None and value.startswith("s3://") and len(value) <= len("s3://"):
                 raise ConfigError(f"{flag_of(name)} {_show(value)}: missing bucket name")
@@ -157,6 +168,9 @@ class JobConfig:
                 raise ConfigError(f"{flag_of(name)} {_show(value)}: only s3:// URIs and local paths are supported")
             if value is not None and value.startswith("s3://") and "@" in value[5:].split("/", 1)[0]:
                 raise ConfigError(f"{flag_of(name)} {_show(value)}: an s3:// URI cannot carry credentials; {_CHAIN}")
+        if self.base is not None and self.model is None:
+            raise ConfigError(f"{flag_of('base')} names the base of a LoRA adapter given with --model; "
+                              "the bundled demo checkpoint has no base")
         if self.s3_endpoint is not None:
             _check_endpoint(self.s3_endpoint)
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
@@ -178,7 +192,7 @@ class JobConfig:
             raise ConfigError(f"{flag_of('max_failed_fraction')} must be in [0, 1], got {self.max_failed_fraction}")
         positive_int = ("crop_px", "caption_batch_size", "caption_min_actors", "chunk_slides",
                         "chunk_cells", "thumbnail_px", "s3_max_attempts", "transfer_concurrency",
-                        "transfer_chunk_mb")
+                        "transfer_chunk_mb", "max_slide_attempts")
         for name in positive_int:
             value = getattr(self, name)
             if value < 1:
@@ -198,6 +212,10 @@ class JobConfig:
                 raise ConfigError(f"{flag_of(name)} must be > 0, got {getattr(self, name)!r}")
         if self.mpp is not None and not float(self.mpp) > 0:
             raise ConfigError(f"{flag_of('mpp')} must be > 0 µm/px, got {self.mpp!r}")
+        if not 16.0 <= self.max_decode_mb <= 1024.0 * 1024:
+            raise ConfigError(f"{flag_of('max_decode_mb')} must be in [16, 1048576] MiB, got {self.max_decode_mb!r}")
+        if not 0.0 < self.lease_ttl_s <= 86400.0:
+            raise ConfigError(f"{flag_of('lease_ttl_s')} must be in (0, 86400] seconds, got {self.lease_ttl_s!r}")
         from pipeline.detect import DetectConfig
 
         try:  # the detection stage's own limits (crop_um <= 500, crop_px >= 16...), before any slide

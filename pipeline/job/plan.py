@@ -32,6 +32,8 @@ class CaptionSettings:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.25
     cpu_threads: int | None = None
+    #: for a LoRA adapter ``model``: the base model to use instead of the one it names (--base)
+    base: str | None = None
 
 
 def resolve_gpus(requested: float | None) -> float:
@@ -44,22 +46,36 @@ def resolve_gpus(requested: float | None) -> float:
 
 
 def build_plan(refs: Sequence[SlideRef], detect: DetectSettings, caption: CaptionSettings,
-               detect_cpus: float = 1.0, env: Mapping[str, str] | None = None):
-    """A lazy :class:`ray.data.Dataset` of captioned rows (keys: ``stage_caption.OUTPUT_KEYS``)."""
+               detect_cpus: float = 1.0, env: Mapping[str, str] | None = None, ledger=None,
+               max_task_retries: int | None = None):
+    """A lazy :class:`ray.data.Dataset` of captioned rows (keys: ``stage_caption.OUTPUT_KEYS``).
+
+    ``ledger``: an :class:`~pipeline.job.stage_detect.AttemptLedger` actor handle the detect
+    tasks report each attempt to. ``max_task_retries``: Ray's retries of a detect task whose
+    worker died; Ray Data's default is unbounded, so a slide that kills every worker would keep
+    the run going for ever. With a ledger it must exceed ``detect.max_slide_attempts`` (the
+    attempt after the last allowed one records the slide failed); None keeps Ray Data's default.
+    """
     import ray
 
     if not refs:
         raise ValueError("build_plan needs at least one slide")
+    if ledger is not None and max_task_retries is not None and max_task_retries < detect.max_slide_attempts:
+        raise ValueError(f"max_task_retries ({max_task_retries}) must be at least max_slide_attempts "
+                         f"({detect.max_slide_attempts})")
     runtime_env = {"env_vars": dict(env)} if env else None
     remote_args = {"runtime_env": runtime_env} if runtime_env else {}
+    detect_args = dict(remote_args)
+    if max_task_retries is not None:
+        detect_args["max_retries"] = int(max_task_retries)
     items = [{"slide_id": r.slide_id, "ref": ref_to_json(r)} for r in refs]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         detect_batch,
         batch_size=1,
-        fn_kwargs={"settings": detect},
+        fn_kwargs={"settings": detect, "ledger": ledger},
         num_cpus=detect_cpus,
-        **remote_args,
+        **detect_args,
     )
     ds = ds.map_batches(
         CaptionStage,
@@ -71,6 +87,7 @@ def build_plan(refs: Sequence[SlideRef], detect: DetectSettings, caption: Captio
             "expected_version": caption.model_version,
             "env": dict(env or {}),
             "cpu_threads": caption.cpu_threads,
+            "base": caption.base,
         },
         compute=ray.data.ActorPoolStrategy(min_size=caption.min_actors, max_size=caption.max_actors),
         num_cpus=caption.cpus_per_actor,

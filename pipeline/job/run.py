@@ -26,6 +26,7 @@ import numpy as np
 from pipeline import __version__ as PIPELINE_VERSION
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.job.config import JobConfig
+from pipeline.job.lease import RunLease
 from pipeline.job.listing import Listing, SlideRef, list_slides
 from pipeline.job.storage import S3Settings, storage_for
 from pipeline.job.writer import InjectedFault, OutputWriter, Recovery
@@ -67,8 +68,12 @@ def _check_consistency():
     return check_consistency
 
 
-def model_identity(model: str | None, env: dict[str, str] | None = None) -> tuple[str, str]:
-    """``(model_id, model_version)`` of a checkpoint location, as the caption actors will see it."""
+def model_identity(model: str | None, env: dict[str, str] | None = None,
+                   base: str | None = None) -> tuple[str, str]:
+    """``(model_id, model_version)`` of a checkpoint location, as the caption actors will see it.
+
+    ``base``: the ``--base`` override of a LoRA adapter's base (the version hashes base + adapter).
+    """
     from hemblip import inference
     from hemblip.errors import HemblipError
 
@@ -79,11 +84,12 @@ def model_identity(model: str | None, env: dict[str, str] | None = None) -> tupl
     try:
         # Loading the checkpoint once on the driver is the only way to get exactly the version the
         # actors will compute (adapters hash base + adapter weights); it costs seconds, once per run.
-        cap = inference.Captioner(model, device="cpu", batch_size=1)
+        cap = inference.Captioner(model, device="cpu", batch_size=1, base=base)
         ident = (cap.model_id, cap.model_version)
         del cap
     except HemblipError as exc:
-        raise ConfigError(f"--model {model or '(demo checkpoint)'}: {exc}") from None
+        with_base = f" --base {base}" if base is not None else ""
+        raise ConfigError(f"--model {model or '(demo checkpoint)'}{with_base}: {exc}") from None
     finally:
         for key, value in saved.items():
             if value is None:
@@ -95,13 +101,6 @@ def model_identity(model: str | None, env: dict[str, str] | None = None) -> tupl
 
 def _new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-
-
-def _forwarded_env(cfg: JobConfig) -> dict[str, str]:
-    env = {k: os.environ[k] for k in cfg.forward_env if k in os.environ}
-    if cfg.s3_endpoint:
-        env["AWS_ENDPOINT_URL_S3"] = cfg.s3_endpoint
-    return env
 
 
 def _text(value) -> str | None:
@@ -160,11 +159,25 @@ class _Chunker:
         self.cells, self.slides = [], []
 
 
+def _shown(value) -> str:
+    """``value`` as text safe to print on one line: control characters (C0, C1, DEL, ANSI escape
+    sequences), line and paragraph separators and bidi/format characters are escaped like
+    ``repr`` does (``\\n``, ``\\x1b``, ``\\u2028``), and so is a backslash, so the escape
+    is unambiguous. Object keys and file names may hold any of them; printed raw they forge
+    progress lines or rewrite the terminal. Stored values stay verbatim."""
+    text = str(value)
+    if text.isprintable() and "\\" not in text:
+        return text
+    # str.isprintable() is False for every Cc, Cf, Zl, Zp (and non-ASCII space) character.
+    return "".join("\\\\" if ch == "\\" else ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def _slide_line(k: int, n: int, row: dict) -> str:
+    uri = _shown(row["slide_uri"])
     if row["status"] == "ok":
         times = f"stage {row['stage_seconds'] or 0:.1f} s, detect {row['detect_seconds'] or 0:.1f} s, caption {row['caption_seconds'] or 0:.1f} s"
-        return f"[{k}/{n}] ok      {row['slide_uri']}  {row['cell_count']} cells ({times})"
-    return f"[{k}/{n}] FAILED  {row['slide_uri']}  {row['reason']}"
+        return f"[{k}/{n}] ok      {uri}  {row['cell_count']} cells ({times})"
+    return f"[{k}/{n}] FAILED  {uri}  {_shown(row['reason'])}"
 
 
 def _stream(todo: list[SlideRef], cfg: JobConfig, model_id: str, model_version: str, run_id: str,
@@ -172,15 +185,31 @@ def _stream(todo: list[SlideRef], cfg: JobConfig, model_id: str, model_version: 
     import ray
 
     from pipeline.job.plan import CaptionSettings, build_plan, resolve_gpus
-    from pipeline.job.stage_detect import DetectSettings
+    from pipeline.job.stage_detect import AttemptLedger, DetectSettings
 
     s3 = S3Settings(cfg.s3_endpoint, cfg.s3_max_attempts, cfg.transfer_concurrency, cfg.transfer_chunk_mb)
     detect = DetectSettings(s3, cfg.scratch_dir, cfg.crop_um, cfg.crop_px, cfg.mpp, cfg.thumbnails, cfg.thumbnail_px,
-                            max_detect_mpp=cfg.max_detect_mpp)
+                            max_detect_mpp=cfg.max_detect_mpp, max_slide_attempts=cfg.max_slide_attempts,
+                            max_decode_mb=cfg.max_decode_mb)
     caption = CaptionSettings(cfg.model, model_version, cfg.caption_batch_size, cfg.caption_min_actors,
                               cfg.caption_max_actors, resolve_gpus(cfg.caption_gpus_per_actor),
-                              cfg.caption_cpus_per_actor, cfg.caption_cpu_threads)
-    ds = build_plan(todo, detect, caption, detect_cpus=cfg.detect_cpus, env=env)
+                              cfg.caption_cpus_per_actor, cfg.caption_cpu_threads, base=cfg.base)
+    # Counts attempts per slide across worker processes: a slide that kills its worker is
+    # recorded worker_died after `max_slide_attempts` deaths instead of being retried for ever.
+    ledger = ray.remote(num_cpus=0, max_restarts=0)(AttemptLedger).remote()
+    try:
+        _consume(build_plan(todo, detect, caption, detect_cpus=cfg.detect_cpus, env=env, ledger=ledger,
+                            max_task_retries=cfg.max_slide_attempts + 1),
+                 todo, model_id, model_version, run_id, chunker, say)
+    finally:
+        ray.kill(ledger)
+
+
+def _consume(ds, todo: list[SlideRef], model_id: str, model_version: str, run_id: str, chunker: _Chunker,
+             say) -> None:
+    """Turn the plan's rows into slide rows and cell rows, committing each slide once complete."""
+    import ray
+
     ray.data.DataContext.get_current().enable_progress_bars = True
     check = _check_consistency()
     base = {"run_id": run_id, "model_id": model_id, "model_version": model_version,
@@ -206,16 +235,24 @@ def _stream(todo: list[SlideRef], cfg: JobConfig, model_id: str, model_version: 
                     cells[sid].append(row)
                     caption_s[sid] += float(batch["caption_seconds"][i])
                 else:
-                    outcomes[sid] = json.loads(batch["record"][i])
+                    # The first outcome stands: a re-executed task repeats it.
+                    outcomes.setdefault(sid, json.loads(batch["record"][i]))
                 out = outcomes.get(sid)
-                if out is not None and sid not in finished and len(cells[sid]) == out["cell_count"]:
+                if out is None:
+                    continue
+                ok = out["status"] == "ok"
+                # A failed slide is complete at once: cells a killed attempt captioned are dropped.
+                if not ok or len(cells[sid]) == out["cell_count"]:
                     finished.add(sid)
-                    row = dict(out, caption_seconds=caption_s[sid] if out["status"] == "ok" else None,
+                    kept = cells.pop(sid, [])
+                    if not ok:
+                        kept = []
+                    row = dict(out, caption_seconds=caption_s[sid] if ok else None,
                                run_id=run_id, model_version=model_version, finished_at=None)
-                    row["cell_types"] = dict(Counter(c["cell_type"] or "(none)" for c in cells[sid]))
+                    row["cell_types"] = dict(Counter(c["cell_type"] or "(none)" for c in kept))
                     say(_slide_line(len(finished), n, row))
                     seen.pop(sid, None)
-                    chunker.add(row, cells.pop(sid))
+                    chunker.add(row, kept)
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
@@ -223,7 +260,8 @@ def _stream(todo: list[SlideRef], cfg: JobConfig, model_id: str, model_version: 
     chunker.flush()
     missing = [r.uri for r in todo if r.slide_id not in finished]
     if missing:
-        raise PipelineError(f"{len(missing)} slides produced no outcome (first: {missing[0]}); the run is incomplete")
+        raise PipelineError(f"{len(missing)} slides produced no outcome (first: {_shown(missing[0])}); "
+                            "the run is incomplete")
 
 
 def run_job(cfg: JobConfig, say: Callable[[str], None] | None = None) -> RunResult:
@@ -236,68 +274,80 @@ def run_job(cfg: JobConfig, say: Callable[[str], None] | None = None) -> RunResu
     s3 = S3Settings(cfg.s3_endpoint, cfg.s3_max_attempts, cfg.transfer_concurrency, cfg.transfer_chunk_mb)
     in_store = storage_for(cfg.input, s3)
     out_store = storage_for(cfg.output, s3)
-    env = _forwarded_env(cfg)
+    env = cfg.worker_env()
     listing: Listing = list_slides(in_store, cfg.input, cfg.extensions)
-    model_id, model_version = model_identity(cfg.model, env)
+    model_id, model_version = model_identity(cfg.model, env, cfg.base)
     writer = OutputWriter(out_store, cfg.output, run_id, run_date, model_version,
                           cfg.fault_after_chunks, cfg.fault_point)
     result = RunResult(run_id, run_date, "ok", 0, model_id, model_version, listed=len(listing.slides),
                        ignored=list(listing.ignored))
-    say(f"run {run_id}: {len(listing.slides)} slides under {cfg.input} "
-        f"({len(listing.ignored)} non-slide objects ignored); model {model_id} version {model_version}")
+    say(f"run {run_id}: {len(listing.slides)} slides under {_shown(cfg.input)} "
+        f"({len(listing.ignored)} non-slide objects ignored); model {_shown(model_id)} version {model_version}")
     if cfg.dry_run:
         done = set() if cfg.reprocess else writer.done_slides(model_version, cfg.retry_failed)
         todo = [r for r in listing.slides if r.slide_id not in done]
         result.status, result.skipped = "dry_run", len(listing.slides) - len(todo)
         result.would_process = [r.uri for r in todo]
         for r in todo:
-            say(f"would process {r.uri}  ({r.size} bytes, slide_id {r.slide_id})")
+            say(f"would process {_shown(r.uri)}  ({r.size} bytes, slide_id {r.slide_id})")
         for uri in listing.ignored:
-            say(f"ignored (not a slide) {uri}")
+            say(f"ignored (not a slide) {_shown(uri)}")
         say(f"dry run: {len(todo)} to process, {result.skipped} already done with model {model_version}")
         result.seconds = time.perf_counter() - t0
         return result
-    result.recovery = writer.recover()
-    if result.recovery.rolled_forward or result.recovery.orphans_deleted:
-        say(f"recovered: completed {len(result.recovery.rolled_forward)} half-published chunks, "
-            f"removed {result.recovery.orphans_deleted} uncommitted staged files")
-    # A location that lists but cannot be written fails here, before any slide is read.
-    writer.probe()
-    done = set() if cfg.reprocess else writer.done_slides(model_version, cfg.retry_failed)
-    todo = [r for r in listing.slides if r.slide_id not in done]
-    result.skipped = len(listing.slides) - len(todo)
-    chunker = _Chunker(writer, cfg, run_id, model_version, say)
-    say(f"{len(todo)} slides to process, {result.skipped} already done")
-    started_ray = False
+    # One writer per OUTPUT (pipeline/job/lease.py): taken before recovery touches anything, so
+    # what recovery finds belongs to runs that are dead or fenced; released however the run ends.
+    lease = RunLease(out_store, cfg.output, run_id, ttl_s=cfg.lease_ttl_s, say=say)
+    lease.acquire()
+    writer.lease = lease
+    lease.start_heartbeat()
     try:
-        if todo:
-            import ray
+        result.recovery = writer.recover()
+        rec = result.recovery
+        for note in rec.notes:
+            say(f"recovery: {note}")
+        if rec.rolled_forward or rec.rolled_back or rec.orphans_deleted:
+            say(f"recovered: completed {len(rec.rolled_forward)} half-published chunks, rolled back "
+                f"{len(rec.rolled_back)}, removed {rec.orphans_deleted} uncommitted staged files")
+        # A location that lists but cannot be written fails here, before any slide is read.
+        writer.probe()
+        done = set() if cfg.reprocess else writer.done_slides(model_version, cfg.retry_failed)
+        todo = [r for r in listing.slides if r.slide_id not in done]
+        result.skipped = len(listing.slides) - len(todo)
+        chunker = _Chunker(writer, cfg, run_id, model_version, say)
+        say(f"{len(todo)} slides to process, {result.skipped} already done")
+        started_ray = False
+        try:
+            if todo:
+                import ray
 
-            if not ray.is_initialized():
-                ray.init(address=cfg.ray_address, runtime_env={"env_vars": env} if env else None)
-                started_ray = True
-            _stream(todo, cfg, model_id, model_version, run_id, chunker, env, say)
-        else:
-            chunker.flush()
-    except InjectedFault:
-        raise  # simulates a kill: nothing more is written
-    except BaseException:
-        _finish(result, chunker, writer, cfg, started, "failed", t0)
-        raise
+                if not ray.is_initialized():
+                    ray.init(address=cfg.ray_address, runtime_env={"env_vars": env} if env else None)
+                    started_ray = True
+                _stream(todo, cfg, model_id, model_version, run_id, chunker, env, say)
+            else:
+                chunker.flush()
+        except InjectedFault:
+            raise  # simulates a kill: nothing more is written (but the lease goes, below)
+        except BaseException:
+            _finish(result, chunker, writer, cfg, started, "failed", t0)
+            raise
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+        if cfg.record_skipped and result.skipped:
+            now = datetime.now(UTC)
+            writer.write_skipped([
+                {"slide_id": r.slide_id, "slide_uri": r.uri, "slide_etag": r.etag, "slide_bytes": r.size,
+                 "status": "skipped", "reason": f"already settled with model {model_version}", "cell_count": 0,
+                 "run_id": run_id, "model_version": model_version, "finished_at": now}
+                for r in listing.slides if r.slide_id in done])
+        _finish(result, chunker, writer, cfg, started, None, t0)
+        return result
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-    if cfg.record_skipped and result.skipped:
-        now = datetime.now(UTC)
-        writer.write_skipped([
-            {"slide_id": r.slide_id, "slide_uri": r.uri, "slide_etag": r.etag, "slide_bytes": r.size,
-             "status": "skipped", "reason": f"already settled with model {model_version}", "cell_count": 0,
-             "run_id": run_id, "model_version": model_version, "finished_at": now}
-            for r in listing.slides if r.slide_id in done])
-    _finish(result, chunker, writer, cfg, started, None, t0)
-    return result
+        lease.release()
 
 
 def _finish(result: RunResult, chunker: _Chunker, writer: OutputWriter, cfg: JobConfig,
@@ -334,13 +384,14 @@ def format_summary(result: RunResult, output: str) -> str:
              f"{result.ok} ok, {result.failed} failed, {result.skipped} already done; "
              f"{result.cells_written} cells written in {result.chunks} chunks; {result.seconds:.1f} s"]
     for r in sorted(result.slides, key=lambda r: r["slide_uri"]):
+        uri = _shown(r["slide_uri"])
         if r["status"] == "ok":
-            types = ", ".join(f"{k} {v}" for k, v in sorted(r.get("cell_types", {}).items(), key=lambda kv: (-kv[1], kv[0])))
-            lines.append(f"  ok      {r['slide_uri']}: {r['cell_count']} cells" + (f" ({types})" if types else ""))
+            types = ", ".join(f"{_shown(k)} {v}" for k, v in sorted(r.get("cell_types", {}).items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"  ok      {uri}: {r['cell_count']} cells" + (f" ({types})" if types else ""))
         else:
-            lines.append(f"  {r['status']:<7} {r['slide_uri']}: {r['reason']}")
+            lines.append(f"  {r['status']:<7} {uri}: {_shown(r['reason'])}")
     if result.ignored:
-        lines.append(f"  {len(result.ignored)} non-slide objects ignored, e.g. {result.ignored[0]}")
+        lines.append(f"  {len(result.ignored)} non-slide objects ignored, e.g. {_shown(result.ignored[0])}")
     if result.status != "dry_run":
-        lines.append(f"outputs: {output} (cells/, slides/, runs/ partitioned by run_date={result.run_date})")
+        lines.append(f"outputs: {_shown(output)} (cells/, slides/, runs/ partitioned by run_date={result.run_date})")
     return "\n".join(lines)

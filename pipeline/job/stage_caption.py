@@ -41,11 +41,13 @@ class CaptionStage:
     (OMP_NUM_THREADS = its CPUs rounded, 1 for a fractional actor). More threads than reserved
     cores oversubscribe the node: on a shared 2-core machine 2 threads captioned ~17x slower
     than 1 (bench/bench_pipeline.py).
+    ``base``: for a LoRA adapter ``model``, the base model to use instead of the one the adapter
+    names (``--base``); the version then hashes that base + the adapter, as the driver's.
     """
 
     def __init__(self, model: str | None = None, batch_size: int = 32, device: str | None = None,
                  expected_version: str | None = None, env: Mapping[str, str] | None = None,
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, base: str | None = None):
         # The run's settings win over whatever this worker process inherited.
         os.environ.update(env or {})
         import torch
@@ -55,6 +57,12 @@ class CaptionStage:
 
         if cpu_threads is not None and not torch.cuda.is_available():
             torch.set_num_threads(cpu_threads)
+        if base is not None:
+            from hemblip.inference import DEMO_CHECKPOINT
+            from hemblip.model import load_model
+
+            # Loaded here: the adapter's own base pointer is replaced before anything is read.
+            model = load_model(DEMO_CHECKPOINT if model is None else model, base=base)
         self.captioner = Captioner(model, device=device, batch_size=batch_size)
         if expected_version is not None and self.captioner.model_version != expected_version:
             raise CheckpointError(

@@ -88,6 +88,28 @@ class Storage(abc.ABC):
         Idempotent: when ``src`` is gone and ``dst`` exists the publish already happened.
         """
 
+    # -- conditional writes: the run lease (pipeline/job/lease.py) is built on these four ------
+    # A "token" is the object's version as the store reports it (S3: the unquoted ETag; local: a
+    # hash of the content). Each write below is atomic: either it happened, as a whole, or not.
+    @abc.abstractmethod
+    def read_versioned(self, uri: str, max_bytes: int) -> tuple[bytes, str] | None:
+        """``(content, token)``, or ``None`` when there is no such object. At most
+        ``max_bytes + 1`` bytes are read, so a caller sees an oversized object without holding it."""
+
+    @abc.abstractmethod
+    def create_exclusive(self, uri: str, data: bytes) -> str | None:
+        """Create ``uri`` only if it does not exist (S3: ``If-None-Match: *``; local: ``link()``).
+        Returns the new token, or ``None`` when the object already exists."""
+
+    @abc.abstractmethod
+    def replace_if(self, uri: str, data: bytes, token: str) -> str | None:
+        """Replace ``uri`` only if its token is still ``token`` (S3: ``If-Match``). Returns the
+        new token, or ``None`` when the object changed or is gone."""
+
+    @abc.abstractmethod
+    def delete_if(self, uri: str, token: str) -> bool:
+        """Delete ``uri`` only if its token is still ``token``; ``False`` when it changed or is gone."""
+
     @abc.abstractmethod
     def download(self, uri: str, dest: Path, etag: str | None = None) -> int:
         """Copy the object to the local file ``dest``; returns bytes read. With ``etag`` the read
