@@ -601,6 +601,25 @@ def _load_processors(d: Path, location: str):
     return image_processor, tokenizer
 
 
+def _check_processor_size(image_processor, config, location: str) -> None:
+    """The processor must resize crops to the vision tower's own input side (px).
+
+    A checkpoint's processor settings are data: a hostile or mistaken ``size`` (say 60000 px)
+    would make every crop be upsampled to it before the model, a memory bomb per batch, and any
+    other size than ``vision_config.image_size`` does not fit BLIP's position embeddings anyway.
+    """
+    side = int(getattr(config.vision_config, "image_size", 0) or 0)
+    size = getattr(image_processor, "size", None)
+    size = dict(size) if size is not None else {}
+    if getattr(image_processor, "do_resize", True) is False:
+        raise CheckpointError(f"{location}: image processor has do_resize false; crops must be resized to "
+                              f"the model's {side} px input")
+    got = (size.get("height"), size.get("width"))
+    if not (side and got == (side, side)):
+        raise CheckpointError(f"{location}: image processor size {size or None!r} does not match the model's "
+                              f"{side} x {side} px input (vision_config.image_size)")
+
+
 def _load_full(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
     import torch
     from safetensors import SafetensorError
@@ -614,6 +633,7 @@ def _load_full(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
     image_processor, tokenizer = _load_processors(d, location)
     try:
         config = BlipConfig.from_pretrained(str(d))
+        _check_processor_size(image_processor, config, location)
         if pickle_file is None:
             state = _read_safetensors(files)
             model = BlipForConditionalGeneration.from_pretrained(None, config=config, state_dict=state)

@@ -67,9 +67,15 @@ def _filesystem(location: str, s3_endpoint: str | None) -> tuple[pafs.FileSystem
         kwargs: dict[str, object] = {}
         endpoint = _endpoint(s3_endpoint)
         if endpoint:
+            from pipeline._redact import has_credentials, redact_url
+
+            if has_credentials(endpoint) or "@" in endpoint.partition("://")[2].split("/", 1)[0]:
+                # As for the job: S3 clients never use an endpoint's userinfo; it could only leak.
+                raise ConfigError(f"--s3-endpoint {redact_url(endpoint)!r}: credentials in the endpoint URL are "
+                                  "not used by S3 clients; remove them and use the standard AWS credential chain")
             ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
             if not ep.netloc:
-                raise ConfigError(f"--s3-endpoint {endpoint!r}: expected http(s)://host[:port]")
+                raise ConfigError(f"--s3-endpoint {redact_url(endpoint)!r}: expected http(s)://host[:port]")
             kwargs["endpoint_override"] = ep.netloc
             kwargs["scheme"] = ep.scheme
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
