@@ -1,16 +1,27 @@
 """Caption datasets: readers for WBCAtt, LeukemiaAttri and a generic CSV, and the demo dataset.
 
 Every reader returns a :class:`SampleList` (a ``list`` of :class:`CaptionSample`, plus
-``.skipped``: the items left out and why). Field images are cropped around their cell box with
-:func:`crop_around_box` so that a cell fills a similar fraction of the crop as the pipeline's
-36 µm crops; a bad row raises :class:`~hemblip.errors.DatasetError` naming the file and row,
-unless ``skip_missing=True`` where missing/unreadable images are recorded in ``.skipped``.
+``.skipped``: the items left out and why). A cell is cut out of its image exactly as the job cuts
+it out of a slide (train/serve parity): :func:`hemblip.crops.cell_crop`, a ``crop_um`` (36) µm
+square around the cell's centre at the image's own scale, resampled to ``crop_px`` (224) px with
+the job's interpolation; what lies past the image border is the image mirrored (a field is cut
+out of a smear, so smear surrounds it, not glass). The image's scale (µm/px) is, as in the job,
+its TIFF resolution tags when present, else the ``mpp`` given (argument, ``mpp`` column, or a
+dataset's documented scale), else the red-cell estimate of the image
+(:func:`hemblip.scale.estimate_image_mpp`); each sample records it (``mpp``, ``mpp_source``).
+``framing="box"`` keeps the old crop of ``scale`` x the cell box (every cell filling the same
+share of its crop: a size cue the job never shows) for comparisons only.
+
+A bad row raises :class:`~hemblip.errors.DatasetError` naming the file and row, unless
+``skip_missing=True`` where missing/unreadable images (and images without a usable scale) are
+recorded in ``.skipped``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import warnings
 import xml.etree.ElementTree as ET
@@ -23,7 +34,8 @@ import numpy as np
 
 from hemblip._paths import dataset_path
 from hemblip.captions import parse_caption, render_caption
-from hemblip.errors import DatasetError
+from hemblip.crops import CROP_PX, CROP_UM, PADS, cell_crop
+from hemblip.errors import DatasetError, HemblipConfigError
 from hemblip.ontology import (
     ATTRIBUTE_NAMES,
     ATTRIBUTES,
@@ -46,11 +58,24 @@ __all__ = [
     "build_demo_dataset",
     "split_samples",
     "SPLITS",
+    "FRAMINGS",
+    "SEGMENTATION_WBC_MPP",
 ]
 
 SPLITS = ("train", "val", "test")
 _HEALTHY_NAMES = tuple(a.name for a in HEALTHY_ATTRIBUTES)
 _BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+#: "physical": the job's crop (default); "box": ``scale`` x the cell's box (comparisons only).
+FRAMINGS = ("physical", "box")
+#: µm/px of the segmentation_WBC crops, measured once over the whole dataset (their red-cell
+#: estimates per crop are unusable: dataset1's 120-px crops hold one or two red cells, and a few
+#: of dataset2's are off by 4x). dataset2 (300 px, CellaVision): the median of the red-cell
+#: estimates of its 100 crops (0.115; IQR 0.105-0.137). dataset1 (120 px): too few red cells
+#: for any estimate (median 0.69, IQR 0.42-1.21: noise); its white cells' mask diameters, class
+#: by class, are 2.09-2.48x smaller in px than dataset2's (neutrophils 76.5 vs 160.1 px,
+#: lymphocytes 58.2 vs 140.2), so 0.115 x ~2.2 = 0.25.
+SEGMENTATION_WBC_MPP = {"dataset1": 0.25, "dataset2": 0.115}
+_MPP_RANGE = (0.01, 50.0)  # µm/px a microscope image can plausibly have (as the job's readers)
 
 
 @dataclass
@@ -59,7 +84,11 @@ class CaptionSample:
 
     ``image``: (H, W, 3) uint8 RGB, already cropped around the cell. ``attributes`` holds every
     name of :data:`~hemblip.ontology.ATTRIBUTE_NAMES` (None = unknown/not mentioned). ``split``
-    is the dataset's own split (train/val/test) or None when it has none.
+    is the dataset's own split (train/val/test) or None when it has none. ``mpp``: µm/px of the
+    image the crop was cut from, ``mpp_source`` where that came from: "metadata" (TIFF
+    resolution), "given" (argument or CSV column), "dataset" (a dataset's documented scale),
+    "estimated" (red cells); None when the image was taken as given (already a crop) or cut
+    with ``framing="box"``.
     """
 
     image: np.ndarray
@@ -70,6 +99,8 @@ class CaptionSample:
     sample_id: str
     source: str
     split: str | None = None
+    mpp: float | None = None
+    mpp_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.split is not None and self.split not in SPLITS:
@@ -134,13 +165,21 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 def _load_image(path: Path) -> np.ndarray:
     """RGB uint8 array; raises DatasetError (one line, naming the file) when unusable."""
+    return _load_image_mpp(path)[0]
+
+
+def _load_image_mpp(path: Path) -> tuple[np.ndarray, float | None]:
+    """``(RGB uint8 array, µm/px from its TIFF resolution tags or None)``; raises DatasetError
+    (one line, naming the file) when unusable."""
     from PIL import Image, UnidentifiedImageError
+
+    from hemblip.scale import tiff_resolution_mpp
 
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("RGB")), tiff_resolution_mpp(im)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
 
@@ -153,9 +192,86 @@ def _resize(image: np.ndarray, crop_px: int | None) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((crop_px, crop_px), Image.Resampling.BICUBIC))
 
 
-def _finish(image: np.ndarray, box: Sequence[float] | None, scale: float, crop_px: int | None):
-    img = crop_around_box(image, box, scale) if box is not None else _pad_square(_as_rgb(image))
-    return _resize(img, crop_px)
+@dataclass(frozen=True)
+class _Framing:
+    """How a reader cuts its crops (validated once, up front)."""
+
+    framing: str = "physical"
+    crop_um: float = CROP_UM
+    crop_px: int | None = None
+    pad: str = "reflect"
+    scale: float = 2.5
+    mpp: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.framing not in FRAMINGS:
+            raise HemblipConfigError(f"framing must be one of {', '.join(FRAMINGS)}, got {self.framing!r}")
+        if self.pad not in PADS:
+            raise HemblipConfigError(f"pad must be one of {', '.join(PADS)}, got {self.pad!r}")
+        if self.mpp is not None and _check_mpp(self.mpp) is None:
+            raise HemblipConfigError(f"mpp must be a scale in µm/px within [{_MPP_RANGE[0]:g}, "
+                                     f"{_MPP_RANGE[1]:g}], got {self.mpp!r}")
+        if self.crop_px is not None and not (isinstance(self.crop_px, int) and 16 <= self.crop_px <= 4096):
+            raise HemblipConfigError(f"crop_px must be an integer in [16, 4096], got {self.crop_px!r}")
+        if not (isinstance(self.crop_um, int | float) and math.isfinite(self.crop_um) and 0 < self.crop_um <= 500):
+            raise HemblipConfigError(f"crop_um must be a number of µm in (0, 500], got {self.crop_um!r}")
+
+    @property
+    def physical(self) -> bool:
+        return self.framing == "physical"
+
+
+def _check_mpp(value: object) -> float | None:
+    """``value`` as a plausible µm/px float, else None."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and _MPP_RANGE[0] <= v <= _MPP_RANGE[1] else None
+
+
+class _Scales:
+    """Each image's scale, settled once per image (the red-cell estimate costs ~50 ms)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[object, tuple[float, str]] = {}
+
+    def get(self, key: object, image: np.ndarray, meta: float | None, given: float | None,
+            given_source: str, where: str) -> tuple[float, str]:
+        """``(mpp, source)`` as the job settles it: metadata, else given, else the red-cell
+        estimate; DatasetError naming ``where`` when there is none."""
+        if meta is not None:
+            return meta, "metadata"
+        if given is not None:
+            return given, given_source
+        if key not in self._cache:
+            from hemblip.scale import estimate_image_mpp
+
+            h, w = image.shape[:2]
+            est = estimate_image_mpp(lambda b: image[b[1]:b[3], b[0]:b[2]], w, h) if min(h, w) >= 2 else None
+            if est is None or _check_mpp(est) is None:
+                raise DatasetError(f"{where}: no scale for the image: no TIFF resolution tags, no mpp given, "
+                                   "and too few red cells to estimate it; pass mpp= (or an 'mpp' column)")
+            self._cache[key] = (float(est), "estimated")
+        return self._cache[key]
+
+
+def _box_center(box: Sequence[float]) -> tuple[float, float]:
+    return (float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2
+
+
+def _finish(image: np.ndarray, box: Sequence[float] | None, fr: _Framing, *, scale: tuple[float, str] | None = None,
+            center: tuple[float, float] | None = None) -> tuple[np.ndarray, float | None, str | None]:
+    """``(crop, mpp, mpp_source)`` of the cell at ``center`` (default: the box's centre; neither:
+    the image is already a crop, padded to a square as given)."""
+    img = _as_rgb(image)
+    if fr.physical and scale is not None and (center is not None or box is not None):
+        c = center if center is not None else _box_center(box)  # type: ignore[arg-type]
+        crop = cell_crop(img, c, scale[0], crop_um=fr.crop_um, crop_px=fr.crop_px or CROP_PX, pad=fr.pad)
+        return crop, scale[0], scale[1]
+    if not fr.physical and box is not None:
+        return _resize(crop_around_box(img, box, fr.scale), fr.crop_px), None, None
+    return _resize(_pad_square(img), fr.crop_px), None, None
 
 
 # --------------------------------------------------------------------------- value helpers
@@ -268,16 +384,19 @@ def _wbcatt_image(row: dict[str, str], root: Path) -> Path:
 
 
 def read_wbcatt(csv_path: str | Path, image_root: str | Path, *, skip_missing: bool = False,
-                crop_px: int | None = None, scale: float = 2.5) -> SampleList:
+                crop_px: int | None = None, scale: float = 2.5, mpp: float | None = None,
+                framing: str = "physical", crop_um: float = CROP_UM, pad: str = "reflect") -> SampleList:
     """Read a WBCAtt attribute CSV (healthy PBC cells, case ``"healthy"``).
 
     Columns: ``img_name, label, <11 WBCAtt attributes>, path`` (WBCAtt's own files), or the
     TXL-PBC join ``image, img_name, wbcatt_split, label, <11 attributes>, wbc_xmin..wbc_ymax``.
     The image is found at ``image_root/image`` (also without its first path part),
-    ``image_root/path`` or ``image_root/img_name``. With a WBC box (px) the crop is
-    :func:`crop_around_box`; without one (PBC images are cell-centred) a TXL YOLO label beside the
-    image is used if present, else the whole image padded to a square. ``split`` comes from
-    ``wbcatt_split`` or from the file name (``..._train.csv``). ``crop_px`` resizes crops to a square.
+    ``image_root/path`` or ``image_root/img_name``. The crop is the job's (module docstring)
+    around the WBC box's centre (px); without a box in the row, the TXL YOLO WBC box beside the
+    image nearest its centre, else the image centre (PBC images are cell-centred). ``mpp``: µm/px
+    of images without TIFF resolution tags (default: each image's red-cell estimate). ``split``
+    comes from ``wbcatt_split`` or from the file name (``..._train.csv``). ``crop_px``: crop side
+    (default 224; with ``framing="box"``, default the box crop's own size).
     """
     path = Path(csv_path)
     root = Path(image_root)
@@ -287,6 +406,8 @@ def read_wbcatt(csv_path: str | Path, image_root: str | Path, *, skip_missing: b
         raise DatasetError(f"{path}: not a WBCAtt CSV: missing column(s) "
                            f"{', '.join(missing) or 'img_name/image/path'}")
     file_split = next((s for s in SPLITS if path.stem.lower().endswith(s)), None)
+    fr = _Framing(framing, crop_um, crop_px, pad, scale, mpp)
+    scales = _Scales()
     out, skipped = SampleList(), []
     for i, row in enumerate(rows, start=2):
         where = f"{path}:{i}"
@@ -300,19 +421,23 @@ def read_wbcatt(csv_path: str | Path, image_root: str | Path, *, skip_missing: b
         except DatasetError as exc:
             _skip_or_raise(DatasetError(f"{where}: {exc}"), where, skip_missing, skipped)
             continue
+        box = _row_box(row, ("wbc_xmin", "wbc_ymin", "wbc_xmax", "wbc_ymax"), where)
         try:
-            image = _load_image(img_path)
+            image, meta = _load_image_mpp(img_path)
+            sc = scales.get(img_path, image, meta, fr.mpp, "given", str(img_path)) if fr.physical else None
         except DatasetError as exc:
             _skip_or_raise(DatasetError(f"{where}: {exc}"), f"{where} ({img_path.name})", skip_missing, skipped)
             continue
-        box = _row_box(row, ("wbc_xmin", "wbc_ymin", "wbc_xmax", "wbc_ymax"), where)
         if box is None:
             box = _txl_label_box(img_path, image.shape[1], image.shape[0])
+        center = (image.shape[1] / 2, image.shape[0] / 2) if box is None else None
+        crop, used_mpp, used_src = _finish(image, box, fr, scale=sc, center=center)
         sample_id = Path(row.get("img_name") or img_path.name).stem
         out.append(CaptionSample(
-            image=_finish(image, box, scale, crop_px),
+            image=crop,
             caption=render_caption(cell_type, "healthy", attrs), cell_type=cell_type, case="healthy",
-            attributes=attrs, sample_id=sample_id, source="wbcatt", split=split))
+            attributes=attrs, sample_id=sample_id, source="wbcatt", split=split,
+            mpp=used_mpp, mpp_source=used_src))
     out.skipped = skipped
     _warn_skipped(path, skipped)
     return out
@@ -337,7 +462,8 @@ _CASE_FIELDS = ("case", "case_context", "diagnosis", "leukemia_type", "cancer_ty
 
 def read_leukemia_attri(coco_json: str | Path, image_root: str | Path | None = None, *,
                         skip_missing: bool = False, crop_px: int | None = None,
-                        scale: float = 2.5) -> SampleList:
+                        scale: float = 2.5, mpp: float | None = None, framing: str = "physical",
+                        crop_um: float = CROP_UM, pad: str = "reflect") -> SampleList:
     """Read LeukemiaAttri-style COCO JSON: one sample per annotation, cropped around its bbox.
 
     Accepted fields: ``images[]``: ``id``, ``file_name`` (relative to ``image_root``, default the
@@ -347,8 +473,12 @@ def read_leukemia_attri(coco_json: str | Path, image_root: str | Path | None = N
     cytoplasmic_basophilia, cytoplasmic_vacuoles`` either on the annotation or in its
     ``attributes`` object (value words case-insensitive; missing/blank = unknown). The case is the
     first of ``case, case_context, diagnosis, leukemia_type, cancer_type`` on the annotation, its
-    ``attributes``, or else the image (a code such as ``AML`` or the full name).
+    ``attributes``, or else the image (a code such as ``AML`` or the full name). The crop is the
+    job's around the bbox centre, at the image's scale: TIFF tags, else an image's ``mpp`` field,
+    else ``mpp``, else its red-cell estimate (module docstring).
     """
+    fr = _Framing(framing, crop_um, crop_px, pad, scale, mpp)
+    scales = _Scales()
     path = Path(coco_json)
     root = Path(image_root) if image_root is not None else path.parent
     if not path.is_file():
@@ -363,7 +493,7 @@ def read_leukemia_attri(coco_json: str | Path, image_root: str | Path | None = N
     for c in doc["categories"]:
         categories[c.get("id")] = _norm_cell_type(c.get("name"), f"{path}: category {c.get('id')}")
     images = {im.get("id"): im for im in doc["images"]}
-    cache: dict[object, np.ndarray | DatasetError] = {}
+    cache: dict[object, tuple[np.ndarray, float | None] | DatasetError] = {}
     out, skipped = SampleList(), []
     for k, ann in enumerate(doc["annotations"]):
         ann_id = ann.get("id", k)
@@ -388,20 +518,36 @@ def read_leukemia_attri(coco_json: str | Path, image_root: str | Path | None = N
         key = im.get("id")
         if key not in cache:
             try:
-                cache[key] = _load_image(dataset_path(root, str(im.get("file_name", ""))))
+                cache[key] = _load_image_mpp(dataset_path(root, str(im.get("file_name", ""))))
             except DatasetError as exc:
                 cache[key] = exc
-        image = cache[key]
-        if isinstance(image, DatasetError):
-            _skip_or_raise(DatasetError(f"{where}: {image}"), where, skip_missing, skipped)
+        loaded = cache[key]
+        if isinstance(loaded, DatasetError):
+            _skip_or_raise(DatasetError(f"{where}: {loaded}"), where, skip_missing, skipped)
             continue
+        image, meta = loaded
+        sc = None
+        if fr.physical:
+            given, given_src = fr.mpp, "given"
+            if im.get("mpp") not in (None, ""):
+                given = _check_mpp(im.get("mpp"))
+                if given is None:
+                    raise DatasetError(f"{where}: image mpp must be µm/px within [{_MPP_RANGE[0]:g}, "
+                                       f"{_MPP_RANGE[1]:g}], got {im.get('mpp')!r}")
+            try:
+                sc = scales.get(key, image, meta, given, given_src, str(im.get("file_name")))
+            except DatasetError as exc:
+                _skip_or_raise(DatasetError(f"{where}: {exc}"), where, skip_missing, skipped)
+                continue
         x, y, w, h = (float(v) for v in bbox)
+        crop, used_mpp, used_src = _finish(image, (x, y, x + w, y + h), fr, scale=sc)
         split = str(im.get("split") or ann.get("split") or "").lower() or None
         out.append(CaptionSample(
-            image=_finish(image, (x, y, x + w, y + h), scale, crop_px),
+            image=crop,
             caption=render_caption(cell_type, case, attrs), cell_type=cell_type, case=case,
             attributes=attrs, sample_id=f"{Path(str(im.get('file_name'))).stem}#{ann_id}",
-            source="leukemia_attri", split=split if split in SPLITS else None))
+            source="leukemia_attri", split=split if split in SPLITS else None,
+            mpp=used_mpp, mpp_source=used_src))
     out.skipped = skipped
     _warn_skipped(path, skipped)
     return out
@@ -410,16 +556,23 @@ def read_leukemia_attri(coco_json: str | Path, image_root: str | Path | None = N
 # --------------------------------------------------------------------------- generic CSV
 def read_generic_csv(csv_path: str | Path, image_root: str | Path | None = None, *,
                      skip_missing: bool = False, crop_px: int | None = None,
-                     scale: float = 2.5) -> SampleList:
+                     scale: float = 2.5, mpp: float | None = None, framing: str = "physical",
+                     crop_um: float = CROP_UM, pad: str = "reflect") -> SampleList:
     """Read a generic caption CSV.
 
     Columns: ``image`` (path relative to ``image_root``, default the CSV's folder; required),
-    optional box ``x0, y0, x1, y1`` px (crop around it; blank = the image is already a crop,
-    padded to a square), and ``caption`` and/or any of ``cell_type``, ``case`` and ontology
-    attribute columns (blank = unknown). A column present is the truth for its field (even when
-    blank); fields without a column are parsed from the caption; without a caption, the caption
-    is rendered from the columns. Optional ``sample_id``, ``source``, ``split`` (train/val/test).
+    optional box ``x0, y0, x1, y1`` px (the job's crop around its centre at the image's scale:
+    TIFF tags, else an ``mpp`` column, else ``mpp``, else the red-cell estimate; blank = the
+    image is already a crop, taken as given: padded to a square, resized to ``crop_px`` if
+    given), and ``caption`` and/or any of ``cell_type``, ``case`` and ontology attribute columns
+    (blank = unknown). A column present is the truth for its field (even when blank); fields
+    without a column are parsed from the caption; without a caption, the caption is rendered
+    from the columns. Optional ``sample_id``, ``source``, ``split`` (train/val/test), and for an
+    image that is already a crop ``source_mpp``/``mpp_source``: the scale of the image it was
+    cut from (as :func:`write_generic_csv` records it).
     """
+    fr = _Framing(framing, crop_um, crop_px, pad, scale, mpp)
+    scales = _Scales()
     path = Path(csv_path)
     root = Path(image_root) if image_root is not None else path.parent
     header, rows = _open_csv(path)
@@ -455,15 +608,29 @@ def read_generic_csv(csv_path: str | Path, image_root: str | Path | None = None,
         if split is not None and split not in SPLITS:
             raise DatasetError(f"{where}: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         box = _row_box(row, _BOX_COLUMNS, where) if present_box else None
+        given = fr.mpp
+        for col in ("mpp", "source_mpp"):
+            if row.get(col) not in (None, "") and _check_mpp(row.get(col)) is None:
+                raise DatasetError(f"{where}: {col} must be µm/px within [{_MPP_RANGE[0]:g}, "
+                                   f"{_MPP_RANGE[1]:g}], got {row.get(col)!r}")
+        if row.get("mpp") not in (None, ""):
+            given = _check_mpp(row["mpp"])
         try:
-            image = _load_image(dataset_path(root, row["image"]))
+            img_path = dataset_path(root, row["image"])
+            image, meta = _load_image_mpp(img_path)
+            sc = (scales.get(img_path, image, meta, given, "given", str(img_path))
+                  if fr.physical and box is not None else None)
         except DatasetError as exc:
             _skip_or_raise(DatasetError(f"{where}: {exc}"), f"{where} ({row['image']})", skip_missing, skipped)
             continue
+        crop, used_mpp, used_src = _finish(image, box, fr, scale=sc)
+        if box is None and row.get("source_mpp") not in (None, ""):
+            used_mpp = _check_mpp(row["source_mpp"])
+            used_src = " ".join(str(row.get("mpp_source") or "").split())[:32] or None
         out.append(CaptionSample(
-            image=_finish(image, box, scale, crop_px), caption=caption, cell_type=cell_type,
+            image=crop, caption=caption, cell_type=cell_type,
             case=case, attributes=attrs, sample_id=row.get("sample_id") or Path(row["image"]).stem,
-            source=row.get("source") or path.stem, split=split))
+            source=row.get("source") or path.stem, split=split, mpp=used_mpp, mpp_source=used_src))
     out.skipped = skipped
     _warn_skipped(path, skipped)
     return out
@@ -472,13 +639,15 @@ def read_generic_csv(csv_path: str | Path, image_root: str | Path | None = None,
 def write_generic_csv(samples: Sequence[CaptionSample], out_dir: str | Path,
                       name: str = "samples.csv") -> Path:
     """Write crops as PNG under ``out_dir/images/`` and a generic CSV that
-    :func:`read_generic_csv` reads back to the same samples. Returns the CSV path."""
+    :func:`read_generic_csv` reads back to the same samples (crops taken as given; the scale
+    they were cut at kept as ``source_mpp``/``mpp_source``). Returns the CSV path."""
     from PIL import Image
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     csv_path = out / name
-    cols = ["image", "sample_id", "source", "split", "caption", "cell_type", "case", *ATTRIBUTE_NAMES]
+    cols = ["image", "sample_id", "source", "split", "caption", "cell_type", "case", *ATTRIBUTE_NAMES,
+            "source_mpp", "mpp_source"]
     seen: set[str] = set()
     with csv_path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
@@ -492,7 +661,8 @@ def write_generic_csv(samples: Sequence[CaptionSample], out_dir: str | Path,
             Image.fromarray(s.image).save(out / rel)
             w.writerow({"image": rel, "sample_id": s.sample_id, "source": s.source,
                         "split": s.split or "", "caption": s.caption, "cell_type": s.cell_type or "",
-                        "case": s.case or "", **{n: s.attributes.get(n) or "" for n in ATTRIBUTE_NAMES}})
+                        "case": s.case or "", **{n: s.attributes.get(n) or "" for n in ATTRIBUTE_NAMES},
+                        "source_mpp": "" if s.mpp is None else repr(float(s.mpp)), "mpp_source": s.mpp_source or ""})
     return csv_path
 
 
@@ -526,9 +696,10 @@ def load_dataset(spec: str | Path, *, skip_missing: bool = False, crop_px: int |
 _SEG_LABELS = {"1": "neutrophil", "2": "lymphocyte", "3": "monocyte", "4": "eosinophil", "5": "basophil"}
 
 
-def _bccd(root: Path, crop_px: int | None, scale: float, skipped: list[Skipped]) -> list[CaptionSample]:
+def _bccd(root: Path, fr: _Framing, skipped: list[Skipped]) -> list[CaptionSample]:
     types_csv = root / "wbc_types.csv"
     _header, rows = _open_csv(types_csv)
+    scales = _Scales()
     out = []
     for i, row in enumerate(rows, start=2):
         image_id = int(row["Image"])
@@ -563,15 +734,20 @@ def _bccd(root: Path, crop_px: int | None, scale: float, skipped: list[Skipped])
             skipped.append(Skipped(item, f"{len(boxes)} WBC boxes in {xml_path.name}: ambiguous"))
             continue
         cell_type = cell_type_from_label(labels[0])
+        try:
+            image, meta = _load_image_mpp(img_path)
+            sc = scales.get(img_path, image, meta, fr.mpp, "given", str(img_path)) if fr.physical else None
+        except DatasetError as exc:
+            skipped.append(Skipped(item, str(exc)))
+            continue
+        crop, used_mpp, used_src = _finish(image, boxes[0], fr, scale=sc)
         out.append(CaptionSample(
-            image=_finish(_load_image(img_path), boxes[0], scale, crop_px),
-            caption=render_caption(cell_type, None, {}), cell_type=cell_type, case=None,
-            attributes={}, sample_id=name, source="bccd"))
+            image=crop, caption=render_caption(cell_type, None, {}), cell_type=cell_type, case=None,
+            attributes={}, sample_id=name, source="bccd", mpp=used_mpp, mpp_source=used_src))
     return out
 
 
-def _segmentation_wbc(root: Path, crop_px: int | None, scale: float,
-                      skipped: list[Skipped]) -> list[CaptionSample]:
+def _segmentation_wbc(root: Path, fr: _Framing, skipped: list[Skipped]) -> list[CaptionSample]:
     out = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and (p / "labels.csv").is_file()):
         _header, rows = _open_csv(sub / "labels.csv")
@@ -585,52 +761,76 @@ def _segmentation_wbc(root: Path, crop_px: int | None, scale: float,
             img_path = sub / f"{int(image_id):03d}.png"
             mask_path = sub / f"{int(image_id):03d}_mask.png"
             try:
-                image = _load_image(img_path)
+                image, meta = _load_image_mpp(img_path)
             except DatasetError as exc:
                 skipped.append(Skipped(item, str(exc)))
                 continue
-            box = None
+            box, center = None, None
             if mask_path.is_file():
                 mask = _load_image(mask_path)[:, :, 0] > 0
                 ys, xs = np.nonzero(mask)
                 if len(xs):
                     box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+                    # the cell mask's centroid: where the job's detector puts a cell's centre
+                    center = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)
+            if center is None:  # a single-cell crop: the cell is in the middle
+                center = (image.shape[1] / 2, image.shape[0] / 2)
+            sc = None
+            if fr.physical:
+                if meta is not None:
+                    sc = (meta, "metadata")
+                elif fr.mpp is not None:
+                    sc = (fr.mpp, "given")
+                elif sub.name in SEGMENTATION_WBC_MPP:
+                    sc = (SEGMENTATION_WBC_MPP[sub.name], "dataset")
+                else:
+                    skipped.append(Skipped(item, f"{img_path}: no scale: no TIFF resolution tags, no mpp given, "
+                                                 f"and {sub.name!r} is not a segmentation_WBC part with a known scale"))
+                    continue
+            crop, used_mpp, used_src = _finish(image, box, fr, scale=sc, center=center)
             cell_type = _SEG_LABELS[label]
             out.append(CaptionSample(
-                image=_finish(image, box, scale, crop_px),
+                image=crop,
                 caption=render_caption(cell_type, None, {}), cell_type=cell_type, case=None,
-                attributes={}, sample_id=f"{sub.name}_{int(image_id):03d}", source="segmentation_wbc"))
+                attributes={}, sample_id=f"{sub.name}_{int(image_id):03d}", source="segmentation_wbc",
+                mpp=used_mpp, mpp_source=used_src))
     return out
 
 
-def build_demo_dataset(shared_data_dir: str | Path, *, crop_px: int | None = 224,
-                       scale: float = 2.5) -> SampleList:
+def build_demo_dataset(shared_data_dir: str | Path, *, crop_px: int | None = CROP_PX,
+                       scale: float = 2.5, framing: str = "physical", crop_um: float = CROP_UM,
+                       pad: str = "reflect") -> SampleList:
     """The demo checkpoint's training data from the shared data folder.
 
     * ``txl_pbc/pbc_wbcatt.csv``: 450 PBC cells, full healthy captions, split = WBCAtt's own
-      (``wbcatt_split``); cropped around the WBC box (for the 23 rows without a single box in the
-      CSV, the TXL YOLO WBC box nearest the image centre).
+      (``wbcatt_split``); cropped around the WBC box's centre (for the 23 rows without a single
+      box in the CSV, the TXL YOLO WBC box nearest the image centre); scale: each image's
+      red-cell estimate (median 0.111 µm/px).
     * ``bccd``: images with exactly one typed WBC (one type in ``wbc_types.csv`` and one WBC box in
-      the VOC XML) -> cell-type captions; others are recorded in ``.skipped``.
-    * ``segmentation_wbc``: every labelled crop, cropped around its mask's cell box -> cell-type
-      captions.
+      the VOC XML) -> cell-type captions; others are recorded in ``.skipped``. Scale: each
+      image's red-cell estimate (median 0.085 µm/px).
+    * ``segmentation_wbc``: every labelled crop, cropped around its cell mask's centroid ->
+      cell-type captions. Scale: :data:`SEGMENTATION_WBC_MPP` (measured once per part).
 
-    Crops are resized to ``crop_px`` (default 224, the pipeline's crop size). Only the PBC cells
-    carry a split; use :func:`split_samples` for the rest.
+    Every crop is the job's (module docstring): ``crop_um`` µm, ``crop_px`` px (default 224),
+    mirrored past the image border; ``framing="box"`` gives the old ``scale`` x box crops. Only
+    the PBC cells carry a split; use :func:`split_samples` for the rest.
     """
     root = Path(shared_data_dir)
     pbc_csv = root / "txl_pbc" / "pbc_wbcatt.csv"
     if not pbc_csv.is_file():
         raise DatasetError(f"{pbc_csv}: not found; is {root} the shared data folder?")
-    pbc = read_wbcatt(pbc_csv, root / "txl_pbc", crop_px=crop_px, scale=scale)
+    fr = _Framing(framing, crop_um, crop_px, pad, scale)
+    pbc = read_wbcatt(pbc_csv, root / "txl_pbc", crop_px=crop_px, scale=scale, framing=framing,
+                      crop_um=crop_um, pad=pad)
     for s in pbc:
         s.source = "pbc_wbcatt"
     skipped: list[Skipped] = list(pbc.skipped)
     samples: list[CaptionSample] = list(pbc)
     if (root / "bccd").is_dir():
-        samples += _bccd(root / "bccd", crop_px, scale, skipped)
+        samples += _bccd(root / "bccd", fr, skipped)
     if (root / "segmentation_wbc").is_dir():
-        samples += _segmentation_wbc(root / "segmentation_wbc", crop_px, scale, skipped)
+        samples += _segmentation_wbc(root / "segmentation_wbc", fr, skipped)
     return SampleList(samples, skipped)
 
 

@@ -5,7 +5,9 @@
 tiles of the pyramid level closest to the detector's working resolution (or, with
 ``DetectorConfig.max_detect_mpp``, the coarsest level at most that), keeps each cell once across
 tile borders, then reads a fixed physical-size square crop around each cell at level 0, resamples
-it to ``crop_px`` and measures it with :func:`pipeline.detection.segment_cell`. The slide is never
+it to ``crop_px`` and measures it with :func:`pipeline.detection.segment_cell`. The square, its
+resampling and the red-cell scale estimate are :mod:`hemblip.crops`' and :mod:`hemblip.scale`'s,
+the same code that cuts the model's training crops (train/serve parity). The slide is never
 decoded whole at full resolution (except a plain image, which is one level).
 """
 
@@ -20,7 +22,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.detection import DetectorConfig, detect_wbc, estimate_mpp, segment_cell
+from hemblip.crops import crop_box, resample
+from hemblip.scale import estimate_image_mpp
+from pipeline.detection import DetectorConfig, detect_wbc, segment_cell
 from pipeline.errors import ConfigError, ScaleError, SlideTooLargeError
 from pipeline.schema import DETECT_COLUMNS
 from pipeline.slides import DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS, Slide, open_slide
@@ -28,8 +32,6 @@ from pipeline.slides import DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS, Slide, op
 __all__ = ["DetectConfig", "SlideCells", "detect_slide"]
 
 OVERVIEW_MAX_SIDE = 1024
-# Scale estimation reads level-0 windows of this side: enough red cells, bounded cost.
-_ESTIMATE_WINDOW = 2048
 _COLUMN_NAMES = [c[0] for c in DETECT_COLUMNS]
 # Cells whose level-0 crop tiles are fetched together (~4 tiles, tens of kB each, per cell).
 _CROP_PREFETCH_CELLS = 128
@@ -174,22 +176,10 @@ def detect_slide(
 
 # -- scale ---------------------------------------------------------------------------------------
 def _estimate_scale(slide: Slide) -> float | None:
-    """Median of red-cell estimates on up to five level-0 windows (centre first)."""
+    """Median of red-cell estimates on up to five level-0 windows (centre first)
+    (:func:`hemblip.scale.estimate_image_mpp`, the dataset readers' rule too)."""
     w, h = slide.dimensions
-    side = _ESTIMATE_WINDOW
-    if w <= side and h <= side:
-        return estimate_mpp(slide.read(0, (0, 0, w, h)))
-    centres = [(0.5, 0.5), (0.25, 0.25), (0.75, 0.75), (0.25, 0.75), (0.75, 0.25)]
-    found = []
-    for fx, fy in centres:
-        x0 = int(min(max(fx * w - side / 2, 0), max(w - side, 0)))
-        y0 = int(min(max(fy * h - side / 2, 0), max(h - side, 0)))
-        est = estimate_mpp(slide.read(0, (x0, y0, min(x0 + side, w), min(y0 + side, h))))
-        if est is not None:
-            found.append(est)
-        if len(found) >= 3:
-            break
-    return float(np.median(found)) if found else None
+    return estimate_image_mpp(lambda box: slide.read(0, box), w, h)
 
 
 def _detect_level(slide: Slide, mpp: float, detector: DetectorConfig) -> int:
@@ -339,15 +329,13 @@ def _paste_overview(ov: np.ndarray, rgb: np.ndarray, tx: int, ty: int, f: float,
 
 # -- crops, morphometry, QC ----------------------------------------------------------------------
 def _measure(slide: Slide, cells: list[_Cell], level: int, mpp: float, mpp_source: str, cfg: DetectConfig, source: str):
-    side0 = max(2, int(round(cfg.crop_um / mpp)))  # level-0 px
     # Coordinates come from a coarser level: a box within one level px of the border touches it.
     tol = slide.level_downsamples[level]
     crops = np.empty((len(cells), cfg.crop_px, cfg.crop_px, 3), np.uint8)
     records: list[dict | None] = [None] * len(cells)
     boxes = np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4)
 
-    corners = [(int(math.floor(c.centroid[0] - side0 / 2)), int(math.floor(c.centroid[1] - side0 / 2))) for c in cells]
-    crop_boxes = [(x0, y0, x0 + side0, y0 + side0) for x0, y0 in corners]  # level-0 px
+    crop_boxes = [crop_box(c.centroid, mpp, cfg.crop_um) for c in cells]  # level-0 px
     # Cells in reading order, in chunks whose level-0 tiles a remote slide fetches in one batch
     # (one request per cell would cost a round trip each); the chunk bounds the bytes held.
     order = sorted(range(len(cells)), key=lambda k: (cells[k].centroid[1], cells[k].centroid[0]))
@@ -364,15 +352,13 @@ def _measure_one(slide: Slide, cells: list[_Cell], idx: int, box: tuple[int, int
                  crops: np.ndarray, mpp: float, mpp_source: str, cfg: DetectConfig, source: str, tol: float) -> dict:
     """Crop cell ``idx`` into ``crops[idx]``, segment and flag it; its DETECT record."""
     w, h = slide.dimensions
-    side0 = box[2] - box[0]
     crop_mpp = cfg.crop_um / cfg.crop_px
     det = cfg.detector
     c = cells[idx]
     cx, cy = c.centroid
     x0, y0, x1, y1 = box
-    raw = slide.read(0, (x0, y0, x1, y1))
-    interp = cv2.INTER_AREA if side0 >= cfg.crop_px else cv2.INTER_CUBIC
-    crop = cv2.resize(raw, (cfg.crop_px, cfg.crop_px), interpolation=interp)
+    # White outside the slide (the reader's rule): glass, flagged crop_incomplete below.
+    crop = resample(slide.read(0, (x0, y0, x1, y1)), cfg.crop_px)
     crops[idx] = crop
     m = segment_cell(crop, crop_mpp)
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from hemblip.captions import parse_caption
+from hemblip.crops import cell_crop
 from hemblip.data import (
     CaptionSample,
     build_demo_dataset,
@@ -59,15 +60,20 @@ def test_crop_around_box_centres_and_pads_white():
 
 # --------------------------------------------------------------------------- LeukemiaAttri
 def test_read_leukemia_attri_fixture():
-    samples = read_leukemia_attri(FIXTURE / "annotations.json", FIXTURE)
+    samples = read_leukemia_attri(FIXTURE / "annotations.json", FIXTURE, mpp=0.3)
     assert [s.sample_id for s in samples] == ["field_01#10", "field_01#11", "field_02#12"]
     a, b, c = samples
     assert a.cell_type == "myeloblast" and a.case == "AML"
     assert a.attributes["leukemic_cell_size"] == "large" and a.attributes["nucleolus"] == "prominent"
     assert a.attributes["cytoplasmic_vacuoles"] == "absent"
-    assert a.image.shape == (50, 50, 3)  # 2.5 x 20 px box
+    # the job's crop: 36 µm at 0.3 µm/px = 120 px, resampled to 224, whatever the box size
+    assert a.image.shape == b.image.shape == (224, 224, 3)
+    assert (a.mpp, a.mpp_source) == (0.3, "given")
+    old = read_leukemia_attri(FIXTURE / "annotations.json", FIXTURE, framing="box")
+    assert old[0].image.shape == (50, 50, 3) and old[1].image.shape == (70, 70, 3)  # 2.5 x box
+    assert old[0].mpp is None
     assert b.cell_type == "atypical lymphocyte" and b.case == "ALL"  # annotation overrides image
-    assert b.attributes["cytoplasmic_vacuoles"] == "prominent" and b.image.shape == (70, 70, 3)
+    assert b.attributes["cytoplasmic_vacuoles"] == "prominent"
     assert c.case == "CML" and c.attributes["leukemic_cell_size"] == "small"
     assert c.attributes["nuclear_shape"] is None and c.attributes["nucleolus"] is None
     for s in samples:
@@ -139,11 +145,14 @@ def test_read_wbcatt(tmp_path):
     _img(tmp_path / "LY_2.jpg", 20, 20)  # found by name when 'path' does not exist
     row2 = dict(ROW, img_name="LY_2.jpg", label="Lymphocyte", granule_type="nil",
                 granule_colour="nil", path="elsewhere/LY_2.jpg")
-    samples = read_wbcatt(_wbcatt_csv(tmp_path, [ROW, row2]), tmp_path)
+    samples = read_wbcatt(_wbcatt_csv(tmp_path, [ROW, row2]), tmp_path, mpp=0.9)
     assert [s.sample_id for s in samples] == ["EO_1", "LY_2"]
     eo = samples[0]
     assert eo.split == "train" and eo.case == "healthy" and eo.cell_type == "eosinophil"
-    assert eo.image.shape == (40, 40, 3)  # whole PBC image padded to a square
+    # no box: PBC images are cell-centred, so the job's crop around the image centre (40 px
+    # at 0.9 µm/px, mirrored past the 40x30 image) resampled to 224 px
+    img = np.asarray(Image.open(tmp_path / "PBC/eosinophil/EO_1.jpg").convert("RGB"))
+    assert np.array_equal(eo.image, cell_crop(img, (20, 15), 0.9, pad="reflect"))
     assert eo.caption.startswith("This is an eosinophil from a healthy case, noted for its small size")
     assert parse_caption(samples[1].caption).attributes["granule_type"] == "nil"
 
@@ -153,9 +162,9 @@ def test_read_wbcatt_errors(tmp_path):
     missing = dict(ROW, img_name="NE_9.jpg", path="PBC/neutrophil/NE_9.jpg", label="Neutrophil")
     p = _wbcatt_csv(tmp_path, [ROW, missing])
     with pytest.raises(DatasetError, match=r"pbc_attr_v1_train.csv:3: .*NE_9.jpg: image file not found"):
-        read_wbcatt(p, tmp_path)
+        read_wbcatt(p, tmp_path, mpp=0.5)
     with pytest.warns(UserWarning):
-        got = read_wbcatt(p, tmp_path, skip_missing=True)
+        got = read_wbcatt(p, tmp_path, skip_missing=True, mpp=0.5)
     assert len(got) == 1 and got.skipped[0].item.endswith("(NE_9.jpg)")
     bad = _wbcatt_csv(tmp_path, [dict(ROW, cell_shape="square")], "b.csv")
     with pytest.raises(DatasetError, match=r"b.csv:2: attribute cell_shape: unknown value 'square'"):
@@ -174,13 +183,14 @@ def test_generic_csv_caption_or_columns_and_box(tmp_path):
     _img(tmp_path / "a.png", 60, 40)
     _img(tmp_path / "b.png", 30, 30)
     (tmp_path / "g.csv").write_text(
-        "image,x0,y0,x1,y1,caption,cell_type,case,cell_size,nucleolus,split\n"
-        "a.png,20,10,40,30,,monocyte,AML,big,prominent,val\n"
-        "b.png,,,,,A lymphocyte with prominent nucleoli.,lymphocyte,,,,\n")
+        "image,x0,y0,x1,y1,mpp,caption,cell_type,case,cell_size,nucleolus,split\n"
+        "a.png,20,10,40,30,0.6,,monocyte,AML,big,prominent,val\n"
+        "b.png,,,,,,A lymphocyte with prominent nucleoli.,lymphocyte,,,,\n")
     a, b = read_generic_csv(tmp_path / "g.csv")
-    assert a.image.shape == (50, 50, 3) and a.split == "val" and a.case == "AML"
+    assert a.image.shape == (224, 224, 3) and a.split == "val" and a.case == "AML"
+    assert (a.mpp, a.mpp_source) == (0.6, "given") and (b.mpp, b.mpp_source) == (None, None)
     assert a.attributes["cell_size"] == "big" and parse_caption(a.caption).attributes["nucleolus"] == "prominent"
-    assert b.image.shape == (30, 30, 3) and b.caption == "A lymphocyte with prominent nucleoli."
+    assert b.image.shape == (30, 30, 3) and b.caption == "A lymphocyte with prominent nucleoli."  # as given
     # columns are the truth when given: the caption's nucleolus is not copied into them
     assert b.attributes["nucleolus"] is None and b.cell_type == "lymphocyte"
     (tmp_path / "c.csv").write_text("image,caption\nb.png,Eosinophil with bilobed nucleus from a case of CML.\n")
@@ -315,3 +325,48 @@ def test_build_demo_dataset_full_composition(shared_data):
     reasons = Counter(re.sub(r" (\(|in BloodImage).*", "", k.reason) for k in ds.skipped)
     assert reasons == {"no WBC type given": 44, "image or annotation file not in the dataset": 30,
                        "several WBCs": 15, "no WBC box": 5, "2 WBC boxes": 1}
+
+
+# --------------------------------------------------------------------------- physical crops
+def test_physical_crop_scale_order_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 200, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "t.tif", resolution=10000.0 / 0.4, resolution_unit="cm")
+    Image.fromarray(rgb).save(tmp_path / "p.png")
+    (tmp_path / "g.csv").write_text(
+        "image,x0,y0,x1,y1,mpp,cell_type\n"
+        "t.tif,2,2,12,12,0.9,neutrophil\n"   # the TIFF tags win over the column (the job's order)
+        "p.png,2,2,12,12,0.9,neutrophil\n")
+    t, p = read_generic_csv(tmp_path / "g.csv")
+    assert (t.mpp, t.mpp_source) == (0.4, "metadata") and (p.mpp, p.mpp_source) == (0.9, "given")
+    assert np.array_equal(t.image, cell_crop(rgb, (7, 7), 0.4, pad="reflect"))
+    assert not (t.image == 255).all(axis=-1).any()  # past the border: mirrored smear, not white glass
+    # no tags, no mpp, no red cells: a one-line error naming the row, or a recorded skip
+    Image.fromarray(np.full((60, 80, 3), 238, np.uint8)).save(tmp_path / "blank.png")
+    (tmp_path / "n.csv").write_text("image,x0,y0,x1,y1,cell_type\nblank.png,2,2,12,12,neutrophil\n")
+    with pytest.raises(DatasetError, match=r"n.csv:2: .*blank.png: no scale for the image") as info:
+        read_generic_csv(tmp_path / "n.csv")
+    assert "\n" not in str(info.value)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        got = read_generic_csv(tmp_path / "n.csv", skip_missing=True)
+    assert len(got) == 0 and "no scale" in got.skipped[0].reason
+    for bad in ("0", "nan", "-1", "1e9", "abc", "inf"):
+        (tmp_path / "b.csv").write_text(f"image,x0,y0,x1,y1,mpp,cell_type\np.png,2,2,12,12,{bad},neutrophil\n")
+        with pytest.raises(DatasetError, match=r"b.csv:2: mpp must be µm/px"):
+            read_generic_csv(tmp_path / "b.csv")
+    with pytest.raises(ValueError, match="framing"):
+        read_generic_csv(tmp_path / "g.csv", framing="2.5x")
+    # the scale a crop was cut at survives a write/read round trip
+    back = read_generic_csv(write_generic_csv([t, p], tmp_path / "out"))
+    assert [(s.mpp, s.mpp_source) for s in back] == [(0.4, "metadata"), (0.9, "given")]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip([t, p], back))
+
+
+def test_demo_dataset_records_each_crops_scale(shared_data, tmp_path):
+    root = _mini_shared(shared_data, tmp_path / "shared")
+    ds = build_demo_dataset(root)
+    assert all(s.image.shape == (224, 224, 3) for s in ds)
+    by = {(s.source, s.mpp_source) for s in ds}
+    assert by == {("pbc_wbcatt", "estimated"), ("bccd", "estimated"), ("segmentation_wbc", "dataset")}
+    assert all(0.09 < s.mpp < 0.13 for s in ds if s.source == "pbc_wbcatt")
+    assert all(s.mpp == 0.115 for s in ds if s.source == "segmentation_wbc")

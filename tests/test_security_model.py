@@ -385,10 +385,10 @@ def test_coco_file_names_cannot_leave_the_image_root(tmp_path):
         p = root / "coco.json"
         p.write_text(json.dumps(doc))
         with pytest.raises(DatasetError) as err:
-            read_leukemia_attri(p)
+            read_leukemia_attri(p, mpp=0.1)
         assert f"{p}: annotation 11" in _one_line(err.value), err.value
         with pytest.warns(UserWarning, match="skipped 1"):
-            got = read_leukemia_attri(p, skip_missing=True)
+            got = read_leukemia_attri(p, skip_missing=True, mpp=0.1)
         assert len(got) == 1
 
 
@@ -416,10 +416,10 @@ def test_wbcatt_rows_cannot_leave_the_image_root(tmp_path):
                 w.writerow(dict(row, path=bad, img_name=bad) if column == "path"
                            else dict(row, path="", img_name=bad))
             with pytest.raises(DatasetError) as err:
-                read_wbcatt(csv_path, root)
+                read_wbcatt(csv_path, root, mpp=0.1)
             assert f"{csv_path}:3" in _one_line(err.value), (bad, err.value)
             with pytest.warns(UserWarning, match="skipped 1"):
-                got = read_wbcatt(csv_path, root, skip_missing=True)
+                got = read_wbcatt(csv_path, root, skip_missing=True, mpp=0.1)
             assert len(got) == 1
 
 

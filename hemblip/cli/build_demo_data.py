@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of cells without a split of their own put in val (default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     parser.add_argument("--crop-px", type=int, default=224, help="crop side in px (default 224)")
+    parser.add_argument("--framing", choices=("physical", "box"), default="physical",
+                        help="physical (default): the job's 36 µm crop at each image's scale; box: "
+                             "the old 2.5 x cell box crop (for comparisons only)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -27,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
         raise HemblipConfigError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.crop_px < 16:
         raise HemblipConfigError(f"--crop-px must be >= 16, got {args.crop_px}")
-    samples = build_demo_dataset(args.shared, crop_px=args.crop_px)
+    samples = build_demo_dataset(args.shared, crop_px=args.crop_px, framing=getattr(args, "framing", "physical"))
     splits = split_samples(samples, args.val_fraction, args.seed)
     ordered = [s for name in ("train", "val", "test") for s in splits[name]]
     csv_path = write_generic_csv(ordered, args.out)
@@ -41,4 +44,8 @@ def main(args: argparse.Namespace) -> int:
           + (f", listed in {args.out / 'skipped.tsv'})" if samples.skipped else ")"))
     for (source, split), n in sorted(counts.items()):
         print(f"  {source:18s} {split:5s} {n}")
+    scales = Counter((s.source, s.mpp_source) for s in ordered if s.mpp is not None)
+    for (source, how), n in sorted(scales.items()):
+        mpps = sorted(s.mpp for s in ordered if s.source == source and s.mpp_source == how)
+        print(f"  scale {source:18s} {how:9s} {n} crops, median {mpps[len(mpps) // 2]:.4f} µm/px")
     return 0
