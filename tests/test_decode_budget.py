@@ -200,11 +200,14 @@ def test_plain_image_bombs_are_refused_from_the_header(bombs, kind, dims):
 @pytest.mark.unit
 def test_cli_on_a_png_bomb_prints_one_line_and_stays_small(bombs, tmp_path):
     # The 1.5 MB PNG that took 5.6 GB RSS: refused from its header. Peak RSS measured in the
-    # child itself (ru_maxrss, KiB on Linux), not a timing.
+    # child itself (VmHWM, KiB), not a timing.
     bomb = bombs["png"]
     rss_file = tmp_path / "rss"
+    # ru_maxrss survives fork+exec on Linux (the forked copy of a big pytest process counts), so
+    # the child resets its peak (clear_refs 5) and reads VmHWM from /proc itself.
     code = (
-        "import resource, runpy, sys\n"
+        "import runpy, sys\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
         f"sys.argv = ['pipeline', 'detect', {str(bomb)!r}, '--out', {str(tmp_path / 'c.parquet')!r},"
         " '--mpp', '0.1']\n"
         "try:\n"
@@ -212,7 +215,8 @@ def test_cli_on_a_png_bomb_prints_one_line_and_stays_small(bombs, tmp_path):
         "    rc = 0\n"
         "except SystemExit as e:\n"
         "    rc = e.code\n"
-        f"open({str(rss_file)!r}, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+        "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1]\n"
+        f"open({str(rss_file)!r}, 'w').write(hwm)\n"
         "sys.exit(rc)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
