@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "train": "hemblip.cli.train",
     "evaluate": "hemblip.cli.evaluate",
     "caption": "hemblip.cli.caption",
+    "calibrate": "hemblip.cli.calibrate",
     "build-demo-data": "hemblip.cli.build_demo_data",
 }
 

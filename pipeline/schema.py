@@ -99,6 +99,8 @@ CELL_COLUMNS: list[tuple[str, pa.DataType, str, str]] = (
         ("caption", pa.string(), "", "HemBLIP generated caption"),
         ("caption_logprob", pa.float64(), "nats/token", "mean token log-probability of the caption"),
         ("cell_type", pa.string(), "", "cell type parsed from the caption (null if not mentioned)"),
+        ("cell_type_confidence", pa.float64(), "probability (0-1)",
+         "calibrated probability that cell_type is right (model's calibration.json; null when no cell_type)"),
         ("case", pa.string(), "", "case context parsed from the caption (healthy, ALL, AML, ...)"),
     ]
     + _ATTRIBUTE_COLUMNS

@@ -116,6 +116,9 @@ def _cell_row(batch, i: int, base: dict, check) -> dict:
     row["caption"] = _text(batch["caption"][i])
     row["caption_logprob"] = float(batch["caption_logprob"][i])
     row["cell_type"] = _text(batch["cell_type"][i])
+    conf = batch["cell_type_confidence"][i] if "cell_type_confidence" in batch else None
+    # NaN is how a float batch column says "none"; the table says it with null.
+    row["cell_type_confidence"] = float(conf) if conf is not None and math.isfinite(conf) else None
     row["case"] = _text(batch["case"][i])
     attrs_json = _text(batch["attributes"][i])
     attrs = json.loads(attrs_json) if attrs_json else {}

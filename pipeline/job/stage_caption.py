@@ -9,10 +9,12 @@ Batch in (from :mod:`pipeline.job.stage_detect`): ``kind`` (N,) object, ``slide_
 
 Batch out: the same minus ``crop``, plus
 ``caption`` (N,) object str (``None`` on slide rows), ``caption_logprob`` (N,) float64 nats/token
-(NaN on slide rows), ``cell_type`` / ``case`` (N,) object str or ``None``, ``attributes`` (N,)
-object JSON ``{name: value|null}`` over every ontology attribute, ``caption_seconds`` (N,)
-float64 s (the batch's caption time shared equally among its cells), ``caption_started`` (N,)
-float64 (``time.time()`` when the batch started; used by the benchmark).
+(NaN on slide rows), ``cell_type`` / ``case`` (N,) object str or ``None``,
+``cell_type_confidence`` (N,) float64 calibrated probability 0-1 of that cell type (NaN when the
+caption names none, and on slide rows), ``attributes`` (N,) object JSON ``{name: value|null}``
+over every ontology attribute, ``caption_seconds`` (N,) float64 s (the batch's caption time shared
+equally among its cells), ``caption_started`` (N,) float64 (``time.time()`` when the batch
+started; used by the benchmark).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 __all__ = ["CaptionStage", "OUTPUT_KEYS"]
 
 OUTPUT_KEYS = ("kind", "slide_id", "record", "thumbnail", "caption", "caption_logprob", "cell_type",
-               "case", "attributes", "caption_seconds", "caption_started")
+               "cell_type_confidence", "case", "attributes", "caption_seconds", "caption_started")
 
 
 class CaptionStage:
@@ -78,6 +80,7 @@ class CaptionStage:
         caption = np.full(n, None, dtype=object)
         logprob = np.full(n, np.nan, dtype=np.float64)
         cell_type = np.full(n, None, dtype=object)
+        type_conf = np.full(n, np.nan, dtype=np.float64)
         case = np.full(n, None, dtype=object)
         attributes = np.full(n, None, dtype=object)
         seconds = np.zeros(n, dtype=np.float64)
@@ -89,6 +92,8 @@ class CaptionStage:
                 caption[i] = r.caption
                 logprob[i] = float(r.mean_logprob)
                 cell_type[i] = r.cell_type
+                if r.cell_type_confidence is not None:
+                    type_conf[i] = float(r.cell_type_confidence)
                 case[i] = r.case
                 attributes[i] = json.dumps(dict(r.attributes))
                 seconds[i] = share
@@ -100,6 +105,7 @@ class CaptionStage:
             "caption": caption,
             "caption_logprob": logprob,
             "cell_type": cell_type,
+            "cell_type_confidence": type_conf,
             "case": case,
             "attributes": attributes,
             "caption_seconds": seconds,
