@@ -15,6 +15,7 @@ from pipeline.errors import PipelineError
 COMMANDS: dict[str, str] = {
     "detect": "pipeline.cli.detect",
     "eval-detect": "pipeline.cli.eval_detect",
+    "eval-slides": "pipeline.cli.eval_slides",
     "make-samples": "pipeline.cli.make_samples",
     "run": "pipeline.cli.run",
     "demo": "pipeline.cli.demo",
