@@ -62,6 +62,7 @@ __all__ = [
     "score_field",
     "detection_summary",
     "typed_summary",
+    "consistency_as_detector",
     "evaluate_slides",
     "format_report",
 ]
@@ -667,6 +668,76 @@ def typed_summary(cells: Sequence[Mapping]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- consistency check
+#: The morphometry columns :func:`pipeline.consistency.check_consistency` reads, carried per cell.
+CHECK_MORPHOMETRY: tuple[str, ...] = ("cell_diameter_um", "nc_ratio", "nucleus_circularity", "nucleus_lobes")
+
+
+def consistency_as_detector(cells: Sequence[Mapping]) -> dict:
+    """The caption ⇄ morphometry check (:mod:`pipeline.consistency`) scored as a detector of wrong
+    caption attributes, on labelled cells through the job's own crops.
+
+    ``cells``: typed cells as :func:`typed_summary` takes them; ``e2e`` also holds the job row's
+    ``consistent``, ``inconsistent_attributes`` and ``morphometry`` (the columns of
+    :data:`CHECK_MORPHOMETRY`). Only matched cells with WBCAtt labels count (BCCD cells and
+    unmatched cells are skipped), and per attribute only cells labelled for it.
+
+    Per attribute the check covers (``COMPARED_ATTRIBUTES``; no other attribute is reported):
+    ``n`` labelled cells, ``stated`` (the caption states a value), ``checked`` (the check could
+    compare the claim with a measurement), ``flagged``, ``wrong`` (stated value ≠ label; an
+    unstated value is not counted: there is no claim to flag), ``wrong_checked``,
+    ``flagged_wrong``, ``precision`` = flagged_wrong / flagged, ``recall`` = flagged_wrong /
+    wrong, ``recall_checked`` = flagged_wrong / wrong_checked (None when the denominator is 0).
+    ``cells``: the same at cell level: a cell is *wrong* when any covered attribute is wrong, a
+    *hit* when it is flagged on an attribute that is wrong; precision = hits / flagged cells,
+    recall = hits / wrong cells.
+    """
+    from pipeline.consistency import COMPARED_ATTRIBUTES, comparable_attributes
+
+    per = {a: dict.fromkeys(("n", "stated", "checked", "flagged", "wrong", "wrong_checked", "flagged_wrong"), 0)
+           for a in COMPARED_ATTRIBUTES}
+    cell = dict.fromkeys(("n", "checked", "flagged", "wrong", "flagged_wrong"), 0)
+    for c in cells:
+        labels, e2e = c.get("attributes"), c.get("e2e")
+        if not labels or e2e is None:
+            continue
+        claims = e2e.get("attributes") or {}
+        labelled = [a for a in COMPARED_ATTRIBUTES if labels.get(a) is not None]
+        if not labelled:
+            continue
+        row = {**{a: claims.get(a) for a in COMPARED_ATTRIBUTES}, **(e2e.get("morphometry") or {})}
+        checked = set(comparable_attributes(row))
+        flagged = set(e2e.get("inconsistent_attributes") or ())
+        any_checked = any_flagged = any_wrong = hit = False
+        for a in labelled:
+            p = per[a]
+            claim = claims.get(a)
+            wrong = claim is not None and claim != labels[a]
+            p["n"] += 1
+            p["stated"] += claim is not None
+            p["checked"] += a in checked
+            p["flagged"] += a in flagged
+            p["wrong"] += wrong
+            p["wrong_checked"] += wrong and a in checked
+            p["flagged_wrong"] += wrong and a in flagged
+            any_checked |= a in checked
+            any_flagged |= a in flagged
+            any_wrong |= wrong
+            hit |= wrong and a in flagged
+        cell["n"] += 1
+        cell["checked"] += any_checked
+        cell["flagged"] += any_flagged
+        cell["wrong"] += any_wrong
+        cell["flagged_wrong"] += hit
+    for p in per.values():
+        p["precision"] = _rate(p["flagged_wrong"], p["flagged"])
+        p["recall"] = _rate(p["flagged_wrong"], p["wrong"])
+        p["recall_checked"] = _rate(p["flagged_wrong"], p["wrong_checked"])
+    cell["precision"] = _rate(cell["flagged_wrong"], cell["flagged"])
+    cell["recall"] = _rate(cell["flagged_wrong"], cell["wrong"])
+    return {"per_attribute": per, "cells": cell}
+
+
 def _gap(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
@@ -727,6 +798,24 @@ def _row_labels(row: Mapping) -> dict:
     from hemblip.ontology import ATTRIBUTE_NAMES
 
     return {"cell_type": row.get("cell_type"), "attributes": {n: row.get(n) for n in ATTRIBUTE_NAMES}}
+
+
+def _finite(value) -> float | None:
+    # NaN / inf (no nucleus / no cytoplasm found) are "unknown" to the check and are not JSON numbers
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | np.integer):
+        return int(value)  # lobe counts stay counts
+    x = float(value)
+    return x if math.isfinite(x) else None
+
+
+def _row_check(row: Mapping) -> dict:
+    """The job's consistency verdict of a row and the morphometry it was computed from."""
+    bad = row.get("inconsistent_attributes")
+    return {"consistent": row.get("consistent"),
+            "inconsistent_attributes": list(bad) if bad is not None else None,
+            "morphometry": {k: _finite(row.get(k)) for k in CHECK_MORPHOMETRY}}
 
 
 def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str | None = None,
@@ -846,7 +935,7 @@ def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str 
                 k = match_typed(pts, tb)
                 typed_cells.append({"sample_id": t.sample_id, "group": t.group, "cell_type": t.cell_type,
                                     "attributes": t.attributes, "slide": name,
-                                    "e2e": _row_labels(rows[k]) if k is not None else None,
+                                    "e2e": {**_row_labels(rows[k]), **_row_check(rows[k])} if k is not None else None,
                                     "e2e_caption": rows[k]["caption"] if k is not None else None})
                 rec["typed_matched"] = k is not None
             per_field.append(rec)
@@ -876,15 +965,24 @@ def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str 
             "fields": {s: sum(1 for f, _g, _i in geoms.values() if f.source == s) for s in SOURCES},
             "detection": detection_summary(det_pairs),
             "typed": typed_summary(typed_cells),
+            "consistency": consistency_as_detector(typed_cells),
             "failures": failures,
             "skipped": skipped,
             "per_field": per_field,
-            "typed_cells": [{k: v for k, v in c.items() if k != "attributes"} for c in typed_cells],
+            "typed_cells": [{**{k: v for k, v in c.items() if k != "attributes"},
+                             "labels_checked": _checked_labels(c["attributes"])} for c in typed_cells],
             "seconds": time.perf_counter() - t0,
         }
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checked_labels(labels: Mapping | None) -> dict | None:
+    """The labels of the attributes the consistency check covers (to audit its verdicts)."""
+    from pipeline.consistency import COMPARED_ATTRIBUTES
+
+    return None if labels is None else {a: labels.get(a) for a in COMPARED_ATTRIBUTES}
 
 
 # --------------------------------------------------------------------------- text
@@ -927,6 +1025,7 @@ def format_report(rep: Mapping) -> str:
             lines.append(f"{n:<27}{_f(v['e2e']):>7}{_f(v['crops']):>7}{_sf(v['gap']):>8}{v['n']:>5}")
         m = attrs["mean_balanced_accuracy"]
         lines.append(f"{'mean of 11':<27}{_f(m['e2e']):>7}{_f(m['crops']):>7}{_sf(m['gap']):>8}")
+    lines += format_consistency(rep.get("consistency"))
     if rep["failures"]:
         lines += ["", f"{len(rep['failures'])} slide(s) not ok:"] + [
             f"  {x['slide']}: {x['status']} {x['reason'] or ''}" for x in rep["failures"][:20]]
@@ -934,6 +1033,23 @@ def format_report(rep: Mapping) -> str:
         lines += ["", f"{len(rep['skipped'])} item(s) left out:"] + [f"  {s}" for s in rep["skipped"][:20]]
     lines += ["", f"job {rep['job']['seconds']:.0f} s, total {rep['seconds']:.0f} s"]
     return "\n".join(lines)
+
+
+def format_consistency(cons: Mapping | None) -> list[str]:
+    """The consistency check as a detector of wrong caption attributes: text table lines."""
+    if not cons or not cons["cells"]["n"]:
+        return []
+    lines = ["", "Caption ⇄ morphometry check as a detector of wrong attributes (PBC matched cells, "
+                 "wrong = stated caption value ≠ WBCAtt label)",
+             f"{'attribute':<27}{'n':>5}{'checked':>9}{'flagged':>9}{'wrong':>7}{'flagged&wrong':>15}"
+             f"{'precision':>11}{'recall':>8}{'recall (checked)':>18}"]
+    for a, p in cons["per_attribute"].items():
+        lines.append(f"{a:<27}{p['n']:>5}{p['checked']:>9}{p['flagged']:>9}{p['wrong']:>7}{p['flagged_wrong']:>15}"
+                     f"{_f(p['precision']):>11}{_f(p['recall']):>8}{_f(p['recall_checked']):>18}")
+    c = cons["cells"]
+    lines.append(f"{'cells (any covered attr.)':<27}{c['n']:>5}{c['checked']:>9}{c['flagged']:>9}{c['wrong']:>7}"
+                 f"{c['flagged_wrong']:>15}{_f(c['precision']):>11}{_f(c['recall']):>8}")
+    return lines
 
 
 def write_json(rep: Mapping, path: str | Path) -> None:

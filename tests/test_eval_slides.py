@@ -338,3 +338,101 @@ def test_bad_s3_prefix_is_refused_before_any_work(prefix):
     with pytest.raises(ConfigError, match="--s3-prefix"):
         _parse_s3_prefix(prefix)
     assert _parse_s3_prefix("s3://evalslides/runs") == ("evalslides", "runs/")
+
+
+# --------------------------------------------------------------------------- consistency check as a detector
+def _typed(labels, claims, flagged=(), morph=None, group="pbc"):
+    """A typed cell whose job row claims ``claims``, was flagged on ``flagged``, measured ``morph``."""
+    e2e = None
+    if claims is not None:
+        e2e = {"cell_type": "neutrophil", "attributes": dict(claims), "consistent": not flagged,
+               "inconsistent_attributes": list(flagged), "morphometry": dict(morph or {})}
+    return {"group": group, "cell_type": "neutrophil", "attributes": labels, "e2e": e2e, "crop": None}
+
+
+@pytest.mark.unit
+def test_consistency_detector_precision_and_recall_per_attribute_and_cell():
+    from pipeline import consistency as C
+    from pipeline.eval_slides import consistency_as_detector
+
+    big = C.CELL_SIZE_BIG_MIN_UM - 3  # a diameter that contradicts "big"
+    cells = [
+        # wrong size claim, flagged: a hit
+        _typed({"cell_size": "small"}, {"cell_size": "big"}, ["cell_size"], {"cell_diameter_um": big}),
+        # right size claim, flagged: a false flag
+        _typed({"cell_size": "big"}, {"cell_size": "big"}, ["cell_size"], {"cell_diameter_um": big}),
+        # wrong size claim, not flagged, but comparable: a miss the band let through
+        _typed({"cell_size": "small"}, {"cell_size": "big"}, [], {"cell_diameter_um": 30.0}),
+        # wrong size claim with no measurement: a miss the check could not compare
+        _typed({"cell_size": "small"}, {"cell_size": "big"}, [], {}),
+        # N:C wrong, not flagged; size right, not flagged
+        _typed({"cell_size": "big", "nuclear_cytoplasmic_ratio": "high"},
+               {"cell_size": "big", "nuclear_cytoplasmic_ratio": "low"}, [],
+               {"cell_diameter_um": 30.0, "nc_ratio": 2.0}),
+        # size not stated by the caption: not wrong (nothing to flag), still counted in n
+        _typed({"cell_size": "big"}, {"cell_size": None}, [], {"cell_diameter_um": 30.0}),
+    ]
+    out = consistency_as_detector(cells)
+    size = out["per_attribute"]["cell_size"]
+    assert {k: size[k] for k in ("n", "stated", "checked", "flagged", "wrong", "wrong_checked", "flagged_wrong")} == \
+        {"n": 6, "stated": 5, "checked": 4, "flagged": 2, "wrong": 3, "wrong_checked": 2, "flagged_wrong": 1}
+    assert size["precision"] == 0.5
+    assert size["recall"] == pytest.approx(1 / 3)
+    assert size["recall_checked"] == 0.5
+    nc = out["per_attribute"]["nuclear_cytoplasmic_ratio"]
+    assert (nc["n"], nc["wrong"], nc["flagged"], nc["precision"], nc["recall"]) == (1, 1, 0, None, 0.0)
+    shape = out["per_attribute"]["nucleus_shape"]
+    assert shape["n"] == 0 and shape["precision"] is None and shape["recall"] is None
+    cell = out["cells"]
+    # flagged cells: #1 #2; wrong cells: #1 #3 #4 #5; a hit only where the flagged attribute is wrong
+    assert (cell["n"], cell["flagged"], cell["wrong"], cell["flagged_wrong"]) == (6, 2, 4, 1)
+    assert cell["precision"] == 0.5 and cell["recall"] == 0.25
+
+
+@pytest.mark.unit
+def test_consistency_detector_reports_only_the_attributes_the_check_covers():
+    from pipeline.consistency import COMPARED_ATTRIBUTES
+    from pipeline.eval_slides import consistency_as_detector, format_consistency
+
+    # a wrong colour claim that the check does not cover: not reported, and not a wrong cell
+    cells = [_typed({"cytoplasm_colour": "blue", "cell_size": "big"},
+                    {"cytoplasm_colour": "purple", "cell_size": "big"}, [], {"cell_diameter_um": 30.0})]
+    out = consistency_as_detector(cells)
+    assert tuple(out["per_attribute"]) == COMPARED_ATTRIBUTES
+    assert "cytoplasm_colour" not in out["per_attribute"]
+    assert out["cells"]["wrong"] == 0 and out["cells"]["n"] == 1
+    text = "\n".join(format_consistency(out))
+    assert "cell_size" in text and "cytoplasm_colour" not in text
+
+
+@pytest.mark.unit
+def test_consistency_detector_skips_unlabelled_and_unmatched_cells():
+    from pipeline.eval_slides import consistency_as_detector, format_consistency
+
+    flagged_big = {"cell_size": "big"}
+    cells = [
+        _typed({}, flagged_big, ["cell_size"], {"cell_diameter_um": 5.0}, group="bccd"),  # type only
+        _typed(None, flagged_big, ["cell_size"], {"cell_diameter_um": 5.0}),  # no labels at all
+        _typed({"cell_size": None}, flagged_big, ["cell_size"], {"cell_diameter_um": 5.0}),  # not labelled for it
+        _typed({"cell_size": "small"}, None),  # missed by detection: no row
+    ]
+    out = consistency_as_detector(cells)
+    assert out["cells"]["n"] == 0 and out["per_attribute"]["cell_size"]["n"] == 0
+    assert out["cells"]["precision"] is None and out["cells"]["recall"] is None
+    assert format_consistency(out) == []  # nothing scored: no table
+
+
+@pytest.mark.unit
+def test_row_check_carries_the_verdict_and_the_morphometry_as_json_numbers():
+    from pipeline.eval_slides import CHECK_MORPHOMETRY, _row_check
+
+    row = {"consistent": False, "inconsistent_attributes": np.array(["nuclear_cytoplasmic_ratio"]),
+           "cell_diameter_um": 14.2, "nc_ratio": float("inf"), "nucleus_circularity": float("nan"),
+           "nucleus_lobes": 2, "caption": "x"}
+    got = _row_check(row)
+    assert got == {"consistent": False, "inconsistent_attributes": ["nuclear_cytoplasmic_ratio"],
+                   "morphometry": {"cell_diameter_um": 14.2, "nc_ratio": None, "nucleus_circularity": None,
+                                   "nucleus_lobes": 2}}
+    assert tuple(got["morphometry"]) == CHECK_MORPHOMETRY
+    json.dumps(got, allow_nan=False)  # strict JSON: no NaN / Infinity
+    assert _row_check({})["inconsistent_attributes"] is None  # no check ran: unknown, not "none flagged"
