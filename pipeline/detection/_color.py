@@ -24,16 +24,15 @@ _SHARED = (background_rgb, nucleus_feature, optical_density, otsu, smooth)
 
 
 def check_rgb(rgb: object, name: str = "rgb") -> np.ndarray:
+    """:func:`hemblip.scale.check_rgb` raising pipeline's :class:`~pipeline.errors.ConfigError`."""
+    from hemblip.errors import HemblipConfigError
+    from hemblip.scale import check_rgb as _check
     from pipeline.errors import ConfigError
 
-    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3:
-        shape = getattr(rgb, "shape", None)
-        raise ConfigError(f"{name}: expected an (H, W, 3) uint8 array, got shape {shape}")
-    if rgb.dtype != np.uint8:
-        raise ConfigError(f"{name}: expected dtype uint8, got {rgb.dtype}")
-    if rgb.shape[0] < 2 or rgb.shape[1] < 2:
-        raise ConfigError(f"{name}: image too small {rgb.shape[:2]}")
-    return rgb
+    try:
+        return _check(rgb, name)
+    except HemblipConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def disk(radius_px: float) -> np.ndarray:
