@@ -17,6 +17,9 @@ Output directory layout::
 The loop runs in one process, or once per Ray Train worker (:mod:`hemblip.train_ray`) with
 ``torch.distributed`` initialised: samples are sharded by rank, validation losses all-reduced,
 and only rank 0 writes files.
+
+Augmentation (:mod:`hemblip.augment`: geometry, scale, stain, resolution, JPEG) applies to the
+training split only; ``balance="class"`` draws each cell type equally often per epoch.
 """
 
 from __future__ import annotations
@@ -34,9 +37,13 @@ import numpy as np
 from hemblip.errors import DatasetError, HemblipConfigError
 from hemblip.lora import LoraSettings
 
-__all__ = ["TrainConfig", "TrainResult", "augment_image", "load_splits", "train"]
+__all__ = ["TrainConfig", "TrainResult", "load_splits", "train", "BALANCES"]
 
 MODES = ("full", "lora")
+#: ``--balance``: "none" = every (oversampled) training sample once per epoch; "class" = each
+#: cell type the same number of draws per epoch (the epoch keeps its length: rarer types are
+#: repeated, commoner ones subsampled afresh each epoch, so every sample is still seen).
+BALANCES = ("none", "class")
 
 
 @dataclass
@@ -54,7 +61,16 @@ class TrainConfig:
     patience: int = 2
     seed: int = 0
     resume: bool = False
-    augment: bool = True
+    augment: bool | str | tuple = True  # kinds of hemblip.augment.KINDS; True = all, False = none
+    aug_scale: float = 0.2  # ± field-of-view fraction
+    aug_hue: float = 0.04  # ± fraction of the hue circle
+    aug_saturation: tuple[float, float] = (0.8, 1.2)
+    aug_resolution_mpp: tuple[float, float] = (0.22, 0.28)
+    aug_jpeg: tuple[int, int] = (70, 95)
+    # The training crops cover context x the job's field (cut wider by load_splits) so that
+    # scale augmentation zooms out onto real smear; 1.0 = the job's crops as they are.
+    context: float = 1.0
+    balance: str = "none"
     max_length: int = 64
     max_steps: int | None = None  # stop after this many optimiser steps in total (smoke runs)
     workers: int = 0  # 0 = this process; N >= 1 = Ray Train data-parallel workers
@@ -89,12 +105,33 @@ class TrainConfig:
             raise HemblipConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.grad_clip <= 0:
             raise HemblipConfigError(f"--grad-clip must be > 0, got {self.grad_clip}")
+        from hemblip.augment import parse_kinds
+
+        self.augment = ",".join(parse_kinds(self.augment))
+        self.aug_saturation = tuple(self.aug_saturation)
+        self.aug_resolution_mpp = tuple(self.aug_resolution_mpp)
+        self.aug_jpeg = tuple(self.aug_jpeg)
+        self.augment_settings()  # range checks, messages naming the --aug-* flag
+        if not (isinstance(self.context, int | float) and math.isfinite(self.context)
+                and 1.0 <= self.context <= 2.0):
+            raise HemblipConfigError(f"--context must be a number in [1, 2], got {self.context!r}")
+        if self.balance not in BALANCES:
+            raise HemblipConfigError(f"--balance must be one of {', '.join(BALANCES)}, "
+                                     f"got {self.balance!r}")
         for source, k in self.oversample.items():
             if int(k) < 1:
                 raise HemblipConfigError(f"--oversample {source}={k}: factor must be >= 1")
         from hemblip.model import check_spec
 
         check_spec(self.base)  # a bad or retired spec fails before the data is read
+
+    def augment_settings(self):
+        """The :class:`hemblip.augment.AugmentSettings` of this run (kinds and ranges)."""
+        from hemblip.augment import AugmentSettings
+
+        return AugmentSettings(kinds=self.augment or (), scale=self.aug_scale, hue=self.aug_hue,
+                               saturation=self.aug_saturation,
+                               resolution_mpp=self.aug_resolution_mpp, jpeg_quality=self.aug_jpeg)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -129,53 +166,82 @@ class TrainResult:
 # ----------------------------------------------------------------------------- data
 
 def load_splits(spec: str, val_spec: str | None = None, seed: int = 0,
-                val_fraction: float = 0.1) -> dict[str, list]:
+                val_fraction: float = 0.1, context: float = 1.0) -> dict[str, list]:
     """``{"train", "val", "test"}`` sample lists from a dataset spec (see ``hemblip.data``).
 
     Samples carrying a split keep it; the rest are split train/val by cell type. With
-    ``val_spec`` every sample of ``spec`` trains and ``val_spec`` validates.
+    ``val_spec`` every sample of ``spec`` trains and ``val_spec`` validates. Validation and test
+    crops are the job's; with ``context`` > 1 the training crops are cut ``context`` times wider
+    (same µm/px) for scale augmentation (:func:`_widen`).
     """
+    from dataclasses import replace
+
     from hemblip.data import load_dataset, split_samples
 
     samples = load_dataset(spec)
     if val_spec is not None:
-        from dataclasses import replace
+        splits = {"train": [replace(s, split="train") for s in samples if s.split != "test"],
+                  "val": list(load_dataset(val_spec)),
+                  "test": [s for s in samples if s.split == "test"]}
+    else:
+        splits = split_samples(samples, val_fraction=val_fraction, seed=seed)
+    if context > 1.0:
+        splits["train"] = _widen(spec, splits["train"], context)
+    return splits
 
-        return {"train": [replace(s, split="train") for s in samples if s.split != "test"],
-                "val": list(load_dataset(val_spec)),
-                "test": [s for s in samples if s.split == "test"]}
-    return split_samples(samples, val_fraction=val_fraction, seed=seed)
+
+def _load_wide(spec: str, context: float) -> list:
+    """The dataset of ``spec`` cut as :func:`hemblip.data.load_dataset` cuts it, but with a
+    ``context`` times wider field (µm) at ``context`` times the px, i.e. the same µm/px."""
+    from hemblip import data as d
+    from hemblip.crops import CROP_PX, CROP_UM
+
+    um, px = CROP_UM * context, int(round(CROP_PX * context))
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "samples.csv").is_file():
+            return d.read_generic_csv(path / "samples.csv", crop_px=px, crop_um=um)
+        return d.build_demo_dataset(path, crop_px=px, crop_um=um)
+    if path.suffix.lower() == ".json":
+        return d.read_leukemia_attri(path, crop_px=px, crop_um=um)
+    header, _ = d._open_csv(path)
+    if "label" in header and "img_name" in header and all(n in header for n in d._HEALTHY_NAMES):
+        return d.read_wbcatt(path, path.parent, crop_px=px, crop_um=um)
+    return d.read_generic_csv(path, crop_px=px, crop_um=um)
 
 
-def augment_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random 90° rotation, flips, zoom/shift crop (±12 %) and colour jitter.
+def _widen(spec: str, train_samples: Sequence, context: float) -> list:
+    """``train_samples`` with images covering ``context`` x the job's field around the same
+    centre: re-cut from the source image where the sample has a scale (``mpp``), else (an image
+    taken as given, nothing around it; or a (source, sample_id) the dataset uses twice) the crop
+    mirrored outwards, as a smear would continue."""
+    from dataclasses import replace
 
-    (H, W, 3) uint8 in, (h, w, 3) uint8 out. Hue is left alone: granule and cytoplasm colours are
-    what several attributes (and cell types) are about; brightness/contrast/saturation vary by
-    stain and microscope and are jittered by up to ±15 %.
-    """
-    img = np.rot90(image, k=int(rng.integers(4)))
-    if rng.random() < 0.5:
-        img = img[:, ::-1]
-    h, w = img.shape[:2]
-    scale = rng.uniform(0.82, 1.0)
-    ch, cw = max(8, int(h * scale)), max(8, int(w * scale))
-    y0 = int(rng.integers(0, h - ch + 1))
-    x0 = int(rng.integers(0, w - cw + 1))
-    img = img[y0:y0 + ch, x0:x0 + cw].astype(np.float32)
-    img *= rng.uniform(0.85, 1.15)  # brightness
-    mean = img.mean()
-    img = (img - mean) * rng.uniform(0.85, 1.15) + mean  # contrast
-    grey = img.mean(axis=2, keepdims=True)
-    img = (img - grey) * rng.uniform(0.85, 1.15) + grey  # saturation
-    return np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
+    from hemblip.crops import CROP_UM, cell_crop
+
+    wide: dict[tuple, object] = {}
+    for w in _load_wide(spec, context):
+        key = (w.source, w.sample_id)
+        wide[key] = None if key in wide else w  # an id used twice cannot say which cell it is
+    out = []
+    for s in train_samples:
+        w = wide.get((s.source, s.sample_id))
+        if w is not None and w.mpp is not None and s.mpp is not None:
+            out.append(replace(s, image=w.image))
+            continue
+        side = s.image.shape[0]
+        h, wd = s.image.shape[:2]
+        image = cell_crop(s.image, (wd / 2, h / 2), CROP_UM / side, crop_um=CROP_UM * context,
+                          crop_px=max(16, int(round(side * context))))
+        out.append(replace(s, image=image))
+    return out
 
 
 class _Batches:
     """Shuffled mini-batches of (pixel_values, input_ids, attention_mask, labels) tensors."""
 
     def __init__(self, samples: Sequence, loaded, config: TrainConfig, augment: bool,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, context: float = 1.0, balance: str = "none"):
         samples = list(samples)
         if world > 1:
             # Equal shard sizes: DDP hangs if one rank runs a batch the others do not.
@@ -186,26 +252,66 @@ class _Batches:
         # Shrink once to a little above the model's input size: augmenting 224 px crops every
         # epoch would cost more than the model step itself on a CPU.
         self.prep_px = int(math.ceil(max(size["height"], size["width"]) * 1.15))
-        self.images = [_shrink(s.image, self.prep_px) for s in self.samples]
+        self.context = float(context)
+        self.images = [_shrink(s.image, int(math.ceil(self.prep_px * self.context)))
+                       for s in self.samples]
         self.loaded = loaded
         self.config = config
-        self.augment = augment
+        self.settings = config.augment_settings() if augment else None
         self.rank = rank
+        self.balance = balance
+        self.groups: list[np.ndarray] = []
+        if balance == "class":
+            by_type: dict[str, list[int]] = {}
+            for i, s in enumerate(self.samples):
+                by_type.setdefault(s.cell_type or "", []).append(i)
+            self.groups = [np.asarray(by_type[k]) for k in sorted(by_type)]
+            self.per_group = max(1, int(round(len(self.samples) / max(1, len(self.groups)))))
+            self.n_per_epoch = self.per_group * len(self.groups)
+        else:
+            self.n_per_epoch = len(self.samples)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.samples) / self.config.batch_size)
+        return math.ceil(self.n_per_epoch / self.config.batch_size)
+
+    def epoch_indices(self, epoch: int, rng: np.random.Generator, shuffle: bool) -> np.ndarray:
+        """Sample indices of epoch ``epoch`` (1-based). With balance "class" each cell type gets
+        ``per_group`` draws per epoch, taken in turn from a stream of seeded permutations of its
+        samples: a rare type is repeated, a common one is walked through over several epochs, and
+        every sample is drawn equally often (to one) over the run."""
+        if self.balance != "class":
+            n = len(self.samples)
+            return rng.permutation(n) if shuffle else np.arange(n)
+        idx = []
+        for g, members in enumerate(self.groups):
+            n, start = len(members), (epoch - 1) * self.per_group
+            for cycle in range(start // n, (start + self.per_group - 1) // n + 1):
+                perm = members[np.random.default_rng([self.config.seed, self.rank, g, cycle]).permutation(n)]
+                lo, hi = max(start - cycle * n, 0), min(start + self.per_group - cycle * n, n)
+                idx.append(perm[lo:hi])
+        order = np.concatenate(idx)
+        return rng.permutation(order) if shuffle else order
+
+    def _image(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        from hemblip.augment import augment_crop, centre_field
+
+        img = self.images[i]
+        if self.settings is not None:
+            return augment_crop(img, rng, self.settings, context=self.context)[0]
+        if self.context != 1.0:
+            return centre_field(img, self.context, max(2, int(round(img.shape[0] / self.context))))
+        return img
 
     def iterate(self, epoch: int, shuffle: bool):
         from hemblip.tokenizer import encode_captions
 
         rng = np.random.default_rng([self.config.seed, epoch, self.rank])
-        order = rng.permutation(len(self.samples)) if shuffle else np.arange(len(self.samples))
+        order = self.epoch_indices(epoch, rng, shuffle)
         bs = self.config.batch_size
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             items = [self.samples[i] for i in idx]
-            images = [augment_image(self.images[i], rng) if self.augment else self.images[i]
-                      for i in idx]
+            images = [self._image(i, rng) for i in idx]
             pixels = self.loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
             ids, mask, labels = encode_captions(self.loaded.tokenizer, [s.caption for s in items],
                                                 self.config.max_length,
@@ -350,7 +456,8 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
         model = model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device = next(model.parameters()).device
     train_b = _Batches(_expand(train_samples, config.oversample), loaded, config,
-                       config.augment, rank, world)
+                       bool(config.augment), rank, world, context=config.context,
+                       balance=config.balance)
     val_b = _Batches(val_samples, loaded, config, False, rank, world)
     steps_per_epoch = len(train_b)
     total_steps = steps_per_epoch * config.epochs
@@ -375,6 +482,7 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
     if rank == 0:
         log(f"mode {config.mode}: {n_train:,} of {n_total:,} parameters trainable ({share:.2%}); "
             f"{len(train_samples)} train / {len(val_samples)} val samples, "
+            f"augment {config.augment or 'none'}, balance {config.balance}, "
             f"{steps_per_epoch} steps per epoch, {world} worker(s)")
 
     epoch = state["epoch"]

@@ -13,7 +13,7 @@ from hemblip.captions import render_caption  # noqa: E402
 from hemblip.data import CaptionSample, write_generic_csv  # noqa: E402
 from hemblip.errors import HemblipConfigError  # noqa: E402
 from hemblip.model import load_model  # noqa: E402
-from hemblip.train import TrainConfig, augment_image, train  # noqa: E402
+from hemblip.train import TrainConfig, train  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -117,19 +117,43 @@ def test_max_steps(tmp_path):
     (dict(lr=0.0), "--lr"), (dict(warmup_fraction=1.0), "--warmup"), (dict(patience=0), "--patience"),
     (dict(weight_decay=-1.0), "--weight-decay"), (dict(workers=-1), "--workers"),
     (dict(out=""), "--out"), (dict(oversample={"x": 0}), "--oversample"),
+    (dict(augment="scale,blur"), "--augment"), (dict(aug_scale=0.7), "--aug-scale"),
+    (dict(aug_hue=-0.1), "--aug-hue"), (dict(aug_saturation=(1.2, 0.8)), "--aug-saturation"),
+    (dict(aug_resolution_mpp=(0.0, 0.25)), "--aug-resolution-mpp"),
+    (dict(aug_jpeg=(70, 101)), "--aug-jpeg"), (dict(context=0.5), "--context"),
+    (dict(balance="weights"), "--balance"),
 ])
 def test_config_errors_name_flag(tmp_path, kw, flag):
     with pytest.raises(HemblipConfigError, match=flag):
         _config(tmp_path, **kw)
 
 
-def test_augment_image_shapes_and_range():
-    rng = np.random.default_rng(0)
-    img = TRAIN[0].image
-    out = [augment_image(img, rng) for _ in range(8)]
-    assert all(o.dtype == np.uint8 and o.ndim == 3 and o.shape[2] == 3 for o in out)
-    assert all(39 <= o.shape[0] <= 48 for o in out)
-    assert len({o.tobytes() for o in out}) == 8
+def test_old_resume_state_with_boolean_augment_loads(tmp_path):
+    # _resume/state.json written before augmentation kinds existed stores augment: true/false.
+    old = _config(tmp_path).to_json()
+    for key in ("aug_scale", "aug_hue", "aug_saturation", "aug_resolution_mpp", "aug_jpeg",
+                "context", "balance"):
+        old.pop(key)
+    assert TrainConfig.from_json({**old, "augment": True}).augment == \
+        "geometry,scale,stain,resolution,jpeg"
+    assert TrainConfig.from_json({**old, "augment": False}).augment == ""
+
+
+def test_train_cli_augment_flags(tmp_path, capsys):
+    from hemblip.__main__ import main
+
+    data = tmp_path / "data"
+    write_generic_csv(TRAIN + VAL, data)
+    rc = main(["train", "--data", str(data), "--base", "tiny", "--out", str(tmp_path / "cli"),
+               "--epochs", "1", "--batch-size", "4", "--augment", "scale,stain,jpeg",
+               "--aug-hue", "0.03", "--aug-jpeg", "80,90", "--balance", "class"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "augment scale,stain,jpeg, balance class" in out
+    state = json.loads((tmp_path / "cli" / "_resume" / "state.json").read_text())
+    assert state["config"]["aug_jpeg"] == [80.0, 90.0] and state["config"]["context"] == 1.2
+    rc = main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--aug-saturation", "0.8"])
+    assert rc == 2 and "--aug-saturation" in capsys.readouterr().err
 
 
 def test_train_cli(tmp_path, capsys):
