@@ -18,7 +18,8 @@ from pipeline.job.listing import list_slides
 from pipeline.job.storage import S3Settings, storage_for
 from pipeline.job.writer import visible_parquet
 
-__all__ = ["new_bucket", "put", "job_config", "read_table", "visible_files", "expected_cell_ids", "CORRUPT"]
+__all__ = ["new_bucket", "put", "job_config", "read_table", "visible_files", "expected_cell_ids", "CORRUPT",
+           "chunk_rows", "visible_cell_ids"]
 
 CORRUPT = b"not a slide: random bytes with a slide suffix\n" * 50
 # Only the default (non-secret) variables: the session Ray cluster starts after the S3 fixture set
@@ -77,3 +78,23 @@ def expected_cell_ids(cfg: JobConfig, local: dict[str, Path]) -> dict[str, set[s
             res = detect_slide(local[name], DetectConfig(crop_um=cfg.crop_um, crop_px=cfg.crop_px, mpp=cfg.mpp))
             out[ref.uri] = {cell_id(ref.slide_id, r["centroid_x"], r["centroid_y"]) for r in res.records}
     return out
+
+
+def chunk_rows(ids, cells_per=2):
+    """(cell rows, slide rows) of a chunk whose slides ``ids`` are ``ok`` with ``cells_per`` cells."""
+    slides, cells = [], []
+    for sid in ids:
+        slides.append({"slide_id": sid, "slide_uri": f"s3://b/{sid}.svs", "status": "ok", "cell_count": cells_per,
+                       "model_version": "v1", "run_id": "r1"})
+        for k in range(cells_per):
+            cells.append({"cell_id": f"{sid}-{k}", "slide_id": sid, "cell_index": k})
+    return cells, slides
+
+
+def visible_cell_ids(out: Path) -> list[str]:
+    """Sorted ``cell_id``s of the committed cells under a local output ``out``."""
+    st = storage_for(str(out))
+    ids = []
+    for uri in visible_parquet(st, str(out), "cells"):
+        ids += pq.read_table(io.BytesIO(st.read_bytes(uri))).column("cell_id").to_pylist()
+    return sorted(ids)

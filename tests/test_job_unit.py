@@ -3,13 +3,12 @@ confinement, the writer's commit protocol and its recovery (local storage, no Ra
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+from job_helpers import chunk_rows, visible_cell_ids
 
 from pipeline.errors import ConfigError, StorageError
 from pipeline.job.config import JobConfig, load_config
@@ -155,22 +154,7 @@ def test_confined_path_keeps_layout(tmp_path):
 
 
 # -- writer ---------------------------------------------------------------------------------
-def _rows(ids, cells_per=2):
-    slides, cells = [], []
-    for sid in ids:
-        slides.append({"slide_id": sid, "slide_uri": f"s3://b/{sid}.svs", "status": "ok", "cell_count": cells_per,
-                       "model_version": "v1", "run_id": "r1"})
-        for k in range(cells_per):
-            cells.append({"cell_id": f"{sid}-{k}", "slide_id": sid, "cell_index": k})
-    return cells, slides
-
-
-def _visible_cells(out: Path) -> list[str]:
-    st = storage_for(str(out))
-    ids = []
-    for uri in visible_parquet(st, str(out), "cells"):
-        ids += pq.read_table(io.BytesIO(st.read_bytes(uri))).column("cell_id").to_pylist()
-    return sorted(ids)
+_rows, _visible_cells = chunk_rows, visible_cell_ids
 
 
 def test_writer_commit_and_done(tmp_path):

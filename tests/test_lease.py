@@ -8,7 +8,6 @@ sleep). Integration tier: the conditional writes on the real moto S3 server, and
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -21,8 +20,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+from job_helpers import chunk_rows, visible_cell_ids
 
 from pipeline.errors import PipelineError, StorageError
 from pipeline.job import writer as writer_mod
@@ -30,7 +29,7 @@ from pipeline.job._storage_local import LocalStorage
 from pipeline.job.identity import chunk_name
 from pipeline.job.lease import LEASE_NAME, LeaseHeldError, LeaseLostError, RunLease, parse_lease
 from pipeline.job.storage import storage_for
-from pipeline.job.writer import InjectedFault, OutputWriter, visible_parquet
+from pipeline.job.writer import InjectedFault, OutputWriter
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = "2026-01-02"
@@ -85,22 +84,7 @@ def _lease(st, out, run_id, clock, lines=None, ttl_s=60.0):
                     say=(lines if lines is not None else []).append)
 
 
-def _rows(ids, cells_per=2):
-    slides, cells = [], []
-    for sid in ids:
-        slides.append({"slide_id": sid, "slide_uri": f"s3://b/{sid}.svs", "status": "ok", "cell_count": cells_per,
-                       "model_version": "v1", "run_id": "r1"})
-        for k in range(cells_per):
-            cells.append({"cell_id": f"{sid}-{k}", "slide_id": sid, "cell_index": k})
-    return cells, slides
-
-
-def _visible_cells(out: Path) -> list[str]:
-    st = storage_for(str(out))
-    ids = []
-    for uri in visible_parquet(st, str(out), "cells"):
-        ids += pq.read_table(io.BytesIO(st.read_bytes(uri))).column("cell_id").to_pylist()
-    return sorted(ids)
+_rows, _visible_cells = chunk_rows, visible_cell_ids
 
 
 def _private(out: Path) -> list[str]:

@@ -157,38 +157,38 @@ class LocalStorage(Storage):
             raise StorageError(f"{uri}: cannot read ({exc.strerror or exc})") from None
         return head, h.hexdigest()[:32]
 
-    def _temp_with(self, uri: str, data: bytes) -> str:
-        p = Path(uri)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=p.parent)
+    @contextlib.contextmanager
+    def _temp_with(self, uri: str, data: bytes):
+        """A synced temporary file beside ``uri`` holding ``data``; removed on exit unless it was
+        renamed away. Write failures become a one-line StorageError naming ``uri``."""
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=Path(uri).parent)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return tmp
+            yield tmp
+        except OSError as exc:
+            if isinstance(exc, FileExistsError):
+                raise
+            raise StorageError(f"{uri}: cannot write ({exc.strerror or exc})") from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
     def read_versioned(self, uri: str, max_bytes: int) -> tuple[bytes, str] | None:
         return self._read_versioned(uri, max_bytes)
 
     def create_exclusive(self, uri: str, data: bytes) -> str | None:
         with self._dir_lock(uri):
-            tmp = None
             try:
-                tmp = self._temp_with(uri, data)
-                # link() fails when the name exists, and the name appears with its whole content.
-                os.link(tmp, uri)
+                with self._temp_with(uri, data) as tmp:
+                    # link() fails when the name exists, and the name appears with its whole content.
+                    os.link(tmp, uri)
             except FileExistsError:
                 return None
-            except OSError as exc:
-                raise StorageError(f"{uri}: cannot write ({exc.strerror or exc})") from None
-            finally:
-                if tmp is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
         return self._token(data)
 
     def replace_if(self, uri: str, data: bytes, token: str) -> str | None:
@@ -196,17 +196,8 @@ class LocalStorage(Storage):
             current = self._read_versioned(uri, 0)
             if current is None or current[1] != token:
                 return None
-            tmp = None
-            try:
-                tmp = self._temp_with(uri, data)
+            with self._temp_with(uri, data) as tmp:
                 os.replace(tmp, uri)
-                tmp = None
-            except OSError as exc:
-                raise StorageError(f"{uri}: cannot write ({exc.strerror or exc})") from None
-            finally:
-                if tmp is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
         return self._token(data)
 
     def delete_if(self, uri: str, token: str) -> bool:
