@@ -14,7 +14,14 @@ from pathlib import Path
 
 from hemblip.errors import HemblipError
 
-__all__ = ["UnsafePathError", "create_dirs_inside", "dataset_path", "inside", "name_problem", "safe_join"]
+__all__ = [
+    "UnsafePathError",
+    "create_dirs_inside",
+    "dataset_path",
+    "inside",
+    "name_problem",
+    "safe_join",
+]
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -106,5 +113,7 @@ def dataset_path(root: Path, rel: object) -> Path:
     try:
         return safe_join(root, rel, resolve=False)
     except UnsafePathError as exc:
-        raise DatasetError(f"image path {rel!r} is refused ({exc}); image paths must be relative "
-                           f"to the image root {root} and stay inside it") from None
+        raise DatasetError(
+            f"image path {rel!r} is refused ({exc}); image paths must be relative "
+            f"to the image root {root} and stay inside it"
+        ) from None

@@ -54,16 +54,20 @@ def parse_kinds(value: object) -> tuple[str, ...]:
     elif isinstance(value, list | tuple):
         items = [str(v).strip() for v in value]
     else:
-        raise HemblipConfigError(f"--augment must be a comma-separated list of {', '.join(KINDS)} "
-                                 f"or 'none', got {value!r}")
+        raise HemblipConfigError(
+            f"--augment must be a comma-separated list of {', '.join(KINDS)} "
+            f"or 'none', got {value!r}"
+        )
     if items in (["none"], []):
         return ()
     if items == ["all"]:
         return DEFAULT_KINDS
     bad = [v for v in items if v not in KINDS]
     if bad:
-        raise HemblipConfigError(f"--augment: unknown kind(s) {', '.join(map(repr, bad))}; "
-                                 f"choose from {', '.join(KINDS)} (or 'none', 'all')")
+        raise HemblipConfigError(
+            f"--augment: unknown kind(s) {', '.join(map(repr, bad))}; "
+            f"choose from {', '.join(KINDS)} (or 'none', 'all')"
+        )
     return tuple(k for k in KINDS if k in items)
 
 
@@ -73,7 +77,9 @@ def _pair(flag: str, value: object, lo: float, hi: float) -> tuple[float, float]
     except (TypeError, ValueError):
         raise HemblipConfigError(f"{flag} must be two numbers LO,HI, got {value!r}") from None
     if not (math.isfinite(a) and math.isfinite(b) and lo <= a <= b <= hi):
-        raise HemblipConfigError(f"{flag} must satisfy {lo:g} <= LO <= HI <= {hi:g}, got {a:g},{b:g}")
+        raise HemblipConfigError(
+            f"{flag} must satisfy {lo:g} <= LO <= HI <= {hi:g}, got {a:g},{b:g}"
+        )
     return a, b
 
 
@@ -114,25 +120,50 @@ class AugmentSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", parse_kinds(self.kinds))
-        for flag, v, hi in (("--aug-scale", self.scale, 0.5), ("--aug-hue", self.hue, 0.5),
-                            ("--aug-shift", self.shift, 0.25), ("--aug-brightness", self.brightness, 0.5),
-                            ("--aug-resolution-p", self.resolution_p, 1.0), ("--aug-jpeg-p", self.jpeg_p, 1.0)):
-            if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= hi):
+        for flag, v, hi in (
+            ("--aug-scale", self.scale, 0.5),
+            ("--aug-hue", self.hue, 0.5),
+            ("--aug-shift", self.shift, 0.25),
+            ("--aug-brightness", self.brightness, 0.5),
+            ("--aug-resolution-p", self.resolution_p, 1.0),
+            ("--aug-jpeg-p", self.jpeg_p, 1.0),
+        ):
+            if not (
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and 0 <= v <= hi
+            ):
                 raise HemblipConfigError(f"{flag} must be a number in [0, {hi:g}], got {v!r}")
-        if not (isinstance(self.crop_um, int | float) and math.isfinite(self.crop_um) and 0 < self.crop_um <= 500):
-            raise HemblipConfigError(f"crop_um must be a number of µm in (0, 500], got {self.crop_um!r}")
+        if not (
+            isinstance(self.crop_um, int | float)
+            and math.isfinite(self.crop_um)
+            and 0 < self.crop_um <= 500
+        ):
+            raise HemblipConfigError(
+                f"crop_um must be a number of µm in (0, 500], got {self.crop_um!r}"
+            )
         object.__setattr__(self, "saturation", _pair("--aug-saturation", self.saturation, 0.0, 3.0))
-        object.__setattr__(self, "resolution_mpp",
-                           _pair("--aug-resolution-mpp", self.resolution_mpp, 0.01, 5.0))
+        object.__setattr__(
+            self, "resolution_mpp", _pair("--aug-resolution-mpp", self.resolution_mpp, 0.01, 5.0)
+        )
         q = _pair("--aug-jpeg", self.jpeg_quality, 1, 100)
         object.__setattr__(self, "jpeg_quality", (int(q[0]), int(q[1])))
 
     def to_json(self) -> dict:
-        return {"kinds": list(self.kinds), "crop_um": self.crop_um, "shift": self.shift,
-                "scale": self.scale, "hue": self.hue, "saturation": list(self.saturation),
-                "brightness": self.brightness, "resolution_mpp": list(self.resolution_mpp),
-                "resolution_p": self.resolution_p, "jpeg_quality": list(self.jpeg_quality),
-                "jpeg_p": self.jpeg_p}
+        return {
+            "kinds": list(self.kinds),
+            "crop_um": self.crop_um,
+            "shift": self.shift,
+            "scale": self.scale,
+            "hue": self.hue,
+            "saturation": list(self.saturation),
+            "brightness": self.brightness,
+            "resolution_mpp": list(self.resolution_mpp),
+            "resolution_p": self.resolution_p,
+            "jpeg_quality": list(self.jpeg_quality),
+            "jpeg_p": self.jpeg_p,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> AugmentSettings:
@@ -148,12 +179,14 @@ def centre_field(image: np.ndarray, context: float, out_px: int) -> np.ndarray:
     what a crop cut ``context`` times wider shows at the job's framing."""
     h = image.shape[0]
     # Scale chosen so that the field is CROP_UM µm: keeps cell_crop's µm bounds for any image size.
-    return cell_crop(image, (image.shape[1] / 2, h / 2), CROP_UM * context / h, crop_um=CROP_UM,
-                     crop_px=out_px)
+    return cell_crop(
+        image, (image.shape[1] / 2, h / 2), CROP_UM * context / h, crop_um=CROP_UM, crop_px=out_px
+    )
 
 
-def stain_jitter(image: np.ndarray, hue: float, saturation: float, brightness: float = 1.0,
-                 contrast: float = 1.0) -> np.ndarray:
+def stain_jitter(
+    image: np.ndarray, hue: float, saturation: float, brightness: float = 1.0, contrast: float = 1.0
+) -> np.ndarray:
     """Hue rotated by ``hue`` (fraction of the circle, signed), saturation x ``saturation``,
     then brightness and contrast factors; (H, W, 3) uint8 RGB in and out."""
     import cv2
@@ -194,8 +227,14 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
-def augment_crop(image: np.ndarray, rng: np.random.Generator, settings: AugmentSettings, *,
-                 context: float = 1.0, out_px: int | None = None) -> tuple[np.ndarray, dict]:
+def augment_crop(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    settings: AugmentSettings,
+    *,
+    context: float = 1.0,
+    out_px: int | None = None,
+) -> tuple[np.ndarray, dict]:
     """One random augmentation of a training crop.
 
     ``image``: (S, S, 3) uint8, a square of ``context x settings.crop_um`` µm around the cell
@@ -210,8 +249,20 @@ def augment_crop(image: np.ndarray, rng: np.random.Generator, settings: AugmentS
     if out_px is None:
         out_px = max(2, int(round(side / context)))
     kinds = set(s.kinds)
-    drawn: dict = dict.fromkeys(("f", "shift", "hue", "saturation", "brightness", "contrast", "rot90",
-                                 "flip", "resolution_mpp", "jpeg_quality"))
+    drawn: dict = dict.fromkeys(
+        (
+            "f",
+            "shift",
+            "hue",
+            "saturation",
+            "brightness",
+            "contrast",
+            "rot90",
+            "flip",
+            "resolution_mpp",
+            "jpeg_quality",
+        )
+    )
     # Every kind draws its numbers whether on or off, so switching one off leaves the others'
     # draws (and a run's other augmentations) unchanged.
     f = float(rng.uniform(1.0 - s.scale, 1.0 + s.scale))

@@ -99,14 +99,18 @@ def load_calibration(directory: str | os.PathLike | None, model_version: str | N
             return _refuse(path, "not a regular file")
         size = real.stat().st_size
         if size > _MAX_BYTES:
-            return _refuse(path, f"{size} bytes, more than the {_MAX_BYTES} a calibration file holds")
+            return _refuse(
+                path, f"{size} bytes, more than the {_MAX_BYTES} a calibration file holds"
+            )
         raw = real.read_bytes()
     except OSError as exc:
         return _refuse(path, f"unreadable ({exc.strerror or type(exc).__name__})")
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return _refuse(path, f"not JSON ({(str(exc).splitlines() or [type(exc).__name__])[0][:120]})")
+        return _refuse(
+            path, f"not JSON ({(str(exc).splitlines() or [type(exc).__name__])[0][:120]})"
+        )
     if not isinstance(doc, dict):
         return _refuse(path, f"expected a JSON object, got {type(doc).__name__}")
     if doc.get("format") != FORMAT:
@@ -119,13 +123,18 @@ def load_calibration(directory: str | os.PathLike | None, model_version: str | N
     except OverflowError:
         t = math.inf
     if not math.isfinite(t) or not T_MIN <= t <= T_MAX:
-        return _refuse(path, f"temperature {_short(doc.get('temperature'))} outside [{T_MIN}, {T_MAX}]")
+        return _refuse(
+            path, f"temperature {_short(doc.get('temperature'))} outside [{T_MIN}, {T_MAX}]"
+        )
     fitted_for = doc.get("model_version")
     if not isinstance(fitted_for, str):
         return _refuse(path, f"model_version must be a string, got {_short(fitted_for)}")
     if model_version is not None and fitted_for != model_version:
-        return _refuse(path, f"fitted for model version {_short(fitted_for)}, this model is "
-                             f"{model_version} (re-run `python -m hemblip calibrate`)")
+        return _refuse(
+            path,
+            f"fitted for model version {_short(fitted_for)}, this model is "
+            f"{model_version} (re-run `python -m hemblip calibrate`)",
+        )
     info = {k: v for k, v in doc.items() if k not in ("temperature", "format")}
     return Calibration(temperature=t, calibrated=True, reason=None, source=str(path), info=info)
 
@@ -139,8 +148,9 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def write_calibration(directory: str | os.PathLike, temperature: float, model_version: str,
-                      **info: object) -> Path:
+def write_calibration(
+    directory: str | os.PathLike, temperature: float, model_version: str, **info: object
+) -> Path:
     """Write ``directory/calibration.json`` atomically (temporary file, then rename).
 
     ``temperature`` must be finite and in [``T_MIN``, ``T_MAX``] (``ValueError`` otherwise);
@@ -151,7 +161,12 @@ def write_calibration(directory: str | os.PathLike, temperature: float, model_ve
         raise ValueError(f"temperature {t!r} outside [{T_MIN}, {T_MAX}]")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    doc = {"format": FORMAT, "temperature": round(t, 6), "model_version": str(model_version), **info}
+    doc = {
+        "format": FORMAT,
+        "temperature": round(t, 6),
+        "model_version": str(model_version),
+        **info,
+    }
     text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
     out = d / CALIBRATION_FILE
     tmp = d / f".{CALIBRATION_FILE}.{os.getpid()}.tmp"
@@ -179,8 +194,9 @@ def _confidences(scores: np.ndarray, predicted: np.ndarray, temperature: float) 
     return p[np.arange(len(predicted)), predicted]
 
 
-def confidence_nll(scores: np.ndarray, predicted: Sequence[int], truth: Sequence[int],
-                   temperature: float = 1.0) -> float:
+def confidence_nll(
+    scores: np.ndarray, predicted: Sequence[int], truth: Sequence[int], temperature: float = 1.0
+) -> float:
     """Mean log-loss (nats) of the confidence in the predicted types being right.
 
     ``scores``: (N, K); ``predicted``/``truth``: (N,) type indices. The confidence of cell i is
@@ -202,9 +218,16 @@ def fit_temperature(scores: np.ndarray, predicted: Sequence[int], truth: Sequenc
     """
     scores = np.asarray(scores, dtype=np.float64)
     predicted, truth = np.asarray(predicted, dtype=int), np.asarray(truth, dtype=int)
-    if scores.ndim != 2 or len(scores) == 0 or len(predicted) != len(scores) or len(truth) != len(scores):
-        raise ValueError(f"need (N, K) scores and N predicted/true types with N > 0, got "
-                         f"{scores.shape}, {predicted.shape}, {truth.shape}")
+    if (
+        scores.ndim != 2
+        or len(scores) == 0
+        or len(predicted) != len(scores)
+        or len(truth) != len(scores)
+    ):
+        raise ValueError(
+            f"need (N, K) scores and N predicted/true types with N > 0, got "
+            f"{scores.shape}, {predicted.shape}, {truth.shape}"
+        )
     if not np.all(np.isfinite(scores[np.arange(len(scores)), predicted])):
         raise ValueError("a predicted type has a non-finite score")
 
@@ -234,7 +257,9 @@ def fit_temperature(scores: np.ndarray, predicted: Sequence[int], truth: Sequenc
     return float(min(max(math.exp(best), T_MIN), T_MAX))
 
 
-def reliability_table(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 10) -> list[dict]:
+def reliability_table(
+    confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 10
+) -> list[dict]:
     """Equal-width confidence bins over [0, 1] (1.0 falls in the last bin).
 
     One dict per bin: ``lo``, ``hi``, ``count``, ``mean_confidence`` and ``accuracy`` (None
@@ -247,28 +272,51 @@ def reliability_table(confidence: Sequence[float], correct: Sequence[bool], n_bi
     for b in range(n_bins):
         sel = idx == b
         n = int(sel.sum())
-        rows.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": n,
-                     "mean_confidence": float(conf[sel].mean()) if n else None,
-                     "accuracy": float(ok[sel].mean()) if n else None})
+        rows.append(
+            {
+                "lo": b / n_bins,
+                "hi": (b + 1) / n_bins,
+                "count": n,
+                "mean_confidence": float(conf[sel].mean()) if n else None,
+                "accuracy": float(ok[sel].mean()) if n else None,
+            }
+        )
     return rows
 
 
-def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 10) -> float:
+def expected_calibration_error(
+    confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 10
+) -> float:
     """ECE: the count-weighted mean |accuracy - mean confidence| over :func:`reliability_table` bins."""
     rows = reliability_table(confidence, correct, n_bins)
     total = sum(r["count"] for r in rows)
     if total == 0:
         return float("nan")
-    return float(sum(r["count"] * abs(r["accuracy"] - r["mean_confidence"]) for r in rows if r["count"]) / total)
+    return float(
+        sum(r["count"] * abs(r["accuracy"] - r["mean_confidence"]) for r in rows if r["count"])
+        / total
+    )
 
 
 def _xml(text: str) -> str:
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace('"', "&quot;"))
+    return (
+        str(text)
+        .replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&quot;")
+    )
 
 
-def reliability_svg(before: Sequence[Mapping], after: Sequence[Mapping], *, title: str,
-                    ece_before: float, ece_after: float, temperature: float) -> str:
+def reliability_svg(
+    before: Sequence[Mapping],
+    after: Sequence[Mapping],
+    *,
+    title: str,
+    ece_before: float,
+    ece_after: float,
+    temperature: float,
+) -> str:
     """A reliability diagram as standalone SVG: accuracy per confidence bin, before (T = 1) and
     after calibration, against the diagonal; bar width ∝ nothing, counts printed under the bins.
 
@@ -285,13 +333,15 @@ def reliability_svg(before: Sequence[Mapping], after: Sequence[Mapping], *, titl
     def y(v: float) -> float:
         return top + (1 - v) * size
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-           'font-family="sans-serif" font-size="11">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="13">{_xml(title)}</text>',
-           f'<text x="{w / 2}" y="36" text-anchor="middle">ECE {ece_before:.3f} (T = 1) → '
-           f'{ece_after:.3f} (T = {temperature:.2f}); 10 bins</text>',
-           f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#333"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="13">{_xml(title)}</text>',
+        f'<text x="{w / 2}" y="36" text-anchor="middle">ECE {ece_before:.3f} (T = 1) → '
+        f"{ece_after:.3f} (T = {temperature:.2f}); 10 bins</text>",
+        f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#333"/>',
+    ]
     for k in range(0, 11, 2):
         v = k / 10
         out.append(f'<line x1="{x(v)}" y1="{y(0)}" x2="{x(v)}" y2="{y(0) + 4}" stroke="#333"/>')
@@ -303,23 +353,39 @@ def reliability_svg(before: Sequence[Mapping], after: Sequence[Mapping], *, titl
             if not r["count"]:
                 continue
             acc = float(r["accuracy"])
-            out.append(f'<rect x="{x(b / n) + shift * bw + 1:.1f}" y="{y(acc):.1f}" '
-                       f'width="{bw / 2 - 2:.1f}" height="{y(0) - y(acc):.1f}" fill="{colour}"/>')
+            out.append(
+                f'<rect x="{x(b / n) + shift * bw + 1:.1f}" y="{y(acc):.1f}" '
+                f'width="{bw / 2 - 2:.1f}" height="{y(0) - y(acc):.1f}" fill="{colour}"/>'
+            )
     for b, r in enumerate(after):
-        out.append(f'<text x="{x((b + 0.5) / n):.1f}" y="{y(0) + 30}" text-anchor="middle" '
-                   f'fill="#3a76b8">{r["count"]}</text>')
-    out.append(f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(1)}" y2="{y(1)}" stroke="#b33" stroke-dasharray="4 3"/>')
-    out.append(f'<text x="{w / 2}" y="{y(0) + 46}" text-anchor="middle">confidence of the captioned '
-               'cell type (cells per bin, calibrated, in blue)</text>')
-    out.append(f'<text x="16" y="{top + size / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 16 {top + size / 2})">accuracy of the captioned type</text>')
+        out.append(
+            f'<text x="{x((b + 0.5) / n):.1f}" y="{y(0) + 30}" text-anchor="middle" '
+            f'fill="#3a76b8">{r["count"]}</text>'
+        )
+    out.append(
+        f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(1)}" y2="{y(1)}" stroke="#b33" stroke-dasharray="4 3"/>'
+    )
+    out.append(
+        f'<text x="{w / 2}" y="{y(0) + 46}" text-anchor="middle">confidence of the captioned '
+        "cell type (cells per bin, calibrated, in blue)</text>"
+    )
+    out.append(
+        f'<text x="16" y="{top + size / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {top + size / 2})">accuracy of the captioned type</text>'
+    )
     lx = left + 10
-    out.append(f'<rect x="{lx}" y="{top + 8}" width="12" height="10" fill="#c8c8c8"/>'
-               f'<text x="{lx + 16}" y="{top + 17}">uncalibrated (T = 1)</text>')
-    out.append(f'<rect x="{lx}" y="{top + 24}" width="12" height="10" fill="#3a76b8"/>'
-               f'<text x="{lx + 16}" y="{top + 33}">calibrated</text>')
-    out.append(f'<line x1="{lx}" y1="{top + 45}" x2="{lx + 12}" y2="{top + 45}" stroke="#b33" '
-               f'stroke-dasharray="4 3"/><text x="{lx + 16}" y="{top + 49}">perfect calibration</text>')
+    out.append(
+        f'<rect x="{lx}" y="{top + 8}" width="12" height="10" fill="#c8c8c8"/>'
+        f'<text x="{lx + 16}" y="{top + 17}">uncalibrated (T = 1)</text>'
+    )
+    out.append(
+        f'<rect x="{lx}" y="{top + 24}" width="12" height="10" fill="#3a76b8"/>'
+        f'<text x="{lx + 16}" y="{top + 33}">calibrated</text>'
+    )
+    out.append(
+        f'<line x1="{lx}" y1="{top + 45}" x2="{lx + 12}" y2="{top + 45}" stroke="#b33" '
+        f'stroke-dasharray="4 3"/><text x="{lx + 16}" y="{top + 49}">perfect calibration</text>'
+    )
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -332,16 +398,28 @@ def _collect(captioner, samples: Sequence) -> dict:
     index = {ct: k for k, ct in enumerate(CELL_TYPES)}
     labelled = [s for s in samples if getattr(s, "cell_type", None) in index]
     if not labelled:
-        return {"n_cells": 0, "n_typed": 0, "scores": np.zeros((0, len(CELL_TYPES))),
-                "predicted": np.zeros(0, int), "truth": np.zeros(0, int)}
+        return {
+            "n_cells": 0,
+            "n_typed": 0,
+            "scores": np.zeros((0, len(CELL_TYPES))),
+            "predicted": np.zeros(0, int),
+            "truth": np.zeros(0, int),
+        }
     results, scores = captioner.caption_and_score([s.image for s in labelled])
     if scores is None:
         raise ValueError("the captioner was built with type_confidence=False")
-    keep = [i for i, r in enumerate(results) if r.cell_type in index
-            and np.isfinite(scores[i, index[r.cell_type]])]
-    return {"n_cells": len(labelled), "n_typed": len(keep), "scores": scores[keep],
-            "predicted": np.array([index[results[i].cell_type] for i in keep], dtype=int),
-            "truth": np.array([index[labelled[i].cell_type] for i in keep], dtype=int)}
+    keep = [
+        i
+        for i, r in enumerate(results)
+        if r.cell_type in index and np.isfinite(scores[i, index[r.cell_type]])
+    ]
+    return {
+        "n_cells": len(labelled),
+        "n_typed": len(keep),
+        "scores": scores[keep],
+        "predicted": np.array([index[results[i].cell_type] for i in keep], dtype=int),
+        "truth": np.array([index[labelled[i].cell_type] for i in keep], dtype=int),
+    }
 
 
 def _figures(c: dict, temperature: float) -> dict:
@@ -349,9 +427,11 @@ def _figures(c: dict, temperature: float) -> dict:
         return {"ece": None, "nll": None, "reliability": reliability_table([], [])}
     conf = _confidences(c["scores"], c["predicted"], temperature)
     ok = c["predicted"] == c["truth"]
-    return {"ece": expected_calibration_error(conf, ok),
-            "nll": confidence_nll(c["scores"], c["predicted"], c["truth"], temperature),
-            "reliability": reliability_table(conf, ok)}
+    return {
+        "ece": expected_calibration_error(conf, ok),
+        "nll": confidence_nll(c["scores"], c["predicted"], c["truth"], temperature),
+        "reliability": reliability_table(conf, ok),
+    }
 
 
 def calibrate_captioner(captioner, samples: Sequence, held_out: Sequence | None = None) -> dict:
@@ -367,16 +447,25 @@ def calibrate_captioner(captioner, samples: Sequence, held_out: Sequence | None 
     """
     fit = _collect(captioner, samples)
     if not fit["n_typed"]:
-        raise ValueError(f"none of {len(samples)} cells has both a known cell type and a caption "
-                         "naming one: nothing to calibrate on")
+        raise ValueError(
+            f"none of {len(samples)} cells has both a known cell type and a caption "
+            "naming one: nothing to calibrate on"
+        )
     t = fit_temperature(fit["scores"], fit["predicted"], fit["truth"])
     out = {"temperature": t}
-    for name, c in (("fit", fit), ("held_out", _collect(captioner, held_out) if held_out else None)):
+    for name, c in (
+        ("fit", fit),
+        ("held_out", _collect(captioner, held_out) if held_out else None),
+    ):
         if c is None:
             continue
-        out[name] = {"n_cells": c["n_cells"], "n_typed": c["n_typed"],
-                     "accuracy": float(np.mean(c["predicted"] == c["truth"])) if c["n_typed"] else None,
-                     "before": _figures(c, 1.0), "after": _figures(c, t)}
+        out[name] = {
+            "n_cells": c["n_cells"],
+            "n_typed": c["n_typed"],
+            "accuracy": float(np.mean(c["predicted"] == c["truth"])) if c["n_typed"] else None,
+            "before": _figures(c, 1.0),
+            "after": _figures(c, t),
+        }
     return out
 
 
@@ -387,6 +476,8 @@ def reliability_markdown(rows: Sequence[Mapping]) -> str:
         return "–" if v is None else f"{v:.3f}"
 
     lines = ["| confidence bin | mean confidence | accuracy | cells |", "|---|---|---|---|"]
-    lines += [f"| {r['lo']:.1f}–{r['hi']:.1f} | {f(r['mean_confidence'])} | {f(r['accuracy'])} | {r['count']} |"
-              for r in rows]
+    lines += [
+        f"| {r['lo']:.1f}–{r['hi']:.1f} | {f(r['mean_confidence'])} | {f(r['accuracy'])} | {r['count']} |"
+        for r in rows
+    ]
     return "\n".join(lines)

@@ -28,8 +28,18 @@ import numpy as np
 
 from hemblip.errors import HemblipConfigError
 
-__all__ = ["CROP_UM", "CROP_PX", "PADS", "MAX_SQUARE_PX", "crop_box", "crop_side_px", "resample", "cell_crop",
-           "pad_fraction", "thumbnail_jpeg"]
+__all__ = [
+    "CROP_UM",
+    "CROP_PX",
+    "PADS",
+    "MAX_SQUARE_PX",
+    "crop_box",
+    "crop_side_px",
+    "resample",
+    "cell_crop",
+    "pad_fraction",
+    "thumbnail_jpeg",
+]
 
 #: The job's default crop: side in µm and the px it is resampled to.
 CROP_UM = 36.0
@@ -44,13 +54,23 @@ MAX_SQUARE_PX = 8192
 
 def _check(mpp: object, crop_um: object, crop_px: object) -> tuple[float, float, int]:
     def num(v: object) -> bool:
-        return isinstance(v, int | float | np.floating | np.integer) and not isinstance(v, bool) and math.isfinite(v)
+        return (
+            isinstance(v, int | float | np.floating | np.integer)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+        )
 
     if not (num(mpp) and 0 < float(mpp) <= _MAX_MPP):
-        raise HemblipConfigError(f"mpp must be a scale in µm/px within (0, {_MAX_MPP:g}], got {mpp!r}")
+        raise HemblipConfigError(
+            f"mpp must be a scale in µm/px within (0, {_MAX_MPP:g}], got {mpp!r}"
+        )
     if not (num(crop_um) and 0 < float(crop_um) <= 500):
         raise HemblipConfigError(f"crop_um must be a number of µm in (0, 500], got {crop_um!r}")
-    if not (isinstance(crop_px, int | np.integer) and not isinstance(crop_px, bool) and 16 <= crop_px <= 4096):
+    if not (
+        isinstance(crop_px, int | np.integer)
+        and not isinstance(crop_px, bool)
+        and 16 <= crop_px <= 4096
+    ):
         raise HemblipConfigError(f"crop_px must be an integer in [16, 4096], got {crop_px!r}")
     return float(mpp), float(crop_um), int(crop_px)
 
@@ -61,13 +81,17 @@ def crop_side_px(mpp: float, crop_um: float = CROP_UM) -> int:
     return max(2, int(round(crop_um / mpp)))
 
 
-def crop_box(center_xy: Sequence[float], mpp: float, crop_um: float = CROP_UM) -> tuple[int, int, int, int]:
+def crop_box(
+    center_xy: Sequence[float], mpp: float, crop_um: float = CROP_UM
+) -> tuple[int, int, int, int]:
     """``(x0, y0, x1, y1)`` px (x1/y1 exclusive) of the ``crop_um`` µm square centred on
     ``center_xy`` (px, float) in an image of ``mpp`` µm/px; may reach past the image."""
     try:
         cx, cy = (float(v) for v in center_xy)
     except (TypeError, ValueError):
-        raise HemblipConfigError(f"center must be two numbers (x, y) in px, got {center_xy!r}") from None
+        raise HemblipConfigError(
+            f"center must be two numbers (x, y) in px, got {center_xy!r}"
+        ) from None
     if not (math.isfinite(cx) and math.isfinite(cy)):
         raise HemblipConfigError(f"center must be finite px, got {center_xy!r}")
     side = crop_side_px(mpp, crop_um)
@@ -103,8 +127,15 @@ def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where(m < n, m, 2 * n - 1 - m)
 
 
-def cell_crop(image: np.ndarray, center_xy: Sequence[float], mpp: float, *, crop_um: float = CROP_UM,
-              crop_px: int = CROP_PX, pad: str = "reflect") -> np.ndarray:
+def cell_crop(
+    image: np.ndarray,
+    center_xy: Sequence[float],
+    mpp: float,
+    *,
+    crop_um: float = CROP_UM,
+    crop_px: int = CROP_PX,
+    pad: str = "reflect",
+) -> np.ndarray:
     """The cell crop: ``(crop_px, crop_px, 3)`` uint8 of the ``crop_um`` µm square centred on
     ``center_xy`` (px of ``image``, (H, W, 3) uint8) at ``mpp`` µm/px.
 
@@ -118,8 +149,10 @@ def cell_crop(image: np.ndarray, center_xy: Sequence[float], mpp: float, *, crop
     img = _rgb(image)
     x0, y0, x1, y1 = crop_box(center_xy, mpp, crop_um)
     if x1 - x0 > MAX_SQUARE_PX:
-        raise HemblipConfigError(f"a {crop_um:g} µm crop at {mpp:g} µm/px is {x1 - x0} px a side, over "
-                                 f"{MAX_SQUARE_PX} px: the scale is wrong")
+        raise HemblipConfigError(
+            f"a {crop_um:g} µm crop at {mpp:g} µm/px is {x1 - x0} px a side, over "
+            f"{MAX_SQUARE_PX} px: the scale is wrong"
+        )
     h, w = img.shape[:2]
     if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
         square = np.ascontiguousarray(img[y0:y1, x0:x1])
@@ -127,7 +160,7 @@ def cell_crop(image: np.ndarray, center_xy: Sequence[float], mpp: float, *, crop
         square = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
         if cx1 > cx0 and cy1 > cy0:
-            square[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = img[cy0:cy1, cx0:cx1]
+            square[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = img[cy0:cy1, cx0:cx1]
     else:
         ys = _mirror(np.arange(y0, y1), h)
         xs = _mirror(np.arange(x0, x1), w)
@@ -135,7 +168,9 @@ def cell_crop(image: np.ndarray, center_xy: Sequence[float], mpp: float, *, crop
     return resample(square, crop_px)
 
 
-def pad_fraction(shape: Sequence[int], center_xy: Sequence[float], mpp: float, crop_um: float = CROP_UM) -> float:
+def pad_fraction(
+    shape: Sequence[int], center_xy: Sequence[float], mpp: float, crop_um: float = CROP_UM
+) -> float:
     """Share (0..1) of the crop square of :func:`crop_box` that lies outside an image of
     ``shape`` = (H, W, ...) px, i.e. that :func:`cell_crop` pads."""
     x0, y0, x1, y1 = crop_box(center_xy, mpp, crop_um)

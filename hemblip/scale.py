@@ -27,8 +27,14 @@ from scipy import ndimage as ndi
 
 from hemblip.errors import HemblipConfigError
 
-__all__ = ["estimate_mpp", "estimate_image_mpp", "RBC_DIAMETER_UM", "red_cell_diameter_px", "ESTIMATE_WINDOW",
-           "tiff_resolution_mpp"]
+__all__ = [
+    "estimate_mpp",
+    "estimate_image_mpp",
+    "RBC_DIAMETER_UM",
+    "red_cell_diameter_px",
+    "ESTIMATE_WINDOW",
+    "tiff_resolution_mpp",
+]
 
 RBC_DIAMETER_UM = 7.5
 #: :func:`estimate_image_mpp` reads windows of this side (px): enough red cells, bounded cost.
@@ -149,12 +155,16 @@ def _diameter_at(rgb: np.ndarray, factor: int, min_cells: float) -> float | None
     h, w = rgb.shape[:2]
     img = rgb
     if factor > 1:
-        img = cv2.resize(rgb, (max(w // factor, 2), max(h // factor, 2)), interpolation=cv2.INTER_AREA)
+        img = cv2.resize(
+            rgb, (max(w // factor, 2), max(h // factor, 2)), interpolation=cv2.INTER_AREA
+        )
     fg = _cell_mask(img)
     if fg.sum() < 50:
         return None
     dist = cv2.distanceTransform(fg, cv2.DIST_L2, 5)
-    n_steps = int(math.log(max(min(fg.shape) / 3, _MIN_RADIUS_PX * _STEP) / _MIN_RADIUS_PX, _STEP)) + 1
+    n_steps = (
+        int(math.log(max(min(fg.shape) / 3, _MIN_RADIUS_PX * _STEP) / _MIN_RADIUS_PX, _STEP)) + 1
+    )
     radii = _MIN_RADIUS_PX * _STEP ** np.arange(max(n_steps, 3))
     areas = np.array([_opened_area(dist, r) for r in radii])
     lost = areas[:-1] - areas[1:]
@@ -218,8 +228,9 @@ def estimate_mpp(rgb: np.ndarray, min_cells: float = 0.5) -> float | None:
     return RBC_DIAMETER_UM / d
 
 
-def estimate_image_mpp(read: Callable[[tuple[int, int, int, int]], np.ndarray], width: int,
-                       height: int) -> float | None:
+def estimate_image_mpp(
+    read: Callable[[tuple[int, int, int, int]], np.ndarray], width: int, height: int
+) -> float | None:
     """µm/px of a ``width`` x ``height`` px image read through ``read((x0, y0, x1, y1))`` (px,
     x1/y1 exclusive, returns (y1-y0, x1-x0, 3) uint8), or None: the job's rule.
 

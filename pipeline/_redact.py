@@ -28,8 +28,18 @@ _URL = re.compile(r"(?<![A-Za-z0-9+.\-])([A-Za-z][A-Za-z0-9+.\-]*://)([^\s\"'<>`
 # Query parameter names (lower case, letters and digits only) that hold secrets; a name matches
 # when it contains one of these words, so ``X-Amz-Security-Token``, ``access_token``, ``api_key``,
 # ``AWSAccessKeyId``, ``sig`` and ``Signature`` all do. A false positive only hides a value.
-_SECRET_WORDS = ("sig", "token", "secret", "password", "passwd", "pwd", "key", "credential", "auth",
-                 "session")
+_SECRET_WORDS = (
+    "sig",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "pwd",
+    "key",
+    "credential",
+    "auth",
+    "session",
+)
 # ... except these, which pre-signed URLs carry in the clear and which help reading a log.
 _NOT_SECRET = ("xamzsignedheaders", "signedheaders")
 

@@ -111,16 +111,24 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.split not in ("val", "test"):
             raise ConfigError(f"--split must be val or test, got {self.split!r}")
-        if self.limit is not None and (isinstance(self.limit, bool) or int(self.limit) != self.limit
-                                       or self.limit < 1):
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or int(self.limit) != self.limit or self.limit < 1
+        ):
             raise ConfigError(f"--limit must be an integer >= 1, got {self.limit!r}")
-        if self.target_mpp is not None and not (math.isfinite(self.target_mpp) and 0.02 <= self.target_mpp <= 2.0):
+        if self.target_mpp is not None and not (
+            math.isfinite(self.target_mpp) and 0.02 <= self.target_mpp <= 2.0
+        ):
             raise ConfigError(f"--target-mpp must be in [0.02, 2] µm/px, got {self.target_mpp!r}")
         if not (math.isfinite(self.scale_error) and -0.5 < self.scale_error < 0.5):
             raise ConfigError(f"--scale-error must be in (-0.5, 0.5), got {self.scale_error!r}")
-        if isinstance(self.jpeg_quality, bool) or int(self.jpeg_quality) != self.jpeg_quality \
-                or not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"--jpeg-quality must be an integer in [1, 100], got {self.jpeg_quality!r}")
+        if (
+            isinstance(self.jpeg_quality, bool)
+            or int(self.jpeg_quality) != self.jpeg_quality
+            or not 1 <= self.jpeg_quality <= 100
+        ):
+            raise ConfigError(
+                f"--jpeg-quality must be an integer in [1, 100], got {self.jpeg_quality!r}"
+            )
         if self.slide_format not in ("svs", "tiff", "mixed"):
             raise ConfigError(f"--format must be svs, tiff or mixed, got {self.slide_format!r}")
         if self.scale not in ("source", "field"):
@@ -193,7 +201,9 @@ def _read_csv(path: Path, need: Sequence[str]) -> list[dict[str, str]]:
             missing = [c for c in need if c not in header]
             if missing:
                 raise EvalDataError(f"{path}: missing column(s) {', '.join(missing)}")
-            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            return [
+                {(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader
+            ]
     except FileNotFoundError:
         raise EvalDataError(f"{path}: not found") from None
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -228,7 +238,14 @@ def read_yolo_wbc(label: Path, width: int, height: int) -> list[Box]:
         if len(parts) != 5 or not all(math.isfinite(v) for v in (cx, cy, w, h)) or w <= 0 or h <= 0:
             raise EvalDataError(f"{label}:{n}: expected 'class cx cy w h' with w, h > 0")
         if cls == "0":
-            out.append(((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height))
+            out.append(
+                (
+                    (cx - w / 2) * width,
+                    (cy - h / 2) * height,
+                    (cx + w / 2) * width,
+                    (cy + h / 2) * height,
+                )
+            )
     return out
 
 
@@ -251,7 +268,9 @@ def load_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.size[0] * im.size[1] > _MAX_FIELD_PX:
-                raise EvalDataError(f"{path}: {im.size[0]}x{im.size[1]} px is not a microscope field")
+                raise EvalDataError(
+                    f"{path}: {im.size[0]}x{im.size[1]} px is not a microscope field"
+                )
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise EvalDataError(f"{path}: image not found") from None
@@ -262,11 +281,20 @@ def load_rgb(path: Path) -> np.ndarray:
 def _centre_box(boxes: Sequence[Box], width: int, height: int) -> Box | None:
     if not boxes:
         return None
-    return min(boxes, key=lambda b: ((b[0] + b[2]) / 2 - width / 2) ** 2 + ((b[1] + b[3]) / 2 - height / 2) ** 2)
+    return min(
+        boxes,
+        key=lambda b: ((b[0] + b[2]) / 2 - width / 2) ** 2 + ((b[1] + b[3]) / 2 - height / 2) ** 2,
+    )
 
 
-def load_fields(data_dir: str | Path, split: str, samples: Mapping[str, object], *,
-                limit: int | None = None, skipped: list[str] | None = None) -> list[Field]:
+def load_fields(
+    data_dir: str | Path,
+    split: str,
+    samples: Mapping[str, object],
+    *,
+    limit: int | None = None,
+    skipped: list[str] | None = None,
+) -> list[Field]:
     """The labelled fields of ``split`` (val | test), at most ``limit`` per source.
 
     ``samples``: ``sample_id -> CaptionSample`` of the caption model's dataset with its split set
@@ -288,10 +316,14 @@ def load_fields(data_dir: str | Path, split: str, samples: Mapping[str, object],
     root = Path(data_dir)
     skipped = skipped if skipped is not None else []
     txl = root / "txl_pbc"
-    rows = _read_csv(txl / "source_map.csv", ("uuid", "txl_split", "width", "height", "source", "original_name"))
+    rows = _read_csv(
+        txl / "source_map.csv", ("uuid", "txl_split", "width", "height", "source", "original_name")
+    )
     pbc_rows = {}
     pbc_csv = txl / "pbc_wbcatt.csv"
-    for i, row in enumerate(_read_csv(pbc_csv, ("image", "img_name", "wbc_xmin", "wbc_ymin", "wbc_xmax", "wbc_ymax")), 2):
+    for i, row in enumerate(
+        _read_csv(pbc_csv, ("image", "img_name", "wbc_xmin", "wbc_ymin", "wbc_xmax", "wbc_ymax")), 2
+    ):
         try:
             pbc_rows[_safe_id(Path(row["image"]).stem, f"{pbc_csv}:{i}")] = row
         except EvalDataError as exc:
@@ -308,7 +340,9 @@ def load_fields(data_dir: str | Path, split: str, samples: Mapping[str, object],
         where = f"{txl / 'source_map.csv'}:{i}"
         source = _TXL_SOURCE.get(row["source"])
         if source is None or row["txl_split"] not in ("train", "val"):
-            skipped.append(f"{where}: unknown source {row['source']!r} or split {row['txl_split']!r}")
+            skipped.append(
+                f"{where}: unknown source {row['source']!r} or split {row['txl_split']!r}"
+            )
             continue
         try:
             uid = _safe_id(row["uuid"], where)
@@ -340,10 +374,17 @@ def load_fields(data_dir: str | Path, split: str, samples: Mapping[str, object],
                     voc = read_voc_boxes(bccd / "Annotations" / f"{typed_id}.xml")
                     typed_box = tuple(float(v) for v in voc[0]) if len(voc) == 1 else None
                 if typed_box is None:
-                    skipped.append(f"{image}: cell {typed_id} has no single WBC box; captions not scored")
+                    skipped.append(
+                        f"{image}: cell {typed_id} has no single WBC box; captions not scored"
+                    )
                 else:
-                    typed = TypedCell(typed_id, typed_box, s.cell_type, dict(s.attributes),
-                                      "pbc" if source == "pbc" else "bccd")
+                    typed = TypedCell(
+                        typed_id,
+                        typed_box,
+                        s.cell_type,
+                        dict(s.attributes),
+                        "pbc" if source == "pbc" else "bccd",
+                    )
             if not detector_unseen and typed is None:
                 continue
             fields.append(Field(uid, source, image, boxes, detector_unseen, typed, fsplit, origin))
@@ -351,18 +392,29 @@ def load_fields(data_dir: str | Path, split: str, samples: Mapping[str, object],
             skipped.append(str(exc) if isinstance(exc, EvalDataError) else f"{where}: {exc}")
     # BCCD typed cells whose image is not in TXL-PBC: neither model's detector saw them.
     for sample_id, s in sorted(samples.items()):
-        if getattr(s, "source", "") != "bccd" or sample_id in seen_bccd or caption_split(sample_id) != split:
+        if (
+            getattr(s, "source", "") != "bccd"
+            or sample_id in seen_bccd
+            or caption_split(sample_id) != split
+        ):
             continue
         try:
             sid = _safe_id(sample_id, "caption dataset")
             image = bccd / "JPEGImages" / f"{sid}.jpg"
-            voc = [tuple(float(v) for v in b) for b in read_voc_boxes(bccd / "Annotations" / f"{sid}.xml")]
+            voc = [
+                tuple(float(v) for v in b)
+                for b in read_voc_boxes(bccd / "Annotations" / f"{sid}.xml")
+            ]
             _image_size(image)
             if len(voc) != 1:
                 skipped.append(f"{image}: {len(voc)} WBC boxes; captions not scored")
                 continue
             typed = TypedCell(sid, voc[0], s.cell_type, dict(s.attributes), "bccd")
-            fields.append(Field(sid, "bccd", image, voc, True, typed, split, f"caption-{split} cell, BCCD only"))
+            fields.append(
+                Field(
+                    sid, "bccd", image, voc, True, typed, split, f"caption-{split} cell, BCCD only"
+                )
+            )
         except (EvalDataError, OSError, ValueError) as exc:
             skipped.append(f"{bccd / 'Annotations' / sample_id}.xml: {exc}")
     by_source: dict[str, list[Field]] = defaultdict(list)
@@ -378,7 +430,9 @@ def _pbc_box(row: Mapping[str, str], where: Path) -> Box | None:
     try:
         box = tuple(float(v) for v in raw)
     except ValueError:
-        raise EvalDataError(f"{where}: {row.get('img_name')!r}: box columns are not numbers") from None
+        raise EvalDataError(
+            f"{where}: {row.get('img_name')!r}: box columns are not numbers"
+        ) from None
     if not (all(math.isfinite(v) for v in box) and box[2] > box[0] and box[3] > box[1]):
         raise EvalDataError(f"{where}: {row.get('img_name')!r}: box {box} has no area")
     return box  # type: ignore[return-value]
@@ -397,7 +451,12 @@ def source_scales(data_dir: str | Path, n: int = _SCALE_FIELDS) -> dict[str, dic
     picked: dict[str, list[str]] = defaultdict(list)
     for row in sorted(rows, key=lambda r: _order(r["uuid"])):
         src = _TXL_SOURCE.get(row["source"])
-        if src and row["txl_split"] == "train" and len(picked[src]) < n and _SAFE_ID.fullmatch(row["uuid"]):
+        if (
+            src
+            and row["txl_split"] == "train"
+            and len(picked[src]) < n
+            and _SAFE_ID.fullmatch(row["uuid"])
+        ):
             picked[src].append(row["uuid"])
     out = {}
     for src in SOURCES:
@@ -411,8 +470,11 @@ def source_scales(data_dir: str | Path, n: int = _SCALE_FIELDS) -> dict[str, dic
                 ests.append(est)
         if not ests:
             continue  # its fields fall back to their own estimate (evaluate_slides)
-        out[src] = {"mpp": float(statistics.median(ests)), "n": len(ests),
-                    "method": f"median red-cell estimate over {len(ests)} TXL-PBC train fields"}
+        out[src] = {
+            "mpp": float(statistics.median(ests)),
+            "n": len(ests),
+            "method": f"median red-cell estimate over {len(ests)} TXL-PBC train fields",
+        }
     return out
 
 
@@ -438,7 +500,12 @@ class SlideGeometry:
 
     def to_slide(self, box: Box) -> Box:
         x0, y0, x1, y1 = box
-        return (x0 * self.fx + self.ox, y0 * self.fy + self.oy, x1 * self.fx + self.ox, y1 * self.fy + self.oy)
+        return (
+            x0 * self.fx + self.ox,
+            y0 * self.fy + self.oy,
+            x1 * self.fx + self.ox,
+            y1 * self.fy + self.oy,
+        )
 
     def to_field(self, x: float, y: float) -> tuple[float, float]:
         """A slide level-0 point in resampled-field px (may lie outside ``[0, field_w)``)."""
@@ -466,7 +533,9 @@ def _pyramid(level0: np.ndarray, n_levels: int = 3) -> list[np.ndarray]:
     return levels
 
 
-def write_pyramid(path: Path, levels: Sequence[np.ndarray], mpp: float, vendor: str, quality: int) -> None:
+def write_pyramid(
+    path: Path, levels: Sequence[np.ndarray], mpp: float, vendor: str, quality: int
+) -> None:
     """JPEG-tiled pyramid, one TIFF page per level: Aperio SVS (``|MPP = `` in the level-0
     ImageDescription, as Aperio scanners write it) or generic TIFF (X/YResolution in
     pixels/cm, as generic pyramidal TIFF writers do). OpenSlide reads either scale."""
@@ -479,17 +548,33 @@ def write_pyramid(path: Path, levels: Sequence[np.ndarray], mpp: float, vendor: 
             ds = w0 / w
             desc = None
             if vendor == "svs":
-                desc = (f"Aperio Image Library v12.0.15\r\n{w0}x{h0} [0,0 {w0}x{h0}] ({_TILE}x{_TILE}) "
-                        f"JPEG/RGB Q={quality}")
-                desc += f"|AppMag = 40|MPP = {mpp:.6f}|Filename = {path.stem}" if i == 0 else f" -> {w}x{h} D={ds:g}"
-            tw.write(lvl, tile=(_TILE, _TILE), compression="jpeg", compressionargs={"level": int(quality)},
-                     photometric="rgb", resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)),
-                     resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1, description=desc,
-                     metadata=None, software=False)
+                desc = (
+                    f"Aperio Image Library v12.0.15\r\n{w0}x{h0} [0,0 {w0}x{h0}] ({_TILE}x{_TILE}) "
+                    f"JPEG/RGB Q={quality}"
+                )
+                desc += (
+                    f"|AppMag = 40|MPP = {mpp:.6f}|Filename = {path.stem}"
+                    if i == 0
+                    else f" -> {w}x{h} D={ds:g}"
+                )
+            tw.write(
+                lvl,
+                tile=(_TILE, _TILE),
+                compression="jpeg",
+                compressionargs={"level": int(quality)},
+                photometric="rgb",
+                resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if i == 0 else 1,
+                description=desc,
+                metadata=None,
+                software=False,
+            )
 
 
-def build_slide(rgb: np.ndarray, mpp: float, path: str | Path, settings: EvalSettings,
-                vendor: str = "svs") -> SlideGeometry:
+def build_slide(
+    rgb: np.ndarray, mpp: float, path: str | Path, settings: EvalSettings, vendor: str = "svs"
+) -> SlideGeometry:
     """Write ``rgb`` (a field at ``mpp`` µm/px) as a pyramidal slide at ``path``.
 
     With ``settings.target_mpp`` the field is resampled to it first. The field is centred in
@@ -518,9 +603,19 @@ def build_slide(rgb: np.ndarray, mpp: float, path: str | Path, settings: EvalSet
     slide = np.pad(img, ((pt, pb), (pl, pr), (0, 0)), mode="reflect")
     written = true_mpp * (1.0 + settings.scale_error)
     write_pyramid(Path(path), _pyramid(slide), written, vendor, settings.jpeg_quality)
-    return SlideGeometry(fx=fw / w, fy=fh / h, ox=pl, oy=pt, field_w=fw, field_h=fh,
-                         width=slide.shape[1], height=slide.shape[0], mpp=true_mpp, mpp_written=written,
-                         pad=(pl, pt, pr, pb))
+    return SlideGeometry(
+        fx=fw / w,
+        fy=fh / h,
+        ox=pl,
+        oy=pt,
+        field_w=fw,
+        field_h=fh,
+        width=slide.shape[1],
+        height=slide.shape[0],
+        mpp=true_mpp,
+        mpp_written=written,
+        pad=(pl, pt, pr, pb),
+    )
 
 
 # --------------------------------------------------------------------------- scoring
@@ -556,15 +651,22 @@ def _greedy(points: Sequence[tuple[float, float]], boxes: Sequence[Box]) -> list
     return out
 
 
-def score_field(centroids: Sequence[tuple[float, float]], boxes: Sequence[Box], width: float, height: float,
-                edge_px: float = _EDGE_PX) -> FieldScore:
+def score_field(
+    centroids: Sequence[tuple[float, float]],
+    boxes: Sequence[Box],
+    width: float,
+    height: float,
+    edge_px: float = _EDGE_PX,
+) -> FieldScore:
     """Score detections (``centroids``, field px) against labelled WBC ``boxes`` (field px) of a
     ``width`` x ``height`` field; see the module docstring for the rules."""
     sc = FieldScore()
     inside = [(i, p) for i, p in enumerate(centroids) if 0 <= p[0] < width and 0 <= p[1] < height]
     sc.outside = len(centroids) - len(inside)
-    edge = [b[0] <= edge_px or b[1] <= edge_px or b[2] >= width - edge_px or b[3] >= height - edge_px
-            for b in boxes]
+    edge = [
+        b[0] <= edge_px or b[1] <= edge_px or b[2] >= width - edge_px or b[3] >= height - edge_px
+        for b in boxes
+    ]
     sc.edge_boxes = sum(edge)
     pts = [p for _i, p in inside]
     matched = _greedy(pts, boxes)
@@ -638,39 +740,71 @@ def typed_summary(cells: Sequence[Mapping]) -> dict:
 
     names = _wbcatt_names()
     out: dict = {}
-    groups = {"pbc": [c for c in cells if c["group"] == "pbc"],
-              "bccd": [c for c in cells if c["group"] == "bccd"], "all": list(cells)}
+    groups = {
+        "pbc": [c for c in cells if c["group"] == "pbc"],
+        "bccd": [c for c in cells if c["group"] == "bccd"],
+        "all": list(cells),
+    }
     for g, cs in groups.items():
         matched = [c for c in cs if c["e2e"] is not None]
         # The crop side is captioned for every typed cell (None only with crops turned off), so
         # both sides are the same matched cells.
         cropped = [c for c in matched if c.get("crop") is not None]
-        e2e = cell_type_metrics([c["cell_type"] for c in matched], [c["e2e"]["cell_type"] for c in matched])
-        crop = cell_type_metrics([c["cell_type"] for c in cropped], [c["crop"]["cell_type"] for c in cropped])
-        strict = cell_type_metrics([c["cell_type"] for c in cs],
-                                   [c["e2e"]["cell_type"] if c["e2e"] else None for c in cs])
-        entry = {"n_typed": len(cs), "n_matched": len(matched), "n_crops": len(cropped),
-                 "cell_type": {"e2e": e2e, "crops": crop, "gap": _gap(e2e["accuracy"], crop["accuracy"]),
-                               "e2e_all_typed_accuracy": strict["accuracy"]}}
+        e2e = cell_type_metrics(
+            [c["cell_type"] for c in matched], [c["e2e"]["cell_type"] for c in matched]
+        )
+        crop = cell_type_metrics(
+            [c["cell_type"] for c in cropped], [c["crop"]["cell_type"] for c in cropped]
+        )
+        strict = cell_type_metrics(
+            [c["cell_type"] for c in cs], [c["e2e"]["cell_type"] if c["e2e"] else None for c in cs]
+        )
+        entry = {
+            "n_typed": len(cs),
+            "n_matched": len(matched),
+            "n_crops": len(cropped),
+            "cell_type": {
+                "e2e": e2e,
+                "crops": crop,
+                "gap": _gap(e2e["accuracy"], crop["accuracy"]),
+                "e2e_all_typed_accuracy": strict["accuracy"],
+            },
+        }
         if g == "pbc" and matched:
             ref_attrs = [c["attributes"] for c in matched]
             a_e = attribute_metrics(ref_attrs, [c["e2e"]["attributes"] for c in matched], names)
-            a_c = attribute_metrics([c["attributes"] for c in cropped], [c["crop"]["attributes"] for c in cropped],
-                                    names)
-            per = {n: {"e2e": a_e[n]["balanced_accuracy"], "crops": a_c[n]["balanced_accuracy"],
-                       "gap": _gap(a_e[n]["balanced_accuracy"], a_c[n]["balanced_accuracy"]),
-                       "n": a_e[n]["n_mentioned"]} for n in names}
+            a_c = attribute_metrics(
+                [c["attributes"] for c in cropped],
+                [c["crop"]["attributes"] for c in cropped],
+                names,
+            )
+            per = {
+                n: {
+                    "e2e": a_e[n]["balanced_accuracy"],
+                    "crops": a_c[n]["balanced_accuracy"],
+                    "gap": _gap(a_e[n]["balanced_accuracy"], a_c[n]["balanced_accuracy"]),
+                    "n": a_e[n]["n_mentioned"],
+                }
+                for n in names
+            }
             me = _mean([v["e2e"] for v in per.values()])
             mc = _mean([v["crops"] for v in per.values()])
-            entry["attributes"] = {"per_attribute": per, "mean_balanced_accuracy": {"e2e": me, "crops": mc,
-                                                                                      "gap": _gap(me, mc)}}
+            entry["attributes"] = {
+                "per_attribute": per,
+                "mean_balanced_accuracy": {"e2e": me, "crops": mc, "gap": _gap(me, mc)},
+            }
         out[g] = entry
     return out
 
 
 # --------------------------------------------------------------------------- consistency check
 #: The morphometry columns :func:`pipeline.consistency.check_consistency` reads, carried per cell.
-CHECK_MORPHOMETRY: tuple[str, ...] = ("cell_diameter_um", "nc_ratio", "nucleus_circularity", "nucleus_lobes")
+CHECK_MORPHOMETRY: tuple[str, ...] = (
+    "cell_diameter_um",
+    "nc_ratio",
+    "nucleus_circularity",
+    "nucleus_lobes",
+)
 
 
 def consistency_as_detector(cells: Sequence[Mapping]) -> dict:
@@ -694,8 +828,12 @@ def consistency_as_detector(cells: Sequence[Mapping]) -> dict:
     """
     from pipeline.consistency import COMPARED_ATTRIBUTES, comparable_attributes
 
-    per = {a: dict.fromkeys(("n", "stated", "checked", "flagged", "wrong", "wrong_checked", "flagged_wrong"), 0)
-           for a in COMPARED_ATTRIBUTES}
+    per = {
+        a: dict.fromkeys(
+            ("n", "stated", "checked", "flagged", "wrong", "wrong_checked", "flagged_wrong"), 0
+        )
+        for a in COMPARED_ATTRIBUTES
+    }
     cell = dict.fromkeys(("n", "checked", "flagged", "wrong", "flagged_wrong"), 0)
     for c in cells:
         labels, e2e = c.get("attributes"), c.get("e2e")
@@ -755,7 +893,9 @@ def _caption_samples(data_dir: Path, framing: str | None = None) -> dict[str, ob
     try:
         dataset = build_demo_dataset(data_dir, **kw)
     except TypeError:
-        raise ConfigError(f"--crops-framing {framing!r}: this hemblip's build_demo_dataset has no framing option") from None
+        raise ConfigError(
+            f"--crops-framing {framing!r}: this hemblip's build_demo_dataset has no framing option"
+        ) from None
     parts = split_samples(dataset)
     out = {}
     for members in parts.values():
@@ -790,14 +930,19 @@ def _upload(slides: Sequence[Path], endpoint: str | None, bucket: str, key_prefi
         try:
             client.upload_file(str(p), bucket, key_prefix + p.name)
         except (BotoCoreError, ClientError, OSError) as exc:
-            raise StorageError(f"s3://{bucket}/{key_prefix}{p.name}: upload failed "
-                               f"({exc.__class__.__name__}: {str(exc)[:160]})") from None
+            raise StorageError(
+                f"s3://{bucket}/{key_prefix}{p.name}: upload failed "
+                f"({exc.__class__.__name__}: {str(exc)[:160]})"
+            ) from None
 
 
 def _row_labels(row: Mapping) -> dict:
     from hemblip.ontology import ATTRIBUTE_NAMES
 
-    return {"cell_type": row.get("cell_type"), "attributes": {n: row.get(n) for n in ATTRIBUTE_NAMES}}
+    return {
+        "cell_type": row.get("cell_type"),
+        "attributes": {n: row.get(n) for n in ATTRIBUTE_NAMES},
+    }
 
 
 def _finite(value) -> float | None:
@@ -813,17 +958,27 @@ def _finite(value) -> float | None:
 def _row_check(row: Mapping) -> dict:
     """The job's consistency verdict of a row and the morphometry it was computed from."""
     bad = row.get("inconsistent_attributes")
-    return {"consistent": row.get("consistent"),
-            "inconsistent_attributes": list(bad) if bad is not None else None,
-            "morphometry": {k: _finite(row.get(k)) for k in CHECK_MORPHOMETRY}}
+    return {
+        "consistent": row.get("consistent"),
+        "inconsistent_attributes": list(bad) if bad is not None else None,
+        "morphometry": {k: _finite(row.get(k)) for k in CHECK_MORPHOMETRY},
+    }
 
 
-def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str | None = None,
-                    work_dir: str | Path | None = None, s3_endpoint: str | None = None,
-                    s3_prefix: str | None = None, output: str | None = None, crops: bool = True,
-                    crops_framing: str | None = None,
-                    job_overrides: Mapping | None = None,
-                    say: Callable[[str], None] | None = None) -> dict:
+def evaluate_slides(
+    data_dir: str | Path,
+    settings: EvalSettings,
+    *,
+    model: str | None = None,
+    work_dir: str | Path | None = None,
+    s3_endpoint: str | None = None,
+    s3_prefix: str | None = None,
+    output: str | None = None,
+    crops: bool = True,
+    crops_framing: str | None = None,
+    job_overrides: Mapping | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict:
     """Build the slides of ``settings.split``, run the job, score; returns the report dict.
 
     ``model``: the checkpoint for both the job and the crops (None: the bundled demo).
@@ -841,7 +996,9 @@ def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str 
     t0 = time.perf_counter()
     data = Path(data_dir)
     if not (data / "txl_pbc" / "source_map.csv").is_file():
-        raise ConfigError(f"--data {str(data)[:120]!r}: not the shared data folder (no txl_pbc/source_map.csv)")
+        raise ConfigError(
+            f"--data {str(data)[:120]!r}: not the shared data folder (no txl_pbc/source_map.csv)"
+        )
     bucket = key_prefix = None
     if s3_prefix is not None:
         bucket, key_prefix = _parse_s3_prefix(s3_prefix)
@@ -877,13 +1034,22 @@ def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str 
 
                 est = estimate_mpp(rgb)
                 if est is not None:
-                    mpp, how = est, "field" if settings.scale == "field" else "field (no source scale)"
+                    mpp, how = (
+                        est,
+                        "field" if settings.scale == "field" else "field (no source scale)",
+                    )
                 elif src_scale is not None:
                     how = "source (field estimate failed)"
                 else:
-                    skipped.append(f"{f.image}: no scale: too few red cells, and no estimate for source {f.source}")
+                    skipped.append(
+                        f"{f.image}: no scale: too few red cells, and no estimate for source {f.source}"
+                    )
                     continue
-            vendor = settings.slide_format if settings.slide_format != "mixed" else ("svs", "tiff")[k % 2]
+            vendor = (
+                settings.slide_format
+                if settings.slide_format != "mixed"
+                else ("svs", "tiff")[k % 2]
+            )
             name = f"{f.source}_{f.field_id}.{'svs' if vendor == 'svs' else 'tiff'}"
             geom = build_slide(rgb, mpp, slide_dir / name, settings, vendor)
             geoms[name] = (f, geom, {"scale_from": how, "field_estimate": est, "field_mpp": mpp})
@@ -898,8 +1064,14 @@ def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str 
         job_output = output or str(work / f"out-{tag}")
         kw = dict(job_overrides or {})
         kw.setdefault("reprocess", True)
-        cfg = JobConfig(input=job_input, output=job_output, model=model, s3_endpoint=s3_endpoint,
-                        crop_um=settings.crop_um, **kw)
+        cfg = JobConfig(
+            input=job_input,
+            output=job_output,
+            model=model,
+            s3_endpoint=s3_endpoint,
+            crop_um=settings.crop_um,
+            **kw,
+        )
         t_job = time.perf_counter()
         result = run_job(cfg, say=say)
         job_seconds = time.perf_counter() - t_job
@@ -914,29 +1086,64 @@ def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str 
         status = {str(s["slide_uri"]).rsplit("/", 1)[-1]: s for s in slides_tab}
         per_field, det_pairs, typed_cells, failures = [], [], [], []
         for name, (f, geom, scale_info) in geoms.items():
-            rows = sorted(rows_by_slide.get(name, []), key=lambda r: (r["centroid_y"], r["centroid_x"]))
+            rows = sorted(
+                rows_by_slide.get(name, []), key=lambda r: (r["centroid_y"], r["centroid_x"])
+            )
             st = status.get(name, {})
             if st.get("status") != "ok":
-                failures.append({"slide": name, "status": st.get("status"), "reason": st.get("reason")})
+                failures.append(
+                    {"slide": name, "status": st.get("status"), "reason": st.get("reason")}
+                )
             pts = [geom.to_field(r["centroid_x"], r["centroid_y"]) for r in rows]
-            boxes = [(b[0] * geom.fx, b[1] * geom.fy, b[2] * geom.fx, b[3] * geom.fy) for b in f.boxes]
-            sc = score_field(pts, boxes, geom.field_w, geom.field_h, edge_px=max(1.0, _EDGE_PX * geom.fx))
+            boxes = [
+                (b[0] * geom.fx, b[1] * geom.fy, b[2] * geom.fx, b[3] * geom.fy) for b in f.boxes
+            ]
+            sc = score_field(
+                pts, boxes, geom.field_w, geom.field_h, edge_px=max(1.0, _EDGE_PX * geom.fx)
+            )
             if f.score_detection:
                 det_pairs.append((f.source, sc))
-            rec = {"slide": name, "source": f.source, "field": f.field_id, "origin": f.origin,
-                   "score_detection": f.score_detection, "status": st.get("status"),
-                   "mpp_true": geom.mpp, "mpp_written": geom.mpp_written,
-                   "mpp_read": st.get("mpp"), "mpp_source": st.get("mpp_source"), **scale_info,
-                   "detections": len(rows), "labelled_wbc": len(f.boxes),
-                   **{k: getattr(sc, k) for k in ("tp", "fp", "fn", "outside", "in_edge_cell", "edge_boxes")}}
+            rec = {
+                "slide": name,
+                "source": f.source,
+                "field": f.field_id,
+                "origin": f.origin,
+                "score_detection": f.score_detection,
+                "status": st.get("status"),
+                "mpp_true": geom.mpp,
+                "mpp_written": geom.mpp_written,
+                "mpp_read": st.get("mpp"),
+                "mpp_source": st.get("mpp_source"),
+                **scale_info,
+                "detections": len(rows),
+                "labelled_wbc": len(f.boxes),
+                **{
+                    k: getattr(sc, k)
+                    for k in ("tp", "fp", "fn", "outside", "in_edge_cell", "edge_boxes")
+                },
+            }
             if f.typed is not None:
                 t = f.typed
-                tb = (t.box[0] * geom.fx, t.box[1] * geom.fy, t.box[2] * geom.fx, t.box[3] * geom.fy)
+                tb = (
+                    t.box[0] * geom.fx,
+                    t.box[1] * geom.fy,
+                    t.box[2] * geom.fx,
+                    t.box[3] * geom.fy,
+                )
                 k = match_typed(pts, tb)
-                typed_cells.append({"sample_id": t.sample_id, "group": t.group, "cell_type": t.cell_type,
-                                    "attributes": t.attributes, "slide": name,
-                                    "e2e": {**_row_labels(rows[k]), **_row_check(rows[k])} if k is not None else None,
-                                    "e2e_caption": rows[k]["caption"] if k is not None else None})
+                typed_cells.append(
+                    {
+                        "sample_id": t.sample_id,
+                        "group": t.group,
+                        "cell_type": t.cell_type,
+                        "attributes": t.attributes,
+                        "slide": name,
+                        "e2e": {**_row_labels(rows[k]), **_row_check(rows[k])}
+                        if k is not None
+                        else None,
+                        "e2e_caption": rows[k]["caption"] if k is not None else None,
+                    }
+                )
                 rec["typed_matched"] = k is not None
             per_field.append(rec)
         if crops and typed_cells:
@@ -958,9 +1165,15 @@ def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str 
             "settings": asdict(settings),
             "data": str(data),
             "model": {"id": result.model_id, "version": result.model_version},
-            "job": {"run_id": result.run_id, "status": result.status, "input": job_input,
-                    "output": job_output, "slides_ok": result.ok, "slides_failed": result.failed,
-                    "seconds": job_seconds},
+            "job": {
+                "run_id": result.run_id,
+                "status": result.status,
+                "input": job_input,
+                "output": job_output,
+                "slides_ok": result.ok,
+                "slides_failed": result.failed,
+                "seconds": job_seconds,
+            },
             "scales": scales,
             "fields": {s: sum(1 for f, _g, _i in geoms.values() if f.source == s) for s in SOURCES},
             "detection": detection_summary(det_pairs),
@@ -969,8 +1182,13 @@ def evaluate_slides(data_dir: str | Path, settings: EvalSettings, *, model: str 
             "failures": failures,
             "skipped": skipped,
             "per_field": per_field,
-            "typed_cells": [{**{k: v for k, v in c.items() if k != "attributes"},
-                             "labels_checked": _checked_labels(c["attributes"])} for c in typed_cells],
+            "typed_cells": [
+                {
+                    **{k: v for k, v in c.items() if k != "attributes"},
+                    "labels_checked": _checked_labels(c["attributes"]),
+                }
+                for c in typed_cells
+            ],
             "seconds": time.perf_counter() - t0,
         }
     finally:
@@ -996,41 +1214,66 @@ def _sf(v) -> str:
 
 def format_report(rep: Mapping) -> str:
     """The report as plain-text tables (detection, cell type + confusion, attributes)."""
-    lines = [f"eval-slides {rep['date']}  split={rep['settings']['split']}  condition: {rep['condition']}  "
-             f"model {rep['model']['id']} ({rep['model']['version']})  crops: {rep.get('crops_framing')}",
-             "scale per source: " + ", ".join(f"{s} {v['mpp']:.4f} µm/px (n={v['n']})" for s, v in rep["scales"].items()),
-             "", "Detection (fields the detector never trained on; padding and edge-cut cells not scored)",
-             f"{'source':<9}{'fields':>7}{'TP':>6}{'FP':>6}{'FN':>6}{'precision':>11}{'recall':>8}"]
+    lines = [
+        f"eval-slides {rep['date']}  split={rep['settings']['split']}  condition: {rep['condition']}  "
+        f"model {rep['model']['id']} ({rep['model']['version']})  crops: {rep.get('crops_framing')}",
+        "scale per source: "
+        + ", ".join(f"{s} {v['mpp']:.4f} µm/px (n={v['n']})" for s, v in rep["scales"].items()),
+        "",
+        "Detection (fields the detector never trained on; padding and edge-cut cells not scored)",
+        f"{'source':<9}{'fields':>7}{'TP':>6}{'FP':>6}{'FN':>6}{'precision':>11}{'recall':>8}",
+    ]
     for src, d in rep["detection"].items():
-        lines.append(f"{src:<9}{d['fields']:>7}{d['tp']:>6}{d['fp']:>6}{d['fn']:>6}"
-                     f"{_f(d['precision']):>11}{_f(d['recall']):>8}")
-    lines += ["", "Cell type on matched cells: end to end (job rows) vs the same cells as dataset crops",
-              f"{'group':<6}{'typed':>7}{'matched':>9}{'e2e acc':>9}{'crops acc':>11}{'gap':>8}{'e2e acc, missed=wrong':>23}"]
+        lines.append(
+            f"{src:<9}{d['fields']:>7}{d['tp']:>6}{d['fp']:>6}{d['fn']:>6}"
+            f"{_f(d['precision']):>11}{_f(d['recall']):>8}"
+        )
+    lines += [
+        "",
+        "Cell type on matched cells: end to end (job rows) vs the same cells as dataset crops",
+        f"{'group':<6}{'typed':>7}{'matched':>9}{'e2e acc':>9}{'crops acc':>11}{'gap':>8}{'e2e acc, missed=wrong':>23}",
+    ]
     for g, t in rep["typed"].items():
         ct = t["cell_type"]
-        lines.append(f"{g:<6}{t['n_typed']:>7}{t['n_matched']:>9}{_f(ct['e2e']['accuracy']):>9}"
-                     f"{_f(ct['crops']['accuracy']):>11}{_sf(ct['gap']):>8}{_f(ct['e2e_all_typed_accuracy']):>23}")
+        lines.append(
+            f"{g:<6}{t['n_typed']:>7}{t['n_matched']:>9}{_f(ct['e2e']['accuracy']):>9}"
+            f"{_f(ct['crops']['accuracy']):>11}{_sf(ct['gap']):>8}{_f(ct['e2e_all_typed_accuracy']):>23}"
+        )
     allc = rep["typed"].get("all", {}).get("cell_type")
     for way in ("e2e", "crops"):
         conf = allc[way]["confusion"] if allc else None
         if conf and conf["labels"]:
-            lines += ["", f"Confusion ({way}; rows reference, columns prediction; all typed groups)",
-                      " " * 12 + "".join(f"{c[:5]:>7}" for c in conf["columns"])]
-            lines += [f"{lab[:11]:<12}" + "".join(f"{v:>7}" for v in row) for lab, row in zip(conf["labels"], conf["matrix"])]
+            lines += [
+                "",
+                f"Confusion ({way}; rows reference, columns prediction; all typed groups)",
+                " " * 12 + "".join(f"{c[:5]:>7}" for c in conf["columns"]),
+            ]
+            lines += [
+                f"{lab[:11]:<12}" + "".join(f"{v:>7}" for v in row)
+                for lab, row in zip(conf["labels"], conf["matrix"])
+            ]
     attrs = rep["typed"].get("pbc", {}).get("attributes")
     if attrs:
-        lines += ["", "WBCAtt attributes, PBC matched cells: balanced accuracy",
-                  f"{'attribute':<27}{'e2e':>7}{'crops':>7}{'gap':>8}{'n':>5}"]
+        lines += [
+            "",
+            "WBCAtt attributes, PBC matched cells: balanced accuracy",
+            f"{'attribute':<27}{'e2e':>7}{'crops':>7}{'gap':>8}{'n':>5}",
+        ]
         for n, v in attrs["per_attribute"].items():
-            lines.append(f"{n:<27}{_f(v['e2e']):>7}{_f(v['crops']):>7}{_sf(v['gap']):>8}{v['n']:>5}")
+            lines.append(
+                f"{n:<27}{_f(v['e2e']):>7}{_f(v['crops']):>7}{_sf(v['gap']):>8}{v['n']:>5}"
+            )
         m = attrs["mean_balanced_accuracy"]
         lines.append(f"{'mean of 11':<27}{_f(m['e2e']):>7}{_f(m['crops']):>7}{_sf(m['gap']):>8}")
     lines += format_consistency(rep.get("consistency"))
     if rep["failures"]:
         lines += ["", f"{len(rep['failures'])} slide(s) not ok:"] + [
-            f"  {x['slide']}: {x['status']} {x['reason'] or ''}" for x in rep["failures"][:20]]
+            f"  {x['slide']}: {x['status']} {x['reason'] or ''}" for x in rep["failures"][:20]
+        ]
     if rep["skipped"]:
-        lines += ["", f"{len(rep['skipped'])} item(s) left out:"] + [f"  {s}" for s in rep["skipped"][:20]]
+        lines += ["", f"{len(rep['skipped'])} item(s) left out:"] + [
+            f"  {s}" for s in rep["skipped"][:20]
+        ]
     lines += ["", f"job {rep['job']['seconds']:.0f} s, total {rep['seconds']:.0f} s"]
     return "\n".join(lines)
 
@@ -1039,16 +1282,23 @@ def format_consistency(cons: Mapping | None) -> list[str]:
     """The consistency check as a detector of wrong caption attributes: text table lines."""
     if not cons or not cons["cells"]["n"]:
         return []
-    lines = ["", "Caption ⇄ morphometry check as a detector of wrong attributes (PBC matched cells, "
-                 "wrong = stated caption value ≠ WBCAtt label)",
-             f"{'attribute':<27}{'n':>5}{'checked':>9}{'flagged':>9}{'wrong':>7}{'flagged&wrong':>15}"
-             f"{'precision':>11}{'recall':>8}{'recall (checked)':>18}"]
+    lines = [
+        "",
+        "Caption ⇄ morphometry check as a detector of wrong attributes (PBC matched cells, "
+        "wrong = stated caption value ≠ WBCAtt label)",
+        f"{'attribute':<27}{'n':>5}{'checked':>9}{'flagged':>9}{'wrong':>7}{'flagged&wrong':>15}"
+        f"{'precision':>11}{'recall':>8}{'recall (checked)':>18}",
+    ]
     for a, p in cons["per_attribute"].items():
-        lines.append(f"{a:<27}{p['n']:>5}{p['checked']:>9}{p['flagged']:>9}{p['wrong']:>7}{p['flagged_wrong']:>15}"
-                     f"{_f(p['precision']):>11}{_f(p['recall']):>8}{_f(p['recall_checked']):>18}")
+        lines.append(
+            f"{a:<27}{p['n']:>5}{p['checked']:>9}{p['flagged']:>9}{p['wrong']:>7}{p['flagged_wrong']:>15}"
+            f"{_f(p['precision']):>11}{_f(p['recall']):>8}{_f(p['recall_checked']):>18}"
+        )
     c = cons["cells"]
-    lines.append(f"{'cells (any covered attr.)':<27}{c['n']:>5}{c['checked']:>9}{c['flagged']:>9}{c['wrong']:>7}"
-                 f"{c['flagged_wrong']:>15}{_f(c['precision']):>11}{_f(c['recall']):>8}")
+    lines.append(
+        f"{'cells (any covered attr.)':<27}{c['n']:>5}{c['checked']:>9}{c['flagged']:>9}{c['wrong']:>7}"
+        f"{c['flagged_wrong']:>15}{_f(c['precision']):>11}{_f(c['recall']):>8}"
+    )
     return lines
 
 

@@ -50,7 +50,9 @@ def test_drawn_parameters_stay_within_stated_ranges():
         out, d = augment_crop(img, rng, s, context=1.2)
         assert out.shape == (100, 100, 3) and out.dtype == np.uint8
         assert 0.8 <= d["f"] <= 1.2
-        assert abs(d["shift"][0]) <= 0.04 * 100 * d["f"] and abs(d["shift"][1]) <= 0.04 * 100 * d["f"]
+        assert (
+            abs(d["shift"][0]) <= 0.04 * 100 * d["f"] and abs(d["shift"][1]) <= 0.04 * 100 * d["f"]
+        )
         assert -0.04 <= d["hue"] <= 0.04 and 0.8 <= d["saturation"] <= 1.2
         assert 0.9 <= d["brightness"] <= 1.1 and 0.9 <= d["contrast"] <= 1.1
         assert d["rot90"] in (0, 1, 2, 3)
@@ -92,7 +94,9 @@ def test_stain_jitter_shifts_hue_and_saturation_by_the_drawn_amount():
     patch = np.full((8, 8, 3), (150, 90, 190), np.uint8)  # Giemsa violet
     hsv0 = cv2.cvtColor(patch, cv2.COLOR_RGB2HSV_FULL)[0, 0].astype(float)
     for hue, sat in ((0.04, 1.0), (-0.04, 1.0), (0.0, 0.8), (0.0, 1.2)):
-        hsv = cv2.cvtColor(stain_jitter(patch, hue, sat), cv2.COLOR_RGB2HSV_FULL)[0, 0].astype(float)
+        hsv = cv2.cvtColor(stain_jitter(patch, hue, sat), cv2.COLOR_RGB2HSV_FULL)[0, 0].astype(
+            float
+        )
         dh = (hsv[0] - hsv0[0] + 128) % 256 - 128
         assert dh == pytest.approx(hue * 256, abs=2.5)
         assert hsv[1] == pytest.approx(min(255, hsv0[1] * sat), abs=3)
@@ -136,19 +140,30 @@ def test_switching_a_kind_off_keeps_the_other_draws():
     assert a["f"] == b["f"] and a["rot90"] == b["rot90"] and b["hue"] is None
 
 
-@pytest.mark.parametrize("kw, flag", [
-    (dict(kinds="scale,blur"), "--augment"), (dict(scale=0.6), "--aug-scale"),
-    (dict(hue=float("nan")), "--aug-hue"), (dict(saturation=(1.3, 1.1)), "--aug-saturation"),
-    (dict(saturation="0.8"), "--aug-saturation"), (dict(resolution_mpp=(0.3, 0.2)), "--aug-resolution-mpp"),
-    (dict(jpeg_quality=(0, 90)), "--aug-jpeg"), (dict(jpeg_p=1.5), "--aug-jpeg-p"),
-])
+@pytest.mark.parametrize(
+    "kw, flag",
+    [
+        (dict(kinds="scale,blur"), "--augment"),
+        (dict(scale=0.6), "--aug-scale"),
+        (dict(hue=float("nan")), "--aug-hue"),
+        (dict(saturation=(1.3, 1.1)), "--aug-saturation"),
+        (dict(saturation="0.8"), "--aug-saturation"),
+        (dict(resolution_mpp=(0.3, 0.2)), "--aug-resolution-mpp"),
+        (dict(jpeg_quality=(0, 90)), "--aug-jpeg"),
+        (dict(jpeg_p=1.5), "--aug-jpeg-p"),
+    ],
+)
 def test_bad_settings_name_the_flag(kw, flag):
     with pytest.raises(HemblipConfigError, match=flag):
         AugmentSettings(**kw)
 
 
 def test_parse_kinds():
-    assert parse_kinds("all") == parse_kinds(True) == ("geometry", "scale", "stain", "resolution", "jpeg")
+    assert (
+        parse_kinds("all")
+        == parse_kinds(True)
+        == ("geometry", "scale", "stain", "resolution", "jpeg")
+    )
     assert parse_kinds("none") == parse_kinds(False) == parse_kinds("") == ()
     assert parse_kinds("jpeg, scale") == ("scale", "jpeg")  # canonical order
 
@@ -165,10 +180,21 @@ def _samples(n: int, cell_type: str, split: str, px: int, colour) -> list:
     rng = np.random.default_rng(abs(hash((cell_type, split))) % 2**32)
     out = []
     for i in range(n):
-        img = np.clip(np.full((px, px, 3), colour, np.float32) + rng.normal(0, 8, (px, px, 3)), 0, 255)
-        out.append(CaptionSample(image=img.astype(np.uint8), caption=render_caption(cell_type, None, {}),
-                                 cell_type=cell_type, case=None, attributes={}, sample_id=f"{split}{cell_type}{i}",
-                                 source="synthetic", split=split))
+        img = np.clip(
+            np.full((px, px, 3), colour, np.float32) + rng.normal(0, 8, (px, px, 3)), 0, 255
+        )
+        out.append(
+            CaptionSample(
+                image=img.astype(np.uint8),
+                caption=render_caption(cell_type, None, {}),
+                cell_type=cell_type,
+                case=None,
+                attributes={},
+                sample_id=f"{split}{cell_type}{i}",
+                source="synthetic",
+                split=split,
+            )
+        )
     return out
 
 
@@ -185,10 +211,20 @@ def test_only_the_training_split_is_augmented(tmp_path, monkeypatch):
 
     monkeypatch.setattr(aug, "augment_crop", spy)
     # Train crops 48 px, val crops 40 px: a 40-px image reaching the augmenter is a val crop.
-    tr = _samples(6, "lymphocyte", "train", 48, (70, 60, 160)) + _samples(6, "neutrophil", "train", 48, (200, 150, 190))
+    tr = _samples(6, "lymphocyte", "train", 48, (70, 60, 160)) + _samples(
+        6, "neutrophil", "train", 48, (200, 150, 190)
+    )
     va = _samples(3, "lymphocyte", "val", 40, (70, 60, 160))
-    cfg = TrainConfig(out=str(tmp_path / "o"), base="tiny", epochs=2, batch_size=4, lr=1e-3, augment="all",
-                      warmup_fraction=0.0, log_every=100)
+    cfg = TrainConfig(
+        out=str(tmp_path / "o"),
+        base="tiny",
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        augment="all",
+        warmup_fraction=0.0,
+        log_every=100,
+    )
     train(cfg, tr, va, log=lambda m: None)
     assert len(seen) == 2 * 12 and all(s[0] == 48 for s in seen)
 
@@ -197,9 +233,11 @@ def test_class_balance_draws_each_type_equally_and_reaches_every_sample():
     from hemblip.model import load_model
     from hemblip.train import TrainConfig, _Batches
 
-    samples = (_samples(30, "neutrophil", "train", 24, (200, 150, 190))
-               + _samples(6, "lymphocyte", "train", 24, (70, 60, 160))
-               + _samples(4, "basophil", "train", 24, (90, 40, 120)))
+    samples = (
+        _samples(30, "neutrophil", "train", 24, (200, 150, 190))
+        + _samples(6, "lymphocyte", "train", 24, (70, 60, 160))
+        + _samples(4, "basophil", "train", 24, (90, 40, 120))
+    )
     loaded = load_model("tiny")
     cfg = TrainConfig(out="unused", base="tiny", batch_size=8, augment=False, balance="class")
     b = _Batches(samples, loaded, cfg, False, balance="class")
@@ -209,7 +247,9 @@ def test_class_balance_draws_each_type_equally_and_reaches_every_sample():
     for epoch in range(1, 7):
         idx = b.epoch_indices(epoch, np.random.default_rng([0, epoch, 0]), shuffle=True)
         types = [samples[i].cell_type for i in idx]
-        assert types.count("neutrophil") == types.count("lymphocyte") == types.count("basophil") == 13
+        assert (
+            types.count("neutrophil") == types.count("lymphocyte") == types.count("basophil") == 13
+        )
         seen_neutrophils += [int(i) for i in idx if samples[i].cell_type == "neutrophil"]
         # each lymphocyte and basophil drawn in every epoch (13 draws over 6 and 4 samples)
         assert all(list(idx).count(i) >= 1 for i in range(30, 40))
@@ -218,8 +258,12 @@ def test_class_balance_draws_each_type_equally_and_reaches_every_sample():
             assert set(seen_neutrophils) == set(range(30))
     # 6 x 13 = 78 draws: each neutrophil 2 or 3 times, none left out or favoured
     assert {seen_neutrophils.count(i) for i in range(30)} <= {2, 3}
-    assert {rare.count(i) for i in range(30, 36)} == {13} and {rare.count(i) for i in range(36, 40)} <= {19, 20}
+    assert {rare.count(i) for i in range(30, 36)} == {13} and {
+        rare.count(i) for i in range(36, 40)
+    } <= {19, 20}
     a = b.epoch_indices(1, np.random.default_rng([0, 1, 0]), shuffle=True)
     assert np.array_equal(a, b.epoch_indices(1, np.random.default_rng([0, 1, 0]), shuffle=True))
-    plain = _Batches(samples, loaded, TrainConfig(out="unused", base="tiny", batch_size=8, augment=False), False)
+    plain = _Batches(
+        samples, loaded, TrainConfig(out="unused", base="tiny", batch_size=8, augment=False), False
+    )
     assert plain.n_per_epoch == 40

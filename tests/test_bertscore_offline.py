@@ -53,9 +53,15 @@ class _FakeBertScore(types.ModuleType):
         def score(cands, refs, **kwargs):
             from huggingface_hub import constants
 
-            self.calls.append({"cands": list(cands), "refs": list(refs), **kwargs,
-                               "offline_const": constants.HF_HUB_OFFLINE,
-                               "offline_env": os.environ.get("HF_HUB_OFFLINE")})
+            self.calls.append(
+                {
+                    "cands": list(cands),
+                    "refs": list(refs),
+                    **kwargs,
+                    "offline_const": constants.HF_HUB_OFFLINE,
+                    "offline_env": os.environ.get("HF_HUB_OFFLINE"),
+                }
+            )
             return _Mean(0.5), _Mean(0.5), _Mean(0.875)
 
         return score
@@ -71,6 +77,7 @@ def fake_bert_score(monkeypatch):
         monkeypatch.setitem(sys.modules, "bert_score", fake)
         monkeypatch.setitem(sys.modules, "bert_score.utils", utils)
         return fake
+
     return install
 
 
@@ -82,7 +89,9 @@ def _model_dir(root: Path, name: str = "my-bert") -> Path:
     return d
 
 
-def test_without_a_model_path_it_is_na_at_once_and_never_touches_bert_score(fake_bert_score, monkeypatch):
+def test_without_a_model_path_it_is_na_at_once_and_never_touches_bert_score(
+    fake_bert_score, monkeypatch
+):
     fake = fake_bert_score()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -95,7 +104,9 @@ def test_without_a_model_path_it_is_na_at_once_and_never_touches_bert_score(fake
     assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
 
 
-def test_with_a_local_model_it_scores_offline_and_restores_the_hub_setting(fake_bert_score, monkeypatch, tmp_path):
+def test_with_a_local_model_it_scores_offline_and_restores_the_hub_setting(
+    fake_bert_score, monkeypatch, tmp_path
+):
     from huggingface_hub import constants
 
     fake = fake_bert_score(allow_score=True)
@@ -105,7 +116,9 @@ def test_with_a_local_model_it_scores_offline_and_restores_the_hub_setting(fake_
     score, reason = bertscore(["ref one", "ref two"], ["hyp one", "hyp two"], model_path=model)
     assert (score, reason) == (0.875, None)
     (call,) = fake.calls
-    assert call["model_type"] == str(model) and call["num_layers"] == 17  # bert_score's layer by name
+    assert (
+        call["model_type"] == str(model) and call["num_layers"] == 17
+    )  # bert_score's layer by name
     assert "lang" not in call or call["lang"] is None
     assert call["offline_const"] is True and call["offline_env"] == "1"
     assert constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ
@@ -117,13 +130,16 @@ def test_with_a_local_model_it_scores_offline_and_restores_the_hub_setting(fake_
     assert score is None and "--bertscore-layers" in reason
 
 
-@pytest.mark.parametrize("make, why", [
-    (lambda root: root / "missing", "no such directory"),
-    (lambda root: (root / "file.txt").write_text("x") and root / "file.txt", "not a directory"),
-    (lambda root: (root / "empty").mkdir() or root / "empty", "no config.json"),
-    (lambda root: _pickle_only(root), "safetensors"),
-    (lambda root: root / "bad\nname", "no such directory"),
-])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda root: root / "missing", "no such directory"),
+        (lambda root: (root / "file.txt").write_text("x") and root / "file.txt", "not a directory"),
+        (lambda root: (root / "empty").mkdir() or root / "empty", "no config.json"),
+        (lambda root: _pickle_only(root), "safetensors"),
+        (lambda root: root / "bad\nname", "no such directory"),
+    ],
+)
 def test_a_bad_model_path_is_a_one_line_error(fake_bert_score, tmp_path, make, why):
     fake = fake_bert_score()
     path = make(tmp_path)
@@ -149,11 +165,30 @@ def test_evaluate_cli_checks_the_bertscore_model_before_any_work(fake_bert_score
 
     fake = fake_bert_score()
     # --model is not a checkpoint either: the BERTScore path must be refused first, at once
-    rc = main(["evaluate", "--data", str(FIXTURE / "annotations.json"), "--model", str(tmp_path),
-               "--bertscore-model", str(tmp_path / "nope")])
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            str(FIXTURE / "annotations.json"),
+            "--model",
+            str(tmp_path),
+            "--bertscore-model",
+            str(tmp_path / "nope"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error: --bertscore-model") and "nope" in err and "\n" not in err
-    rc = main(["evaluate", "--data", str(FIXTURE / "annotations.json"), "--no-bertscore",
-               "--bertscore-model", str(_model_dir(tmp_path))])
+    assert (
+        rc == 2 and err.startswith("error: --bertscore-model") and "nope" in err and "\n" not in err
+    )
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            str(FIXTURE / "annotations.json"),
+            "--no-bertscore",
+            "--bertscore-model",
+            str(_model_dir(tmp_path)),
+        ]
+    )
     assert rc == 2 and "--no-bertscore" in capsys.readouterr().err
     assert fake.touched == []

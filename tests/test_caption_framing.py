@@ -82,8 +82,8 @@ def _tiff(path: Path, px: int, mpp: float) -> Path:
 def test_the_scale_decides_when_it_is_known(images, tmp_path, capsys):
     from PIL import Image
 
-    wide = _tiff(tmp_path / "wide.tif", 300, 0.5)     # 150 µm: a field, though only 300 px
-    fine = _tiff(tmp_path / "fine.tif", 800, 0.045)   # 36 µm: one crop, though 800 px
+    wide = _tiff(tmp_path / "wide.tif", 300, 0.5)  # 150 µm: a field, though only 300 px
+    fine = _tiff(tmp_path / "fine.tif", 800, 0.045)  # 36 µm: one crop, though 800 px
     rc, rows, err = _run([wide, fine], capsys)
     assert rc == 1 and [r["image"] for r in rows] == [str(fine)]
     assert len(err) == 1 and err[0].startswith(str(wide)) and "150x150 µm" in err[0]
@@ -107,11 +107,17 @@ def test_detect_framing_and_bad_settings_are_one_line_errors(images, capsys):
 
 def _png_header_only(path: Path, w: int, h: int) -> Path:
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 

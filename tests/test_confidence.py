@@ -111,7 +111,9 @@ def test_calibration_lowers_nll_and_ece_on_an_overconfident_model():
     assert after < before - 0.1
     ok = predicted == truth
     conf = lambda temp: type_probabilities(scores, temp)[np.arange(len(scores)), predicted]  # noqa: E731
-    assert expected_calibration_error(conf(t), ok) < 0.05 < expected_calibration_error(conf(1.0), ok)
+    assert (
+        expected_calibration_error(conf(t), ok) < 0.05 < expected_calibration_error(conf(1.0), ok)
+    )
     # and it is a minimum: neighbouring temperatures do no better
     assert after <= confidence_nll(scores, predicted, truth, t * 1.1) + 1e-9
     assert after <= confidence_nll(scores, predicted, truth, t / 1.1) + 1e-9
@@ -139,7 +141,9 @@ def _doc(**over):
 
 def _raw(temperature_literal: str) -> str:
     """A calibration file whose temperature is written as given (JSON extensions, overflow)."""
-    return _doc(temperature=0.5).replace('"temperature": 0.5', '"temperature": ' + temperature_literal)
+    return _doc(temperature=0.5).replace(
+        '"temperature": 0.5', '"temperature": ' + temperature_literal
+    )
 
 
 HOSTILE = {
@@ -193,7 +197,10 @@ def test_calibration_file_that_is_a_link_outside_or_not_a_file(tmp_path, caplog)
         (ckpt / CALIBRATION_FILE).mkdir()
         assert not load_calibration(ckpt, "abcdef0123456789").calibrated
     assert len(caplog.records) == 2
-    assert "outside" in caplog.records[0].getMessage() and "regular file" in caplog.records[1].getMessage()
+    assert (
+        "outside" in caplog.records[0].getMessage()
+        and "regular file" in caplog.records[1].getMessage()
+    )
 
 
 def test_missing_calibration_is_uncalibrated_and_silent(tmp_path, caplog):
@@ -220,7 +227,9 @@ def demo_copy(tmp_path_factory):
     return d
 
 
-def test_captioner_loads_despite_a_hostile_calibration_and_applies_a_valid_one(demo_copy, crops, caplog):
+def test_captioner_loads_despite_a_hostile_calibration_and_applies_a_valid_one(
+    demo_copy, crops, caplog
+):
     (demo_copy / CALIBRATION_FILE).write_text(_raw("NaN"))
     with caplog.at_level(logging.WARNING, logger="hemblip.calibration"):
         raw = Captioner(demo_copy, batch_size=4, device="cpu")
@@ -235,7 +244,9 @@ def test_captioner_loads_despite_a_hostile_calibration_and_applies_a_valid_one(d
     for r0, r1, p in zip(results, softened, want):
         assert r1.caption == r0.caption
         if r1.cell_type is not None:
-            assert r1.cell_type_confidence == pytest.approx(p[CELL_TYPES.index(r1.cell_type)], abs=1e-6)
+            assert r1.cell_type_confidence == pytest.approx(
+                p[CELL_TYPES.index(r1.cell_type)], abs=1e-6
+            )
             if r0.top_cell_type_probability > 1 / len(CELL_TYPES):
                 assert r1.top_cell_type_probability < r0.top_cell_type_probability
 
@@ -252,13 +263,36 @@ def test_calibrate_command_writes_file_table_and_diagram(tmp_path, crops, capsys
     from hemblip.data import CaptionSample, write_generic_csv
 
     types = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "neutrophil"]
-    samples = [CaptionSample(image=c, caption=f"This is a {t}.", cell_type=t, case=None, attributes={},
-                             sample_id=f"c{i}", source="t", split="val")
-               for i, (c, t) in enumerate(zip(crops, types))]
+    samples = [
+        CaptionSample(
+            image=c,
+            caption=f"This is a {t}.",
+            cell_type=t,
+            case=None,
+            attributes={},
+            sample_id=f"c{i}",
+            source="t",
+            split="val",
+        )
+        for i, (c, t) in enumerate(zip(crops, types))
+    ]
     csv_path = write_generic_csv(samples, tmp_path / "data")
     out, svg = tmp_path / "cal", tmp_path / "docs" / "rel.svg"
-    rc = main(["calibrate", "--data", str(csv_path), "--out", str(out), "--diagram", str(svg),
-               "--device", "cpu", "--batch-size", "4"])
+    rc = main(
+        [
+            "calibrate",
+            "--data",
+            str(csv_path),
+            "--out",
+            str(out),
+            "--diagram",
+            str(svg),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "ECE" in text and "| confidence bin | mean confidence | accuracy | cells |" in text
@@ -280,12 +314,16 @@ def test_caption_stage_and_cell_row_carry_the_confidence(crops):
 
     stage = CaptionStage(None, batch_size=4, device="cpu")
     n = 3
-    crop = np.stack([np.asarray(c[:96, :96]) for c in crops[:2]] + [np.zeros((96, 96, 3), np.uint8)])
-    batch = {"kind": np.array(["cell", "slide", "cell"], dtype=object),
-             "slide_id": np.array(["s"] * n, dtype=object),
-             "record": np.array([json.dumps({"cell_id": f"c{i}"}) for i in range(n)], dtype=object),
-             "thumbnail": np.array([b""] * n, dtype=object),
-             "crop": np.stack([crop[0], crop[2], crop[1]])}
+    crop = np.stack(
+        [np.asarray(c[:96, :96]) for c in crops[:2]] + [np.zeros((96, 96, 3), np.uint8)]
+    )
+    batch = {
+        "kind": np.array(["cell", "slide", "cell"], dtype=object),
+        "slide_id": np.array(["s"] * n, dtype=object),
+        "record": np.array([json.dumps({"cell_id": f"c{i}"}) for i in range(n)], dtype=object),
+        "thumbnail": np.array([b""] * n, dtype=object),
+        "crop": np.stack([crop[0], crop[2], crop[1]]),
+    }
     out = stage(batch)
     assert set(out) == set(OUTPUT_KEYS)
     assert math.isnan(out["cell_type_confidence"][1])  # the slide row

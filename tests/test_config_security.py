@@ -46,7 +46,10 @@ unit = pytest.mark.unit
         ("ray://admin:pw@head:10001", "ray://***@head:10001"),
         ("http://host:9000", "http://host:9000"),
         ("http://[::1]:9000/b", "http://[::1]:9000/b"),
-        ("http://host:9000/bucket/user@example.com.svs", "http://host:9000/bucket/user@example.com.svs"),
+        (
+            "http://host:9000/bucket/user@example.com.svs",
+            "http://host:9000/bucket/user@example.com.svs",
+        ),
         ("s3://bucket/key@x.svs", "s3://bucket/key@x.svs"),
     ],
 )
@@ -62,18 +65,25 @@ def test_redact_url_userinfo(url, expected):
     ("url", "expected"),
     [
         # SigV4 pre-signed URL: credential, signature and session token hidden, the rest kept
-        ("https://b.s3.amazonaws.com/k.svs?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAX%2F20240101"
-         "%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600"
-         "&X-Amz-Security-Token=FQoGZX&X-Amz-SignedHeaders=host&X-Amz-Signature=0123abcd",
-         "https://b.s3.amazonaws.com/k.svs?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
-         "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-Security-Token=***"
-         "&X-Amz-SignedHeaders=host&X-Amz-Signature=***"),
+        (
+            "https://b.s3.amazonaws.com/k.svs?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAX%2F20240101"
+            "%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600"
+            "&X-Amz-Security-Token=FQoGZX&X-Amz-SignedHeaders=host&X-Amz-Signature=0123abcd",
+            "https://b.s3.amazonaws.com/k.svs?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+            "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-Security-Token=***"
+            "&X-Amz-SignedHeaders=host&X-Amz-Signature=***",
+        ),
         # SigV2 pre-signed URL
-        ("https://b.s3.amazonaws.com/k?AWSAccessKeyId=AKIAX&Expires=1700000000&Signature=abc%2Bdef",
-         "https://b.s3.amazonaws.com/k?AWSAccessKeyId=***&Expires=1700000000&Signature=***"),
+        (
+            "https://b.s3.amazonaws.com/k?AWSAccessKeyId=AKIAX&Expires=1700000000&Signature=abc%2Bdef",
+            "https://b.s3.amazonaws.com/k?AWSAccessKeyId=***&Expires=1700000000&Signature=***",
+        ),
         ("http://h/p?token=t0k&page=2", "http://h/p?token=***&page=2"),
         ("http://h/?PASSWORD=pw#frag", "http://h/?PASSWORD=***#frag"),
-        ("http://h/?secret=s;api_key=k;sig=x;access_token=y", "http://h/?secret=***;api_key=***;sig=***;access_token=***"),
+        (
+            "http://h/?secret=s;api_key=k;sig=x;access_token=y",
+            "http://h/?secret=***;api_key=***;sig=***;access_token=***",
+        ),
         ("http://h/?x-amz-security-token=a&x=1", "http://h/?x-amz-security-token=***&x=1"),
         ("http://u:p@h/?sessionKey=v", "http://***@h/?sessionKey=***"),
         ("http://h/?token", "http://h/?token"),  # no value: nothing to hide
@@ -91,10 +101,17 @@ def test_redact_url_query(url, expected):
 def test_redact_urls_in_text():
     from pipeline._redact import redact_urls_in
 
-    botocore = 'Could not connect to the endpoint URL: "http://user:secret@127.0.0.1:9000/bkt?list-type=2"'
-    assert redact_urls_in(botocore) == 'Could not connect to the endpoint URL: "http://***@127.0.0.1:9000/bkt?list-type=2"'
-    several = ("copy http://a:one@h1/x?token=two to 'https://b:three@[::1]:443/y' then "
-               "<ray://c:four@head:10001>, and s3://bucket/k@v.svs\nnext line http://h/?sig=five")
+    botocore = (
+        'Could not connect to the endpoint URL: "http://user:secret@127.0.0.1:9000/bkt?list-type=2"'
+    )
+    assert (
+        redact_urls_in(botocore)
+        == 'Could not connect to the endpoint URL: "http://***@127.0.0.1:9000/bkt?list-type=2"'
+    )
+    several = (
+        "copy http://a:one@h1/x?token=two to 'https://b:three@[::1]:443/y' then "
+        "<ray://c:four@head:10001>, and s3://bucket/k@v.svs\nnext line http://h/?sig=five"
+    )
     out = redact_urls_in(several)
     for secret in ("one", "two", "three", "four", "five"):
         assert secret not in out, out
@@ -107,21 +124,32 @@ def test_redact_urls_in_text():
 # -- JobConfig.to_json_dict / worker_env --------------------------------------------------------
 @unit
 def test_to_json_dict_redacts_every_url_value():
-    cfg = JobConfig(input="in", output="out", ray_address=f"ray://admin:{SECRET}@head:10001",
-                    scratch_dir="/scratch", s3_endpoint="http://127.0.0.1:9000")
+    cfg = JobConfig(
+        input="in",
+        output="out",
+        ray_address=f"ray://admin:{SECRET}@head:10001",
+        scratch_dir="/scratch",
+        s3_endpoint="http://127.0.0.1:9000",
+    )
     text = json.dumps(cfg.to_json_dict())
     assert SECRET not in text
     assert cfg.to_json_dict()["ray_address"] == "ray://***@head:10001"
     assert cfg.to_json_dict()["s3_endpoint"] == "http://127.0.0.1:9000"
-    assert cfg.ray_address.endswith("@head:10001") and SECRET in cfg.ray_address  # the run still uses it
+    assert (
+        cfg.ray_address.endswith("@head:10001") and SECRET in cfg.ray_address
+    )  # the run still uses it
 
 
 @unit
 @pytest.mark.parametrize(
     "endpoint",
-    [f"http://user:{SECRET}@127.0.0.1:9000", f"http://{SECRET}@127.0.0.1:9000",
-     f"https://user:p@{SECRET}@minio.local", f"http://user:{SECRET}@[::1]:9000/",
-     f"http://127.0.0.1:9000/?X-Amz-Security-Token={SECRET}"],
+    [
+        f"http://user:{SECRET}@127.0.0.1:9000",
+        f"http://{SECRET}@127.0.0.1:9000",
+        f"https://user:p@{SECRET}@minio.local",
+        f"http://user:{SECRET}@[::1]:9000/",
+        f"http://127.0.0.1:9000/?X-Amz-Security-Token={SECRET}",
+    ],
 )
 def test_endpoint_credentials_are_refused_without_echoing_them(endpoint):
     with pytest.raises(ConfigError) as err:
@@ -132,8 +160,18 @@ def test_endpoint_credentials_are_refused_without_echoing_them(endpoint):
 
 
 @unit
-@pytest.mark.parametrize("endpoint", ["127.0.0.1:9000", "ftp://host", "http://", "http://host:99999",
-                                      "http://host:port", "http://ho st", "http://host#frag"])
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "127.0.0.1:9000",
+        "ftp://host",
+        "http://",
+        "http://host:99999",
+        "http://host:port",
+        "http://ho st",
+        "http://host#frag",
+    ],
+)
 def test_malformed_endpoint_is_one_line(endpoint):
     with pytest.raises(ConfigError, match=r"^--s3-endpoint") as err:
         JobConfig(input="s3://b/in/", output="s3://b/out/", s3_endpoint=endpoint)
@@ -141,8 +179,14 @@ def test_malformed_endpoint_is_one_line(endpoint):
 
 
 @unit
-@pytest.mark.parametrize("value", [f"https://user:{SECRET}@host/x", f"s3://user:{SECRET}@bucket/x",
-                                   f"http://host/x?token={SECRET}"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"https://user:{SECRET}@host/x",
+        f"s3://user:{SECRET}@bucket/x",
+        f"http://host/x?token={SECRET}",
+    ],
+)
 @pytest.mark.parametrize("name", ["input", "output", "model"])
 def test_uri_errors_do_not_echo_credentials(name, value):
     kw = {"input": "in", "output": "out", name: value}
@@ -153,19 +197,28 @@ def test_uri_errors_do_not_echo_credentials(name, value):
 
 @unit
 def test_worker_env_forwards_the_endpoint_and_the_named_variables():
-    cfg = JobConfig(input="s3://b/in/", output="s3://b/out/", s3_endpoint="http://127.0.0.1:9000",
-                    forward_env=("AWS_REGION", "AWS_PROFILE", "HF_HUB_OFFLINE"))
+    cfg = JobConfig(
+        input="s3://b/in/",
+        output="s3://b/out/",
+        s3_endpoint="http://127.0.0.1:9000",
+        forward_env=("AWS_REGION", "AWS_PROFILE", "HF_HUB_OFFLINE"),
+    )
     environ = {"AWS_REGION": "eu-west-1", "HF_HUB_OFFLINE": "1", "AWS_SECRET_ACCESS_KEY": SECRET}
-    assert cfg.worker_env(environ) == {"AWS_REGION": "eu-west-1", "HF_HUB_OFFLINE": "1",
-                                       "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000"}
+    assert cfg.worker_env(environ) == {
+        "AWS_REGION": "eu-west-1",
+        "HF_HUB_OFFLINE": "1",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000",
+    }
     no_endpoint = JobConfig(input="s3://b/in/", output="s3://b/out/", forward_env=("AWS_REGION",))
     assert no_endpoint.worker_env(environ) == {"AWS_REGION": "eu-west-1"}
 
 
 @unit
 @pytest.mark.parametrize("name", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
-@pytest.mark.parametrize("value", [f"http://user:{SECRET}@127.0.0.1:9000",
-                                   f"https://minio.local/?X-Amz-Signature={SECRET}"])
+@pytest.mark.parametrize(
+    "value",
+    [f"http://user:{SECRET}@127.0.0.1:9000", f"https://minio.local/?X-Amz-Signature={SECRET}"],
+)
 def test_worker_env_refuses_a_forwarded_url_with_credentials(name, value):
     cfg = JobConfig(input="s3://b/in/", output="s3://b/out/")
     with pytest.raises(ConfigError) as err:
@@ -175,7 +228,9 @@ def test_worker_env_refuses_a_forwarded_url_with_credentials(name, value):
 
 
 @unit
-def test_run_job_refuses_a_forwarded_endpoint_with_credentials_before_any_work(tmp_path, monkeypatch):
+def test_run_job_refuses_a_forwarded_endpoint_with_credentials_before_any_work(
+    tmp_path, monkeypatch
+):
     """run.py builds the workers' environment with ``cfg.worker_env()`` before listing."""
     from pipeline.job import run_job
 
@@ -206,7 +261,11 @@ def test_cli_redacts_progress_and_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pipeline.job, "run_job", fake_run_job)
     rc = main(["run", "--input", "s3://b/in/", "--output", str(tmp_path / "out")])
     out, err = capsys.readouterr()
-    assert rc == 2 and "FAILED  s3://b/in/a.svs" in out and err.startswith("error: s3://b/in/: Could not connect")
+    assert (
+        rc == 2
+        and "FAILED  s3://b/in/a.svs" in out
+        and err.startswith("error: s3://b/in/: Could not connect")
+    )
     assert SECRET not in out + err and "http://***@127.0.0.1:9/b" in out + err
 
 
@@ -229,7 +288,17 @@ def _wrong_values(name: str) -> list:
     if base is float:
         return [True, "abc", [1.0], {"a": 1}, float("nan"), float("inf"), float("-inf"), 10**400]
     if base is str:
-        return [5, 2.5, True, ["a"], [["a"]], {"a": "b"}, "bad\nvalue", "nul\x00byte", "x" * 5000 + "\x07"]
+        return [
+            5,
+            2.5,
+            True,
+            ["a"],
+            [["a"]],
+            {"a": "b"},
+            "bad\nvalue",
+            "nul\x00byte",
+            "x" * 5000 + "\x07",
+        ]
     raise AssertionError(f"no wrong values for {name}: {tp}")
 
 
@@ -306,25 +375,42 @@ def test_yaml_integer_too_long_to_parse_is_one_line(tmp_path):
 @unit
 def test_real_values_still_load(tmp_path):
     y = tmp_path / "job.yaml"
-    y.write_text("input: s3://b/in/\noutput: s3://b/out/\ndry_run: false\nreprocess: true\ncrop_um: 36\n"
-                 "mpp: 0.25\ncaption_cpus_per_actor: -0.0\ncaption_gpus_per_actor: -0.0\n"
-                 "extensions: [svs, .TIF]\nforward_env: AWS_REGION,HF_HUB_OFFLINE\n"
-                 "s3_endpoint: http://[::1]:9000\n")
+    y.write_text(
+        "input: s3://b/in/\noutput: s3://b/out/\ndry_run: false\nreprocess: true\ncrop_um: 36\n"
+        "mpp: 0.25\ncaption_cpus_per_actor: -0.0\ncaption_gpus_per_actor: -0.0\n"
+        "extensions: [svs, .TIF]\nforward_env: AWS_REGION,HF_HUB_OFFLINE\n"
+        "s3_endpoint: http://[::1]:9000\n"
+    )
     cfg = load_config(y, env={})
     assert cfg.dry_run is False and cfg.reprocess is True
     assert cfg.crop_um == 36.0 and isinstance(cfg.crop_um, float) and cfg.mpp == 0.25
     # negative zero is zero (Ray and the printed config must not see "-0.0")
-    assert math.copysign(1, cfg.caption_cpus_per_actor) == 1 and math.copysign(1, cfg.caption_gpus_per_actor) == 1
-    assert cfg.extensions == (".svs", ".tif") and cfg.forward_env == ("AWS_REGION", "HF_HUB_OFFLINE")
+    assert (
+        math.copysign(1, cfg.caption_cpus_per_actor) == 1
+        and math.copysign(1, cfg.caption_gpus_per_actor) == 1
+    )
+    assert cfg.extensions == (".svs", ".tif") and cfg.forward_env == (
+        "AWS_REGION",
+        "HF_HUB_OFFLINE",
+    )
 
 
 # -- the same rules for overrides (CLI / API) and the environment ---------------------------
 @unit
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("dry_run", "false"), ("reprocess", "no"), ("crop_um", float("inf")), ("detect_cpus", float("inf")),
-     ("mpp", True), ("caption_cpus_per_actor", float("inf")), ("crop_px", 10**30), ("input", 7),
-     ("extensions", [".svs", 1]), ("forward_env", 3)],
+    [
+        ("dry_run", "false"),
+        ("reprocess", "no"),
+        ("crop_um", float("inf")),
+        ("detect_cpus", float("inf")),
+        ("mpp", True),
+        ("caption_cpus_per_actor", float("inf")),
+        ("crop_px", 10**30),
+        ("input", 7),
+        ("extensions", [".svs", 1]),
+        ("forward_env", 3),
+    ],
 )
 def test_overrides_get_the_same_checks(key, value):
     with pytest.raises(ConfigError, match="^--" + key.replace("_", "-")) as err:
@@ -345,18 +431,28 @@ def _cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Comp
     ray_tmp = tmp_path / "ray-tmp"
     e = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "", **(env or {})}
     # A Ray start creates its session directory under RAY_TMPDIR; no directory, no Ray.
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", *args], cwd=REPO, env=e,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", *args],
+        cwd=REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert not ray_tmp.exists(), "Ray started"
     return proc
 
 
 @unit
-@pytest.mark.parametrize("text", ['dry_run: "false"', "crop_um: .inf", "input: [[a]]", "detect_cpus: .inf"])
+@pytest.mark.parametrize(
+    "text", ['dry_run: "false"', "crop_um: .inf", "input: [[a]]", "detect_cpus: .inf"]
+)
 def test_cli_bad_yaml_value_exits_2_with_one_line(tmp_path, text):
     key = text.split(":")[0]
     y = tmp_path / "job.yaml"
-    y.write_text(f"input: {tmp_path}/in\noutput: {tmp_path}/out\n".replace(f"{key}: ", "# ") + text + "\n")
+    y.write_text(
+        f"input: {tmp_path}/in\noutput: {tmp_path}/out\n".replace(f"{key}: ", "# ") + text + "\n"
+    )
     (tmp_path / "in").mkdir()
     proc = _cli(tmp_path, "--config", str(y))
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -374,8 +470,15 @@ def test_cli_refuses_endpoint_credentials_before_ray(s3_server, tmp_path):
 
     bucket = new_bucket(s3_server)
     endpoint = s3_server.replace("http://", f"http://user:{SECRET}@")
-    proc = _cli(tmp_path, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
-                "--s3-endpoint", endpoint)
+    proc = _cli(
+        tmp_path,
+        "--input",
+        f"s3://{bucket}/in/",
+        "--output",
+        f"s3://{bucket}/out/",
+        "--s3-endpoint",
+        endpoint,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     lines = proc.stderr.strip().splitlines()
@@ -383,5 +486,7 @@ def test_cli_refuses_endpoint_credentials_before_ray(s3_server, tmp_path):
     assert SECRET not in out and "Traceback" not in out and "ray" not in out.lower()
     import boto3
 
-    listed = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_objects_v2(Bucket=bucket)
+    listed = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").list_objects_v2(
+        Bucket=bucket
+    )
     assert listed.get("KeyCount", 0) == 0, "the run wrote to the output before refusing"

@@ -26,13 +26,20 @@ BCCD_MPP = 0.072  # as tests/test_detect_stage.py
 
 
 def _field(shared_data: Path) -> np.ndarray:
-    return np.asarray(Image.open(shared_data / "bccd" / "JPEGImages" / "BloodImage_00000.jpg").convert("RGB"))
+    return np.asarray(
+        Image.open(shared_data / "bccd" / "JPEGImages" / "BloodImage_00000.jpg").convert("RGB")
+    )
 
 
 # --------------------------------------------------------------------------- the crop function
 def test_crop_box_is_the_jobs_square_and_corner():
     # side round(36 / mpp), corner floor(centre - side / 2): the job's rule before this module
-    for (cx, cy), mpp in [((100.0, 80.0), 0.25), ((100.4, 80.6), 0.072), ((0.5, 3.2), 0.5), ((7.0, 7.0), 40.0)]:
+    for (cx, cy), mpp in [
+        ((100.0, 80.0), 0.25),
+        ((100.4, 80.6), 0.072),
+        ((0.5, 3.2), 0.5),
+        ((7.0, 7.0), 40.0),
+    ]:
         side = max(2, int(round(36.0 / mpp)))
         x0, y0 = int(math.floor(cx - side / 2)), int(math.floor(cy - side / 2))
         assert crop_box((cx, cy), mpp) == (x0, y0, x0 + side, y0 + side)
@@ -52,19 +59,35 @@ def test_cell_crop_white_matches_a_padded_read_and_reflect_mirrors():
     assert not (mirrored == 255).all(axis=-1).any()  # smear, not glass
     # the mirror repeats the edge pixel: row -1 is row 0, column -k is column k-1
     x0, y0 = crop_box((5, 5), mpp)[:2]
-    assert np.array_equal(mirrored[-y0 - 1], mirrored[-y0]) and np.array_equal(mirrored[:, -x0 - 3], mirrored[:, -x0 + 2])
-    assert pad_fraction(img.shape, (60, 45), mpp) == 0.0 and 0.0 < pad_fraction(img.shape, (5, 5), mpp) < 1.0
+    assert np.array_equal(mirrored[-y0 - 1], mirrored[-y0]) and np.array_equal(
+        mirrored[:, -x0 - 3], mirrored[:, -x0 + 2]
+    )
+    assert (
+        pad_fraction(img.shape, (60, 45), mpp) == 0.0
+        and 0.0 < pad_fraction(img.shape, (5, 5), mpp) < 1.0
+    )
     # a square far larger than the image (a 120-px dataset crop at a fine scale) still mirrors
     tiny = img[:10, :12]
     assert cell_crop(tiny, (6, 5), 0.05).shape == (224, 224, 3)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"mpp": 0.0}, "mpp"), ({"mpp": float("nan")}, "mpp"), ({"mpp": -1}, "mpp"), ({"mpp": 1e9}, "mpp"),
-    ({"mpp": True}, "mpp"), ({"crop_px": 8}, "crop_px"), ({"crop_px": 224.0}, "crop_px"),
-    ({"crop_um": 0}, "crop_um"), ({"pad": "edge"}, "pad"), ({"center_xy": (float("inf"), 3)}, "center"),
-    ({"center_xy": "ab"}, "center"), ({"mpp": 0.001}, "8192 px"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mpp": 0.0}, "mpp"),
+        ({"mpp": float("nan")}, "mpp"),
+        ({"mpp": -1}, "mpp"),
+        ({"mpp": 1e9}, "mpp"),
+        ({"mpp": True}, "mpp"),
+        ({"crop_px": 8}, "crop_px"),
+        ({"crop_px": 224.0}, "crop_px"),
+        ({"crop_um": 0}, "crop_um"),
+        ({"pad": "edge"}, "pad"),
+        ({"center_xy": (float("inf"), 3)}, "center"),
+        ({"center_xy": "ab"}, "center"),
+        ({"mpp": 0.001}, "8192 px"),
+    ],
+)
 def test_cell_crop_bad_arguments_are_one_line_errors(kwargs, match):
     args = {"image": np.zeros((20, 20, 3), np.uint8), "center_xy": (10, 10), "mpp": 0.25} | kwargs
     with pytest.raises(HemblipConfigError, match=match) as info:
@@ -86,8 +109,9 @@ def test_scale_estimator_is_one_function(shared_data):
 
     rgb = _field(shared_data)
     assert det.estimate_mpp(rgb) == scale.estimate_mpp(rgb)
-    assert scale.estimate_image_mpp(lambda b: rgb[b[1]:b[3], b[0]:b[2]], rgb.shape[1], rgb.shape[0]) == \
-        scale.estimate_mpp(rgb)
+    assert scale.estimate_image_mpp(
+        lambda b: rgb[b[1] : b[3], b[0] : b[2]], rgb.shape[1], rgb.shape[0]
+    ) == scale.estimate_mpp(rgb)
 
 
 # --------------------------------------------------------------------------- job vs hemblip caption
@@ -98,7 +122,9 @@ def job_field(shared_data, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("parity")
     tif = d / "field.tif"
-    Image.fromarray(_field(shared_data)).save(tif, resolution=10000.0 / BCCD_MPP, resolution_unit="cm")
+    Image.fromarray(_field(shared_data)).save(
+        tif, resolution=10000.0 / BCCD_MPP, resolution_unit="cm"
+    )
     res = detect_slide(tif)
     assert res.info["mpp_source"] == "metadata" and res.records
     return tif, res
@@ -121,8 +147,20 @@ def test_job_and_hemblip_caption_give_the_same_crop_and_caption(job_field, tmp_p
     job_caption = Captioner(None, device="cpu").caption(job_crop[None])[0]
 
     center = f"{rec['centroid_x']!r},{rec['centroid_y']!r}"  # repr: the exact float
-    rc, rows, err = _cli([tif, "--framing", "cell", "--center", center, "--crops-dir", tmp_path / "c",
-                          "--device", "cpu"], capsys)
+    rc, rows, err = _cli(
+        [
+            tif,
+            "--framing",
+            "cell",
+            "--center",
+            center,
+            "--crops-dir",
+            tmp_path / "c",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     (row,) = rows
     got = np.asarray(Image.open(row["crop_file"]))
@@ -142,21 +180,36 @@ def test_estimated_scale_is_the_jobs_too(shared_data, tmp_path, capsys):
     res = detect_slide(png)
     assert res.info["mpp_source"] == "estimated"
     rec = res.records[0]
-    rc, rows, err = _cli([png, "--framing", "cell", "--center", f"{rec['centroid_x']!r},{rec['centroid_y']!r}",
-                          "--crops-dir", tmp_path / "c", "--device", "cpu"], capsys)
+    rc, rows, err = _cli(
+        [
+            png,
+            "--framing",
+            "cell",
+            "--center",
+            f"{rec['centroid_x']!r},{rec['centroid_y']!r}",
+            "--crops-dir",
+            tmp_path / "c",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     assert rows[0]["mpp"] == rec["mpp"] and rows[0]["mpp_source"] == "estimated"
     assert np.asarray(Image.open(rows[0]["crop_file"])).tobytes() == res.crops[0].tobytes()
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--framing", "cell"], "--framing cell needs --center"),
-    (["--center", "1,2"], "--center is used only with --framing cell"),
-    (["--framing", "cell", "--center", "1;2"], "--center must be X,Y"),
-    (["--framing", "cell", "--center", "nan,2"], "--center must be X,Y"),
-    (["--framing", "cell", "--center", "1,2\nINJECTED"], "--center must be X,Y"),
-    (["--framing", "cell", "--center", "1,2", "--crop-px", "3"], "--crop-px"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--framing", "cell"], "--framing cell needs --center"),
+        (["--center", "1,2"], "--center is used only with --framing cell"),
+        (["--framing", "cell", "--center", "1;2"], "--center must be X,Y"),
+        (["--framing", "cell", "--center", "nan,2"], "--center must be X,Y"),
+        (["--framing", "cell", "--center", "1,2\nINJECTED"], "--center must be X,Y"),
+        (["--framing", "cell", "--center", "1,2", "--crop-px", "3"], "--crop-px"),
+    ],
+)
 def test_cell_framing_bad_settings_are_one_line_errors(job_field, argv, match, capsys):
     tif, _ = job_field
     rc, rows, err = _cli([tif, *argv], capsys)

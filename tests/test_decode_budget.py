@@ -45,8 +45,13 @@ def _png_bomb(path: Path, w: int, h: int, extra_chunks: bytes = b"") -> Path:
         adler = zlib.adler32(row, adler)
     idat = b"\x78\x01" + block * h + tail + struct.pack(">I", adler)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra_chunks + _chunk(b"IDAT", idat)
-                     + _chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + extra_chunks
+        + _chunk(b"IDAT", idat)
+        + _chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -92,8 +97,14 @@ def _bmp_bomb(path: Path, w: int, h: int) -> Path:
 
 def _one_strip_tiff_bomb(path: Path, w: int, h: int) -> Path:
     """A plain (stripped) TIFF declaring w x h px in one strip (the Pillow backend's case)."""
-    tifffile.imwrite(path, np.zeros((16, 16, 3), np.uint8), photometric="rgb", metadata=None,
-                     compression="zlib", rowsperstrip=16)
+    tifffile.imwrite(
+        path,
+        np.zeros((16, 16, 3), np.uint8),
+        photometric="rgb",
+        metadata=None,
+        compression="zlib",
+        rowsperstrip=16,
+    )
     with tifffile.TiffFile(path, mode="r+") as tf:
         tags = tf.pages[0].tags
         for name, v in (("ImageWidth", w), ("ImageLength", h), ("RowsPerStrip", h)):
@@ -103,8 +114,13 @@ def _one_strip_tiff_bomb(path: Path, w: int, h: int) -> Path:
 
 def _huge_tile_tiff(path: Path, side: int) -> Path:
     """A tiled TIFF (an OpenSlide generic-tiff) declaring one side x side px tile."""
-    tifffile.imwrite(path, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb",
-                     metadata=None)
+    tifffile.imwrite(
+        path,
+        np.full((512, 512, 3), 200, np.uint8),
+        tile=(256, 256),
+        photometric="rgb",
+        metadata=None,
+    )
     with tifffile.TiffFile(path, mode="r+") as tf:
         tags = tf.pages[0].tags
         for name in ("ImageWidth", "ImageLength", "TileWidth", "TileLength"):
@@ -131,10 +147,21 @@ def _many_ifds(path: Path, n: int) -> Path:
     """A generic tiled TIFF (256 x 256 px, then a 64 x 64 px reduced level) whose IFD chain goes
     on with copies of the reduced level's IFD, ``n`` directories in all (~150 bytes each)."""
     with tifffile.TiffWriter(path, bigtiff=False, byteorder="<") as tw:
-        tw.write(np.full((256, 256, 3), 200, np.uint8), tile=(64, 64), photometric="rgb", metadata=None,
-                 compression="zlib")
-        tw.write(np.full((64, 64, 3), 100, np.uint8), tile=(64, 64), photometric="rgb", metadata=None,
-                 compression="zlib", subfiletype=1)
+        tw.write(
+            np.full((256, 256, 3), 200, np.uint8),
+            tile=(64, 64),
+            photometric="rgb",
+            metadata=None,
+            compression="zlib",
+        )
+        tw.write(
+            np.full((64, 64, 3), 100, np.uint8),
+            tile=(64, 64),
+            photometric="rgb",
+            metadata=None,
+            compression="zlib",
+            subfiletype=1,
+        )
     data = bytearray(path.read_bytes())
     with tifffile.TiffFile(path) as tf:
         ifd = tf.pages[1].offset
@@ -219,7 +246,9 @@ def test_cli_on_a_png_bomb_prints_one_line_and_stays_small(bombs, tmp_path):
         f"open({str(rss_file)!r}, 'w').write(hwm)\n"
         "sys.exit(rc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 1, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(errors) == 1, proc.stderr
@@ -313,7 +342,9 @@ def test_openslide_tiff_declaring_a_huge_tile_is_refused_at_open(tmp_path, side)
 @pytest.mark.unit
 def test_a_read_is_budgeted_in_bytes(tmp_path):
     p = tmp_path / "pyr.tiff"
-    tifffile.imwrite(p, np.full((300, 400, 3), 90, np.uint8), tile=(64, 64), photometric="rgb", metadata=None)
+    tifffile.imwrite(
+        p, np.full((300, 400, 3), 90, np.uint8), tile=(64, 64), photometric="rgb", metadata=None
+    )
     with open_slide(p, max_decode_mb=1) as s:
         assert s.read(0, (0, 0, 100, 100)).shape == (100, 100, 3)
         with pytest.raises(SlideTooLargeError) as ei:
@@ -371,7 +402,10 @@ def test_remote_many_directories_refused_like_local_in_a_few_requests(s3, many_i
         open_remote().close()
     assert f"more than {MAX_TIFF_DIRECTORIES} TIFF directories" in str(ei.value)
     # 65 directories of ~150 bytes after the 256 x 256 level: a few 8 KiB header blocks.
-    assert reader.requests <= 6 and reader.bytes_fetched <= 64 * 1024, (reader.requests, reader.bytes_fetched)
+    assert reader.requests <= 6 and reader.bytes_fetched <= 64 * 1024, (
+        reader.requests,
+        reader.bytes_fetched,
+    )
     with pytest.raises(SlideOpenError):  # the same verdict from the local reader
         open_slide(many_ifds).close()
 

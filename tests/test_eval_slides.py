@@ -28,7 +28,9 @@ from pipeline.eval_slides import (
 def _field(h: int = 120, w: int = 160) -> np.ndarray:
     """A smooth pink field (JPEG keeps it) with a dark 'cell' at x 40-60, y 30-50."""
     yy, xx = np.mgrid[0:h, 0:w]
-    img = np.stack([200 + 40 * xx / w, 150 + 60 * yy / h, 190 - 30 * xx / w], axis=2).astype(np.uint8)
+    img = np.stack([200 + 40 * xx / w, 150 + 60 * yy / h, 190 - 30 * xx / w], axis=2).astype(
+        np.uint8
+    )
     img[30:50, 40:60] = (90, 40, 120)
     return img
 
@@ -47,7 +49,9 @@ def test_slide_opens_with_scale_in_metadata(tmp_path, vendor, error):
     s = EvalSettings(crop_um=4.0, scale_error=error)  # a 4 µm crop = 40 px at 0.1 µm/px
     g = build_slide(_field(), 0.1, tmp_path / f"a.{vendor}", s, vendor)
     with _open(tmp_path / f"a.{vendor}") as sl:
-        assert sl.properties["openslide.vendor"] == ("aperio" if vendor == "svs" else "generic-tiff")
+        assert sl.properties["openslide.vendor"] == (
+            "aperio" if vendor == "svs" else "generic-tiff"
+        )
         assert float(sl.properties["openslide.mpp-x"]) == pytest.approx(0.1 * (1 + error), rel=1e-4)
         assert sl.level_count == 3
         assert [round(d) for d in sl.level_downsamples] == [1, 2, 4]
@@ -63,14 +67,14 @@ def test_padding_is_mirrored_smear_not_glass(tmp_path):
     g = build_slide(img, 0.1, tmp_path / "m.svs", EvalSettings(crop_um=6.0, jpeg_quality=95), "svs")
     with _open(tmp_path / "m.svs") as sl:
         lvl0 = np.asarray(sl.read_region((0, 0), 0, (g.width, g.height)).convert("RGB")).astype(int)
-    field = lvl0[g.oy:g.oy + g.field_h, g.ox:g.ox + g.field_w]
+    field = lvl0[g.oy : g.oy + g.field_h, g.ox : g.ox + g.field_w]
     assert np.abs(field - img).mean() < 6
-    left = lvl0[g.oy:g.oy + g.field_h, g.ox - 30:g.ox]
+    left = lvl0[g.oy : g.oy + g.field_h, g.ox - 30 : g.ox]
     # reflect: column ox-1-k holds field column k+1
     assert np.abs(left[:, ::-1] - img[:, 1:31]).mean() < 6
     assert left.mean() < 225  # smear colour, not white glass
     # the dark cell is mirrored into the top padding too (rows oy-1-k <- k+1): a cut cell doubles
-    top = lvl0[g.oy - 60:g.oy, g.ox:g.ox + g.field_w]
+    top = lvl0[g.oy - 60 : g.oy, g.ox : g.ox + g.field_w]
     assert np.abs(top[::-1] - img[1:61]).mean() < 6
 
 
@@ -96,9 +100,20 @@ def test_labels_follow_the_field_under_target_mpp(tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("kw", [{"scale_error": 0.5}, {"scale_error": float("nan")}, {"jpeg_quality": 0},
-                                {"jpeg_quality": 101}, {"target_mpp": 0.0}, {"target_mpp": float("inf")},
-                                {"limit": 0}, {"split": "train"}, {"slide_format": "ndpi"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"scale_error": 0.5},
+        {"scale_error": float("nan")},
+        {"jpeg_quality": 0},
+        {"jpeg_quality": 101},
+        {"target_mpp": 0.0},
+        {"target_mpp": float("inf")},
+        {"limit": 0},
+        {"split": "train"},
+        {"slide_format": "ndpi"},
+    ],
+)
 def test_bad_settings_are_one_line_config_errors(kw):
     with pytest.raises(ConfigError) as err:
         EvalSettings(**kw)
@@ -153,22 +168,47 @@ def test_typed_summary_confusion_gap_and_missed_cells():
     from hemblip.ontology import ATTRIBUTE_NAMES
 
     def lab(ct, size=None):
-        return {"cell_type": ct, "attributes": {n: (size if n == "cell_size" else None) for n in ATTRIBUTE_NAMES}}
+        return {
+            "cell_type": ct,
+            "attributes": {n: (size if n == "cell_size" else None) for n in ATTRIBUTE_NAMES},
+        }
 
     cells = [
-        {"group": "pbc", "cell_type": "lymphocyte", "attributes": {"cell_size": "small"},
-         "e2e": lab("monocyte", "big"), "crop": lab("lymphocyte", "small")},
-        {"group": "pbc", "cell_type": "neutrophil", "attributes": {"cell_size": "big"},
-         "e2e": lab("neutrophil", "big"), "crop": lab("neutrophil", "big")},
-        {"group": "pbc", "cell_type": "monocyte", "attributes": {"cell_size": "big"},
-         "e2e": None, "crop": lab("monocyte", "big")},  # missed by detection
-        {"group": "bccd", "cell_type": "eosinophil", "attributes": {}, "e2e": lab("eosinophil"),
-         "crop": lab(None)},
+        {
+            "group": "pbc",
+            "cell_type": "lymphocyte",
+            "attributes": {"cell_size": "small"},
+            "e2e": lab("monocyte", "big"),
+            "crop": lab("lymphocyte", "small"),
+        },
+        {
+            "group": "pbc",
+            "cell_type": "neutrophil",
+            "attributes": {"cell_size": "big"},
+            "e2e": lab("neutrophil", "big"),
+            "crop": lab("neutrophil", "big"),
+        },
+        {
+            "group": "pbc",
+            "cell_type": "monocyte",
+            "attributes": {"cell_size": "big"},
+            "e2e": None,
+            "crop": lab("monocyte", "big"),
+        },  # missed by detection
+        {
+            "group": "bccd",
+            "cell_type": "eosinophil",
+            "attributes": {},
+            "e2e": lab("eosinophil"),
+            "crop": lab(None),
+        },
     ]
     out = typed_summary(cells)
     pbc = out["pbc"]
     assert (pbc["n_typed"], pbc["n_matched"]) == (3, 2)
-    assert pbc["cell_type"]["e2e"]["accuracy"] == 0.5 and pbc["cell_type"]["crops"]["accuracy"] == 1.0
+    assert (
+        pbc["cell_type"]["e2e"]["accuracy"] == 0.5 and pbc["cell_type"]["crops"]["accuracy"] == 1.0
+    )
     assert pbc["cell_type"]["gap"] == -0.5
     assert pbc["cell_type"]["e2e_all_typed_accuracy"] == pytest.approx(1 / 3)
     conf = pbc["cell_type"]["e2e"]["confusion"]
@@ -185,8 +225,15 @@ def test_typed_summary_confusion_gap_and_missed_cells():
 
 @pytest.mark.unit
 def test_typed_summary_without_crops_keeps_the_end_to_end_figures():
-    cells = [{"group": "pbc", "cell_type": "lymphocyte", "attributes": {"cell_size": "small"},
-              "e2e": {"cell_type": "lymphocyte", "attributes": {"cell_size": "small"}}, "crop": None}]
+    cells = [
+        {
+            "group": "pbc",
+            "cell_type": "lymphocyte",
+            "attributes": {"cell_size": "small"},
+            "e2e": {"cell_type": "lymphocyte", "attributes": {"cell_size": "small"}},
+            "crop": None,
+        }
+    ]
     out = typed_summary(cells)["pbc"]
     assert out["n_matched"] == 1 and out["n_crops"] == 0
     assert out["cell_type"]["e2e"]["accuracy"] == 1.0
@@ -204,7 +251,9 @@ def test_malformed_yolo_line_names_file_and_line(tmp_path):
     p.write_text("0 0.5 0.5 -0.2 0.2\n")
     with pytest.raises(EvalDataError, match=r"x\.txt:1: "):
         read_yolo_wbc(p, 100, 100)
-    assert isinstance(EvalDataError("x"), PipelineError) and isinstance(EvalDataError("x"), ValueError)
+    assert isinstance(EvalDataError("x"), PipelineError) and isinstance(
+        EvalDataError("x"), ValueError
+    )
 
 
 def _uid(split: str, stem: str) -> str:
@@ -215,8 +264,10 @@ def _uid(split: str, stem: str) -> str:
     return f"{stem}-{k:04d}"
 
 
-_PBC_ATTRS = ("cell_size,cell_shape,nucleus_shape,nuclear_cytoplasmic_ratio,chromatin_density,"
-              "cytoplasm_vacuole,cytoplasm_texture,cytoplasm_colour,granule_type,granule_colour,granularity")
+_PBC_ATTRS = (
+    "cell_size,cell_shape,nucleus_shape,nuclear_cytoplasmic_ratio,chromatin_density,"
+    "cytoplasm_vacuole,cytoplasm_texture,cytoplasm_colour,granule_type,granule_colour,granularity"
+)
 
 
 def _mini_data(root: Path, shared: Path) -> dict:
@@ -225,17 +276,29 @@ def _mini_data(root: Path, shared: Path) -> dict:
     the val hash half and a Raabin train field, plus a hostile id row."""
     src = shared / "txl_pbc"
     smap = list(csv.DictReader(io.StringIO((src / "source_map.csv").read_text(encoding="utf-8"))))
-    pbc_rows = list(csv.DictReader(io.StringIO((src / "pbc_wbcatt.csv").read_text(encoding="utf-8"))))
+    pbc_rows = list(
+        csv.DictReader(io.StringIO((src / "pbc_wbcatt.csv").read_text(encoding="utf-8")))
+    )
     pbc = next(r for r in pbc_rows if r["wbcatt_split"] == "val" and r["n_wbc_boxes"] == "1")
     pbc_uuid = Path(pbc["image"]).stem
-    raabin = next(r for r in smap if r["source"] == "raabin_wbc?" and r["txl_split"] == "val" and r["n_wbc"] == "1")
+    raabin = next(
+        r
+        for r in smap
+        if r["source"] == "raabin_wbc?" and r["txl_split"] == "val" and r["n_wbc"] == "1"
+    )
     for d in ("images/train", "images/val", "labels/train", "labels/val"):
         (root / "txl_pbc" / d).mkdir(parents=True, exist_ok=True)
     ids = {"pbc": _uid("val", "pbcfield"), "raabin": _uid("val", "raabinfield")}
 
     def copy(uuid_src, txl_split_src, uid, split):
-        shutil.copy(src / "images" / txl_split_src / f"{uuid_src}.jpg", root / "txl_pbc" / "images" / split / f"{uid}.jpg")
-        shutil.copy(src / "labels" / txl_split_src / f"{uuid_src}.txt", root / "txl_pbc" / "labels" / split / f"{uid}.txt")
+        shutil.copy(
+            src / "images" / txl_split_src / f"{uuid_src}.jpg",
+            root / "txl_pbc" / "images" / split / f"{uid}.jpg",
+        )
+        shutil.copy(
+            src / "labels" / txl_split_src / f"{uuid_src}.txt",
+            root / "txl_pbc" / "labels" / split / f"{uid}.txt",
+        )
 
     pbc_split = pbc["txl_split"]
     copy(pbc_uuid, pbc_split, ids["pbc"], "val")
@@ -243,11 +306,13 @@ def _mini_data(root: Path, shared: Path) -> dict:
     copy(raabin["uuid"], "val", ids["raabin"], "val")
     copy(raabin["uuid"], "val", "raabintrain", "train")
     head = "uuid,txl_split,width,height,source,original_name,n_wbc,n_rbc,n_platelets,wbcatt_split,wbcatt_label\n"
-    lines = [f"{ids['pbc']},val,360,363,pbc,{pbc['img_name']},1,0,0,val,{pbc['label']}",
-             "pbctrain,train,360,363,pbc,,1,0,0,,",
-             f"{ids['raabin']},val,575,575,raabin_wbc?,,1,0,0,,",
-             "raabintrain,train,575,575,raabin_wbc?,,1,0,0,,",
-             "../../etc/passwd,val,575,575,raabin_wbc?,,1,0,0,,"]
+    lines = [
+        f"{ids['pbc']},val,360,363,pbc,{pbc['img_name']},1,0,0,val,{pbc['label']}",
+        "pbctrain,train,360,363,pbc,,1,0,0,,",
+        f"{ids['raabin']},val,575,575,raabin_wbc?,,1,0,0,,",
+        "raabintrain,train,575,575,raabin_wbc?,,1,0,0,,",
+        "../../etc/passwd,val,575,575,raabin_wbc?,,1,0,0,,",
+    ]
     (root / "txl_pbc" / "source_map.csv").write_text(head + "\n".join(lines) + "\n")
     row = dict(pbc, image=f"TXL_PBC/images/val/{ids['pbc']}.jpg", txl_split="val")
     with open(root / "txl_pbc" / "pbc_wbcatt.csv", "w", newline="", encoding="utf-8") as fh:
@@ -272,7 +337,9 @@ def test_load_fields_splits_and_refuses_hostile_ids(tmp_path, shared_data):
     assert {f.field_id for f in val} == set(info["ids"].values())
     pbc = next(f for f in val if f.source == "pbc")
     assert pbc.typed is not None and pbc.typed.sample_id == sample_id and pbc.score_detection
-    assert all(f.field_id not in ("pbctrain", "raabintrain") for f in val)  # detector trained on them
+    assert all(
+        f.field_id not in ("pbctrain", "raabintrain") for f in val
+    )  # detector trained on them
     assert len(skipped) == 1 and "passwd" in skipped[0] and "not a plain image id" in skipped[0]
     # a cell of the caption model's training split is never scored for captions
     val_train_cell = load_fields(tmp_path, "val", {sample_id: S("train")})
@@ -287,8 +354,18 @@ def _run(tmp_path, shared_data, argv_extra, capsys):
     data = tmp_path / "data"
     _mini_data(data, shared_data)
     out_json = tmp_path / "rep.json"
-    rc = main(["eval-slides", "--data", str(data), "--json", str(out_json), "--caption-batch-size", "4",
-               *argv_extra])
+    rc = main(
+        [
+            "eval-slides",
+            "--data",
+            str(data),
+            "--json",
+            str(out_json),
+            "--caption-batch-size",
+            "4",
+            *argv_extra,
+        ]
+    )
     text = capsys.readouterr().out
     rep = json.loads(out_json.read_text())
     return rc, text, rep
@@ -301,8 +378,10 @@ def test_eval_slides_end_to_end_local(tmp_path, shared_data, ray_cluster, capsys
     assert rep["fields"]["pbc"] == 1 and rep["fields"]["raabin"] == 1
     assert rep["job"]["slides_ok"] == 2 and not rep["failures"]
     # the job read the scale the slide's metadata states
-    assert all(f["mpp_source"] == "metadata" and f["mpp_read"] == pytest.approx(f["mpp_written"], rel=1e-4)
-               for f in rep["per_field"])
+    assert all(
+        f["mpp_source"] == "metadata" and f["mpp_read"] == pytest.approx(f["mpp_written"], rel=1e-4)
+        for f in rep["per_field"]
+    )
     det = rep["detection"]["overall"]
     assert det["tp"] + det["fn"] == 2 and det["recall"] is not None
     pbc = rep["typed"]["pbc"]
@@ -315,11 +394,29 @@ def test_eval_slides_end_to_end_local(tmp_path, shared_data, ray_cluster, capsys
 def test_eval_slides_via_s3_with_variants(tmp_path, shared_data, ray_cluster, s3_server, capsys):
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="evalslides")
-    rc, text, rep = _run(tmp_path, shared_data,
-                         ["--s3-endpoint", s3_server, "--s3-prefix", "s3://evalslides/runs/", "--limit", "1",
-                          "--target-mpp", "0.25", "--scale-error", "0.15", "--jpeg-quality", "70", "--no-crops"],
-                         capsys)
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(
+        Bucket="evalslides"
+    )
+    rc, text, rep = _run(
+        tmp_path,
+        shared_data,
+        [
+            "--s3-endpoint",
+            s3_server,
+            "--s3-prefix",
+            "s3://evalslides/runs/",
+            "--limit",
+            "1",
+            "--target-mpp",
+            "0.25",
+            "--scale-error",
+            "0.15",
+            "--jpeg-quality",
+            "70",
+            "--no-crops",
+        ],
+        capsys,
+    )
     assert rc == 0, text
     assert rep["job"]["input"].startswith("s3://evalslides/runs/eval-slides-")
     assert rep["job"]["slides_ok"] == 2
@@ -330,8 +427,17 @@ def test_eval_slides_via_s3_with_variants(tmp_path, shared_data, ray_cluster, s3
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("prefix", ["bucket/prefix/", "s3://", "s3://B_ad/x/", "s3://bucket/../x/",
-                                    "s3://bucket/a//b/", "https://bucket/x/"])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "bucket/prefix/",
+        "s3://",
+        "s3://B_ad/x/",
+        "s3://bucket/../x/",
+        "s3://bucket/a//b/",
+        "https://bucket/x/",
+    ],
+)
 def test_bad_s3_prefix_is_refused_before_any_work(prefix):
     from pipeline.eval_slides import _parse_s3_prefix
 
@@ -345,9 +451,20 @@ def _typed(labels, claims, flagged=(), morph=None, group="pbc"):
     """A typed cell whose job row claims ``claims``, was flagged on ``flagged``, measured ``morph``."""
     e2e = None
     if claims is not None:
-        e2e = {"cell_type": "neutrophil", "attributes": dict(claims), "consistent": not flagged,
-               "inconsistent_attributes": list(flagged), "morphometry": dict(morph or {})}
-    return {"group": group, "cell_type": "neutrophil", "attributes": labels, "e2e": e2e, "crop": None}
+        e2e = {
+            "cell_type": "neutrophil",
+            "attributes": dict(claims),
+            "consistent": not flagged,
+            "inconsistent_attributes": list(flagged),
+            "morphometry": dict(morph or {}),
+        }
+    return {
+        "group": group,
+        "cell_type": "neutrophil",
+        "attributes": labels,
+        "e2e": e2e,
+        "crop": None,
+    }
 
 
 @pytest.mark.unit
@@ -358,29 +475,52 @@ def test_consistency_detector_precision_and_recall_per_attribute_and_cell():
     big = C.CELL_SIZE_BIG_MIN_UM - 3  # a diameter that contradicts "big"
     cells = [
         # wrong size claim, flagged: a hit
-        _typed({"cell_size": "small"}, {"cell_size": "big"}, ["cell_size"], {"cell_diameter_um": big}),
+        _typed(
+            {"cell_size": "small"}, {"cell_size": "big"}, ["cell_size"], {"cell_diameter_um": big}
+        ),
         # right size claim, flagged: a false flag
-        _typed({"cell_size": "big"}, {"cell_size": "big"}, ["cell_size"], {"cell_diameter_um": big}),
+        _typed(
+            {"cell_size": "big"}, {"cell_size": "big"}, ["cell_size"], {"cell_diameter_um": big}
+        ),
         # wrong size claim, not flagged, but comparable: a miss the band let through
         _typed({"cell_size": "small"}, {"cell_size": "big"}, [], {"cell_diameter_um": 30.0}),
         # wrong size claim with no measurement: a miss the check could not compare
         _typed({"cell_size": "small"}, {"cell_size": "big"}, [], {}),
         # N:C wrong, not flagged; size right, not flagged
-        _typed({"cell_size": "big", "nuclear_cytoplasmic_ratio": "high"},
-               {"cell_size": "big", "nuclear_cytoplasmic_ratio": "low"}, [],
-               {"cell_diameter_um": 30.0, "nc_ratio": 2.0}),
+        _typed(
+            {"cell_size": "big", "nuclear_cytoplasmic_ratio": "high"},
+            {"cell_size": "big", "nuclear_cytoplasmic_ratio": "low"},
+            [],
+            {"cell_diameter_um": 30.0, "nc_ratio": 2.0},
+        ),
         # size not stated by the caption: not wrong (nothing to flag), still counted in n
         _typed({"cell_size": "big"}, {"cell_size": None}, [], {"cell_diameter_um": 30.0}),
     ]
     out = consistency_as_detector(cells)
     size = out["per_attribute"]["cell_size"]
-    assert {k: size[k] for k in ("n", "stated", "checked", "flagged", "wrong", "wrong_checked", "flagged_wrong")} == \
-        {"n": 6, "stated": 5, "checked": 4, "flagged": 2, "wrong": 3, "wrong_checked": 2, "flagged_wrong": 1}
+    assert {
+        k: size[k]
+        for k in ("n", "stated", "checked", "flagged", "wrong", "wrong_checked", "flagged_wrong")
+    } == {
+        "n": 6,
+        "stated": 5,
+        "checked": 4,
+        "flagged": 2,
+        "wrong": 3,
+        "wrong_checked": 2,
+        "flagged_wrong": 1,
+    }
     assert size["precision"] == 0.5
     assert size["recall"] == pytest.approx(1 / 3)
     assert size["recall_checked"] == 0.5
     nc = out["per_attribute"]["nuclear_cytoplasmic_ratio"]
-    assert (nc["n"], nc["wrong"], nc["flagged"], nc["precision"], nc["recall"]) == (1, 1, 0, None, 0.0)
+    assert (nc["n"], nc["wrong"], nc["flagged"], nc["precision"], nc["recall"]) == (
+        1,
+        1,
+        0,
+        None,
+        0.0,
+    )
     shape = out["per_attribute"]["nucleus_shape"]
     assert shape["n"] == 0 and shape["precision"] is None and shape["recall"] is None
     cell = out["cells"]
@@ -395,8 +535,14 @@ def test_consistency_detector_reports_only_the_attributes_the_check_covers():
     from pipeline.eval_slides import consistency_as_detector, format_consistency
 
     # a wrong colour claim that the check does not cover: not reported, and not a wrong cell
-    cells = [_typed({"cytoplasm_colour": "blue", "cell_size": "big"},
-                    {"cytoplasm_colour": "purple", "cell_size": "big"}, [], {"cell_diameter_um": 30.0})]
+    cells = [
+        _typed(
+            {"cytoplasm_colour": "blue", "cell_size": "big"},
+            {"cytoplasm_colour": "purple", "cell_size": "big"},
+            [],
+            {"cell_diameter_um": 30.0},
+        )
+    ]
     out = consistency_as_detector(cells)
     assert tuple(out["per_attribute"]) == COMPARED_ATTRIBUTES
     assert "cytoplasm_colour" not in out["per_attribute"]
@@ -411,9 +557,13 @@ def test_consistency_detector_skips_unlabelled_and_unmatched_cells():
 
     flagged_big = {"cell_size": "big"}
     cells = [
-        _typed({}, flagged_big, ["cell_size"], {"cell_diameter_um": 5.0}, group="bccd"),  # type only
+        _typed(
+            {}, flagged_big, ["cell_size"], {"cell_diameter_um": 5.0}, group="bccd"
+        ),  # type only
         _typed(None, flagged_big, ["cell_size"], {"cell_diameter_um": 5.0}),  # no labels at all
-        _typed({"cell_size": None}, flagged_big, ["cell_size"], {"cell_diameter_um": 5.0}),  # not labelled for it
+        _typed(
+            {"cell_size": None}, flagged_big, ["cell_size"], {"cell_diameter_um": 5.0}
+        ),  # not labelled for it
         _typed({"cell_size": "small"}, None),  # missed by detection: no row
     ]
     out = consistency_as_detector(cells)
@@ -426,13 +576,28 @@ def test_consistency_detector_skips_unlabelled_and_unmatched_cells():
 def test_row_check_carries_the_verdict_and_the_morphometry_as_json_numbers():
     from pipeline.eval_slides import CHECK_MORPHOMETRY, _row_check
 
-    row = {"consistent": False, "inconsistent_attributes": np.array(["nuclear_cytoplasmic_ratio"]),
-           "cell_diameter_um": 14.2, "nc_ratio": float("inf"), "nucleus_circularity": float("nan"),
-           "nucleus_lobes": 2, "caption": "x"}
+    row = {
+        "consistent": False,
+        "inconsistent_attributes": np.array(["nuclear_cytoplasmic_ratio"]),
+        "cell_diameter_um": 14.2,
+        "nc_ratio": float("inf"),
+        "nucleus_circularity": float("nan"),
+        "nucleus_lobes": 2,
+        "caption": "x",
+    }
     got = _row_check(row)
-    assert got == {"consistent": False, "inconsistent_attributes": ["nuclear_cytoplasmic_ratio"],
-                   "morphometry": {"cell_diameter_um": 14.2, "nc_ratio": None, "nucleus_circularity": None,
-                                   "nucleus_lobes": 2}}
+    assert got == {
+        "consistent": False,
+        "inconsistent_attributes": ["nuclear_cytoplasmic_ratio"],
+        "morphometry": {
+            "cell_diameter_um": 14.2,
+            "nc_ratio": None,
+            "nucleus_circularity": None,
+            "nucleus_lobes": 2,
+        },
+    }
     assert tuple(got["morphometry"]) == CHECK_MORPHOMETRY
     json.dumps(got, allow_nan=False)  # strict JSON: no NaN / Infinity
-    assert _row_check({})["inconsistent_attributes"] is None  # no check ran: unknown, not "none flagged"
+    assert (
+        _row_check({})["inconsistent_attributes"] is None
+    )  # no check ran: unknown, not "none flagged"

@@ -48,7 +48,9 @@ def _small_slide(path: Path, field: int = 0) -> Path:
 def _outcome(ref, **kw) -> dict:
     from pipeline.job.stage_detect import DetectSettings, process_slide
 
-    batches = list(process_slide(ref, DetectSettings(s3=kw.pop("s3", None), thumbnails=False, **kw)))
+    batches = list(
+        process_slide(ref, DetectSettings(s3=kw.pop("s3", None), thumbnails=False, **kw))
+    )
     return json.loads(batches[-1]["record"][-1])
 
 
@@ -102,9 +104,18 @@ def test_failure_classes_are_declared_in_the_schema():
 
 # -- done_slides: the stored class decides; old files fall back to the reason prefix ----------
 def _slide_row(sid: str, status: str, reason: str | None, cls: str | None, mv: str = "mv1") -> dict:
-    return {"slide_id": sid, "slide_uri": f"s3://b/{sid}.svs", "slide_etag": "e", "slide_bytes": 1,
-            "status": status, "reason": reason, "failure_class": cls, "cell_count": 0,
-            "run_id": "r1", "model_version": mv}
+    return {
+        "slide_id": sid,
+        "slide_uri": f"s3://b/{sid}.svs",
+        "slide_etag": "e",
+        "slide_bytes": 1,
+        "status": status,
+        "reason": reason,
+        "failure_class": cls,
+        "cell_count": 0,
+        "run_id": "r1",
+        "model_version": mv,
+    }
 
 
 @unit
@@ -115,21 +126,35 @@ def test_done_slides_uses_failure_class_and_reads_old_files(tmp_path):
 
     out = tmp_path / "out"
     w = OutputWriter(storage_for(str(out)), str(out), "r1", "2024-01-02", "mv1")
-    w.commit_chunk([], [
-        _slide_row("s-slide", "failed", "SlideTooLargeError: s3://b/bomb.tiff: too large", "slide"),
-        # The reason text says SlideOpenError, the class says config: the class wins (retried).
-        _slide_row("s-config", "failed", "SlideOpenError: /data/x.svs: no such file", "config"),
-        _slide_row("s-storage", "failed", "StorageError: s3://b/x: download failed", "storage"),
-        _slide_row("s-internal", "failed", "KeyError: 'mpp'", "internal"),
-        _slide_row("s-died", "failed", "WorkerDiedError: s3://b/k.svs: worker process died 3 times", "worker_died"),
-        _slide_row("s-ok", "ok", None, None),
-        _slide_row("s-other-model", "ok", None, None, mv="mv0"),
-    ])
+    w.commit_chunk(
+        [],
+        [
+            _slide_row(
+                "s-slide", "failed", "SlideTooLargeError: s3://b/bomb.tiff: too large", "slide"
+            ),
+            # The reason text says SlideOpenError, the class says config: the class wins (retried).
+            _slide_row("s-config", "failed", "SlideOpenError: /data/x.svs: no such file", "config"),
+            _slide_row("s-storage", "failed", "StorageError: s3://b/x: download failed", "storage"),
+            _slide_row("s-internal", "failed", "KeyError: 'mpp'", "internal"),
+            _slide_row(
+                "s-died",
+                "failed",
+                "WorkerDiedError: s3://b/k.svs: worker process died 3 times",
+                "worker_died",
+            ),
+            _slide_row("s-ok", "ok", None, None),
+            _slide_row("s-other-model", "ok", None, None, mv="mv0"),
+        ],
+    )
     # A slides file written before the column existed.
     old_schema = pa.schema([f for f in SLIDE_SCHEMA if f.name != "failure_class"])
-    old_rows = [_slide_row("o-bytes", "failed", "SlideOpenError: s3://b/o.svs: not a recognised slide", None),
-                _slide_row("o-storage", "failed", "StorageError: s3://b/o2.svs: download failed", None),
-                _slide_row("o-ok", "ok", None, None)]
+    old_rows = [
+        _slide_row(
+            "o-bytes", "failed", "SlideOpenError: s3://b/o.svs: not a recognised slide", None
+        ),
+        _slide_row("o-storage", "failed", "StorageError: s3://b/o2.svs: download failed", None),
+        _slide_row("o-ok", "ok", None, None),
+    ]
     for r in old_rows:
         del r["failure_class"]
     old = out / "slides" / "run_date=2023-12-31" / "part-old.parquet"
@@ -161,7 +186,15 @@ def _hostile_dir(tmp_path: Path) -> Path:
 def test_local_listing_survives_hostile_entries(tmp_path):
     root = _hostile_dir(tmp_path)
     refs, listing = _local_refs(root)
-    assert sorted(refs) == ["dangling.svs", "fake.svs", "fifo.svs", "good.tiff", "inner.tiff", "loop.svs", "zero.svs"]
+    assert sorted(refs) == [
+        "dangling.svs",
+        "fake.svs",
+        "fifo.svs",
+        "good.tiff",
+        "inner.tiff",
+        "loop.svs",
+        "zero.svs",
+    ]
     ignored = {Path(u).name for u in listing.ignored}
     # Directory symlinks are not followed (no loop, no escape, no duplicate), but shown.
     assert {"notes-link.txt", "dirlink", "dirloop"} <= ignored
@@ -204,7 +237,10 @@ def test_hostile_local_entries_fail_alone_with_their_reason(tmp_path):
     for name, text in expect.items():
         o = out[name]
         assert o["status"] == "failed" and o["failure_class"] == "slide", (name, o)
-        assert o["reason"].startswith("SlideOpenError: ") and text in o["reason"], (name, o["reason"])
+        assert o["reason"].startswith("SlideOpenError: ") and text in o["reason"], (
+            name,
+            o["reason"],
+        )
         assert "\n" not in o["reason"]
 
 
@@ -234,12 +270,18 @@ def test_unreadable_local_file_is_config(tmp_path):
         o = _outcome(refs["locked.tiff"])
     finally:
         p.chmod(0o644)
-    assert o["status"] == "failed" and o["failure_class"] == "config" and "permission denied" in o["reason"]
+    assert (
+        o["status"] == "failed"
+        and o["failure_class"] == "config"
+        and "permission denied" in o["reason"]
+    )
 
 
 # -- staging names that are too long for the local file system -----------------------------------
 @unit
-@pytest.mark.parametrize("name", ["a" * 300 + ".tiff", "é" * 200 + ".svs", "x" * 252 + ".ndpi", "b" * 600])
+@pytest.mark.parametrize(
+    "name", ["a" * 300 + ".tiff", "é" * 200 + ".svs", "x" * 252 + ".ndpi", "b" * 600]
+)
 def test_confined_path_shortens_overlong_names(tmp_path, name):
     from pipeline.job.stage_detect import confined_path
 
@@ -266,7 +308,9 @@ def test_overlong_keys_staged_or_failed_as_slide(s3_server, tmp_path):
 
     field = tmp_path / "field.tiff"
     _small_slide(field)
-    img = tifffile.imread(field)  # re-written stripped: the in-place reader refuses it, so it is staged
+    img = tifffile.imread(
+        field
+    )  # re-written stripped: the in-place reader refuses it, so it is staged
     plain = tmp_path / "plain.tiff"
     tifffile.imwrite(plain, np.ascontiguousarray(img), photometric="rgb")
     bucket = new_bucket(s3_server)
@@ -283,7 +327,10 @@ def test_overlong_keys_staged_or_failed_as_slide(s3_server, tmp_path):
     assert list(scratch.iterdir()) == []  # the staged copy was removed
 
     member = "m/" + "d" * 300 + ".dat"
-    parts = (SlidePart(f"s3://{bucket}/x.mrxs", "x.mrxs", 1, "e1"), SlidePart(f"s3://{bucket}/x/{member}", f"x/{member}", 1, "e2"))
+    parts = (
+        SlidePart(f"s3://{bucket}/x.mrxs", "x.mrxs", 1, "e1"),
+        SlidePart(f"s3://{bucket}/x/{member}", f"x/{member}", 1, "e2"),
+    )
     mref = SlideRef("b" * 32, f"s3://{bucket}/x.mrxs", "e", 2, parts, "x.mrxs")
     o = _outcome(mref, s3=S3Settings(endpoint=s3_server), scratch_dir=str(scratch))
     assert o["status"] == "failed" and o["failure_class"] == "slide", o
@@ -303,16 +350,38 @@ def _assert_one_line(text: str) -> None:
 def test_progress_line_and_summary_quote_control_characters():
     from pipeline.job.run import RunResult, _slide_line, format_summary
 
-    failed = {"status": "failed", "slide_uri": _EVIL, "reason": f"SlideOpenError: {_EVIL}: bad\nforged line",
-              "cell_count": 0}
-    ok = {"status": "ok", "slide_uri": _EVIL + "2", "cell_count": 2, "stage_seconds": 0.1, "detect_seconds": 0.2,
-          "caption_seconds": 0.3, "cell_types": {"neutrophil\n[9/9] ok": 2}}
+    failed = {
+        "status": "failed",
+        "slide_uri": _EVIL,
+        "reason": f"SlideOpenError: {_EVIL}: bad\nforged line",
+        "cell_count": 0,
+    }
+    ok = {
+        "status": "ok",
+        "slide_uri": _EVIL + "2",
+        "cell_count": 2,
+        "stage_seconds": 0.1,
+        "detect_seconds": 0.2,
+        "caption_seconds": 0.3,
+        "cell_types": {"neutrophil\n[9/9] ok": 2},
+    }
     for row in (failed, ok):
         line = _slide_line(1, 2, row)
         _assert_one_line(line)
         assert "\\n" in line and "\\x1b" in line and "\\u2028" in line
-    res = RunResult("r", "2024-01-02", "ok", 0, "m", "v", listed=2, ok=1, failed=1, slides=[failed, ok],
-                    ignored=[_EVIL + ".txt"])
+    res = RunResult(
+        "r",
+        "2024-01-02",
+        "ok",
+        0,
+        "m",
+        "v",
+        listed=2,
+        ok=1,
+        failed=1,
+        slides=[failed, ok],
+        ignored=[_EVIL + ".txt"],
+    )
     text = format_summary(res, "s3://out/\nforged")
     assert len(text.splitlines()) == 5  # head, two slides, ignored, outputs
     for line in text.split("\n"):
@@ -331,8 +400,15 @@ def test_dry_run_lines_quote_file_names(tmp_path):
     _small_slide(root / evil)
     (root / "notes\u2028forged.txt").write_text("x")
     lines: list[str] = []
-    cfg = load_config(overrides={"input": str(root), "output": str(tmp_path / "out"), "dry_run": True,
-                                 "model": tiny_model(str(tmp_path))}, env={})
+    cfg = load_config(
+        overrides={
+            "input": str(root),
+            "output": str(tmp_path / "out"),
+            "dry_run": True,
+            "model": tiny_model(str(tmp_path)),
+        },
+        env={},
+    )
     res = run_job(cfg, say=lines.append)
     assert res.would_process == [str(root / evil)]  # verbatim in the result
     for line in lines:
@@ -383,9 +459,18 @@ def _big_slide(path: Path) -> Path:
     with tifffile.TiffWriter(path) as tw:
         for i, lvl in enumerate((img, np.ascontiguousarray(img[::2, ::2]))):
             ds = img.shape[1] / lvl.shape[1]
-            tw.write(lvl, tile=(256, 256), compression="jpeg", compressionargs={"level": 90}, photometric="rgb",
-                     subfiletype=1 if i else 0, metadata=None, software=False,
-                     resolution=(1e4 / (SMALL_MPP * ds),) * 2, resolutionunit="CENTIMETER")
+            tw.write(
+                lvl,
+                tile=(256, 256),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                subfiletype=1 if i else 0,
+                metadata=None,
+                software=False,
+                resolution=(1e4 / (SMALL_MPP * ds),) * 2,
+                resolutionunit="CENTIMETER",
+            )
     return path
 
 
@@ -403,7 +488,9 @@ def test_slide_killing_its_worker_is_failed_after_bounded_attempts(ray_cluster, 
     killer = OpenFileKiller(killer_slide, limit=6)
     killer.start()
     try:
-        res = run_job_collect(lines, input=str(root), output=str(out), chunk_slides=2, max_failed_fraction=1.0)
+        res = run_job_collect(
+            lines, input=str(root), output=str(out), chunk_slides=2, max_failed_fraction=1.0
+        )
     finally:
         killer.stop()
     print(f"\nworker SIGKILLed {len(killer.kills)} times; {res.seconds:.1f} s", *lines, sep="\n")
@@ -414,12 +501,20 @@ def test_slide_killing_its_worker_is_failed_after_bounded_attempts(ray_cluster, 
     assert len(slides) == len(by_name) == 4, "a slide row was written twice or is missing"
     dead = by_name["kills-its-worker.tiff"]
     assert dead["status"] == "failed" and dead["failure_class"] == "worker_died", dead
-    assert dead["reason"].startswith(f"WorkerDiedError: {killer_slide}: worker process died 3 times while processing this slide (last: ")
+    assert dead["reason"].startswith(
+        f"WorkerDiedError: {killer_slide}: worker process died 3 times while processing this slide (last: "
+    )
     # What Ray's worker table says (a SIGKILL is SYSTEM_ERROR); "cause unknown" if it answers late.
-    assert re.search(r"\(last: (killed by a signal or crashed, e\.g\. SIGKILL.*|cause unknown)\)$", dead["reason"])
+    assert re.search(
+        r"\(last: (killed by a signal or crashed, e\.g\. SIGKILL.*|cause unknown)\)$",
+        dead["reason"],
+    )
     assert by_name["good.tiff"]["status"] == "ok" and by_name["good.tiff"]["failure_class"] is None
     assert by_name["fake.svs"]["failure_class"] == "slide"
-    assert by_name["dangling.svs"]["failure_class"] == "slide" and "dangling symlink" in by_name["dangling.svs"]["reason"]
+    assert (
+        by_name["dangling.svs"]["failure_class"] == "slide"
+        and "dangling symlink" in by_name["dangling.svs"]["reason"]
+    )
     assert sum(1 for line in lines if line.startswith("[")) == 4  # one progress line per slide
 
     # The next night: everything is settled (ok, or failed for a reason that repeats) until the

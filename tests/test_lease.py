@@ -80,8 +80,15 @@ class HookStorage(LocalStorage):
 
 
 def _lease(st, out, run_id, clock, lines=None, ttl_s=60.0):
-    return RunLease(st, str(out), run_id, ttl_s=ttl_s, clock=clock.now, monotonic=clock.mono,
-                    say=(lines if lines is not None else []).append)
+    return RunLease(
+        st,
+        str(out),
+        run_id,
+        ttl_s=ttl_s,
+        clock=clock.now,
+        monotonic=clock.mono,
+        say=(lines if lines is not None else []).append,
+    )
 
 
 _rows, _visible_cells = chunk_rows, visible_cell_ids
@@ -89,7 +96,11 @@ _rows, _visible_cells = chunk_rows, visible_cell_ids
 
 def _private(out: Path) -> list[str]:
     """Files left under OUTPUT's private (``_``) folders, the lease included."""
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0].startswith("_"))
+    return sorted(
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and p.relative_to(out).parts[0].startswith("_")
+    )
 
 
 ALL_CELLS = ["s1-0", "s1-1", "s2-0", "s2-1", "s3-0", "s3-1"]
@@ -98,7 +109,9 @@ ALL_CELLS = ["s1-0", "s1-1", "s2-0", "s2-1", "s3-0", "s3-1"]
 def _half_published(out: Path, point: str = "mid_publish") -> tuple[OutputWriter, str, Path]:
     """Chunk 1 (s1) committed; chunk 2 (s2, s3) crashed at ``point``. Returns the writer, chunk 2's
     name and its journal."""
-    w = OutputWriter(storage_for(str(out)), str(out), "r1", DAY, "v1", fault_after_chunks=1, fault_point=point)
+    w = OutputWriter(
+        storage_for(str(out)), str(out), "r1", DAY, "v1", fault_after_chunks=1, fault_point=point
+    )
     w.commit_chunk(*_rows(["s1"]))
     with pytest.raises(InjectedFault):
         w.commit_chunk(*_rows(["s2", "s3"]))
@@ -128,8 +141,14 @@ def test_second_run_refuses_with_one_line_naming_the_first(tmp_path):
         _lease(LocalStorage(), out, "run-b", clock).acquire()
     msg = str(err.value)
     assert isinstance(err.value, PipelineError) and "\n" not in msg
-    for part in ("run run-a", f"host {rec.host}", f"pid {os.getpid()}", f"since {rec.started_at}",
-                 f"expires {rec.expires_at}", str(out)):
+    for part in (
+        "run run-a",
+        f"host {rec.host}",
+        f"pid {os.getpid()}",
+        f"since {rec.started_at}",
+        f"expires {rec.expires_at}",
+        str(out),
+    ):
         assert part in msg, (part, msg)
     # Still A's: renewing works, and A's release deletes it.
     a.check("a commit")
@@ -183,8 +202,14 @@ def test_two_takers_of_a_stale_lease_cannot_both_win(tmp_path):
 def test_lease_of_a_process_gone_from_this_host_is_taken_over_at_once(tmp_path):
     clock, out, lines = Clock(), tmp_path / "out", []
     st = LocalStorage()
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout)
+    dead = int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     template = _lease(st, out, "run-killed", clock)._new_record()
     st.write_bytes(str(out / LEASE_NAME), replace(template, pid=dead, pid_start="1").encode())
     b = _lease(st, out, "run-b", clock, lines)
@@ -195,40 +220,59 @@ def test_lease_of_a_process_gone_from_this_host_is_taken_over_at_once(tmp_path):
     ppid = os.getppid()
     from pipeline.job.lease import _pid_start
 
-    st.write_bytes(str(out / LEASE_NAME), replace(template, pid=ppid, pid_start=_pid_start(ppid)).encode())
+    st.write_bytes(
+        str(out / LEASE_NAME), replace(template, pid=ppid, pid_start=_pid_start(ppid)).encode()
+    )
     with pytest.raises(LeaseHeldError, match=f"pid {ppid}"):
         _lease(st, out, "run-c", clock).acquire()
 
 
 def _record(clock, **over):
-    base = {"version": 1, "run_id": "run-x", "lease_id": "0" * 32, "host": "h", "pid": 4242,
-            "started_at": clock.t.isoformat(), "renewed_at": clock.t.isoformat(),
-            "expires_at": (clock.t + timedelta(seconds=60)).isoformat(), "ttl_s": 60,
-            "boot_id": None, "pid_ns": None, "pid_start": None}
+    base = {
+        "version": 1,
+        "run_id": "run-x",
+        "lease_id": "0" * 32,
+        "host": "h",
+        "pid": 4242,
+        "started_at": clock.t.isoformat(),
+        "renewed_at": clock.t.isoformat(),
+        "expires_at": (clock.t + timedelta(seconds=60)).isoformat(),
+        "ttl_s": 60,
+        "boot_id": None,
+        "pid_ns": None,
+        "pid_start": None,
+    }
     base.update(over)
     return json.dumps(base).encode()
 
 
 @unit
-@pytest.mark.parametrize("content", [
-    b"\xff\xfe not json",
-    b"[]",
-    b'{"version": 1}',
-    "far-future renewal",
-    "ttl of a year",
-    "expiry beyond renewal + ttl",
-    "pid not an int",
-    "oversized",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe not json",
+        b"[]",
+        b'{"version": 1}',
+        "far-future renewal",
+        "ttl of a year",
+        "expiry beyond renewal + ttl",
+        "pid not an int",
+        "oversized",
+    ],
+)
 def test_unreadable_or_hostile_lease_is_stale_not_a_permanent_block(tmp_path, content):
     clock, out, lines = Clock(), tmp_path / "out", []
     t = clock.t
     data = {
-        "far-future renewal": lambda: _record(clock, renewed_at="9999-01-01T00:00:00+00:00",
-                                              expires_at="9999-01-01T00:01:00+00:00"),
-        "ttl of a year": lambda: _record(clock, ttl_s=365 * 86400,
-                                         expires_at=(t + timedelta(days=365)).isoformat()),
-        "expiry beyond renewal + ttl": lambda: _record(clock, expires_at=(t + timedelta(days=30)).isoformat()),
+        "far-future renewal": lambda: _record(
+            clock, renewed_at="9999-01-01T00:00:00+00:00", expires_at="9999-01-01T00:01:00+00:00"
+        ),
+        "ttl of a year": lambda: _record(
+            clock, ttl_s=365 * 86400, expires_at=(t + timedelta(days=365)).isoformat()
+        ),
+        "expiry beyond renewal + ttl": lambda: _record(
+            clock, expires_at=(t + timedelta(days=30)).isoformat()
+        ),
         "pid not an int": lambda: _record(clock, pid="4242; rm -rf /"),
         "oversized": lambda: _record(clock, host="h" * 100_000),
     }.get(content, lambda: content)()
@@ -244,11 +288,19 @@ def test_unreadable_or_hostile_lease_is_stale_not_a_permanent_block(tmp_path, co
 def test_hostile_strings_of_a_live_lease_stay_on_one_line(tmp_path):
     clock, out = Clock(), tmp_path / "out"
     st = LocalStorage()
-    st.write_bytes(str(out / LEASE_NAME), _record(clock, run_id="evil\nerror: forged\x1b[2J", host="h\r\nx" * 50))
+    st.write_bytes(
+        str(out / LEASE_NAME),
+        _record(clock, run_id="evil\nerror: forged\x1b[2J", host="h\r\nx" * 50),
+    )
     with pytest.raises(LeaseHeldError) as err:
         _lease(st, out, "run-b", clock).acquire()
     msg = str(err.value)
-    assert "\n" not in msg and "\r" not in msg and "\x1b" not in msg and "run evil?error: forged?[2J" in msg
+    assert (
+        "\n" not in msg
+        and "\r" not in msg
+        and "\x1b" not in msg
+        and "run evil?error: forged?[2J" in msg
+    )
     assert len(msg) < 600
 
 
@@ -335,8 +387,14 @@ def test_takeover_between_commit_point_and_publish_withdraws_the_commit(tmp_path
 
 # --------------------------------------------------------------------------- recovery (unit)
 @unit
-@pytest.mark.parametrize(("point", "gone"), [("mid_publish", "slides.parquet"), ("after_journal", "cells.parquet"),
-                                             ("after_journal", "slides.parquet")])
+@pytest.mark.parametrize(
+    ("point", "gone"),
+    [
+        ("mid_publish", "slides.parquet"),
+        ("after_journal", "cells.parquet"),
+        ("after_journal", "slides.parquet"),
+    ],
+)
 def test_journal_whose_staged_file_is_gone_is_rolled_back(tmp_path, point, gone):
     out = tmp_path / "out"
     _, name, journal = _half_published(out, point)
@@ -353,15 +411,18 @@ def test_journal_whose_staged_file_is_gone_is_rolled_back(tmp_path, point, gone)
 
 
 @unit
-@pytest.mark.parametrize("content", [
-    b"{not json",
-    b"\xff\xfe\x00binary",
-    b"[]",
-    b'{"chunk": "x"}',
-    b'{"moves": "xy"}',
-    b'{"moves": [[1, 2]]}',
-    b"[" * 100_000,  # nesting deep enough to exhaust the parser's recursion
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"\xff\xfe\x00binary",
+        b"[]",
+        b'{"chunk": "x"}',
+        b'{"moves": "xy"}',
+        b'{"moves": [[1, 2]]}',
+        b"[" * 100_000,  # nesting deep enough to exhaust the parser's recursion
+    ],
+)
 def test_corrupt_journal_is_rolled_back_not_a_permanent_block(tmp_path, content):
     out = tmp_path / "out"
     _, name, journal = _half_published(out)  # chunk 2's cells are already visible
@@ -378,8 +439,19 @@ def test_corrupt_journal_is_rolled_back_not_a_permanent_block(tmp_path, content)
 
 
 @unit
-@pytest.mark.parametrize("attack", ["src-dotdot", "src-absolute-outside", "src-other-bucket", "dst-dotdot",
-                                    "dst-absolute-outside", "dst-runs-table", "src-other-chunk", "dst-bad-date"])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "src-dotdot",
+        "src-absolute-outside",
+        "src-other-bucket",
+        "dst-dotdot",
+        "dst-absolute-outside",
+        "dst-runs-table",
+        "src-other-chunk",
+        "dst-bad-date",
+    ],
+)
 def test_hostile_journal_paths_are_never_followed(tmp_path, attack):
     out = tmp_path / "out"
     _, name, journal = _half_published(out)
@@ -389,14 +461,25 @@ def test_hostile_journal_paths_are_never_followed(tmp_path, attack):
     other_chunk = chunk_name(["s1"], "v1")
     dst = str(out / "slides" / f"run_date={DAY}" / f"part-{name}.parquet")
     moves = {
-        "src-dotdot": [[str(out / "_staging" / "r1" / name / ".." / ".." / ".." / ".." / "victim.parquet"), dst]],
+        "src-dotdot": [
+            [
+                str(out / "_staging" / "r1" / name / ".." / ".." / ".." / ".." / "victim.parquet"),
+                dst,
+            ]
+        ],
         "src-absolute-outside": [[str(victim), dst]],
         "src-other-bucket": [["s3://other-bucket/secret.parquet", dst]],
         "dst-dotdot": [[staged, str(out / "slides" / ".." / ".." / "escaped.parquet")]],
         "dst-absolute-outside": [[staged, str(tmp_path / "escaped.parquet")]],
-        "dst-runs-table": [[staged, str(out / "runs" / f"run_date={DAY}" / f"part-{name}.parquet")]],
-        "src-other-chunk": [[str(out / "_staging" / "r1" / other_chunk / "slides.parquet"),
-                             str(out / "slides" / f"run_date={DAY}" / f"part-{other_chunk}.parquet")]],
+        "dst-runs-table": [
+            [staged, str(out / "runs" / f"run_date={DAY}" / f"part-{name}.parquet")]
+        ],
+        "src-other-chunk": [
+            [
+                str(out / "_staging" / "r1" / other_chunk / "slides.parquet"),
+                str(out / "slides" / f"run_date={DAY}" / f"part-{other_chunk}.parquet"),
+            ]
+        ],
         "dst-bad-date": [[staged, str(out / "slides" / "run_date=../.." / f"part-{name}.parquet")]],
     }[attack]
     if attack == "src-dotdot":
@@ -420,14 +503,18 @@ def test_corrupt_journal_keeps_the_complete_chunk_of_another_date(tmp_path):
     st = storage_for(str(out))
     OutputWriter(st, str(out), "r0", "2026-01-01", "v1").commit_chunk(*_rows(["s1", "s2"]))
     w = OutputWriter(st, str(out), "r1", DAY, "v1", fault_after_chunks=0, fault_point="mid_publish")
-    with pytest.raises(InjectedFault):  # --reprocess of the same chunk on a later day, half published
+    with pytest.raises(
+        InjectedFault
+    ):  # --reprocess of the same chunk on a later day, half published
         w.commit_chunk(*_rows(["s1", "s2"]))
     assert len(_visible_cells(out)) == 8
     name = chunk_name(["s1", "s2"], "v1")
     (out / "_journal" / f"{name}.json").write_bytes(b"garbage")
     rec = OutputWriter(st, str(out), "r2", DAY, "v1").recover()
     assert rec.rolled_back == [name]
-    assert not (out / "cells" / f"run_date={DAY}").exists() or not any((out / "cells" / f"run_date={DAY}").iterdir())
+    assert not (out / "cells" / f"run_date={DAY}").exists() or not any(
+        (out / "cells" / f"run_date={DAY}").iterdir()
+    )
     assert (out / "cells" / "run_date=2026-01-01" / f"part-{name}.parquet").is_file()
     assert _visible_cells(out) == ["s1-0", "s1-1", "s2-0", "s2-1"]
 
@@ -559,19 +646,40 @@ def base(s3_server, ray_cluster, tmp_path_factory):
 def _run_cmd(base, s3_server, out, address):
     from fault_fixtures import tiny_model
 
-    return [sys.executable, "-m", "pipeline", "run", "--input", base["input"], "--output", out,
-            "--s3-endpoint", s3_server, "--model", tiny_model(), "--chunk-slides", "2", "--ray-address", address]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        base["input"],
+        "--output",
+        out,
+        "--s3-endpoint",
+        s3_server,
+        "--model",
+        tiny_model(),
+        "--chunk-slides",
+        "2",
+        "--ray-address",
+        address,
+    ]
 
 
 def _leftovers(s3_server, bucket, prefix):
     from fault_fixtures import all_keys
 
-    return [k for k in all_keys(s3_server, bucket, prefix)
-            if any(p.startswith(("_", ".")) for p in k[len(prefix):].split("/"))]
+    return [
+        k
+        for k in all_keys(s3_server, bucket, prefix)
+        if any(p.startswith(("_", ".")) for p in k[len(prefix) :].split("/"))
+    ]
 
 
 @integration
-def test_second_concurrent_run_refuses_naming_the_first_and_output_is_exactly_once(base, s3_server, ray_cluster):
+def test_second_concurrent_run_refuses_naming_the_first_and_output_is_exactly_once(
+    base, s3_server, ray_cluster
+):
     from fault_fixtures import assert_outputs_consistent, cell_ids, read_table
 
     b, prefix = base["bucket"], "out-two-runs/"
@@ -580,9 +688,18 @@ def test_second_concurrent_run_refuses_naming_the_first_and_output_is_exactly_on
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     cmd = _run_cmd(base, s3_server, out, address)
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    guard = threading.Timer(600, lambda: first.poll() is None and first.kill())  # never hang the suite
+    first = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    guard = threading.Timer(
+        600, lambda: first.poll() is None and first.kill()
+    )  # never hang the suite
     guard.daemon = True
     guard.start()
     lines: list[str] = []
@@ -590,7 +707,9 @@ def test_second_concurrent_run_refuses_naming_the_first_and_output_is_exactly_on
         lines.append(line.rstrip("\n"))
         if "slides to process" in line:
             break
-    run_a = next((m.group(1) for ln in lines if (m := re.match(r"run (\S+): \d+ slides under", ln))), None)
+    run_a = next(
+        (m.group(1) for ln in lines if (m := re.match(r"run (\S+): \d+ slides under", ln))), None
+    )
     assert run_a and lines[-1].startswith("6 slides to process"), "\n".join(lines[-20:])
     # The first run holds the lease and is about to write; it is made slow (stopped) while the
     # second run starts on the same output.
@@ -604,7 +723,9 @@ def test_second_concurrent_run_refuses_naming_the_first_and_output_is_exactly_on
     assert len(errors) == 1, second.stderr[-2000:]
     for part in (f"run {run_a}", f"pid {first.pid}", "since ", "expires ", out):
         assert part in errors[0], (part, errors[0])
-    assert not any(ln.startswith("[") for ln in second.stdout.splitlines()), "the second run processed slides"
+    assert not any(ln.startswith("[") for ln in second.stdout.splitlines()), (
+        "the second run processed slides"
+    )
     rest = first.stdout.read()
     first.wait(300)
     first.stdout.close()
@@ -619,7 +740,9 @@ def test_second_concurrent_run_refuses_naming_the_first_and_output_is_exactly_on
 
 
 @integration
-def test_uncompletable_corrupt_and_hostile_journals_are_rolled_back_then_exactly_once(base, s3_server, ray_cluster):
+def test_uncompletable_corrupt_and_hostile_journals_are_rolled_back_then_exactly_once(
+    base, s3_server, ray_cluster
+):
     from fault_fixtures import (
         all_keys,
         assert_outputs_consistent,
@@ -632,8 +755,14 @@ def test_uncompletable_corrupt_and_hostile_journals_are_rolled_back_then_exactly
     out = f"s3://{b}/{prefix}"
     s3 = make_s3_client(s3_server)
     with pytest.raises(InjectedFault):
-        run_job_collect(input=base["input"], output=out, s3_endpoint=s3_server, chunk_slides=2,
-                        fault_after_chunks=1, fault_point="mid_publish")
+        run_job_collect(
+            input=base["input"],
+            output=out,
+            s3_endpoint=s3_server,
+            chunk_slides=2,
+            fault_after_chunks=1,
+            fault_point="mid_publish",
+        )
     keys = all_keys(s3_server, b, prefix)
     assert len([k for k in keys if "/_journal/" in k]) == 1
     # Another run deleted the staged slides of the half-published chunk: uncompletable.
@@ -642,15 +771,25 @@ def test_uncompletable_corrupt_and_hostile_journals_are_rolled_back_then_exactly
     s3.delete_object(Bucket=b, Key=staged[0])
     # Two more journals left by someone else: unreadable, and one moving another object in.
     s3.put_object(Bucket=b, Key="victim/secret.bin", Body=b"precious")
-    hostile = {"chunk": "ab" * 12, "moves": [[f"s3://{b}/victim/secret.bin",
-                                              f"{out}cells/run_date=2026-01-01/part-{'ab' * 12}.parquet"],
-                                             [f"{out}_staging/x/{'ab' * 12}/slides.parquet",
-                                              f"s3://{b}/{prefix}../escaped.parquet"]]}
-    s3.put_object(Bucket=b, Key=f"{prefix}_journal/{'ab' * 12}.json", Body=json.dumps(hostile).encode())
+    hostile = {
+        "chunk": "ab" * 12,
+        "moves": [
+            [
+                f"s3://{b}/victim/secret.bin",
+                f"{out}cells/run_date=2026-01-01/part-{'ab' * 12}.parquet",
+            ],
+            [f"{out}_staging/x/{'ab' * 12}/slides.parquet", f"s3://{b}/{prefix}../escaped.parquet"],
+        ],
+    }
+    s3.put_object(
+        Bucket=b, Key=f"{prefix}_journal/{'ab' * 12}.json", Body=json.dumps(hostile).encode()
+    )
     s3.put_object(Bucket=b, Key=f"{prefix}_journal/{'cd' * 12}.json", Body=b"\xff{not json")
 
     lines: list[str] = []
-    res = run_job_collect(lines, input=base["input"], output=out, s3_endpoint=s3_server, chunk_slides=2)
+    res = run_job_collect(
+        lines, input=base["input"], output=out, s3_endpoint=s3_server, chunk_slides=2
+    )
     assert res.exit_code == 0 and res.failed == 0, res.slides
     assert len(res.recovery.rolled_back) == 3 and res.recovery.rolled_forward == []
     assert any("rolled back 3" in ln for ln in lines), lines

@@ -47,7 +47,9 @@ def _save_paper_base(out: Path, seed: int = 0) -> Path:
 
     lm = build_model(SPEC, seed=seed)
     lm.model.save_pretrained(str(out))
-    BlipProcessor(image_processor=lm.image_processor, tokenizer=lm.tokenizer).save_pretrained(str(out))
+    BlipProcessor(image_processor=lm.image_processor, tokenizer=lm.tokenizer).save_pretrained(
+        str(out)
+    )
     return out
 
 
@@ -89,6 +91,7 @@ def _paper_adapter(base_dir: Path, out: Path, settings: LoraSettings | None = No
 
 # --------------------------------------------------------------------------- processor_config.json
 
+
 def test_base_saved_with_blip_processor_loads(tmp_path):
     d = _save_paper_base(tmp_path / "base")
     assert (d / "processor_config.json").is_file() and not (d / "preprocessor_config.json").exists()
@@ -96,16 +99,21 @@ def test_base_saved_with_blip_processor_loads(tmp_path):
     got = load_model(d)
     assert got.image_processor.size["height"] == got.image_processor.size["width"] == 64
     assert list(got.image_processor.image_mean) == list(ref.image_processor.image_mean)
-    assert torch.allclose(_logits(got.model, got.tokenizer), _logits(ref.model, ref.tokenizer), atol=1e-5)
+    assert torch.allclose(
+        _logits(got.model, got.tokenizer), _logits(ref.model, ref.tokenizer), atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("content", [
-    b"{not json",
-    b"[1, 2]",
-    b'{"processor_class": "BlipProcessor"}',
-    b'{"image_processor": "BlipImageProcessor"}',
-    b'{"image_processor": [1, 2]}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"processor_class": "BlipProcessor"}',
+        b'{"image_processor": "BlipImageProcessor"}',
+        b'{"image_processor": [1, 2]}',
+    ],
+)
 def test_bad_processor_config_is_a_one_line_error(tmp_path, content):
     d = _save_paper_base(tmp_path / "base")
     (d / "processor_config.json").write_bytes(content)
@@ -124,6 +132,7 @@ def test_missing_both_processor_files_names_both(tmp_path):
 
 # --------------------------------------------------------------------------- --base override
 
+
 def test_hub_named_adapter_with_local_base(tmp_path):
     base_dir = _save_paper_base(tmp_path / "blip-base-copy")
     adapter, unmerged = _paper_adapter(base_dir, tmp_path / "adapter")
@@ -136,8 +145,9 @@ def test_hub_named_adapter_with_local_base(tmp_path):
     assert got.merged_adapter
     assert torch.allclose(_logits(got.model, got.tokenizer), unmerged, atol=1e-4)
     # The version hashes base + adapter, as for an adapter that names its base itself.
-    assert got.version == weights_version([base_dir / "model.safetensors",
-                                           adapter / "adapter_model.safetensors"])
+    assert got.version == weights_version(
+        [base_dir / "model.safetensors", adapter / "adapter_model.safetensors"]
+    )
     other = _save_paper_base(tmp_path / "other-base", seed=5)
     assert load_model(adapter, base=str(other)).version != got.version
 
@@ -174,16 +184,24 @@ def test_caption_stage_passes_base(tmp_path):
     base_dir = _save_paper_base(tmp_path / "b")
     adapter, _ = _paper_adapter(base_dir, tmp_path / "a")
     want = load_model(adapter, base=str(base_dir)).version
-    stage = CaptionStage(str(adapter), batch_size=2, device="cpu", expected_version=want,
-                         base=str(base_dir))
+    stage = CaptionStage(
+        str(adapter), batch_size=2, device="cpu", expected_version=want, base=str(base_dir)
+    )
     assert stage.captioner.model_version == want
-    out = stage({"kind": np.array(["cell"], dtype=object), "slide_id": np.array(["s"], dtype=object),
-                 "crop": np.full((1, 64, 64, 3), 128, np.uint8), "record": np.array(["{}"], dtype=object),
-                 "thumbnail": np.array([b""], dtype=object)})
+    out = stage(
+        {
+            "kind": np.array(["cell"], dtype=object),
+            "slide_id": np.array(["s"], dtype=object),
+            "crop": np.full((1, 64, 64, 3), 128, np.uint8),
+            "record": np.array(["{}"], dtype=object),
+            "thumbnail": np.array([b""], dtype=object),
+        }
+    )
     assert isinstance(out["caption"][0], str)
     with pytest.raises(CheckpointError, match="differs"):
-        CaptionStage(str(adapter), batch_size=2, device="cpu", expected_version="0" * 16,
-                     base=str(base_dir))
+        CaptionStage(
+            str(adapter), batch_size=2, device="cpu", expected_version="0" * 16, base=str(base_dir)
+        )
 
 
 def test_job_config_and_cli_take_base(tmp_path):
@@ -192,7 +210,9 @@ def test_job_config_and_cli_take_base(tmp_path):
     from pipeline.job.config import load_config
     from pipeline.job.plan import CaptionSettings
 
-    cfg = load_config(None, {"input": "in", "output": "out", "model": "s3://b/adapter", "base": "/m/blip"})
+    cfg = load_config(
+        None, {"input": "in", "output": "out", "model": "s3://b/adapter", "base": "/m/blip"}
+    )
     assert cfg.base == "/m/blip" and cfg.to_json_dict()["base"] == "/m/blip"
     y = tmp_path / "job.yaml"
     y.write_text("input: in\noutput: out\nmodel: a\nbase: s3://b/blip-base\n")
@@ -204,14 +224,19 @@ def test_job_config_and_cli_take_base(tmp_path):
     args = p.parse_args(["--input", "i", "--output", "o", "--model", "a", "--base", "DIR"])
     assert overrides_from(args)["base"] == "DIR"
     assert CaptionSettings("a", "v", base="DIR").base == "DIR"
-    for bad, why in [({"base": "b"}, "--model"), ({"model": "a", "base": "http://h/x"}, "s3://"),
-                     ({"model": "a", "base": "s3://"}, "bucket"), ({"model": "a", "base": 5}, "string")]:
+    for bad, why in [
+        ({"base": "b"}, "--model"),
+        ({"model": "a", "base": "http://h/x"}, "s3://"),
+        ({"model": "a", "base": "s3://"}, "bucket"),
+        ({"model": "a", "base": 5}, "string"),
+    ]:
         with pytest.raises(ConfigError) as err:
             load_config(None, {"input": "in", "output": "out", **bad})
         assert str(err.value).startswith("--base") and why in _one_line(err.value), str(err.value)
 
 
 # --------------------------------------------------------------------------- relative base paths
+
 
 def test_relative_base_written_at_training_loads_from_elsewhere(tmp_path, monkeypatch):
     """``save_adapter(base="ckpt")`` in one directory, loaded from another."""
@@ -229,9 +254,12 @@ def test_relative_base_written_at_training_loads_from_elsewhere(tmp_path, monkey
     got = load_model(work / "run")
     assert torch.allclose(_logits(got.model, got.tokenizer), unmerged, atol=1e-4)
     # Stored absolute (the base is outside the adapter folder), in both pointers.
-    assert json.loads((work / "run" / "hemblip_base.json").read_text())["base"] == str(base_dir.resolve())
+    assert json.loads((work / "run" / "hemblip_base.json").read_text())["base"] == str(
+        base_dir.resolve()
+    )
     assert json.loads((work / "run" / "adapter_config.json").read_text())[
-        "base_model_name_or_path"] == str(base_dir.resolve())
+        "base_model_name_or_path"
+    ] == str(base_dir.resolve())
 
 
 def test_base_inside_the_adapter_folder_moves_with_it(tmp_path, monkeypatch):
@@ -275,13 +303,20 @@ def test_lora_training_with_a_relative_base_loads_from_elsewhere(tmp_path, monke
     work = tmp_path / "work"
     _save_paper_base(work / "ckpt")
     monkeypatch.chdir(work)
-    train(TrainConfig(out="run", base="ckpt", mode="lora", epochs=1, batch_size=4, augment=False,
-                      max_steps=1), TRAIN, VAL, log=lambda m: None)
+    train(
+        TrainConfig(
+            out="run", base="ckpt", mode="lora", epochs=1, batch_size=4, augment=False, max_steps=1
+        ),
+        TRAIN,
+        VAL,
+        log=lambda m: None,
+    )
     monkeypatch.chdir(tmp_path)
     assert load_model(work / "run").merged_adapter
 
 
 # --------------------------------------------------------------------------- adapters-only
+
 
 def _tensor_names(path: Path) -> list[str]:
     from safetensors import safe_open
@@ -316,7 +351,9 @@ def test_paper_default_still_saves_modules_in_full(tmp_path):
     out = tmp_path / "adapter"
     save_adapter(apply_lora(loaded.model), out, str(base_dir))
     names = _tensor_names(out / "adapter_model.safetensors")
-    assert any("word_embeddings" in n for n in names) and any("encoder.layer.2." in n for n in names)
+    assert any("word_embeddings" in n for n in names) and any(
+        "encoder.layer.2." in n for n in names
+    )
 
 
 def test_adapters_only_share_on_blip_base():
@@ -346,21 +383,56 @@ def test_train_cli_adapters_only(tmp_path, capsys):
 
     data = tmp_path / "data"
     write_generic_csv(TRAIN + VAL, data)
-    rc = main(["train", "--data", str(data), "--base", SPEC, "--mode", "lora", "--lora-save",
-               "adapters-only", "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4",
-               "--max-steps", "1", "--no-augment"])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--base",
+            SPEC,
+            "--mode",
+            "lora",
+            "--lora-save",
+            "adapters-only",
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--no-augment",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < summary["trainable_share"] < 0.05
     names = _tensor_names(tmp_path / "run" / "adapter_model.safetensors")
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert load_model(tmp_path / "run").merged_adapter
-    rc = main(["train", "--data", str(data), "--base", SPEC, "--mode", "lora", "--lora-save",
-               "adapters-only", "--lora-full-layers", "1", "--out", str(tmp_path / "x")])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--base",
+            SPEC,
+            "--mode",
+            "lora",
+            "--lora-save",
+            "adapters-only",
+            "--lora-full-layers",
+            "1",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc == 2 and "--lora-full-layers" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- random demo shape
+
 
 def test_demo_shape_spec_cannot_pass_for_the_bundled_checkpoint():
     lm = build_model("random-demo-shape")
@@ -381,8 +453,19 @@ def test_train_cli_base_demo_is_refused_with_a_hint(tmp_path, capsys):
 
     data = tmp_path / "data"
     write_generic_csv(TRAIN + VAL, data)
-    rc = main(["train", "--data", str(data), "--base", "demo", "--out", str(tmp_path / "x"),
-               "--epochs", "1"])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--base",
+            "demo",
+            "--out",
+            str(tmp_path / "x"),
+            "--epochs",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "random-demo-shape" in err and len(err.strip().splitlines()) == 1
 
@@ -390,6 +473,7 @@ def test_train_cli_base_demo_is_refused_with_a_hint(tmp_path, capsys):
 # --------------------------------------------------------------------------- --base in the CLIs and the driver
 # (needs the --base changes in hemblip/inference.py, hemblip/cli/caption.py, hemblip/cli/evaluate.py,
 #  pipeline/job/run.py)
+
 
 def test_caption_and_evaluate_cli_take_base(tmp_path, capsys):
     from PIL import Image
@@ -403,7 +487,9 @@ def test_caption_and_evaluate_cli_take_base(tmp_path, capsys):
     want = load_model(adapter, base=str(base_dir)).version
     img = tmp_path / "cell.png"
     Image.fromarray(TRAIN[0].image).save(img)
-    rc = main(["caption", str(img), "--model", str(adapter), "--base", str(base_dir), "--device", "cpu"])
+    rc = main(
+        ["caption", str(img), "--model", str(adapter), "--base", str(base_dir), "--device", "cpu"]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert json.loads(out.out.strip().splitlines()[-1])["model_version"] == want
@@ -413,8 +499,24 @@ def test_caption_and_evaluate_cli_take_base(tmp_path, capsys):
     data = tmp_path / "data"
     write_generic_csv(TRAIN + VAL, data)
     report = tmp_path / "r.json"
-    rc = main(["evaluate", "--model", str(adapter), "--base", str(base_dir), "--data", str(data),
-               "--limit", "2", "--no-bertscore", "--device", "cpu", "--json", str(report)])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            str(adapter),
+            "--base",
+            str(base_dir),
+            "--data",
+            str(data),
+            "--limit",
+            "2",
+            "--no-bertscore",
+            "--device",
+            "cpu",
+            "--json",
+            str(report),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert json.loads(report.read_text())["model"]["version"] == want
 

@@ -51,12 +51,63 @@ PAYLOADS = [
 ]
 HOSTILE = "".join(PAYLOADS)
 # elements the report itself writes (the static page; the gallery adds <img> from its script)
-ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "header", "h1", "h2", "h3", "div",
-                "nav", "a", "main", "section", "table", "thead", "tbody", "tr", "th", "td", "span",
-                "p", "details", "summary", "label", "select", "option", "button", "script", "ul",
-                "li", "i", "svg", "g", "line", "rect", "circle", "text"}
-FIXED_IDS = {"cell-data", "runs", "consistency", "cohorts", "slides", "cells", "gallery", "f-slide",
-             "f-type", "f-flag", "f-consistency", "p-prev", "p-next", "gallery-count"}
+ALLOWED_TAGS = {
+    "html",
+    "head",
+    "meta",
+    "title",
+    "style",
+    "body",
+    "header",
+    "h1",
+    "h2",
+    "h3",
+    "div",
+    "nav",
+    "a",
+    "main",
+    "section",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "span",
+    "p",
+    "details",
+    "summary",
+    "label",
+    "select",
+    "option",
+    "button",
+    "script",
+    "ul",
+    "li",
+    "i",
+    "svg",
+    "g",
+    "line",
+    "rect",
+    "circle",
+    "text",
+}
+FIXED_IDS = {
+    "cell-data",
+    "runs",
+    "consistency",
+    "cohorts",
+    "slides",
+    "cells",
+    "gallery",
+    "f-slide",
+    "f-type",
+    "f-flag",
+    "f-consistency",
+    "p-prev",
+    "p-next",
+    "gallery-count",
+}
 
 
 def _mangle(v):
@@ -90,8 +141,11 @@ def _hostile_outputs(root: Path):
                         r[field.name] = _mangle(r[field.name])
             if table == "slides" and "2026-11-28" in str(f):
                 extra = dict(rows[-1])
-                extra.update(status=HOSTILE, slide_uri=_mangle("s3://smears/archive/odd-01.svs"),
-                             slide_id=_mangle("odd"))
+                extra.update(
+                    status=HOSTILE,
+                    slide_uri=_mangle("s3://smears/archive/odd-01.svs"),
+                    slide_id=_mangle("odd"),
+                )
                 rows.append(extra)
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
     manifest = root.parent / f"{root.name}-cohorts.csv"
@@ -99,8 +153,13 @@ def _hostile_outputs(root: Path):
         w = csv.writer(fh)
         w.writerow(["slide_uri", "cohort", "patient"])
         for i, name in enumerate(["healthy-01", "aml-01", "cll-01"]):
-            w.writerow([_mangle(f"s3://smears/archive/{name}.svs"), _mangle("control" if i == 0 else "leukemia"),
-                        _mangle(f"P{i}")])
+            w.writerow(
+                [
+                    _mangle(f"s3://smears/archive/{name}.svs"),
+                    _mangle("control" if i == 0 else "leukemia"),
+                    _mangle(f"P{i}"),
+                ]
+            )
         w.writerow([_mangle("s3://smears/archive/missing.svs"), _mangle("leukemia"), "P9"])
     return fx, manifest
 
@@ -157,7 +216,11 @@ def _parse(text: str) -> _Page:
 
 
 def _csp(page: _Page) -> dict[str, list[str]]:
-    metas = [a for t, a in page.elements if t == "meta" and (a.get("http-equiv") or "").lower() == "content-security-policy"]
+    metas = [
+        a
+        for t, a in page.elements
+        if t == "meta" and (a.get("http-equiv") or "").lower() == "content-security-policy"
+    ]
     assert len(metas) == 1, "exactly one CSP <meta>"
     out = {}
     for d in metas[0]["content"].split(";"):
@@ -180,13 +243,17 @@ def test_hostile_strings_stay_text(hostile):
     for tag, attrs in page.elements:
         for name, value in attrs.items():
             assert not name.startswith("on"), f"<{tag} {name}=...>: inline event handler"
-            assert name not in ("style", "src", "srcdoc", "formaction", "xlink:href"), f"<{tag} {name}=...>"
+            assert name not in ("style", "src", "srcdoc", "formaction", "xlink:href"), (
+                f"<{tag} {name}=...>"
+            )
             if name == "href":
                 assert value.startswith("#"), f"<{tag} href={value!r}>: only in-page links"
             assert "pwned" not in name
     ids = [a["id"] for _, a in page.elements if "id" in a]
     assert len(ids) == len(set(ids)), "duplicate element ids"
-    assert {i for i in ids if not i.startswith("slide-")} <= FIXED_IDS  # stored ids cannot clobber the script's
+    assert {
+        i for i in ids if not i.startswith("slide-")
+    } <= FIXED_IDS  # stored ids cannot clobber the script's
     assert not any(i.startswith("pwned") for i in ids)
 
     # one executable script, allowed by its hash; the cell data are an inert JSON block
@@ -198,8 +265,12 @@ def test_hostile_strings_stay_text(hostile):
     assert csp["script-src"] == [_sha(runnable[0])]
     assert len(page.styles) == 1 and csp["style-src"] == [_sha(page.styles[0])]
     assert "'unsafe-inline'" not in raw and "'unsafe-eval'" not in raw
-    first_active = next(i for i, (t, _) in enumerate(page.elements) if t in ("style", "script", "body"))
-    assert any(t == "meta" and a.get("http-equiv") for t, a in page.elements[:first_active])  # CSP before content
+    first_active = next(
+        i for i, (t, _) in enumerate(page.elements) if t in ("style", "script", "body")
+    )
+    assert any(
+        t == "meta" and a.get("http-equiv") for t, a in page.elements[:first_active]
+    )  # CSP before content
     body = data[0][1]
     assert "<" not in body and ">" not in body and "\u2028" not in body and "\u2029" not in body
     blob = json.loads(body)
@@ -211,19 +282,39 @@ def test_hostile_strings_stay_text(hostile):
     # every payload is shown, as text (entities decoded exactly once)
     text = "".join(page.text)
     for p in PAYLOADS:
-        assert p.replace("\u2028", "").replace("\u2029", "") in text.replace("\u2028", "").replace("\u2029", ""), p
+        assert p.replace("\u2028", "").replace("\u2029", "") in text.replace("\u2028", "").replace(
+            "\u2029", ""
+        ), p
     flagged = [c for c in fx.cells if c["qc_flags"]]
-    assert flagged and f"{flagged[0]['qc_flags'][0]}{HOSTILE}" in text  # the QC flag summary of a slide
+    assert (
+        flagged and f"{flagged[0]['qc_flags'][0]}{HOSTILE}" in text
+    )  # the QC flag summary of a slide
 
 
 def _chromium(url: str, tmp_path: Path) -> tuple[str, str]:
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not installed (scripts/ensure_chromium.sh could not install Debian's chromium)")
+        pytest.skip(
+            f"{CHROMIUM} not installed (scripts/ensure_chromium.sh could not install Debian's chromium)"
+        )
     profile = tmp_path / "profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,1600",
-           "--enable-logging=stderr", "--v=0", "--dump-dom", url]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,1600",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+        url,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     shutil.rmtree(profile, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -236,14 +327,23 @@ def test_chromium_hostile_data_and_hash(hostile, tmp_path):
     n = sum(c["cell_type"] == "lymphocyte" for c in fx.cells)
     # a valid hostile filter, then garbage the parser must shrug off: malformed percent-encoding,
     # markup, prototype keys, a page number too big for a double, a huge value, a bare '%'
-    frag = ("type=" + quote(ctype, safe="") + "&flag=%E0%A4%A&slide=%&page=" + "9" * 400
-            + "&__proto__=x&constructor=%3Cimg%20src%3Dx%20onerror%3Ddocument.body.dataset.pwned%3D9%3E"
-            + "&<script>alert(1)</script>=\"'&x=" + "A" * 50_000 + "&&=&%")
+    frag = (
+        "type="
+        + quote(ctype, safe="")
+        + "&flag=%E0%A4%A&slide=%&page="
+        + "9" * 400
+        + "&__proto__=x&constructor=%3Cimg%20src%3Dx%20onerror%3Ddocument.body.dataset.pwned%3D9%3E"
+        + "&<script>alert(1)</script>=\"'&x="
+        + "A" * 50_000
+        + "&&=&%"
+    )
     dom, log = _chromium(out.resolve().as_uri() + "#" + frag, tmp_path)
     assert 'data-gallery-ready="1"' in dom, "the report's script did not finish: " + log[-1500:]
     page = _parse(dom)
     # no payload ran or became an element (their text is shown, so look at elements, not the text)
-    assert not [(t, a) for t, a in page.elements if "data-pwned" in a or a.get("id") == "pwned-title"]
+    assert not [
+        (t, a) for t, a in page.elements if "data-pwned" in a or a.get("id") == "pwned-title"
+    ]
     tags = {t for t, _ in page.elements}
     assert tags <= ALLOWED_TAGS | {"img"}, f"unexpected elements {tags - ALLOWED_TAGS}"
     imgs = [a for t, a in page.elements if t == "img"]
@@ -252,7 +352,11 @@ def test_chromium_hostile_data_and_hash(hostile, tmp_path):
     # the hostile type filter from the hash applied; the garbage was ignored
     assert f'data-matching="{n}"' in dom and len(imgs) == n
     assert HOSTILE.replace("\u2028", "").replace("\u2029", "")[:40] in "".join(page.text)
-    bad = [ln for ln in log.splitlines() if "CONSOLE" in ln or "Content Security Policy" in ln or "Uncaught" in ln]
+    bad = [
+        ln
+        for ln in log.splitlines()
+        if "CONSOLE" in ln or "Content Security Policy" in ln or "Uncaught" in ln
+    ]
     assert not bad, "console messages: " + "\n".join(bad)[:2000]
 
 
@@ -320,18 +424,38 @@ def test_out_write_fails_midway_keeps_old_report(plain, tmp_path):
     def limited():
         import resource
         import signal
+
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big write then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "report", "--output", str(plain.root), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, preexec_fn=limited,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "report",
+            "--output",
+            str(plain.root),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limited,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
-    assert proc.stderr.startswith(f"error: --out {out}: ") and "too large" in proc.stderr.lower(), proc.stderr
+    assert proc.stderr.startswith(f"error: --out {out}: ") and "too large" in proc.stderr.lower(), (
+        proc.stderr
+    )
     assert out.read_text() == "old report" and os.listdir(tmp_path) == ["r.html"]
     # without the limit it is replaced whole, with the mode a plain open() would have given it
     assert cli(["report", "--output", str(plain.root), "--out", str(out), "--thumb-px", "16"]) == 0
-    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>") and os.listdir(tmp_path) == ["r.html"]
+    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>") and os.listdir(
+        tmp_path
+    ) == ["r.html"]
     assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 

@@ -19,8 +19,9 @@ def _tiny(tmp_path):
     return out
 
 
-@pytest.mark.parametrize("size", [{"height": 60000, "width": 60000}, {"height": 64, "width": 128},
-                                  {"shortest_edge": 64}])
+@pytest.mark.parametrize(
+    "size", [{"height": 60000, "width": 60000}, {"height": 64, "width": 128}, {"shortest_edge": 64}]
+)
 def test_processor_size_other_than_the_model_input_is_refused(tmp_path, size):
     from hemblip.errors import CheckpointError
     from hemblip.model import load_model
@@ -55,7 +56,9 @@ def test_matching_processor_size_still_loads(tmp_path):
     assert load_model(_tiny(tmp_path)).image_processor.size["height"] == 64
 
 
-@pytest.mark.parametrize("endpoint", ["http://user:s3cr3t@127.0.0.1:9", "http://127.0.0.1:9/?X-Amz-Signature=s3cr3t"])
+@pytest.mark.parametrize(
+    "endpoint", ["http://user:s3cr3t@127.0.0.1:9", "http://127.0.0.1:9/?X-Amz-Signature=s3cr3t"]
+)
 def test_read_side_endpoint_with_credentials_is_refused_without_echo(endpoint):
     from pipeline.errors import ConfigError
     from pipeline.outputs import _filesystem

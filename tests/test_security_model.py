@@ -43,6 +43,7 @@ def _tree(root: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- the path helper
 
+
 @pytest.mark.unit
 def test_safe_join_property(tmp_path):
     """Any name: refused, or a path below the root that writing touches nothing outside."""
@@ -53,8 +54,9 @@ def test_safe_join_property(tmp_path):
 
     root = (tmp_path / "root").resolve()
     root.mkdir()
-    parts = st.sampled_from(["..", ".", "", "a", "ü b", "\\..", "..\\..", "%2E%2E", "x.json",
-                             "/", "C:", "\x00", "\n"])
+    parts = st.sampled_from(
+        ["..", ".", "", "a", "ü b", "\\..", "..\\..", "%2E%2E", "x.json", "/", "C:", "\x00", "\n"]
+    )
 
     @settings(max_examples=300, deadline=None, database=None)
     @given(st.lists(parts, min_size=0, max_size=6).map("/".join))
@@ -73,6 +75,7 @@ def test_safe_join_property(tmp_path):
 
 
 # --------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
@@ -93,8 +96,14 @@ def _copy_meta(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _shard(src: Path, dst: Path, names: tuple[str, str] = ("model-00001-of-00002.safetensors",
-                                                         "model-00002-of-00002.safetensors")) -> Path:
+def _shard(
+    src: Path,
+    dst: Path,
+    names: tuple[str, str] = (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ),
+) -> Path:
     """A two-shard copy of ``src`` (index + shards written inside ``dst``)."""
     from safetensors.torch import load_file, save_file
 
@@ -107,7 +116,8 @@ def _shard(src: Path, dst: Path, names: tuple[str, str] = ("model-00001-of-00002
         save_file({k: state[k].contiguous() for k in part}, dst / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     (dst / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
     return dst
 
 
@@ -130,7 +140,8 @@ def test_sharded_checkpoint_loads_its_own_shards(tiny_ckpt, tmp_path):
     d = _shard(tiny_ckpt, tmp_path / "sharded")
     got = load_model(d)
     assert [p.name for p in got.weights_files] == sorted(
-        ["model-00001-of-00002.safetensors", SHARD2])
+        ["model-00001-of-00002.safetensors", SHARD2]
+    )
     ref = load_model(tiny_ckpt).model.state_dict()
     for k, v in got.model.state_dict().items():
         assert (v == ref[k]).all(), k
@@ -168,8 +179,13 @@ def test_index_entry_outside_the_checkpoint_is_refused(tiny_ckpt, tmp_path, how)
 
     d = _shard(tiny_ckpt, tmp_path / "sharded")
     target = _outside_shard(tmp_path, d)
-    entry = {"dotdot": f"../outside/{SHARD2}", "absolute": str(target), "symlink": SHARD2,
-             "backslash": f"..\\outside\\{SHARD2}", "nul": f"{SHARD2}\x00.txt"}[how]
+    entry = {
+        "dotdot": f"../outside/{SHARD2}",
+        "absolute": str(target),
+        "symlink": SHARD2,
+        "backslash": f"..\\outside\\{SHARD2}",
+        "nul": f"{SHARD2}\x00.txt",
+    }[how]
     if how == "symlink":
         (d / SHARD2).symlink_to(target)
     else:
@@ -208,9 +224,16 @@ def test_hub_snapshot_symlinks_into_its_blobs_still_load(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("index", [
-    "{not json", "[]", '{"weight_map": []}', '{"weight_map": {}}', '{"weight_map": {"a": 5}}',
-])
+@pytest.mark.parametrize(
+    "index",
+    [
+        "{not json",
+        "[]",
+        '{"weight_map": []}',
+        '{"weight_map": {}}',
+        '{"weight_map": {"a": 5}}',
+    ],
+)
 def test_malformed_index_is_a_one_line_error(tiny_ckpt, tmp_path, index):
     from hemblip.model import load_model
 
@@ -228,8 +251,9 @@ def test_corrupt_shard_is_a_one_line_error(tiny_ckpt, tmp_path, damage):
 
     d = _shard(tiny_ckpt, tmp_path / "sharded")
     data = (d / SHARD2).read_bytes()
-    (d / SHARD2).write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\xff" * 64,
-                              "empty": b""}[damage])
+    (d / SHARD2).write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage": b"\xff" * 64, "empty": b""}[damage]
+    )
     with pytest.raises(CheckpointError, match=SHARD2) as err:
         load_model(d)
     _one_line(err.value)
@@ -248,6 +272,7 @@ def test_missing_shard_is_a_one_line_error(tiny_ckpt, tmp_path):
 
 # --------------------------------------------------------------------------- LoRA adapters
 
+
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_ckpt, tmp_path_factory) -> Path:
     from hemblip.lora import LoraSettings, apply_lora, save_adapter
@@ -256,8 +281,13 @@ def tiny_adapter(tiny_ckpt, tmp_path_factory) -> Path:
     base = load_model(tiny_ckpt)
     peft_model = apply_lora(base.model, LoraSettings(full_layers=1))
     out = tmp_path_factory.mktemp("adapter") / "a"
-    save_adapter(peft_model, out, base=str(tiny_ckpt), image_processor=base.image_processor,
-                 tokenizer=base.tokenizer)
+    save_adapter(
+        peft_model,
+        out,
+        base=str(tiny_ckpt),
+        image_processor=base.image_processor,
+        tokenizer=base.tokenizer,
+    )
     return out
 
 
@@ -304,14 +334,17 @@ def test_pickle_adapter_with_code_is_refused(tiny_adapter, tmp_path, allow_pickl
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name, content", [
-    ("adapter_model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}"),
-    ("adapter_model.safetensors", b""),
-    ("adapter_config.json", b"{not json"),
-    ("adapter_config.json", b"[1, 2]"),
-    ("hemblip_base.json", b"{not json"),
-    ("hemblip_base.json", b'{"base": 5}'),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("adapter_model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}"),
+        ("adapter_model.safetensors", b""),
+        ("adapter_config.json", b"{not json"),
+        ("adapter_config.json", b"[1, 2]"),
+        ("hemblip_base.json", b"{not json"),
+        ("hemblip_base.json", b'{"base": 5}'),
+    ],
+)
 def test_corrupt_adapter_files_are_one_line_errors(tiny_adapter, tmp_path, name, content):
     from hemblip.model import load_model
 
@@ -337,6 +370,7 @@ def test_adapter_naming_an_adapter_as_its_base_is_refused(tiny_adapter, tmp_path
 
 # --------------------------------------------------------------------------- dataset rows
 
+
 def _png(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(path)
@@ -346,8 +380,13 @@ def _png(path: Path) -> Path:
 def _hostile_names(tmp_path: Path) -> list[str]:
     """Names that would reach ``tmp_path/outside.png`` (a real image) from ``tmp_path/ds``."""
     _png(tmp_path / "outside.png")
-    return ["../outside.png", "images/../../outside.png", str(tmp_path / "outside.png"),
-            "..\\outside.png", "images//../../outside.png"]
+    return [
+        "../outside.png",
+        "images/../../outside.png",
+        str(tmp_path / "outside.png"),
+        "..\\outside.png",
+        "images//../../outside.png",
+    ]
 
 
 @pytest.mark.unit
@@ -378,10 +417,14 @@ def test_coco_file_names_cannot_leave_the_image_root(tmp_path):
     root = tmp_path / "ds"
     _png(root / "ok.png")
     for bad in _hostile_names(tmp_path):
-        doc = {"images": [{"id": 1, "file_name": "ok.png"}, {"id": 2, "file_name": bad}],
-               "categories": [{"id": 1, "name": "myeloblast"}],
-               "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 2, 5, 5]},
-                               {"id": 11, "image_id": 2, "category_id": 1, "bbox": [2, 2, 5, 5]}]}
+        doc = {
+            "images": [{"id": 1, "file_name": "ok.png"}, {"id": 2, "file_name": bad}],
+            "categories": [{"id": 1, "name": "myeloblast"}],
+            "annotations": [
+                {"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 2, 5, 5]},
+                {"id": 11, "image_id": 2, "category_id": 1, "bbox": [2, 2, 5, 5]},
+            ],
+        }
         p = root / "coco.json"
         p.write_text(json.dumps(doc))
         with pytest.raises(DatasetError) as err:
@@ -399,11 +442,22 @@ def test_wbcatt_rows_cannot_leave_the_image_root(tmp_path):
 
     root = tmp_path / "ds"
     _png(root / "EO_1.jpg")
-    row = {"img_name": "EO_1.jpg", "label": "Eosinophil", "cell_size": "small", "cell_shape": "round",
-           "nucleus_shape": "segmented-bilobed", "nuclear_cytoplasmic_ratio": "low",
-           "chromatin_density": "densely", "cytoplasm_vacuole": "no", "cytoplasm_texture": "clear",
-           "cytoplasm_colour": "light blue", "granule_type": "round", "granule_colour": "red",
-           "granularity": "yes", "path": "EO_1.jpg"}
+    row = {
+        "img_name": "EO_1.jpg",
+        "label": "Eosinophil",
+        "cell_size": "small",
+        "cell_shape": "round",
+        "nucleus_shape": "segmented-bilobed",
+        "nuclear_cytoplasmic_ratio": "low",
+        "chromatin_density": "densely",
+        "cytoplasm_vacuole": "no",
+        "cytoplasm_texture": "clear",
+        "cytoplasm_colour": "light blue",
+        "granule_type": "round",
+        "granule_colour": "red",
+        "granularity": "yes",
+        "path": "EO_1.jpg",
+    }
     cols = ["img_name", "label", *(a.name for a in HEALTHY_ATTRIBUTES), "path"]
     for bad in _hostile_names(tmp_path):
         for column in ("path", "img_name"):
@@ -413,8 +467,11 @@ def test_wbcatt_rows_cannot_leave_the_image_root(tmp_path):
                 w.writeheader()
                 w.writerow(row)
                 # Both candidates hostile: nothing inside the root may be tried instead.
-                w.writerow(dict(row, path=bad, img_name=bad) if column == "path"
-                           else dict(row, path="", img_name=bad))
+                w.writerow(
+                    dict(row, path=bad, img_name=bad)
+                    if column == "path"
+                    else dict(row, path="", img_name=bad)
+                )
             with pytest.raises(DatasetError) as err:
                 read_wbcatt(csv_path, root, mpp=0.1)
             assert f"{csv_path}:3" in _one_line(err.value), (bad, err.value)
@@ -424,6 +481,7 @@ def test_wbcatt_rows_cannot_leave_the_image_root(tmp_path):
 
 
 # --------------------------------------------------------------------------- S3 model mirror
+
 
 @pytest.fixture
 def s3_env(s3_server, tmp_path, monkeypatch):
@@ -445,12 +503,12 @@ def s3_env(s3_server, tmp_path, monkeypatch):
 def _hostile_keys(prefix: str, outside: Path) -> list[str]:
     target = str(outside / "pwned.pth").lstrip("/")
     return [
-        f"{prefix}/{'../' * 30}{target}",              # climbs out of the cache
-        f"{prefix}//{target}",                         # '//' makes the rest absolute
+        f"{prefix}/{'../' * 30}{target}",  # climbs out of the cache
+        f"{prefix}//{target}",  # '//' makes the rest absolute
         f"{prefix}/sub/../../../../../../../../../../../../../../../../{target}",
-        f"{prefix}/..",                                # the cache folder's parent itself
+        f"{prefix}/..",  # the cache folder's parent itself
         f"{prefix}/./config.json",
-        f"{prefix}/..\\..\\x.json",                    # a separator on Windows
+        f"{prefix}/..\\..\\x.json",  # a separator on Windows
     ]
 
 
@@ -469,7 +527,9 @@ def test_s3_hostile_key_refuses_the_whole_checkpoint(s3_env, i):
     assert repr(key) in _one_line(err.value) or key in str(err.value)
     assert _tree(outside) == []
     # Nothing of the checkpoint, not even its config (only the cache's own lock file).
-    assert not [p for p in cache.rglob("*") if p.is_file() and p.parent.name != ".locks"], _tree(cache)
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.parent.name != ".locks"], _tree(
+        cache
+    )
 
 
 @pytest.mark.integration
@@ -478,8 +538,15 @@ def test_s3_hostile_bucket_or_prefix_in_the_uri_is_refused(s3_env, tmp_path):
 
     _s3, cache, outside = s3_env
     climb = "../" * 30 + str(outside).lstrip("/")
-    for uri in ("s3://../x", "s3://./x", f"s3://models/{climb}", "s3://models/a/../../../x",
-                "s3://models/a//b", "s3://models/a\\..\\..\\b", "s3://models/./x"):
+    for uri in (
+        "s3://../x",
+        "s3://./x",
+        f"s3://models/{climb}",
+        "s3://models/a/../../../x",
+        "s3://models/a//b",
+        "s3://models/a\\..\\..\\b",
+        "s3://models/./x",
+    ):
         with pytest.raises(CheckpointError) as err:
             resolve_location(uri)
         assert uri in _one_line(err.value)
@@ -519,15 +586,25 @@ def test_s3_mirror_writes_only_checkpoint_files(s3_env):
     from hemblip.model import resolve_location
 
     s3, cache, _outside = s3_env
-    keys = {"only/config.json": b"{}", "only/vocab.txt": b"a\n", "only/model.safetensors": b"x",
-            "only/evil.pth": b"import os\n", "only/sitecustomize.py": b"import os\n",
-            "only/sub/x.pth": b"import os\n", "only/pytorch_model.bin": b"pickle",
-            "only/.hidden.json": b"{}", "only/run.sh": b"rm -rf /\n"}
+    keys = {
+        "only/config.json": b"{}",
+        "only/vocab.txt": b"a\n",
+        "only/model.safetensors": b"x",
+        "only/evil.pth": b"import os\n",
+        "only/sitecustomize.py": b"import os\n",
+        "only/sub/x.pth": b"import os\n",
+        "only/pytorch_model.bin": b"pickle",
+        "only/.hidden.json": b"{}",
+        "only/run.sh": b"rm -rf /\n",
+    }
     for key, body in keys.items():
         s3.put_object(Bucket="models", Key=key, Body=body)
     d = resolve_location("s3://models/only")
     assert sorted(p.name for p in d.rglob("*") if not p.name.startswith(".")) == [
-        "config.json", "model.safetensors", "vocab.txt"]
+        "config.json",
+        "model.safetensors",
+        "vocab.txt",
+    ]
     assert not (d / ".hidden.json").exists()
 
 
@@ -549,20 +626,31 @@ def test_s3_mirror_is_safe_with_several_processes_at_once(s3_env, tiny_ckpt, tmp
     s3, cache, _outside = s3_env
     for f in tiny_ckpt.iterdir():
         s3.upload_file(str(f), "models", f"race/tiny/{f.name}")
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL_S3", "HEMBLIP_CACHE", "AWS_ACCESS_KEY_ID",
-                                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    env = {
+        k: os.environ[k]
+        for k in (
+            "AWS_ENDPOINT_URL_S3",
+            "HEMBLIP_CACHE",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+        )
+    }
     n = 4
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         barrier = manager.Barrier(n)
         with ProcessPoolExecutor(n, mp_context=ctx) as pool:
-            futures = [pool.submit(_mirror_in_child, "s3://models/race/tiny", env, barrier)
-                       for _ in range(n)]
+            futures = [
+                pool.submit(_mirror_in_child, "s3://models/race/tiny", env, barrier)
+                for _ in range(n)
+            ]
             dirs = {f.result(timeout=300) for f in futures}
     assert len(dirs) == 1
     d = Path(dirs.pop())
     assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == sorted(
-        p.name for p in tiny_ckpt.iterdir() if p.suffix in (".json", ".safetensors", ".txt"))
+        p.name for p in tiny_ckpt.iterdir() if p.suffix in (".json", ".safetensors", ".txt")
+    )
     assert not [p.name for p in d.rglob("*") if "part" in p.name or p.name.startswith(".tmp")]
     assert json.loads((d / ".etags.json").read_text())
     assert load_model(d).version == load_model(tiny_ckpt).version

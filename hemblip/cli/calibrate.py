@@ -16,30 +16,64 @@ HELP = "calibrate a checkpoint's per-cell cell-type confidence on validation cel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="checkpoint directory or s3:// URI (default: the bundled demo checkpoint)")
-    parser.add_argument("--base", default=None, metavar="DIR|URI",
-                        help="for a LoRA adapter --model: the base model to use instead of the one "
-                             "the adapter names")
-    parser.add_argument("--data", required=True,
-                        help="dataset with known cell types: WBCAtt/generic CSV, LeukemiaAttri COCO "
-                             "JSON, a folder with samples.csv, or the shared data folder (demo dataset)")
-    parser.add_argument("--split", default="val", choices=("train", "val", "test", "all"),
-                        help="cells to fit on (default val; never the test cells you report on)")
-    parser.add_argument("--held-out-split", default=None, choices=("train", "val", "test"),
-                        help="also report the fitted temperature's figures on this split (cells "
-                             "not used to fit it, e.g. test, reported once)")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="cells without a split of their own: share put in val (default 0.1, "
-                             "as train/evaluate)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory or s3:// URI (default: the bundled demo checkpoint)",
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        metavar="DIR|URI",
+        help="for a LoRA adapter --model: the base model to use instead of the one "
+        "the adapter names",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="dataset with known cell types: WBCAtt/generic CSV, LeukemiaAttri COCO "
+        "JSON, a folder with samples.csv, or the shared data folder (demo dataset)",
+    )
+    parser.add_argument(
+        "--split",
+        default="val",
+        choices=("train", "val", "test", "all"),
+        help="cells to fit on (default val; never the test cells you report on)",
+    )
+    parser.add_argument(
+        "--held-out-split",
+        default=None,
+        choices=("train", "val", "test"),
+        help="also report the fitted temperature's figures on this split (cells "
+        "not used to fit it, e.g. test, reported once)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="cells without a split of their own: share put in val (default 0.1, "
+        "as train/evaluate)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=32, help="captioning batch size (default 32)")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="captioning batch size (default 32)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="folder for calibration.json (default: the --model folder; required "
-                             "for an s3:// or hub model)")
-    parser.add_argument("--diagram", type=Path, default=None, metavar="FILE.svg",
-                        help="write the reliability diagram (SVG) here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder for calibration.json (default: the --model folder; required "
+        "for an s3:// or hub model)",
+    )
+    parser.add_argument(
+        "--diagram",
+        type=Path,
+        default=None,
+        metavar="FILE.svg",
+        help="write the reliability diagram (SVG) here",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the figures, write nothing")
 
 
@@ -53,7 +87,9 @@ def _out_dir(args: argparse.Namespace) -> Path:
         return DEMO_CHECKPOINT
     if not str(args.model).startswith("s3://") and Path(args.model).is_dir():
         return Path(args.model)
-    raise HemblipConfigError(f"--model {args.model!r} is not a local folder: give --out DIR for calibration.json")
+    raise HemblipConfigError(
+        f"--model {args.model!r} is not a local folder: give --out DIR for calibration.json"
+    )
 
 
 def _fmt(v) -> str:
@@ -94,38 +130,69 @@ def main(args: argparse.Namespace) -> int:
     t = report["temperature"]
     date = datetime.now(UTC).strftime("%Y-%m-%d")
     f = report["fit"]
-    print(f"model {cap.model_id} (version {cap.model_version}); data {args.data}, split {args.split}: "
-          f"{f['n_cells']} cells, {f['n_typed']} captions name a type, {_fmt(f['accuracy'])} of those right")
-    print(f"temperature T = {t:.3f}; ECE {_fmt(f['before']['ece'])} -> {_fmt(f['after']['ece'])}, "
-          f"log-loss {_fmt(f['before']['nll'])} -> {_fmt(f['after']['nll'])} nats (10 bins, {date})")
+    print(
+        f"model {cap.model_id} (version {cap.model_version}); data {args.data}, split {args.split}: "
+        f"{f['n_cells']} cells, {f['n_typed']} captions name a type, {_fmt(f['accuracy'])} of those right"
+    )
+    print(
+        f"temperature T = {t:.3f}; ECE {_fmt(f['before']['ece'])} -> {_fmt(f['after']['ece'])}, "
+        f"log-loss {_fmt(f['before']['nll'])} -> {_fmt(f['after']['nll'])} nats (10 bins, {date})"
+    )
     print("\nreliability after calibration:\n" + reliability_markdown(f["after"]["reliability"]))
     print("\nreliability before (T = 1):\n" + reliability_markdown(f["before"]["reliability"]))
     h = report.get("held_out")
     if h:
-        print(f"\nheld-out split {args.held_out_split}: {h['n_cells']} cells, {h['n_typed']} typed, "
-              f"{_fmt(h['accuracy'])} right; ECE {_fmt(h['before']['ece'])} -> {_fmt(h['after']['ece'])}, "
-              f"log-loss {_fmt(h['before']['nll'])} -> {_fmt(h['after']['nll'])} nats")
+        print(
+            f"\nheld-out split {args.held_out_split}: {h['n_cells']} cells, {h['n_typed']} typed, "
+            f"{_fmt(h['accuracy'])} right; ECE {_fmt(h['before']['ece'])} -> {_fmt(h['after']['ece'])}, "
+            f"log-loss {_fmt(h['before']['nll'])} -> {_fmt(h['after']['nll'])} nats"
+        )
         print(reliability_markdown(h["after"]["reliability"]))
     if args.diagram is not None:
-        svg = reliability_svg(f["before"]["reliability"], f["after"]["reliability"],
-                              title=f"Cell-type confidence, {f['n_typed']} {args.split} cells ({date})",
-                              ece_before=f["before"]["ece"], ece_after=f["after"]["ece"], temperature=t)
+        svg = reliability_svg(
+            f["before"]["reliability"],
+            f["after"]["reliability"],
+            title=f"Cell-type confidence, {f['n_typed']} {args.split} cells ({date})",
+            ece_before=f["before"]["ece"],
+            ece_after=f["after"]["ece"],
+            temperature=t,
+        )
         args.diagram.parent.mkdir(parents=True, exist_ok=True)
         args.diagram.write_text(svg, encoding="utf-8")
         print(f"\nwrote {args.diagram}")
     if out_dir is not None:
-        summary = {k: {"n_cells": v["n_cells"], "n_typed": v["n_typed"], "accuracy": v["accuracy"],
-                       "ece_before": v["before"]["ece"], "ece_after": v["after"]["ece"],
-                       "nll_before": v["before"]["nll"], "nll_after": v["after"]["nll"]}
-                   for k, v in report.items() if k in ("fit", "held_out")}
+        summary = {
+            k: {
+                "n_cells": v["n_cells"],
+                "n_typed": v["n_typed"],
+                "accuracy": v["accuracy"],
+                "ece_before": v["before"]["ece"],
+                "ece_after": v["after"]["ece"],
+                "nll_before": v["before"]["nll"],
+                "nll_after": v["after"]["nll"],
+            }
+            for k, v in report.items()
+            if k in ("fit", "held_out")
+        }
         try:
             path = write_calibration(
-                out_dir, t, cap.model_version, method="temperature scaling of cell-type opening scores",
-                data=str(args.data), split=args.split, held_out_split=args.held_out_split,
-                val_fraction=args.val_fraction, seed=args.seed, date=date,
-                reliability=f["after"]["reliability"], **summary)
+                out_dir,
+                t,
+                cap.model_version,
+                method="temperature scaling of cell-type opening scores",
+                data=str(args.data),
+                split=args.split,
+                held_out_split=args.held_out_split,
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                date=date,
+                reliability=f["after"]["reliability"],
+                **summary,
+            )
         except OSError as exc:
-            raise HemblipConfigError(f"{out_dir}: cannot write calibration.json: {exc.strerror or exc}") from None
+            raise HemblipConfigError(
+                f"{out_dir}: cannot write calibration.json: {exc.strerror or exc}"
+            ) from None
         print(f"wrote {path}")
         json.loads(path.read_text(encoding="utf-8"))  # what was written reads back
     return 0

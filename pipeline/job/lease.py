@@ -42,8 +42,16 @@ from datetime import UTC, datetime, timedelta
 from pipeline.errors import PipelineError, StorageError
 from pipeline.job.storage import Storage, join_uri
 
-__all__ = ["LEASE_NAME", "DEFAULT_LEASE_TTL_S", "LeaseError", "LeaseHeldError", "LeaseLostError",
-           "LeaseRecord", "RunLease", "parse_lease"]
+__all__ = [
+    "LEASE_NAME",
+    "DEFAULT_LEASE_TTL_S",
+    "LeaseError",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "LeaseRecord",
+    "RunLease",
+    "parse_lease",
+]
 
 #: Object name of the lease under OUTPUT.
 LEASE_NAME = "_lease"
@@ -143,8 +151,10 @@ class LeaseRecord:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     def describe(self) -> str:
-        return (f"run {_clean(self.run_id)} (host {_clean(self.host)}, pid {self.pid}, "
-                f"since {_clean(self.started_at)}, lease expires {_clean(self.expires_at)})")
+        return (
+            f"run {_clean(self.run_id)} (host {_clean(self.host)}, pid {self.pid}, "
+            f"since {_clean(self.started_at)}, lease expires {_clean(self.expires_at)})"
+        )
 
     @property
     def expires(self) -> datetime:
@@ -175,9 +185,15 @@ def parse_lease(data: bytes, now: datetime) -> LeaseRecord | None:
         pid, ttl = raw.get("pid"), raw.get("ttl_s")
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
             return None
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_LEASE_TTL_S:
+        if (
+            isinstance(ttl, bool)
+            or not isinstance(ttl, int | float)
+            or not 0 < ttl <= MAX_LEASE_TTL_S
+        ):
             return None
-        rec = LeaseRecord(**{k: raw.get(k) for k in (*strings, *optional)}, pid=pid, ttl_s=float(ttl))
+        rec = LeaseRecord(
+            **{k: raw.get(k) for k in (*strings, *optional)}, pid=pid, ttl_s=float(ttl)
+        )
         renewed, expires = rec.renewed, rec.expires
         if renewed.tzinfo is None or expires.tzinfo is None:
             return None
@@ -200,10 +216,19 @@ class RunLease:
     ``clock``/``monotonic`` are the time sources (tests pass fakes).
     """
 
-    def __init__(self, storage: Storage, root: str, run_id: str, *, ttl_s: float = DEFAULT_LEASE_TTL_S,
-                 renew_every_s: float | None = None, takeover_dead_local: bool = True,
-                 say: Callable[[str], None] | None = None, clock: Callable[[], datetime] = _now,
-                 monotonic: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        storage: Storage,
+        root: str,
+        run_id: str,
+        *,
+        ttl_s: float = DEFAULT_LEASE_TTL_S,
+        renew_every_s: float | None = None,
+        takeover_dead_local: bool = True,
+        say: Callable[[str], None] | None = None,
+        clock: Callable[[], datetime] = _now,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
         if not 0 < float(ttl_s) <= MAX_LEASE_TTL_S:
             from pipeline.errors import ConfigError
 
@@ -239,22 +264,34 @@ class RunLease:
     def _new_record(self) -> LeaseRecord:
         now = self.clock()
         pid = os.getpid()
-        return LeaseRecord(run_id=self.run_id, lease_id=uuid.uuid4().hex, host=socket.gethostname(), pid=pid,
-                           started_at=_iso(now), renewed_at=_iso(now),
-                           expires_at=_iso(now + timedelta(seconds=self.ttl_s)), ttl_s=self.ttl_s,
-                           boot_id=_read_text("/proc/sys/kernel/random/boot_id"), pid_ns=_pid_ns(),
-                           pid_start=_pid_start(pid))
+        return LeaseRecord(
+            run_id=self.run_id,
+            lease_id=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            pid=pid,
+            started_at=_iso(now),
+            renewed_at=_iso(now),
+            expires_at=_iso(now + timedelta(seconds=self.ttl_s)),
+            ttl_s=self.ttl_s,
+            boot_id=_read_text("/proc/sys/kernel/random/boot_id"),
+            pid_ns=_pid_ns(),
+            pid_start=_pid_start(pid),
+        )
 
     def _renewed(self, rec: LeaseRecord) -> LeaseRecord:
         now = self.clock()
-        return replace(rec, renewed_at=_iso(now), expires_at=_iso(now + timedelta(seconds=self.ttl_s)))
+        return replace(
+            rec, renewed_at=_iso(now), expires_at=_iso(now + timedelta(seconds=self.ttl_s))
+        )
 
     def _process_gone(self, rec: LeaseRecord) -> bool:
         """True only when the holder provably cannot be running: it ran on this very kernel boot
         and PID namespace, and its PID is not running or now belongs to a later process."""
         if not self.takeover_dead_local or rec.boot_id is None or rec.pid_ns is None:
             return False
-        if rec.host != socket.gethostname() or rec.boot_id != _read_text("/proc/sys/kernel/random/boot_id"):
+        if rec.host != socket.gethostname() or rec.boot_id != _read_text(
+            "/proc/sys/kernel/random/boot_id"
+        ):
             return False
         if rec.pid_ns != _pid_ns():
             return False
@@ -294,7 +331,9 @@ class RunLease:
                 try:
                     token = self.storage.create_exclusive(self.uri, data)
                 except StorageError as exc:
-                    raise StorageError(f"{self.root}: output location is not writable: {exc}") from None
+                    raise StorageError(
+                        f"{self.root}: output location is not writable: {exc}"
+                    ) from None
                 if token is not None:
                     self._take(rec, token, started)
                     self._check_store_honours_conditions(data, token)
@@ -312,14 +351,17 @@ class RunLease:
                 if reason is None:
                     raise LeaseHeldError(
                         f"{self.root}: another run is writing this output: {other.describe()}; refusing to "
-                        f"start a second writer (the lease {self.uri} expires {self.ttl_desc(other)})")
+                        f"start a second writer (the lease {self.uri} expires {self.ttl_desc(other)})"
+                    )
                 token = self.storage.replace_if(self.uri, data, cur_token)
                 if token is not None:
                     self._take(rec, token, started)
                     who = other.describe() if other else "an unreadable lease"
                     self.say(f"took over the output lease of {who}: {reason}")
                     return rec
-            raise LeaseHeldError(f"{self.root}: the lease {self.uri} kept changing hands; another run is starting")
+            raise LeaseHeldError(
+                f"{self.root}: the lease {self.uri} kept changing hands; another run is starting"
+            )
 
     @staticmethod
     def ttl_desc(rec: LeaseRecord) -> str:
@@ -331,15 +373,20 @@ class RunLease:
         problem = None
         if self.storage.create_exclusive(self.uri, data) is not None:
             problem = "If-None-Match"
-        elif self.storage.replace_if(self.uri, data, "0" * 32 if token != "0" * 32 else "1" * 32) is not None:
+        elif (
+            self.storage.replace_if(self.uri, data, "0" * 32 if token != "0" * 32 else "1" * 32)
+            is not None
+        ):
             problem = "If-Match"
         if problem:
             current = self.storage.read_versioned(self.uri, MAX_LEASE_BYTES)
             if current is not None:
                 self.storage.delete_if(self.uri, current[1])
             self._record = None
-            raise StorageError(f"{self.root}: the store ignores conditional writes ({problem}), so a run "
-                               f"lease cannot keep a second run out; use a store that supports them")
+            raise StorageError(
+                f"{self.root}: the store ignores conditional writes ({problem}), so a run "
+                f"lease cannot keep a second run out; use a store that supports them"
+            )
 
     def renew(self) -> None:
         """Extend the lease by ``ttl_s`` from now (compare-and-swap). Raises
@@ -350,7 +397,9 @@ class RunLease:
             if self._lost is not None:
                 raise LeaseLostError(self._lost)
             if self._record is None:
-                raise LeaseLostError(f"{self.root}: run {_clean(self.run_id)} does not hold the output lease")
+                raise LeaseLostError(
+                    f"{self.root}: run {_clean(self.run_id)} does not hold the output lease"
+                )
             rec = self._renewed(self._record)
             data = rec.encode()
             started = self.monotonic()
@@ -362,16 +411,27 @@ class RunLease:
                         token = current[1]  # our own write, retried after its reply was lost
                     else:
                         other = parse_lease(current[0], self.clock()) if current else None
-                        now_held = ("it was deleted" if current is None else
-                                    f"now held by {other.describe()}" if other else "it was overwritten")
-                        self._lose(f"{self.root}: run {_clean(self.run_id)} lost the output lease ({now_held})")
+                        now_held = (
+                            "it was deleted"
+                            if current is None
+                            else f"now held by {other.describe()}"
+                            if other
+                            else "it was overwritten"
+                        )
+                        self._lose(
+                            f"{self.root}: run {_clean(self.run_id)} lost the output lease ({now_held})"
+                        )
             except StorageError as exc:
                 left = self._deadline - started
                 if left > self.ttl_s / 3:
-                    self.say(f"could not renew the output lease ({exc}); {left:.0f} s of it left, retrying")
+                    self.say(
+                        f"could not renew the output lease ({exc}); {left:.0f} s of it left, retrying"
+                    )
                     return
-                self._lose(f"{self.root}: run {_clean(self.run_id)} could not renew the output lease "
-                           f"in time ({exc})")
+                self._lose(
+                    f"{self.root}: run {_clean(self.run_id)} could not renew the output lease "
+                    f"in time ({exc})"
+                )
             self._take(rec, token, started)
 
     def _lose(self, why: str) -> None:
@@ -424,7 +484,9 @@ class RunLease:
                     return False
                 return self.storage.delete_if(self.uri, token)
             except StorageError as exc:
-                self.say(f"could not release the output lease {self.uri}: {exc}; it expires by itself")
+                self.say(
+                    f"could not release the output lease {self.uri}: {exc}; it expires by itself"
+                )
                 return False
 
     def __enter__(self) -> RunLease:
