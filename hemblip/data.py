@@ -60,6 +60,8 @@ __all__ = [
     "SPLITS",
     "FRAMINGS",
     "SEGMENTATION_WBC_MPP",
+    "PBC_MPP",
+    "BCCD_MPP",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -75,6 +77,14 @@ FRAMINGS = ("physical", "box")
 #: by class, are 2.09-2.48x smaller in px than dataset2's (neutrophils 76.5 vs 160.1 px,
 #: lymphocytes 58.2 vs 140.2), so 0.115 x ~2.2 = 0.25.
 SEGMENTATION_WBC_MPP = {"dataset1": 0.25, "dataset2": 0.115}
+#: µm/px of the PBC images (one instrument, CellaVision DM96, one magnification: one scale, as a
+#: scanner writes one per instrument). The median red-cell estimate over 40 TXL-PBC train fields
+#: of the PBC source (``pipeline.eval_slides.source_scales``; the PBC images' own per-image
+#: estimates have median 0.111 but vary ±40 %, which would teach the model a size cue the job
+#: never shows: the job reads one scale per slide). WBCAtt's cells are all PBC images.
+PBC_MPP = 0.109
+#: µm/px of the BCCD images, measured the same way over 40 TXL-PBC train fields of the BCCD source.
+BCCD_MPP = 0.085
 _MPP_RANGE = (0.01, 50.0)  # µm/px a microscope image can plausibly have (as the job's readers)
 
 
@@ -394,7 +404,8 @@ def read_wbcatt(csv_path: str | Path, image_root: str | Path, *, skip_missing: b
     ``image_root/path`` or ``image_root/img_name``. The crop is the job's (module docstring)
     around the WBC box's centre (px); without a box in the row, the TXL YOLO WBC box beside the
     image nearest its centre, else the image centre (PBC images are cell-centred). ``mpp``: µm/px
-    of images without TIFF resolution tags (default: each image's red-cell estimate). ``split``
+    of images without TIFF resolution tags (default: :data:`PBC_MPP`, WBCAtt's images being PBC's;
+    ``mpp_source`` "dataset"). ``split``
     comes from ``wbcatt_split`` or from the file name (``..._train.csv``). ``crop_px``: crop side
     (default 224; with ``framing="box"``, default the box crop's own size).
     """
@@ -406,7 +417,8 @@ def read_wbcatt(csv_path: str | Path, image_root: str | Path, *, skip_missing: b
         raise DatasetError(f"{path}: not a WBCAtt CSV: missing column(s) "
                            f"{', '.join(missing) or 'img_name/image/path'}")
     file_split = next((s for s in SPLITS if path.stem.lower().endswith(s)), None)
-    fr = _Framing(framing, crop_um, crop_px, pad, scale, mpp)
+    fr = _Framing(framing, crop_um, crop_px, pad, scale, PBC_MPP if mpp is None else mpp)
+    given_src = "dataset" if mpp is None else "given"
     scales = _Scales()
     out, skipped = SampleList(), []
     for i, row in enumerate(rows, start=2):
@@ -424,7 +436,7 @@ def read_wbcatt(csv_path: str | Path, image_root: str | Path, *, skip_missing: b
         box = _row_box(row, ("wbc_xmin", "wbc_ymin", "wbc_xmax", "wbc_ymax"), where)
         try:
             image, meta = _load_image_mpp(img_path)
-            sc = scales.get(img_path, image, meta, fr.mpp, "given", str(img_path)) if fr.physical else None
+            sc = scales.get(img_path, image, meta, fr.mpp, given_src, str(img_path)) if fr.physical else None
         except DatasetError as exc:
             _skip_or_raise(DatasetError(f"{where}: {exc}"), f"{where} ({img_path.name})", skip_missing, skipped)
             continue
@@ -736,7 +748,8 @@ def _bccd(root: Path, fr: _Framing, skipped: list[Skipped]) -> list[CaptionSampl
         cell_type = cell_type_from_label(labels[0])
         try:
             image, meta = _load_image_mpp(img_path)
-            sc = scales.get(img_path, image, meta, fr.mpp, "given", str(img_path)) if fr.physical else None
+            given, given_src = (BCCD_MPP, "dataset") if fr.mpp is None else (fr.mpp, "given")
+            sc = scales.get(img_path, image, meta, given, given_src, str(img_path)) if fr.physical else None
         except DatasetError as exc:
             skipped.append(Skipped(item, str(exc)))
             continue
@@ -804,11 +817,11 @@ def build_demo_dataset(shared_data_dir: str | Path, *, crop_px: int | None = CRO
 
     * ``txl_pbc/pbc_wbcatt.csv``: 450 PBC cells, full healthy captions, split = WBCAtt's own
       (``wbcatt_split``); cropped around the WBC box's centre (for the 23 rows without a single
-      box in the CSV, the TXL YOLO WBC box nearest the image centre); scale: each image's
-      red-cell estimate (median 0.111 µm/px).
+      box in the CSV, the TXL YOLO WBC box nearest the image centre); scale: :data:`PBC_MPP`
+      (one instrument, one scale, as the job reads one scale per slide).
     * ``bccd``: images with exactly one typed WBC (one type in ``wbc_types.csv`` and one WBC box in
-      the VOC XML) -> cell-type captions; others are recorded in ``.skipped``. Scale: each
-      image's red-cell estimate (median 0.085 µm/px).
+      the VOC XML) -> cell-type captions; others are recorded in ``.skipped``. Scale:
+      :data:`BCCD_MPP`.
     * ``segmentation_wbc``: every labelled crop, cropped around its cell mask's centroid ->
       cell-type captions. Scale: :data:`SEGMENTATION_WBC_MPP` (measured once per part).
 

@@ -16,6 +16,8 @@ from PIL import Image
 from hemblip.captions import parse_caption
 from hemblip.crops import cell_crop
 from hemblip.data import (
+    BCCD_MPP,
+    PBC_MPP,
     CaptionSample,
     build_demo_dataset,
     crop_around_box,
@@ -367,6 +369,18 @@ def test_demo_dataset_records_each_crops_scale(shared_data, tmp_path):
     ds = build_demo_dataset(root)
     assert all(s.image.shape == (224, 224, 3) for s in ds)
     by = {(s.source, s.mpp_source) for s in ds}
-    assert by == {("pbc_wbcatt", "estimated"), ("bccd", "estimated"), ("segmentation_wbc", "dataset")}
-    assert all(0.09 < s.mpp < 0.13 for s in ds if s.source == "pbc_wbcatt")
+    # One scale per instrument, as the job reads one per slide (never a per-image estimate).
+    assert by == {("pbc_wbcatt", "dataset"), ("bccd", "dataset"), ("segmentation_wbc", "dataset")}
+    assert all(s.mpp == PBC_MPP for s in ds if s.source == "pbc_wbcatt")
+    assert all(s.mpp == BCCD_MPP for s in ds if s.source == "bccd")
     assert all(s.mpp == 0.115 for s in ds if s.source == "segmentation_wbc")
+
+
+def test_dataset_scales_are_what_the_end_to_end_slides_carry(shared_data):
+    """The readers' PBC/BCCD scales are the ones eval-slides writes into its slides' metadata
+    (median red-cell estimate of each source), so a cell is cut at the same scale both ways."""
+    from pipeline.eval_slides import source_scales
+
+    scales = source_scales(shared_data)
+    assert abs(scales["pbc"]["mpp"] - PBC_MPP) < 0.002
+    assert abs(scales["bccd"]["mpp"] - BCCD_MPP) < 0.002
