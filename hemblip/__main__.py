@@ -1,7 +1,7 @@
 """``python -m hemblip <command>``: one module per command under ``hemblip/cli/``.
 
 Each module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``main(args) -> int``;
-modules are imported lazily (see :mod:`hemblip._cli`).
+modules are imported lazily (see :mod:`hemblip.dispatch`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hemblip import _cli
+from hemblip import dispatch
 from hemblip.errors import HemblipError
 
 COMMANDS: dict[str, str] = {
@@ -23,11 +23,11 @@ COMMANDS: dict[str, str] = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser (with ``only``, just that command's module is imported)."""
-    return _cli.build_parser("python -m hemblip", __doc__.splitlines()[0], COMMANDS, only)
+    return dispatch.build_parser("python -m hemblip", __doc__.splitlines()[0], COMMANDS, only)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run(build_parser, argv, HemblipError)
+    return dispatch.run(build_parser, argv, HemblipError)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``python -m pipeline <command>``: one module per command under ``pipeline/cli/``.
 
 Each module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``main(args) -> int``;
-modules are imported lazily (see :mod:`hemblip._cli`).
+modules are imported lazily (see :mod:`hemblip.dispatch`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hemblip import _cli
+from hemblip import dispatch
 from pipeline.errors import PipelineError
 
 COMMANDS: dict[str, str] = {
@@ -23,16 +23,20 @@ COMMANDS: dict[str, str] = {
     "cohort": "pipeline.cli.cohort",
     "report": "pipeline.cli.report",
     "export-qupath": "pipeline.cli.export_qupath",
+    "eval-segmentation": "pipeline.cli.eval_segmentation",
+    "train-detector": "pipeline.cli.train_detector",
+    "calibrate-consistency": "pipeline.cli.calibrate_consistency",
+    "config-docs": "pipeline.cli.config_docs",
 }
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser (with ``only``, just that command's module is imported)."""
-    return _cli.build_parser("python -m pipeline", __doc__.splitlines()[0], COMMANDS, only)
+    return dispatch.build_parser("python -m pipeline", __doc__.splitlines()[0], COMMANDS, only)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run(build_parser, argv, PipelineError)
+    return dispatch.run(build_parser, argv, PipelineError)
 
 
 if __name__ == "__main__":

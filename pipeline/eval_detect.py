@@ -13,17 +13,14 @@ detection stage sees a slide when it reads a coarser pyramid level: the image is
 ``cv2.INTER_AREA`` (a scanner's level is an area-downsample of level 0) to ``detect_mpp`` µm/px,
 detected there, and the detections are mapped back to the image's pixels for matching.
 
-``python -m pipeline.eval_detect --segmentation DIR`` prints the nucleus and whole-cell Dice of
+``python -m pipeline eval-segmentation --data DIR`` prints the nucleus and whole-cell Dice of
 :func:`~pipeline.detection.segment_cell` on ``segmentation_wbc``-style crops.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import math
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -369,7 +366,7 @@ def evaluate_segmentation(root: str | Path, limit: int | None = None) -> dict:
     root = Path(root)
     dsets = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("dataset"))
     if not dsets:
-        raise ConfigError(f"--segmentation {root}: no dataset*/ folders")
+        raise ConfigError(f"{root}: no dataset*/ folders")
     out: dict = {"datasets": {}, "errors": []}
     for d in dsets:
         pairs = []
@@ -410,24 +407,3 @@ def evaluate_segmentation(root: str | Path, limit: int | None = None) -> dict:
     out["nucleus_dice"] = float(np.mean([v["nucleus_dice"] for v in vals]))
     out["cell_dice"] = float(np.mean([v["cell_dice"] for v in vals]))
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.eval_detect", description=__doc__.splitlines()[0])
-    ap.add_argument("--segmentation", metavar="DIR", help="segmentation_wbc-style root: print Dice")
-    ap.add_argument("--limit", type=int, default=None, help="first N crops per dataset only")
-    ap.add_argument("--json", metavar="OUT", help="also write the result as JSON")
-    args = ap.parse_args(argv)
-    if not args.segmentation:
-        ap.error("--segmentation DIR is required (detection: python -m pipeline eval-detect)")
-    res = evaluate_segmentation(args.segmentation, limit=args.limit)
-    for name, r in res["datasets"].items():
-        print(f"{name:<10} n={r['n']:<4} mpp={r['mpp']:.3f}  nucleus Dice {r['nucleus_dice']:.3f}  cell Dice {r['cell_dice']:.3f}")
-    print(f"mean over datasets: nucleus Dice {res['nucleus_dice']:.3f}  cell Dice {res['cell_dice']:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

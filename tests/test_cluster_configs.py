@@ -42,7 +42,7 @@ def _parse_entrypoint(cmd: str) -> JobConfig:
     assert argv[:3] == ["python", "-m", "pipeline"], cmd
     args = build_parser(argv[3]).parse_args(argv[3:])
     assert args.command == "run"
-    return load_config(args.config, overrides_from(args), env={})
+    return load_config(args.config, overrides_from(args))
 
 
 def test_cluster_dir_has_only_yaml_and_readme():
@@ -116,7 +116,9 @@ def test_launcher_has_gpu_workers():
 
 def _commands(text: str) -> list[str]:
     joined = re.sub(r"\\\n\s*#?\s*", " ", text)
-    return [m.group(1).strip() for m in re.finditer(r"--\s+(python -m pipeline run [^\n`]*)", joined)]
+    return [
+        m.group(1).strip() for m in re.finditer(r"--\s+(python -m pipeline run [^\n`]*)", joined)
+    ]
 
 
 def test_readme_and_launcher_commands_parse():
@@ -130,4 +132,6 @@ def test_readme_and_launcher_commands_parse():
 
 def test_a_bad_entrypoint_is_caught():
     with pytest.raises(SystemExit):
-        _parse_entrypoint("python -m pipeline run --input s3://a/ --output s3://b/ --caption-batch-size many")
+        _parse_entrypoint(
+            "python -m pipeline run --input s3://a/ --output s3://b/ --caption-batch-size many"
+        )

@@ -407,7 +407,6 @@ def test_dry_run_lines_quote_file_names(tmp_path):
             "dry_run": True,
             "model": tiny_model(str(tmp_path)),
         },
-        env={},
     )
     res = run_job(cfg, say=lines.append)
     assert res.would_process == [str(root / evil)]  # verbatim in the result

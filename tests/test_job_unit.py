@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from job_helpers import chunk_rows, visible_cell_ids
+from job_helpers import InjectedFault, chunk_rows, injected_fault, visible_cell_ids
 
 from pipeline.errors import ConfigError, StorageError
 from pipeline.job.config import JobConfig, load_config
@@ -16,7 +16,7 @@ from pipeline.job.identity import cell_id, chunk_name, slide_id
 from pipeline.job.listing import list_slides
 from pipeline.job.stage_detect import confined_path, ref_from_json, ref_to_json
 from pipeline.job.storage import storage_for
-from pipeline.job.writer import InjectedFault, OutputWriter, visible_parquet
+from pipeline.job.writer import OutputWriter, visible_parquet
 
 pytestmark = pytest.mark.unit
 
@@ -41,7 +41,6 @@ def test_config_requires_input_and_output():
         ("crop_um", 0.0, "--crop-um"),
         ("mpp", -1.0, "--mpp"),
         ("run_id", "a/b", "--run-id"),
-        ("fault_point", "nowhere", "--fault-point"),
     ],
 )
 def test_config_checks_name_the_flag(field, value, flag):
@@ -63,7 +62,7 @@ def test_fractional_gpus_and_extension_normalisation():
 def test_yaml_then_cli_override(tmp_path):
     y = tmp_path / "job.yaml"
     y.write_text("input: s3://archive/slides/\noutput: s3://out/x/\ncaption-batch-size: 8\nchunk_slides: 4\n")
-    cfg = load_config(y, {"chunk_slides": 2, "model": None}, env={})
+    cfg = load_config(y, {"chunk_slides": 2, "model": None})
     assert (cfg.input, cfg.caption_batch_size, cfg.chunk_slides, cfg.model) == ("s3://archive/slides/", 8, 2, None)
 
 
@@ -71,19 +70,12 @@ def test_yaml_unknown_key_and_bad_yaml(tmp_path):
     y = tmp_path / "job.yaml"
     y.write_text("input: a\noutput: b\nbatchsize: 3\n")
     with pytest.raises(ConfigError, match="unknown key 'batchsize'"):
-        load_config(y, env={})
+        load_config(y)
     y.write_text("input: [a\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(y, env={})
+        load_config(y)
     with pytest.raises(ConfigError, match="cannot read"):
-        load_config(tmp_path / "missing.yaml", env={})
-
-
-def test_fault_hook_from_env():
-    cfg = load_config(None, {"input": "a", "output": "b"}, env={"PIPELINE_FAULT_AFTER_CHUNKS": "2"})
-    assert cfg.fault_after_chunks == 2 and cfg.fault_point == "after_commit"
-    with pytest.raises(ConfigError, match="PIPELINE_FAULT_AFTER_CHUNKS"):
-        load_config(None, {"input": "a", "output": "b"}, env={"PIPELINE_FAULT_AFTER_CHUNKS": "x"})
+        load_config(tmp_path / "missing.yaml")
 
 
 # -- identity -------------------------------------------------------------------------------
@@ -181,10 +173,11 @@ def test_failed_slides_are_not_done(tmp_path):
 @pytest.mark.parametrize("point", ["after_journal", "mid_publish"])
 def test_crash_while_publishing_rolls_forward(tmp_path, point):
     out = tmp_path / "out"
-    w = OutputWriter(storage_for(str(out)), str(out), "r1", "2026-01-02", "v1", fault_after_chunks=1, fault_point=point)
-    w.commit_chunk(*_rows(["s1"]))
-    with pytest.raises(InjectedFault):
-        w.commit_chunk(*_rows(["s2", "s3"]))
+    w = OutputWriter(storage_for(str(out)), str(out), "r1", "2026-01-02", "v1")
+    with injected_fault(1, point):
+        w.commit_chunk(*_rows(["s1"]))
+        with pytest.raises(InjectedFault):
+            w.commit_chunk(*_rows(["s2", "s3"]))
     assert list((out / "_journal").glob("*.json"))
     # Before recovery, s2/s3 are not done (their slides file is not visible yet).
     w2 = OutputWriter(storage_for(str(out)), str(out), "r2", "2026-01-03", "v1")

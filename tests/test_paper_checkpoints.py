@@ -216,7 +216,7 @@ def test_job_config_and_cli_take_base(tmp_path):
     assert cfg.base == "/m/blip" and cfg.to_json_dict()["base"] == "/m/blip"
     y = tmp_path / "job.yaml"
     y.write_text("input: in\noutput: out\nmodel: a\nbase: s3://b/blip-base\n")
-    assert load_config(y, env={}).base == "s3://b/blip-base"
+    assert load_config(y).base == "s3://b/blip-base"
     import argparse
 
     p = argparse.ArgumentParser()

@@ -34,53 +34,109 @@ _MPP_RANGE = (0.01, 50.0)  # µm/px a microscope image can plausibly have (as th
 _FALLBACK_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS, if a caller disabled it
 _PIL_LOCK = threading.Lock()  # Image.MAX_IMAGE_PIXELS is process-wide; lifted only while opening
 
-_DETECT_HINT = ("run `python -m pipeline detect IMAGE --out cells.parquet --crops-dir CROPS` (or the "
-                "job) to crop each detected cell as the job does, then caption the crops")
+_DETECT_HINT = (
+    "run `python -m pipeline detect IMAGE --out cells.parquet --crops-dir CROPS` (or the "
+    "job) to crop each detected cell as the job does, then caption the crops"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="single-cell crop images (PNG/JPEG/TIFF), each captioned as given")
-    parser.add_argument("--model", default=None,
-                        help="checkpoint or adapter dir, s3:// URI or hub id (default: the demo checkpoint)")
-    parser.add_argument("--base", default=None, metavar="DIR|URI",
-                        help="for a LoRA adapter --model: the base model to use instead of the one "
-                             "the adapter names (e.g. a local copy of Salesforce/blip-image-captioning-base)")
-    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="single-cell crop images (PNG/JPEG/TIFF), each captioned as given",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint or adapter dir, s3:// URI or hub id (default: the demo checkpoint)",
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        metavar="DIR|URI",
+        help="for a LoRA adapter --model: the base model to use instead of the one "
+        "the adapter names (e.g. a local copy of Salesforce/blip-image-captioning-base)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--decoding", choices=("greedy", "beam"), default="greedy",
-                        help="beam = the paper's 4 beams, repetition penalty 1.15, no repeated 3-grams")
+    parser.add_argument(
+        "--decoding",
+        choices=("greedy", "beam"),
+        default="greedy",
+        help="beam = the paper's 4 beams, repetition penalty 1.15, no repeated 3-grams",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--preprocess", choices=("device", "processor"), default="device",
-                        help="device = resize/normalise batched on --device (default); processor = "
-                             "the checkpoint's PIL image processor, one crop at a time")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept pickle (.bin/.pt) weights: only for checkpoints you trust")
-    parser.add_argument("--framing", choices=("auto", "as-given", "cell", "detect"), default="auto",
-                        help="auto (default): caption crop-sized images as given and refuse whole "
-                             f"fields (both sides > {FIELD_FACTOR:g} x the job's {JOB_CROP_UM:g} µm "
-                             f"crop at a known scale, else > {FIELD_FACTOR:g} x max(model input, "
-                             f"{JOB_CROP_PX} px)); as-given: caption every image as given, whole; "
-                             "cell: the job's crop around each --center (the job's crop function, "
-                             "scale and resampling); detect: not done here (hemblip has no "
-                             "detector): use `python -m pipeline detect --crops-dir` and caption the crops")
-    parser.add_argument("--mpp", type=float, default=None, metavar="UM_PER_PX",
-                        help="µm/px of images without a scale in their TIFF resolution tags (the "
-                             "tags win, as in the job); tells crops from fields, and with "
-                             "--framing cell sizes the crop (default there: the red-cell estimate)")
-    parser.add_argument("--center", action="append", default=None, metavar="X,Y",
-                        help="with --framing cell: a cell's centre in px of the image (e.g. the "
-                             "job's centroid_x,centroid_y); repeat for several cells")
-    parser.add_argument("--crop-um", type=float, default=JOB_CROP_UM,
-                        help=f"with --framing cell: crop side in µm (default {JOB_CROP_UM:g}, the job's)")
-    parser.add_argument("--crop-px", type=int, default=JOB_CROP_PX,
-                        help=f"with --framing cell: px the crop is resampled to (default {JOB_CROP_PX}, the job's)")
-    parser.add_argument("--pad", choices=("white", "reflect"), default="white",
-                        help="with --framing cell: fill past the image border: white (default, as the "
-                             "job reads outside a slide) or reflect (mirror, as the training crops)")
-    parser.add_argument("--crops-dir", default=None, metavar="DIR",
-                        help="also write each captioned crop, as the model got it before its own "
-                             "resize, to DIR/crop_NNNNN.png (lossless; the row's crop_file)")
+    parser.add_argument(
+        "--preprocess",
+        choices=("device", "processor"),
+        default="device",
+        help="device = resize/normalise batched on --device (default); processor = "
+        "the checkpoint's PIL image processor, one crop at a time",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickle (.bin/.pt) weights: only for checkpoints you trust",
+    )
+    parser.add_argument(
+        "--framing",
+        choices=("auto", "as-given", "cell", "detect"),
+        default="auto",
+        help="auto (default): caption crop-sized images as given and refuse whole "
+        f"fields (both sides > {FIELD_FACTOR:g} x the job's {JOB_CROP_UM:g} µm "
+        f"crop at a known scale, else > {FIELD_FACTOR:g} x max(model input, "
+        f"{JOB_CROP_PX} px)); as-given: caption every image as given, whole; "
+        "cell: the job's crop around each --center (the job's crop function, "
+        "scale and resampling); detect: not done here (hemblip has no "
+        "detector): use `python -m pipeline detect --crops-dir` and caption the crops",
+    )
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="UM_PER_PX",
+        help="µm/px of images without a scale in their TIFF resolution tags (the "
+        "tags win, as in the job); tells crops from fields, and with "
+        "--framing cell sizes the crop (default there: the red-cell estimate)",
+    )
+    parser.add_argument(
+        "--center",
+        action="append",
+        default=None,
+        metavar="X,Y",
+        help="with --framing cell: a cell's centre in px of the image (e.g. the "
+        "job's centroid_x,centroid_y); repeat for several cells",
+    )
+    parser.add_argument(
+        "--crop-um",
+        type=float,
+        default=JOB_CROP_UM,
+        help=f"with --framing cell: crop side in µm (default {JOB_CROP_UM:g}, the job's)",
+    )
+    parser.add_argument(
+        "--crop-px",
+        type=int,
+        default=JOB_CROP_PX,
+        help=f"with --framing cell: px the crop is resampled to (default {JOB_CROP_PX}, the job's)",
+    )
+    parser.add_argument(
+        "--pad",
+        choices=("white", "reflect"),
+        default="white",
+        help="with --framing cell: fill past the image border: white (default, as the "
+        "job reads outside a slide) or reflect (mirror, as the training crops)",
+    )
+    parser.add_argument(
+        "--crops-dir",
+        default=None,
+        metavar="DIR",
+        help="also write each captioned crop, as the model got it before its own "
+        "resize, to DIR/crop_NNNNN.png (lossless; the row's crop_file)",
+    )
 
 
 def _show(value: object) -> str:
@@ -130,8 +186,10 @@ def _header(path: str) -> tuple[int, int, float | None]:
     except (OSError, SyntaxError, ValueError) as exc:  # corrupt headers surface as these in PIL
         raise ValueError(f"cannot read the image header ({' '.join(str(exc).split())})") from None
     if w * h > limit:
-        raise ValueError(f"declared dimensions {w}x{h} ({w * h} px) exceed the {limit} px limit for "
-                         "an image decoded whole (decompression bomb?)")
+        raise ValueError(
+            f"declared dimensions {w}x{h} ({w * h} px) exceed the {limit} px limit for "
+            "an image decoded whole (decompression bomb?)"
+        )
     return w, h, mpp
 
 
@@ -152,9 +210,13 @@ def _read(path: str, as_slide: bool = False):
                 if not as_slide:
                     return np.asarray(im.convert("RGB"))
                 im2 = ImageOps.exif_transpose(im)
-                if im2.mode in ("RGBA", "LA", "PA") or (im2.mode == "P" and "transparency" in im2.info):
+                if im2.mode in ("RGBA", "LA", "PA") or (
+                    im2.mode == "P" and "transparency" in im2.info
+                ):
                     rgba = im2.convert("RGBA")
-                    im2 = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                    im2 = Image.alpha_composite(
+                        Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba
+                    )
                 return np.asarray(im2.convert("RGB"))
     except FileNotFoundError:
         raise OSError("no such file") from None
@@ -171,8 +233,11 @@ def model_input_px(image_processor) -> int:
     size = getattr(image_processor, "size", None)
     # transformers 5 keeps it as a SizeDict (attributes), older ones and configs as a dict.
     get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-    sides = [v for v in (get(k) for k in ("height", "width", "shortest_edge"))
-             if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    sides = [
+        v
+        for v in (get(k) for k in ("height", "width", "shortest_edge"))
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0
+    ]
     if sides:
         return max(sides)
     return 384  # BLIP-base's input, the family every HemBLIP checkpoint belongs to
@@ -188,15 +253,19 @@ def field_problem(width: int, height: int, mpp: float | None, model_px: int) -> 
     if mpp is not None:
         limit_um = FIELD_FACTOR * JOB_CROP_UM
         if min(width, height) * mpp > limit_um:
-            return (f"{width}x{height} px at {mpp:g} µm/px is {width * mpp:.0f}x{height * mpp:.0f} µm, "
-                    f"more than {limit_um:g} µm in both sides ({FIELD_FACTOR:g} x the job's "
-                    f"{JOB_CROP_UM:g} µm crop)")
+            return (
+                f"{width}x{height} px at {mpp:g} µm/px is {width * mpp:.0f}x{height * mpp:.0f} µm, "
+                f"more than {limit_um:g} µm in both sides ({FIELD_FACTOR:g} x the job's "
+                f"{JOB_CROP_UM:g} µm crop)"
+            )
         return None
     limit_px = int(FIELD_FACTOR * max(model_px, JOB_CROP_PX))
     if min(width, height) > limit_px:
-        return (f"{width}x{height} px, more than {limit_px} px in both sides ({FIELD_FACTOR:g} x "
-                f"max(model input {model_px} px, job crop {JOB_CROP_PX} px); no scale known: "
-                "no TIFF resolution tags, no --mpp)")
+        return (
+            f"{width}x{height} px, more than {limit_px} px in both sides ({FIELD_FACTOR:g} x "
+            f"max(model input {model_px} px, job crop {JOB_CROP_PX} px); no scale known: "
+            "no TIFF resolution tags, no --mpp)"
+        )
     return None
 
 
@@ -207,13 +276,17 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise HemblipConfigError(f"--framing detect: hemblip does not detect cells; {_DETECT_HINT}")
     mpp = args.mpp
     if mpp is not None and not (math.isfinite(mpp) and _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]):
-        raise HemblipConfigError(f"--mpp must be a scale in µm/px within [{_MPP_RANGE[0]:g}, "
-                                 f"{_MPP_RANGE[1]:g}], got {mpp!r}")
+        raise HemblipConfigError(
+            f"--mpp must be a scale in µm/px within [{_MPP_RANGE[0]:g}, "
+            f"{_MPP_RANGE[1]:g}], got {mpp!r}"
+        )
     centers = getattr(args, "center", None)
     if args.framing == "cell":
         if not centers:
-            raise HemblipConfigError("--framing cell needs --center X,Y (the cell's centre in px of the "
-                                     f"image, e.g. the job's centroid_x,centroid_y); for a whole field {_DETECT_HINT}")
+            raise HemblipConfigError(
+                "--framing cell needs --center X,Y (the cell's centre in px of the "
+                f"image, e.g. the job's centroid_x,centroid_y); for a whole field {_DETECT_HINT}"
+            )
         args.center = [_parse_center(c) for c in centers]
         cu, cp = getattr(args, "crop_um", JOB_CROP_UM), getattr(args, "crop_px", JOB_CROP_PX)
         if not (isinstance(cu, float | int) and math.isfinite(cu) and 0 < cu <= 500):
@@ -233,11 +306,15 @@ def _parse_center(text: str) -> tuple[float, float]:
     except ValueError:
         x = y = math.nan
     if not (math.isfinite(x) and math.isfinite(y) and abs(x) < 1e9 and abs(y) < 1e9):
-        raise HemblipConfigError(f"--center must be X,Y: two finite numbers of px, got {_show(text)}")
+        raise HemblipConfigError(
+            f"--center must be X,Y: two finite numbers of px, got {_show(text)}"
+        )
     return x, y
 
 
-def _cell_crops(path: str, args: argparse.Namespace, meta_mpp: float | None) -> list[tuple[dict, object]]:
+def _cell_crops(
+    path: str, args: argparse.Namespace, meta_mpp: float | None
+) -> list[tuple[dict, object]]:
     """``[(row fields, crop)]`` for each ``--center`` of ``path``, cut as the job cuts them."""
     from hemblip.crops import cell_crop, crop_box
     from hemblip.errors import HemblipError
@@ -251,21 +328,39 @@ def _cell_crops(path: str, args: argparse.Namespace, meta_mpp: float | None) -> 
     elif args.mpp is not None:
         mpp, source = float(args.mpp), "user"
     else:
-        mpp = estimate_image_mpp(lambda b: rgb[b[1]:b[3], b[0]:b[2]], w, h) if min(w, h) >= 2 else None
+        mpp = (
+            estimate_image_mpp(lambda b: rgb[b[1] : b[3], b[0] : b[2]], w, h)
+            if min(w, h) >= 2
+            else None
+        )
         if mpp is None:
-            raise ValueError("no mpp in the TIFF tags, none given (--mpp), and too few red cells to "
-                             "estimate it from")
+            raise ValueError(
+                "no mpp in the TIFF tags, none given (--mpp), and too few red cells to "
+                "estimate it from"
+            )
         source = "estimated"
     out = []
     for cx, cy in args.center:
         try:
             box = crop_box((cx, cy), mpp, args.crop_um)
-            crop = cell_crop(rgb, (cx, cy), mpp, crop_um=args.crop_um, crop_px=args.crop_px, pad=args.pad)
+            crop = cell_crop(
+                rgb, (cx, cy), mpp, crop_um=args.crop_um, crop_px=args.crop_px, pad=args.pad
+            )
         except HemblipError as exc:
             raise ValueError(str(exc)) from None
         incomplete = box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h
-        out.append(({"center": [cx, cy], "mpp": mpp, "mpp_source": source, "crop_um": float(args.crop_um),
-                     "crop_incomplete": incomplete}, crop))
+        out.append(
+            (
+                {
+                    "center": [cx, cy],
+                    "mpp": mpp,
+                    "mpp_source": source,
+                    "crop_um": float(args.crop_um),
+                    "crop_incomplete": incomplete,
+                },
+                crop,
+            )
+        )
     return out
 
 
@@ -286,17 +381,25 @@ def main(args: argparse.Namespace) -> int:
     captioner = None
     good, crops, extra = [], [], []
     if heads:
-        captioner = Captioner(args.model, device=args.device, batch_size=args.batch_size,
-                              decoding=args.decoding, max_new_tokens=args.max_new_tokens,
-                              allow_pickle=args.allow_pickle, base=args.base,
-                              preprocess=getattr(args, "preprocess", "device"))
+        captioner = Captioner(
+            args.model,
+            device=args.device,
+            batch_size=args.batch_size,
+            decoding=args.decoding,
+            max_new_tokens=args.max_new_tokens,
+            allow_pickle=args.allow_pickle,
+            base=args.base,
+            preprocess=getattr(args, "preprocess", "device"),
+        )
         model_px = model_input_px(captioner.image_processor)
         for i, (w, h, mpp) in heads.items():
             path = args.images[i]
             why = field_problem(w, h, mpp, model_px) if framing == "auto" else None
             if why is not None:
-                problems[i] = (f"{_show(path)}: looks like a whole field, not one cell's crop ({why}); "
-                               f"pass --framing as-given to caption it as given, or {_DETECT_HINT}")
+                problems[i] = (
+                    f"{_show(path)}: looks like a whole field, not one cell's crop ({why}); "
+                    f"pass --framing as-given to caption it as given, or {_DETECT_HINT}"
+                )
                 continue
             try:
                 if framing == "cell":
@@ -315,9 +418,12 @@ def main(args: argparse.Namespace) -> int:
         print(problems[i], file=sys.stderr)
     if crops and framing == "as-given":
         side = model_input_px(captioner.image_processor)
-        print(f"note: --framing as-given: each image is captioned as given (resized whole to the "
-              f"model's {side}x{side} px input), not as the job's {JOB_CROP_UM:g} µm crop around a "
-              "detected cell", file=sys.stderr)
+        print(
+            f"note: --framing as-given: each image is captioned as given (resized whole to the "
+            f"model's {side}x{side} px input), not as the job's {JOB_CROP_UM:g} µm crop around a "
+            "detected cell",
+            file=sys.stderr,
+        )
     if crops:
         shown = "cell" if framing == "cell" else "as-given"
         crops_dir = getattr(args, "crops_dir", None)
@@ -332,10 +438,16 @@ def main(args: argparse.Namespace) -> int:
                 fields["crop_file"] = str(Path(crops_dir) / f"crop_{n:05d}.png")
                 Image.fromarray(crop).save(fields["crop_file"])
         for path, fields, res in zip(good, extra, captioner.caption(crops)):
-            row = {"image": path, "framing": shown, **fields, "caption": res.caption,
-                   "cell_type": res.cell_type, "case": res.case,
-                   "attributes": {name: res.attributes.get(name) for name in ATTRIBUTE_NAMES},
-                   "mean_logprob": round(res.mean_logprob, 4),
-                   "model_version": captioner.model_version}
+            row = {
+                "image": path,
+                "framing": shown,
+                **fields,
+                "caption": res.caption,
+                "cell_type": res.cell_type,
+                "case": res.case,
+                "attributes": {name: res.attributes.get(name) for name in ATTRIBUTE_NAMES},
+                "mean_logprob": round(res.mean_logprob, 4),
+                "model_version": captioner.model_version,
+            }
             print(json.dumps(row), flush=True)
     return 1 if problems else 0

@@ -21,10 +21,21 @@ HELP = "detect, crop and measure white blood cells in slides/images; write one P
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="slide or image files")
     parser.add_argument("--out", required=True, type=Path, help="output Parquet file (cells)")
-    parser.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for files without one in their metadata")
-    parser.add_argument("--crops-dir", type=Path, default=None, help="also write each crop as PNG here")
-    parser.add_argument("--crop-um", type=float, default=36.0, help="side of the square crop in µm (default 36)")
-    parser.add_argument("--crop-px", type=int, default=224, help="side the crop is resampled to in px (default 224)")
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="level-0 µm/px for files without one in their metadata",
+    )
+    parser.add_argument(
+        "--crops-dir", type=Path, default=None, help="also write each crop as PNG here"
+    )
+    parser.add_argument(
+        "--crop-um", type=float, default=36.0, help="side of the square crop in µm (default 36)"
+    )
+    parser.add_argument(
+        "--crop-px", type=int, default=224, help="side the crop is resampled to in px (default 224)"
+    )
     parser.add_argument(
         "--max-detect-mpp",
         type=float,
@@ -54,8 +65,13 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.schema import DETECT_SCHEMA
 
     extra = {} if args.max_decode_mb is None else {"max_decode_mb": args.max_decode_mb}
-    cfg = DetectConfig(crop_um=args.crop_um, crop_px=args.crop_px, mpp=args.mpp,
-                       detector=DetectorConfig(max_detect_mpp=args.max_detect_mpp), **extra)
+    cfg = DetectConfig(
+        crop_um=args.crop_um,
+        crop_px=args.crop_px,
+        mpp=args.mpp,
+        detector=DetectorConfig(max_detect_mpp=args.max_detect_mpp),
+        **extra,
+    )
     if args.out.exists() and args.out.is_dir():
         raise ConfigError(f"--out: {args.out} is a directory; give a .parquet file path")
     rows: list[dict] = []
@@ -73,7 +89,11 @@ def main(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
             failed += 1
             why = " ".join(str(exc).split()) or "no message"
-            print(f"error: {path}: unexpected {type(exc).__name__}: {why}", file=sys.stderr, flush=True)
+            print(
+                f"error: {path}: unexpected {type(exc).__name__}: {why}",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         rows.extend(res.records)
         print(_summary(path, res), flush=True)

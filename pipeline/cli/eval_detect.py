@@ -10,10 +10,26 @@ HELP = "precision/recall/F1 of white-cell detection against YOLO .txt or VOC .xm
 
 def add_arguments(parser) -> None:
     parser.add_argument("--images", required=True, metavar="DIR", help="directory of images")
-    parser.add_argument("--labels", required=True, metavar="DIR", help="YOLO .txt (class 0 = WBC) or VOC .xml per image stem")
-    parser.add_argument("--source-map", metavar="CSV", help="CSV with an image id column and 'source'")
-    parser.add_argument("--source-name", metavar="NAME", help="source of images not in the map (default: from the folder name)")
-    parser.add_argument("--mpp", type=float, default=None, help="µm/px of every image (default: estimated per image from red cells)")
+    parser.add_argument(
+        "--labels",
+        required=True,
+        metavar="DIR",
+        help="YOLO .txt (class 0 = WBC) or VOC .xml per image stem",
+    )
+    parser.add_argument(
+        "--source-map", metavar="CSV", help="CSV with an image id column and 'source'"
+    )
+    parser.add_argument(
+        "--source-name",
+        metavar="NAME",
+        help="source of images not in the map (default: from the folder name)",
+    )
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="µm/px of every image (default: estimated per image from red cells)",
+    )
     parser.add_argument(
         "--detect-mpp",
         type=float,
@@ -29,7 +45,9 @@ def add_arguments(parser) -> None:
         help="re-encode the image detection sees as JPEG of quality Q (4:2:0), as a scanner stores a level",
     )
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
-    parser.add_argument("--json", metavar="OUT", help="write the full result (per image, errors) as JSON")
+    parser.add_argument(
+        "--json", metavar="OUT", help="write the full result (per image, errors) as JSON"
+    )
 
 
 def main(args) -> int:

@@ -8,10 +8,19 @@ HELP = "export one slide's cells as QuPath-compatible GeoJSON detections"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", required=True, metavar="LOCATION", help="output location of the nightly job: a directory or s3://bucket/prefix")
-    parser.add_argument("--slide", required=True, metavar="ID", help="slide id, unique id prefix, or slide URI")
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="LOCATION",
+        help="output location of the nightly job: a directory or s3://bucket/prefix",
+    )
+    parser.add_argument(
+        "--slide", required=True, metavar="ID", help="slide id, unique id prefix, or slide URI"
+    )
     parser.add_argument("--out", required=True, metavar="FILE", help="GeoJSON file to write")
-    parser.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument(
+        "--s3-endpoint", metavar="URL", help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

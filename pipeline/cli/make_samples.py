@@ -10,7 +10,9 @@ HELP = "write the sample slides (generic TIFF + Aperio SVS pyramids) with ground
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created)")
+    parser.add_argument(
+        "out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -20,11 +20,30 @@ _MAX_CELL = 60
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sql", help="one SELECT statement; views: cells, slides, runs (column run_date from the partition)")
-    parser.add_argument("--output", required=True, metavar="LOCATION", help="output location of the nightly job: a directory or s3://bucket/prefix")
-    parser.add_argument("--format", default="table", choices=("table", "csv", "json", "parquet"), help="result format (default: table)")
-    parser.add_argument("--out", metavar="FILE", help="write the result to FILE instead of stdout (required for parquet)")
-    parser.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument(
+        "sql",
+        help="one SELECT statement; views: cells, slides, runs (column run_date from the partition)",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="LOCATION",
+        help="output location of the nightly job: a directory or s3://bucket/prefix",
+    )
+    parser.add_argument(
+        "--format",
+        default="table",
+        choices=("table", "csv", "json", "parquet"),
+        help="result format (default: table)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the result to FILE instead of stdout (required for parquet)",
+    )
+    parser.add_argument(
+        "--s3-endpoint", metavar="URL", help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS)"
+    )
 
 
 def _cell(value: object) -> str:
@@ -75,7 +94,9 @@ def main(args: argparse.Namespace) -> int:
         cols, names = [], []
         for name, col in zip(table.column_names, table.columns):
             if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                col = pa.array([None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string())
+                col = pa.array(
+                    [None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string()
+                )
             elif pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
                 continue
             cols.append(col)
@@ -84,7 +105,9 @@ def main(args: argparse.Namespace) -> int:
         pacsv.write_csv(pa.table(cols, names=names), buf)
         text = buf.getvalue().decode()
     elif args.format == "json":
-        text = "\n".join(json.dumps(r, default=_json_default, ensure_ascii=False) for r in table.to_pylist())
+        text = "\n".join(
+            json.dumps(r, default=_json_default, ensure_ascii=False) for r in table.to_pylist()
+        )
         text += "\n" if text else ""
     else:
         text = format_table(table)

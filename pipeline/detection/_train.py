@@ -1,6 +1,6 @@
 """Train the candidate verifier (``verifier.npz``) on the TXL-PBC train split, on CPU.
 
-    python -m pipeline.detection._train --data ../shared/data/txl_pbc [--out verifier.npz] [--jobs 2]
+    python -m pipeline train-detector --data ../shared/data/txl_pbc [--out verifier.npz] [--jobs 2]
 
 For every train image: mpp estimated from its red cells (exactly as at inference), then the
 image is seen under several **storage conditions** (:data:`CONDITIONS`), because a whole-slide
@@ -270,5 +270,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

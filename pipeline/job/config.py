@@ -4,14 +4,22 @@ A YAML file holds the same keys as the dataclass fields (``caption_batch_size: 1
 accepted for underscores). Flags given on the command line override the file; every check in
 ``__post_init__`` names the flag (and config key) at fault.
 
-Every value, whichever way it came (YAML, CLI override, API, ``PIPELINE_FAULT_*``), is checked
-against the field's declared type before anything runs: booleans only as real booleans (the
-string ``"false"`` is refused, not truthy), numbers finite and never booleans, integers never
-floats (numbers may also be given as decimal strings, ``"0.75"``), strings without control
-characters, lists as lists of strings or one comma-separated string. The check is driven by the
-dataclass's type hints, so a new field is covered by adding it. Credentials never enter a URL
-setting: ``--s3-endpoint`` with ``user:password@`` is refused (S3 clients ignore them; see
-:meth:`JobConfig.worker_env`), and :meth:`JobConfig.to_json_dict` redacts any that remain.
+One source of settings: every field is declared with :func:`setting`, which carries its help
+line, default, bounds and group. :func:`settings` lists them; the ``run`` flags
+(:mod:`pipeline.cli.run`), the JSON Schema of the config file (``cluster/job-config.schema.json``)
+and ``docs/settings.md`` are generated from that list (:mod:`pipeline.job.settings_docs`,
+``python -m pipeline config-docs``), and unit tests keep the generated files up to date.
+
+Every value, whichever way it came (YAML, CLI override, API), is checked against the field's
+declared type before anything runs: booleans only as real booleans (the string ``"false"`` is
+refused, not truthy), numbers finite and never booleans, integers never floats (numbers may also
+be given as decimal strings, ``"0.75"``), strings without control characters, lists as lists of
+strings or one comma-separated string; then against the field's bounds. The checks are driven by
+the dataclass's type hints and field metadata, so a new field is covered by declaring it.
+Credentials never enter a URL setting: ``--s3-endpoint`` with ``user:password@`` is refused (S3
+clients ignore them; see :meth:`JobConfig.worker_env`), and :meth:`JobConfig.to_json_dict`
+redacts any that remain. Fault injection is not a setting: the crash tests hook the writer
+themselves.
 """
 
 from __future__ import annotations
@@ -33,42 +41,67 @@ from urllib.parse import urlsplit
 from pipeline._redact import has_credentials, redact_urls_in
 from pipeline.errors import ConfigError
 
-__all__ = ["JobConfig", "DEFAULT_EXTENSIONS", "DEFAULT_FORWARD_ENV", "load_config", "flag_of"]
+__all__ = [
+    "JobConfig",
+    "Setting",
+    "DEFAULT_EXTENSIONS",
+    "DEFAULT_FORWARD_ENV",
+    "GROUPS",
+    "load_config",
+    "flag_of",
+    "setting",
+    "settings",
+]
 
 #: Object suffixes (lower case) treated as slides. ``.mrxs`` pulls in its data folder and ``.dcm``
 #: files are grouped per folder into one DICOM series; add ``.jpg``/``.png`` to treat plain images
 #: as slides.
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
 )
 #: Non-secret environment variables copied from the driver to every Ray task and actor, so a
 #: worker resolves the same S3 endpoint and region as the driver (credentials come from the
 #: worker's own chain: instance role, IRSA, mounted profile).
 DEFAULT_FORWARD_ENV: tuple[str, ...] = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
-    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
 )
-_FAULT_POINTS = ("after_commit", "after_journal", "mid_publish")
 #: Largest integer any setting takes (fits a C int, a numpy int32 and Ray's resource counts).
 _INT_MAX = 2**31 - 1
-#: Tighter upper bounds where an integer sizes memory, threads or requests.
-_INT_LIMITS = {
-    "crop_px": 4096,  # the detection stage's own limit
-    "thumbnail_px": 4096,
-    "caption_batch_size": 65536,
-    "caption_cpu_threads": 4096,
-    "s3_max_attempts": 100,
-    "transfer_concurrency": 1024,
-    "transfer_chunk_mb": 5120,  # S3's largest part, 5 GiB
-    "max_slide_attempts": 100,
+#: Groups of settings, in the order the help, the schema and the docs show them.
+GROUPS: dict[str, str] = {
+    "paths": "paths",
+    "selection": "what to process",
+    "detection": "detection stage (per-slide CPU tasks)",
+    "caption": "caption stage (actor pool)",
+    "outputs": "outputs",
+    "runtime": "runtime",
+    "storage": "storage (S3)",
 }
 # C0/C1 controls and Unicode line breaks: a value holding one would split a log line or an error.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
-_CHAIN = ("give credentials through the standard AWS credential chain (AWS_ACCESS_KEY_ID/"
-          "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance role, IRSA)")
+_CHAIN = (
+    "give credentials through the standard AWS credential chain (AWS_ACCESS_KEY_ID/"
+    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance role, IRSA)"
+)
 
 
 def _looks_secret(name: str) -> bool:
@@ -94,92 +127,456 @@ def _show(value: Any, limit: int = 120) -> str:
     return text if isinstance(value, str | type(None)) else f"{type(value).__name__} {text}"
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One field of :class:`JobConfig` as the CLI, the schema and the docs see it.
+
+    ``kind``: ``bool``, ``int``, ``float``, ``str`` or ``list`` (of strings); ``optional``: the
+    field also takes ``None``. ``ge``/``gt``/``le``: inclusive/exclusive lower and inclusive upper
+    bound of a number (every integer is also at most ``2**31 - 1``); ``max_length``: of a string;
+    ``unit``: of a number (µm, px, MiB, s); ``default_text``: what ``None`` means, or how to show
+    the default; ``required``: must be given (``input``, ``output``).
+    """
+
+    name: str
+    kind: str
+    optional: bool
+    default: Any
+    help: str
+    group: str
+    metavar: str | None = None
+    unit: str = ""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    max_length: int | None = None
+    default_text: str | None = None
+    required: bool = False
+
+    @property
+    def flag(self) -> str:
+        """``caption_batch_size`` -> ``--caption-batch-size``."""
+        return "--" + self.name.replace("_", "-")
+
+    def shown_default(self) -> str:
+        """The default as the help and the docs show it."""
+        if self.required:
+            return "required"
+        if self.default_text is not None:
+            return self.default_text
+        if self.kind == "bool":
+            return "on" if self.default else "off"
+        if self.kind == "list":
+            return ",".join(self.default)
+        return _number_text(self.default) if self.kind in ("int", "float") else str(self.default)
+
+    def bounds_text(self) -> str:
+        """``[16, 4096] px``, ``(0, 500] µm``, ``>= 1``; empty when the setting has none."""
+        lo = (
+            f"[{_number_text(self.ge)}"
+            if self.ge is not None
+            else (f"({_number_text(self.gt)}" if self.gt is not None else None)
+        )
+        if lo is not None and self.le is not None:
+            text = f"{lo}, {_number_text(self.le)}]"
+        elif lo is not None:
+            text = (">= " if self.ge is not None else "> ") + lo[1:]
+        elif self.le is not None:
+            text = f"<= {_number_text(self.le)}"
+        elif self.max_length is not None:
+            return f"at most {self.max_length} characters"
+        else:
+            return ""
+        return f"{text} {self.unit}".rstrip()
+
+
+def _number_text(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else repr(x)
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    metavar: str | None = None,
+    unit: str = "",
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    max_length: int | None = None,
+    default_text: str | None = None,
+    required: bool = False,
+) -> Any:
+    """A :class:`JobConfig` field with what the CLI, the schema and the docs show of it.
+
+    ``help``: one line, no final full stop, without the default (it is added from ``default`` or
+    ``default_text``). The bounds are checked by ``JobConfig.__post_init__`` with a message
+    naming the flag, and written into the schema. See :class:`Setting` for the rest.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"setting group {group!r} is not one of {', '.join(GROUPS)}")
+    meta = {
+        "help": help,
+        "group": group,
+        "metavar": metavar,
+        "unit": unit,
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "max_length": max_length,
+        "default_text": default_text,
+        "required": required,
+    }
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclass
 class JobConfig:
     """Everything one run of ``python -m pipeline run`` needs.
 
-    ``input``/``output``/``model`` are local paths or ``s3://bucket/prefix`` URIs; ``model=None``
-    is the bundled demo checkpoint. ``base``: for a LoRA adapter ``model``, the base model to use
-    instead of the one the adapter names (e.g. a local copy of a hub base). Sizes: ``crop_um`` µm, ``crop_px``/``thumbnail_px`` px.
+    Each field is declared with :func:`setting`: its help line, default, flag, bounds and group
+    are the single source of the ``run`` flags, the JSON Schema of the ``--config`` file and
+    ``docs/settings.md`` (``python -m pipeline config-docs`` regenerates both files). Checks that
+    involve several fields, or that a bound cannot express, are in ``__post_init__``.
     """
 
-    input: str = ""
-    output: str = ""
-    model: str | None = None
-    base: str | None = None
-    s3_endpoint: str | None = None
-    dry_run: bool = False
-    reprocess: bool = False
-    retry_failed: bool = False
-    max_failed_fraction: float = 0.1
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
-    # detection stage (per-slide CPU tasks)
-    crop_um: float = 36.0
-    crop_px: int = 224
-    mpp: float | None = None
-    detect_cpus: float = 1.0
-    #: coarsest pyramid level detection reads, µm/px (None: the level closest to 0.5 µm/px)
-    max_detect_mpp: float | None = None
-    #: memory budget of any one decode (whole plain image, tile, read box), MiB, checked from the
-    #: header before decoding: a decompression bomb fails as its slide instead of killing workers
-    max_decode_mb: float = 1024.0
-    #: worker deaths (OOM kill, signal, crash) on one slide before it is recorded failed
-    max_slide_attempts: int = 3
-    # caption stage (actor pool)
-    caption_batch_size: int = 32
-    caption_min_actors: int = 1
-    caption_max_actors: int = 1
-    caption_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU)
-    caption_cpus_per_actor: float = 0.25
-    caption_cpu_threads: int | None = None  # torch threads of a CPU actor; None: Ray's (its CPUs)
-    # outputs
-    chunk_slides: int = 16
-    chunk_cells: int = 20000
-    thumbnails: bool = True
-    thumbnail_px: int = 96
-    record_skipped: bool = False
-    run_id: str | None = None
-    # runtime
-    scratch_dir: str | None = None
-    ray_address: str | None = None
-    forward_env: tuple[str, ...] = DEFAULT_FORWARD_ENV
-    s3_max_attempts: int = 5
-    transfer_concurrency: int = 4
-    transfer_chunk_mb: int = 8
-    #: a run's lease on OUTPUT expires this many seconds after its last renewal (renewed every
-    #: third of it); a second run refuses while the lease is live and takes over a stale one
-    lease_ttl_s: float = 600.0
-    # test hook: raise in the driver after committing N chunks (env PIPELINE_FAULT_AFTER_CHUNKS)
-    fault_after_chunks: int | None = None
-    fault_point: str = "after_commit"
+    # -- paths
+    input: str = setting(
+        "",
+        "slide archive: s3://bucket/prefix/ or a local directory",
+        group="paths",
+        metavar="URI",
+        required=True,
+    )
+    output: str = setting(
+        "",
+        "output location: s3://bucket/prefix/ or a local directory",
+        group="paths",
+        metavar="URI",
+        required=True,
+    )
+    model: str | None = setting(
+        None,
+        "HemBLIP checkpoint: a directory or an s3:// prefix",
+        group="paths",
+        metavar="DIR|URI",
+        default_text="the bundled demo checkpoint",
+    )
+    base: str | None = setting(
+        None,
+        "for a LoRA adapter --model: the base model to use instead of the one the adapter names "
+        "(e.g. a local copy of Salesforce/blip-image-captioning-base); the model version hashes "
+        "base + adapter",
+        group="paths",
+        metavar="DIR|URI",
+        default_text="the base the adapter names",
+    )
+    s3_endpoint: str | None = setting(
+        None,
+        "S3 endpoint URL, e.g. http://127.0.0.1:9000 (overrides AWS_ENDPOINT_URL_S3 / "
+        "AWS_ENDPOINT_URL); no credentials in it",
+        group="storage",
+        metavar="URL",
+        default_text="the AWS chain's endpoint",
+    )
+    # -- what to process
+    dry_run: bool = setting(False, "list what would be processed and exit", group="selection")
+    reprocess: bool = setting(
+        False,
+        "process every slide again, even those already done with this model",
+        group="selection",
+    )
+    retry_failed: bool = setting(
+        False,
+        "also retry slides that failed for a reason of their own (unreadable, no scale)",
+        group="selection",
+    )
+    max_failed_fraction: float = setting(
+        0.1,
+        "exit 1 when more than this fraction of processed slides failed",
+        group="selection",
+        metavar="F",
+        ge=0.0,
+        le=1.0,
+    )
+    extensions: tuple[str, ...] = setting(
+        DEFAULT_EXTENSIONS,
+        "slide suffixes (comma-separated or repeated); .mrxs pulls in its data folder, .dcm files "
+        "are grouped per folder into one series",
+        group="selection",
+        metavar="EXT[,EXT]",
+    )
+    # -- detection stage (per-slide CPU tasks); DetectConfig/DetectorConfig hold the same limits
+    crop_um: float = setting(
+        36.0,
+        "side of the square crop around each cell",
+        group="detection",
+        metavar="UM",
+        unit="µm",
+        gt=0.0,
+        le=500.0,
+    )
+    crop_px: int = setting(
+        224,
+        "crop side after resampling",
+        group="detection",
+        metavar="PX",
+        unit="px",
+        ge=16,
+        le=4096,
+    )
+    mpp: float | None = setting(
+        None,
+        "level-0 resolution for slides without it in their metadata",
+        group="detection",
+        metavar="UM_PER_PX",
+        unit="µm/px",
+        gt=0.0,
+        le=50.0,
+        default_text="none: such a slide fails (no scale)",
+    )
+    detect_cpus: float = setting(
+        1.0,
+        "CPUs per detect task",
+        group="detection",
+        metavar="N",
+        gt=0.0,
+    )
+    max_detect_mpp: float | None = setting(
+        None,
+        "detect on the coarsest pyramid level at most this coarse (e.g. 1.1); see the README's "
+        "detection-level section",
+        group="detection",
+        metavar="UM_PER_PX",
+        unit="µm/px",
+        ge=0.5,
+        le=5.0,
+        default_text="the level nearest 0.5 µm/px",
+    )
+    max_decode_mb: float = setting(
+        1024.0,
+        "memory budget of any one image decode, checked from the header before decoding; a bigger "
+        "image, tile or read fails as its slide (decompression-bomb guard)",
+        group="detection",
+        metavar="MIB",
+        unit="MiB",
+        ge=16.0,
+        le=1024.0 * 1024,
+    )
+    max_slide_attempts: int = setting(
+        3,
+        "worker deaths (out of memory, signal, crash) on one slide before it is recorded failed "
+        "with failure_class worker_died",
+        group="detection",
+        metavar="N",
+        ge=1,
+        le=100,
+    )
+    # -- caption stage (actor pool)
+    caption_batch_size: int = setting(
+        32,
+        "crops per caption batch",
+        group="caption",
+        metavar="N",
+        ge=1,
+        le=65536,
+    )
+    caption_min_actors: int = setting(
+        1,
+        "minimum caption actors",
+        group="caption",
+        metavar="N",
+        ge=1,
+    )
+    caption_max_actors: int = setting(
+        1,
+        "maximum caption actors (at least --caption-min-actors)",
+        group="caption",
+        metavar="N",
+        ge=1,
+    )
+    caption_gpus_per_actor: float | None = setting(
+        None,
+        "GPUs per caption actor, fractional allowed (whole above 1); 0 runs the actors on CPU",
+        group="caption",
+        metavar="G",
+        ge=0.0,
+        default_text="1 if the cluster has GPUs, else 0",
+    )
+    caption_cpus_per_actor: float = setting(
+        0.25,
+        "CPUs reserved per caption actor, fractional: actors holding whole CPUs can starve the "
+        "detect tasks on a small node",
+        group="caption",
+        metavar="C",
+        ge=0.0,
+    )
+    caption_cpu_threads: int | None = setting(
+        None,
+        "torch threads of a caption actor running on CPU (raise together with "
+        "--caption-cpus-per-actor)",
+        group="caption",
+        metavar="N",
+        ge=1,
+        le=4096,
+        default_text="what Ray gives the actor, 1 for a fractional one",
+    )
+    # -- outputs
+    chunk_slides: int = setting(
+        16,
+        "slides per committed chunk",
+        group="outputs",
+        metavar="N",
+        ge=1,
+    )
+    chunk_cells: int = setting(
+        20000,
+        "close a chunk early at this many cells",
+        group="outputs",
+        metavar="N",
+        ge=1,
+    )
+    target_file_mb: int = setting(
+        128,
+        "target size of output Parquet files; small staged files are compacted up to it",
+        group="outputs",
+        metavar="MIB",
+        unit="MiB",
+        ge=1,
+        le=4096,
+    )
+    thumbnails: bool = setting(
+        True,
+        "store a JPEG thumbnail of each crop",
+        group="outputs",
+    )
+    thumbnail_px: int = setting(
+        96,
+        "side of the JPEG thumbnail stored per cell",
+        group="outputs",
+        metavar="PX",
+        unit="px",
+        ge=1,
+        le=4096,
+    )
+    record_skipped: bool = setting(
+        False,
+        "also write a slides/ row (status skipped) for every slide already done",
+        group="outputs",
+    )
+    run_id: str | None = setting(
+        None,
+        "run id, a path component of every output file: no / \\ or spaces, not starting with _ "
+        "or a dot",
+        group="outputs",
+        metavar="ID",
+        max_length=128,
+        default_text="UTC timestamp + random suffix",
+    )
+    # -- runtime
+    scratch_dir: str | None = setting(
+        None,
+        "local scratch for staged slides",
+        group="runtime",
+        metavar="DIR",
+        default_text="the system temp dir",
+    )
+    ray_address: str | None = setting(
+        None,
+        "Ray cluster to connect to",
+        group="runtime",
+        metavar="ADDR",
+        default_text="RAY_ADDRESS, a local cluster, or a new one",
+    )
+    forward_env: tuple[str, ...] = setting(
+        DEFAULT_FORWARD_ENV,
+        "environment variables copied from the driver to every Ray task and actor (comma-separated "
+        "or repeated); names that look secret are refused",
+        group="runtime",
+        metavar="NAME[,NAME]",
+    )
+    lease_ttl_s: float = setting(
+        600.0,
+        "the run's lease on the output expires this long after its last renewal (renewed every "
+        "third of it); a second run on the same output refuses while it is live",
+        group="runtime",
+        metavar="S",
+        unit="s",
+        gt=0.0,
+        le=86400.0,
+    )
+    # -- storage
+    s3_max_attempts: int = setting(
+        5,
+        "attempts per S3 request, with exponential backoff",
+        group="storage",
+        metavar="N",
+        ge=1,
+        le=100,
+    )
+    transfer_concurrency: int = setting(
+        4,
+        "parallel ranged GETs per staged slide",
+        group="storage",
+        metavar="N",
+        ge=1,
+        le=1024,
+    )
+    transfer_chunk_mb: int = setting(
+        8,
+        "part size of ranged GETs (S3's largest part is 5 GiB)",
+        group="storage",
+        metavar="MIB",
+        unit="MiB",
+        ge=1,
+        le=5120,
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, _typed(f.name, getattr(self, f.name), _HINTS[f.name]))
-        if not self.input:
-            raise ConfigError(f"{flag_of('input')} is required: an s3://bucket/prefix/ or a local directory")
-        if not self.output:
-            raise ConfigError(f"{flag_of('output')} is required: an s3://bucket/prefix/ or a local directory")
+        for s in _SETTINGS:  # huge integers first: no later message may print 5000 digits
+            value = getattr(self, s.name)
+            if s.kind == "int" and value is not None and abs(value) > _INT_MAX:
+                _check_bounds(s, value)
+        for s in _SETTINGS:
+            if s.required and not getattr(self, s.name):
+                raise ConfigError(f"{flag_of(s.name)} is required: {s.help}")
         for name in ("input", "output", "model", "base"):
             value = getattr(self, name)
             if value is not None and value.startswith("s3://") and len(value) <= len("s3://"):
                 raise ConfigError(f"{flag_of(name)} {_show(value)}: missing bucket name")
             if value is not None and "://" in value and not value.startswith("s3://"):
-                raise ConfigError(f"{flag_of(name)} {_show(value)}: only s3:// URIs and local paths are supported")
-            if value is not None and value.startswith("s3://") and "@" in value[5:].split("/", 1)[0]:
-                raise ConfigError(f"{flag_of(name)} {_show(value)}: an s3:// URI cannot carry credentials; {_CHAIN}")
+                raise ConfigError(
+                    f"{flag_of(name)} {_show(value)}: only s3:// URIs and local paths are supported"
+                )
+            if (
+                value is not None
+                and value.startswith("s3://")
+                and "@" in value[5:].split("/", 1)[0]
+            ):
+                raise ConfigError(
+                    f"{flag_of(name)} {_show(value)}: an s3:// URI cannot carry credentials; {_CHAIN}"
+                )
         if self.base is not None and self.model is None:
-            raise ConfigError(f"{flag_of('base')} names the base of a LoRA adapter given with --model; "
-                              "the bundled demo checkpoint has no base")
+            raise ConfigError(
+                f"{flag_of('base')} names the base of a LoRA adapter given with --model; "
+                "the bundled demo checkpoint has no base"
+            )
         if self.s3_endpoint is not None:
             _check_endpoint(self.s3_endpoint)
-        self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
+        self.extensions = tuple(
+            e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions
+        )
         for ext in self.extensions:
             if ext == "." or any(c in ext for c in "/\\ \t"):
                 raise ConfigError(f"{flag_of('extensions')} {_show(ext)}: not a file suffix")
         for name in self.forward_env:
             if not _ENV_NAME.fullmatch(name):
-                raise ConfigError(f"{flag_of('forward_env')} {_show(name)}: not an environment variable name")
+                raise ConfigError(
+                    f"{flag_of('forward_env')} {_show(name)}: not an environment variable name"
+                )
             if _looks_secret(name):
                 raise ConfigError(
                     f"{flag_of('forward_env')}: {name} looks like a secret; Ray records forwarded "
@@ -188,65 +585,101 @@ class JobConfig:
                 )
         if not self.extensions:
             raise ConfigError(f"{flag_of('extensions')} must list at least one suffix")
-        if not 0.0 <= float(self.max_failed_fraction) <= 1.0:
-            raise ConfigError(f"{flag_of('max_failed_fraction')} must be in [0, 1], got {self.max_failed_fraction}")
-        positive_int = ("crop_px", "caption_batch_size", "caption_min_actors", "chunk_slides",
-                        "chunk_cells", "thumbnail_px", "s3_max_attempts", "transfer_concurrency",
-                        "transfer_chunk_mb", "max_slide_attempts")
-        for name in positive_int:
-            value = getattr(self, name)
-            if value < 1:
-                raise ConfigError(f"{flag_of(name)} must be an integer >= 1, got {value!r}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            limit = _INT_LIMITS.get(f.name, _INT_MAX)
-            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-                raise ConfigError(f"{flag_of(f.name)} must be at most {limit}, got {_show(value, 40)}")
-        if self.caption_max_actors < self.caption_min_actors:
-            raise ConfigError(
-                f"{flag_of('caption_max_actors')} must be >= --caption-min-actors "
-                f"({self.caption_min_actors}), got {self.caption_max_actors!r}"
-            )
-        for name in ("crop_um", "detect_cpus"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"{flag_of(name)} must be > 0, got {getattr(self, name)!r}")
-        if self.mpp is not None and not float(self.mpp) > 0:
-            raise ConfigError(f"{flag_of('mpp')} must be > 0 µm/px, got {self.mpp!r}")
-        if not 16.0 <= self.max_decode_mb <= 1024.0 * 1024:
-            raise ConfigError(f"{flag_of('max_decode_mb')} must be in [16, 1048576] MiB, got {self.max_decode_mb!r}")
-        if not 0.0 < self.lease_ttl_s <= 86400.0:
-            raise ConfigError(f"{flag_of('lease_ttl_s')} must be in (0, 86400] seconds, got {self.lease_ttl_s!r}")
         from pipeline.detect import DetectConfig
 
-        try:  # the detection stage's own limits (crop_um <= 500, crop_px >= 16...), before any slide
+        # The detection stage's own checks first: their messages say why (e.g. working_mpp).
+        try:
             DetectConfig(crop_um=self.crop_um, crop_px=self.crop_px, mpp=self.mpp)
         except ConfigError as exc:
             m = re.match(r"DetectConfig\.(\w+) \([^)]*\): (.*)", str(exc))
-            name, why = (m.group(1), m.group(2)) if m and m.group(1) in _FIELD_NAMES else ("crop_um", str(exc))
+            name, why = (
+                (m.group(1), m.group(2))
+                if m and m.group(1) in _FIELD_NAMES
+                else ("crop_um", str(exc))
+            )
             raise ConfigError(f"{flag_of(name)} {why}") from None
-        if len(self.run_id or "") > 128:  # a path component of every output file
-            raise ConfigError(f"{flag_of('run_id')} must be at most 128 characters, got {len(self.run_id)}")
         if self.max_detect_mpp is not None:
             from pipeline.detection import DetectorConfig
 
             try:
                 DetectorConfig(max_detect_mpp=self.max_detect_mpp)
             except ConfigError as exc:
-                raise ConfigError(f"{flag_of('max_detect_mpp')}: {str(exc).split(': ', 1)[-1]}") from None
-        if float(self.caption_cpus_per_actor) < 0:
-            raise ConfigError(f"{flag_of('caption_cpus_per_actor')} must be >= 0, got {self.caption_cpus_per_actor!r}")
-        if self.caption_gpus_per_actor is not None and float(self.caption_gpus_per_actor) < 0:
-            raise ConfigError(f"{flag_of('caption_gpus_per_actor')} must be >= 0, got {self.caption_gpus_per_actor!r}")
-        if self.caption_gpus_per_actor is not None and float(self.caption_gpus_per_actor) > 1 and float(self.caption_gpus_per_actor) != int(self.caption_gpus_per_actor):
-            raise ConfigError(f"{flag_of('caption_gpus_per_actor')} above 1 must be a whole number, got {self.caption_gpus_per_actor!r}")
-        if self.run_id is not None and (not self.run_id or any(c in self.run_id for c in "/\\ ") or self.run_id.startswith(("_", "."))):
-            raise ConfigError(f"{flag_of('run_id')} {_show(self.run_id)}: must be non-empty, without / \\ or spaces, not starting with _ or .")
-        if self.caption_cpu_threads is not None and self.caption_cpu_threads < 1:
-            raise ConfigError(f"{flag_of('caption_cpu_threads')} must be an integer >= 1, got {self.caption_cpu_threads!r}")
-        if self.fault_after_chunks is not None and self.fault_after_chunks < 0:
-            raise ConfigError(f"{flag_of('fault_after_chunks')} must be an integer >= 0, got {self.fault_after_chunks!r}")
-        if self.fault_point not in _FAULT_POINTS:
-            raise ConfigError(f"{flag_of('fault_point')} must be one of {', '.join(_FAULT_POINTS)}, got {_show(self.fault_point)}")
+                raise ConfigError(
+                    f"{flag_of('max_detect_mpp')}: {str(exc).split(': ', 1)[-1]}"
+                ) from None
+        for s in _SETTINGS:
+            _check_bounds(s, getattr(self, s.name))
+        if self.caption_max_actors < self.caption_min_actors:
+            raise ConfigError(
+                f"{flag_of('caption_max_actors')} must be >= --caption-min-actors "
+                f"({self.caption_min_actors}), got {self.caption_max_actors!r}"
+            )
+        gpus = self.caption_gpus_per_actor
+        if gpus is not None and gpus > 1 and gpus != int(gpus):
+            raise ConfigError(
+                f"{flag_of('caption_gpus_per_actor')} above 1 must be a whole number, got {gpus!r}"
+            )
+        if self.run_id is not None and (
+            not self.run_id
+            or any(c in self.run_id for c in "/\\ ")
+            or self.run_id.startswith(("_", "."))
+        ):
+            raise ConfigError(
+                f"{flag_of('run_id')} {_show(self.run_id)}: must be non-empty, without / \\ or spaces, not starting with _ or ."
+            )
+
+    # -- the stages' settings objects, built by keyword so a new field cannot shift the others
+    def s3_settings(self):
+        """How every S3 client of this run reaches storage (:class:`~pipeline.job.storage.S3Settings`)."""
+        from pipeline.job.storage import S3Settings
+
+        return S3Settings(
+            endpoint=self.s3_endpoint,
+            max_attempts=self.s3_max_attempts,
+            transfer_concurrency=self.transfer_concurrency,
+            transfer_chunk_mb=self.transfer_chunk_mb,
+        )
+
+    def detect_settings(self):
+        """What one detect task needs (:class:`~pipeline.job.stage_detect.DetectSettings`)."""
+        from pipeline.job.stage_detect import DetectSettings
+
+        return DetectSettings(
+            s3=self.s3_settings(),
+            scratch_dir=self.scratch_dir,
+            crop_um=self.crop_um,
+            crop_px=self.crop_px,
+            mpp=self.mpp,
+            thumbnails=self.thumbnails,
+            thumbnail_px=self.thumbnail_px,
+            max_detect_mpp=self.max_detect_mpp,
+            max_slide_attempts=self.max_slide_attempts,
+            max_decode_mb=self.max_decode_mb,
+        )
+
+    def caption_settings(self, model_version: str | None, gpus_per_actor: float | None = None):
+        """The caption actor pool (:class:`~pipeline.job.plan.CaptionSettings`).
+
+        ``model_version``: the identity of the loaded model (from ``model_identity``).
+        ``gpus_per_actor``: GPUs per actor already resolved by the caller; ``None`` resolves
+        ``caption_gpus_per_actor`` here (its ``None`` asks the connected Ray cluster whether it
+        has GPUs, so Ray must be initialised first).
+        """
+        from pipeline.job.plan import CaptionSettings, resolve_gpus
+
+        if gpus_per_actor is None:
+            gpus_per_actor = resolve_gpus(self.caption_gpus_per_actor)
+        return CaptionSettings(
+            model=self.model,
+            model_version=model_version,
+            batch_size=self.caption_batch_size,
+            min_actors=self.caption_min_actors,
+            max_actors=self.caption_max_actors,
+            gpus_per_actor=float(gpus_per_actor),
+            cpus_per_actor=self.caption_cpus_per_actor,
+            cpu_threads=self.caption_cpu_threads,
+            base=self.base,
+        )
 
     def to_json_dict(self) -> dict[str, Any]:
         """The effective configuration for ``runs/config_json``, credentials in URLs redacted.
@@ -258,8 +691,14 @@ class JobConfig:
         out = dataclasses.asdict(self)
         out["extensions"] = list(self.extensions)
         out["forward_env"] = list(self.forward_env)
-        return {k: [redact_urls_in(x) for x in v] if isinstance(v, list)
-                else redact_urls_in(v) if isinstance(v, str) else v for k, v in out.items()}
+        return {
+            k: [redact_urls_in(x) for x in v]
+            if isinstance(v, list)
+            else redact_urls_in(v)
+            if isinstance(v, str)
+            else v
+            for k, v in out.items()
+        }
 
     def worker_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for every Ray task and actor: the ``forward_env`` variables set in
@@ -298,7 +737,9 @@ def _check_endpoint(url: str) -> None:
         )
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https"):
-        raise ConfigError(f"{flag} {_show(url)}: must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
+        raise ConfigError(
+            f"{flag} {_show(url)}: must be an http:// or https:// URL, e.g. http://127.0.0.1:9000"
+        )
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise ConfigError(f"{flag} {_show(url)}: must not have a query or fragment")
     try:
@@ -333,7 +774,9 @@ def _typed(name: str, value: Any, tp: Any) -> Any:
         elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             items = list(value)
         else:
-            raise ConfigError(f"{flag} must be a list of strings (or one comma-separated string), got {_show(value)}")
+            raise ConfigError(
+                f"{flag} must be a list of strings (or one comma-separated string), got {_show(value)}"
+            )
         items = [v.strip() for v in items]
         for v in items:
             if _CONTROL.search(v):
@@ -341,7 +784,9 @@ def _typed(name: str, value: Any, tp: Any) -> Any:
         return tuple(v for v in items if v)
     if base is bool:
         if type(value) is not bool:
-            raise ConfigError(f"{flag} must be true or false (a YAML boolean, not a string or number), got {_show(value)}")
+            raise ConfigError(
+                f"{flag} must be true or false (a YAML boolean, not a string or number), got {_show(value)}"
+            )
         return value
     if base is int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -372,6 +817,57 @@ _HINTS = typing.get_type_hints(JobConfig)
 _FIELD_NAMES = tuple(f.name for f in fields(JobConfig))
 
 
+def _kind(tp: Any) -> tuple[str, bool]:
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else tp
+    if typing.get_origin(base) is tuple:
+        return "list", optional
+    return {bool: "bool", int: "int", float: "float", str: "str"}[base], optional
+
+
+def _setting_of(f: dataclasses.Field) -> Setting:
+    kind, optional = _kind(_HINTS[f.name])
+    meta = dict(f.metadata)
+    if not meta.get("help"):
+        raise TypeError(f"JobConfig.{f.name}: declare it with setting(...), with its help")
+    if kind == "int" and meta.get("le") is None:
+        meta["le"] = _INT_MAX
+    return Setting(name=f.name, kind=kind, optional=optional, default=f.default, **meta)
+
+
+_SETTINGS: tuple[Setting, ...] = tuple(_setting_of(f) for f in fields(JobConfig))
+
+
+def settings() -> tuple[Setting, ...]:
+    """Every setting of :class:`JobConfig`, in field order (the source of flags, schema, docs)."""
+    return _SETTINGS
+
+
+def _check_bounds(s: Setting, value: Any) -> None:
+    """Refuse a number outside ``s``'s bounds, or a string longer than its ``max_length``."""
+    if value is None:
+        return
+    if s.kind == "str":
+        if s.max_length is not None and len(value) > s.max_length:
+            raise ConfigError(
+                f"{flag_of(s.name)} must be at most {s.max_length} characters, got {len(value)}"
+            )
+        return
+    if s.kind not in ("int", "float"):
+        return
+    if (
+        (s.ge is not None and value < s.ge)
+        or (s.gt is not None and value <= s.gt)
+        or (s.le is not None and value > s.le)
+    ):
+        what = "an integer" if s.kind == "int" else "a number"
+        bounds = s.bounds_text()
+        where = f"in {bounds}" if bounds[0] in "[(" else bounds
+        shown = _show(value, 40) if s.kind == "int" and value.bit_length() > 64 else repr(value)
+        raise ConfigError(f"{flag_of(s.name)} must be {what} {where}, got {shown}")
+
+
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
@@ -385,30 +881,36 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"--config {p}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(
+            f"--config {p}:{where} not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from None
     except ValueError as exc:  # PyYAML lets int()'s digit limit through for a huge integer
         raise ConfigError(f"--config {p}: not a usable YAML value ({str(exc)[:100]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {p}: expected a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(
+            f"--config {p}: expected a mapping of keys to values, got {type(data).__name__}"
+        )
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in _FIELD_NAMES:
-            raise ConfigError(f"--config {p}: unknown key {_show(key, 60)}; known keys: {', '.join(_FIELD_NAMES)}")
+            raise ConfigError(
+                f"--config {p}: unknown key {_show(key, 60)}; known keys: {', '.join(_FIELD_NAMES)}"
+            )
+        if name in out:  # `chunk_slides` and `chunk-slides`: one would silently win
+            raise ConfigError(
+                f"--config {p}: key {_show(key, 60)} gives {name} twice (dashes and underscores are one key)"
+            )
         out[name] = value
     return out
 
 
-def load_config(config_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
-                env: dict[str, str] | None = None) -> JobConfig:
-    """Merge defaults < YAML file < ``overrides`` (CLI flags that were given, i.e. not ``None``).
-
-    ``PIPELINE_FAULT_AFTER_CHUNKS`` / ``PIPELINE_FAULT_POINT`` in ``env`` (default ``os.environ``)
-    set the fault-injection test hook when the config does not.
-    """
-    env = os.environ if env is None else env
+def load_config(
+    config_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+) -> JobConfig:
+    """Merge defaults < YAML file < ``overrides`` (CLI flags that were given, i.e. not ``None``)."""
     data = _read_yaml(config_path) if config_path else {}
     for key, value in (overrides or {}).items():
         if value is None:
@@ -416,15 +918,4 @@ def load_config(config_path: str | os.PathLike | None = None, overrides: dict[st
         if key not in _FIELD_NAMES:
             raise ConfigError(f"unknown setting {key!r}")
         data[key] = value
-    if data.get("fault_after_chunks") is None and env.get("PIPELINE_FAULT_AFTER_CHUNKS"):
-        raw = env["PIPELINE_FAULT_AFTER_CHUNKS"].strip()
-        # ASCII digits only: int() would also take "١٢" or "1_0", and a huge one costs seconds
-        if not re.fullmatch(r"[0-9]{1,9}", raw):
-            raise ConfigError(f"PIPELINE_FAULT_AFTER_CHUNKS must be an integer >= 0, got {_show(raw, 40)}")
-        data["fault_after_chunks"] = int(raw)
-    if "fault_point" not in data and env.get("PIPELINE_FAULT_POINT"):
-        if env["PIPELINE_FAULT_POINT"] not in _FAULT_POINTS:
-            raise ConfigError(f"PIPELINE_FAULT_POINT must be one of {', '.join(_FAULT_POINTS)}, "
-                              f"got {_show(env['PIPELINE_FAULT_POINT'], 40)}")
-        data["fault_point"] = env["PIPELINE_FAULT_POINT"]
     return JobConfig(**data)

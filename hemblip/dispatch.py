@@ -13,8 +13,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 
-def build_parser(prog: str, description: str, commands: Mapping[str, str],
-                 only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    prog: str, description: str, commands: Mapping[str, str], only: str | None = None
+) -> argparse.ArgumentParser:
     """Parser with one sub-command per entry of ``commands`` (name -> module path).
 
     With ``only`` naming a known command, just that module is imported.
