@@ -1,12 +1,12 @@
 """Calibrate the thresholds of :mod:`pipeline.consistency` on real labelled cells.
 
-    python -m pipeline._calibrate_consistency --data ../shared/data [--json calib.json]
+    python -m pipeline calibrate-consistency --data ../shared/data [--json calib.json]
 
 Data: the 450 PBC cells of ``txl_pbc/pbc_wbcatt.csv`` (WBCAtt expert attributes + the WBC box in
-pixels of the 360x363 field image). For every cell: estimate the field's µm/px with
-``pipeline.detection.estimate_mpp`` on the whole image (fallback: the median of the fields where it
-worked, same microscope), crop a square of 2.5x the box's longer side centred on the box (white
-padding), run ``pipeline.detection.segment_cell`` and compare its measurements with the labels.
+pixels of the 360x363 field image). Every cell is measured exactly as the job measures it: the
+job's crop (:func:`hemblip.crops.cell_crop`: 36 µm around the box centre moved onto the nucleus,
+224 px) at the PBC images' scale (:data:`hemblip.data.PBC_MPP`, the scale the end-to-end slides
+carry), then ``pipeline.detection.segment_cell`` at the crop's µm/px.
 
 Fit on WBCAtt's ``train`` split, report on ``val``+``test``. For each numeric attribute:
 
@@ -32,47 +32,30 @@ import numpy as np
 from PIL import Image
 
 
-def _crop(img: np.ndarray, box: tuple[float, float, float, float], factor: float = 2.5) -> np.ndarray:
-    x0, y0, x1, y1 = box
-    side = int(round(max(x1 - x0, y1 - y0) * factor))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    out = np.full((side, side, 3), 255, np.uint8)
-    h, w = img.shape[:2]
-    sx0, sy0, sx1, sy1 = max(left, 0), max(top, 0), min(left + side, w), min(top + side, h)
-    out[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = img[sy0:sy1, sx0:sx1]
-    return out
-
-
 def measure(data: Path) -> list[dict]:
-    """One dict per usable cell: labels, split and the measurements of segment_cell."""
-    from pipeline.detection import estimate_mpp, segment_cell
+    """One dict per usable cell: labels, split and the measurements of segment_cell on the job's crop."""
+    from hemblip.crops import CROP_PX, CROP_UM, cell_crop
+    from hemblip.data import PBC_MPP
+    from pipeline.detection import segment_cell
 
     with open(data / "txl_pbc" / "pbc_wbcatt.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     rows = [r for r in rows if r["wbc_xmin"] not in ("", None) and int(r["n_wbc_boxes"] or 0) >= 1]
-    images, mpps = {}, {}
-    for r in rows:
-        img = np.asarray(Image.open(data / "txl_pbc" / r["image"].replace("TXL_PBC/", "", 1)).convert("RGB"))
-        images[r["image"]] = img
-        mpps[r["image"]] = estimate_mpp(img)
-    found = [m for m in mpps.values() if m]
-    fallback = float(np.median(found)) if found else 0.33
     out = []
     for r in rows:
-        mpp = mpps[r["image"]] or fallback
-        box = tuple(float(r[k]) for k in ("wbc_xmin", "wbc_ymin", "wbc_xmax", "wbc_ymax"))
-        m = segment_cell(_crop(images[r["image"]], box), mpp)
+        img = np.asarray(Image.open(data / "txl_pbc" / r["image"].replace("TXL_PBC/", "", 1)).convert("RGB"))
+        x0, y0, x1, y1 = (float(r[k]) for k in ("wbc_xmin", "wbc_ymin", "wbc_xmax", "wbc_ymax"))
+        crop = cell_crop(img, ((x0 + x1) / 2, (y0 + y1) / 2), PBC_MPP)
+        m = segment_cell(crop, CROP_UM / CROP_PX)
         out.append({
             "split": "fit" if r["wbcatt_split"] == "train" else "eval",
-            "label": r["label"], "mpp": mpp, "mpp_estimated": mpps[r["image"]] is not None,
+            "label": r["label"], "mpp": PBC_MPP,
             "cell_size": r["cell_size"], "nuclear_cytoplasmic_ratio": r["nuclear_cytoplasmic_ratio"],
             "nucleus_shape": r["nucleus_shape"],
             "cell_diameter_um": float(m.cell_diameter_um), "nc_ratio": float(m.nc_ratio),
             "nucleus_lobes": int(m.nucleus_lobes), "nucleus_circularity": float(m.nucleus_circularity),
         })
-    print(f"measured {len(out)} cells; mpp estimated on {len(found)}/{len(mpps)} fields "
-          f"(median {fallback:.4f} µm/px)", file=sys.stderr)
+    print(f"measured {len(out)} cells at {PBC_MPP} µm/px", file=sys.stderr)
     return out
 
 
@@ -103,6 +86,53 @@ def calibrate(cells: list[dict], attr: str, measure_key: str, lower: str, upper:
         "eval_accuracy": round(float(np.mean((me >= split) == ye)), 4),
         "eval_false_flag_rate": round(float(np.mean(flag_true)), 4),
         "eval_wrong_claim_flag_rate": round(float(np.mean(flag_wrong)), 4),
+    }
+
+
+#: Fewest fit-split claims of one value for a cell type to get its own band (else the pooled one).
+_MIN_TYPE_CLAIMS = 20
+
+
+def calibrate_nc_by_type(cells: list[dict]) -> dict:
+    """N:C bands per cell type (the caption's type), on the fit split.
+
+    A cell type whose "low" claims measure, at the median, above the pooled low/high split is not
+    compared at all: its segmentation does not measure its N:C (basophils: granules over the
+    cytoplasm segment as nucleus). Widening everyone's band to fit it would stop the check from
+    flagging anything. Every other type gets, per claimed value with at least
+    ``_MIN_TYPE_CLAIMS`` fit cells, the band of its own 95th (low) / 5th (high) percentile, else
+    the band pooled over the compared types; "high" is never flagged above the pooled split.
+    """
+    pooled = calibrate(cells, "nuclear_cytoplasmic_ratio", "nc_ratio", "low", "high")
+    split = pooled["split"]
+
+    def values(split_name, t, v):
+        return np.array([c["nc_ratio"] for c in cells if c["split"] == split_name and c["label"] == t
+                         and c["nuclear_cytoplasmic_ratio"] == v and np.isfinite(c["nc_ratio"]) and c["nc_ratio"] > 0])
+
+    types = sorted({c["label"] for c in cells})
+    excluded = [t for t in types if len(values("fit", t, "low")) >= _MIN_TYPE_CLAIMS
+                and float(np.median(values("fit", t, "low"))) > split]
+    kept = [c for c in cells if c["label"] not in excluded]
+    base = calibrate(kept, "nuclear_cytoplasmic_ratio", "nc_ratio", "low", "high")
+    bands, flagged_true, flagged_wrong, n_eval = {}, 0, 0, 0
+    for t in types:
+        if t in excluded:
+            continue
+        lo, hi = values("fit", t, "low"), values("fit", t, "high")
+        low_max = max(base["split"], float(np.quantile(lo, 0.95))) if len(lo) >= _MIN_TYPE_CLAIMS else base["lower_flag_above"]
+        high_min = min(base["split"], float(np.quantile(hi, 0.05))) if len(hi) >= _MIN_TYPE_CLAIMS else base["upper_flag_below"]
+        bands[t.lower()] = (round(low_max, 3), round(high_min, 3))
+        elo, ehi = values("eval", t, "low"), values("eval", t, "high")
+        flagged_true += int(np.sum(elo > low_max) + np.sum(ehi < high_min))
+        flagged_wrong += int(np.sum(elo < high_min) + np.sum(ehi > low_max))  # the other value claimed
+        n_eval += len(elo) + len(ehi)
+    return {
+        "attribute": "nuclear_cytoplasmic_ratio", "by": "cell type", "excluded_types": [t.lower() for t in excluded],
+        "pooled_low_flag_above": round(base["lower_flag_above"], 3), "pooled_high_flag_below": round(base["upper_flag_below"], 3),
+        "bands": bands, "eval_cells": n_eval,
+        "eval_false_flag_rate": round(flagged_true / n_eval, 4) if n_eval else None,
+        "eval_wrong_claim_flag_rate": round(flagged_wrong / n_eval, 4) if n_eval else None,
     }
 
 
@@ -154,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         c["nucleus_segmented"] = "segmented" if s.startswith("segmented-") else ("unsegmented" if s.startswith("unsegmented-") else None)
     results = [
         calibrate(cells, "cell_size", "cell_diameter_um", "small", "big"),
-        calibrate(cells, "nuclear_cytoplasmic_ratio", "nc_ratio", "low", "high"),
+        calibrate_nc_by_type(cells),
         calibrate_nucleus(cells),
     ]
     for r in results:
@@ -162,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     size, nc, nuc = results
     print("# constants for pipeline/consistency.py")
     print(f"CELL_SIZE_SPLIT_UM = {size['split']:.2f}\nCELL_SIZE_SMALL_MAX_UM = {size['lower_flag_above']:.2f}\n"
-          f"CELL_SIZE_BIG_MIN_UM = {size['upper_flag_below']:.2f}\nNC_RATIO_SPLIT = {nc['split']:.3f}\n"
-          f"NC_RATIO_LOW_MAX = {nc['lower_flag_above']:.3f}\nNC_RATIO_HIGH_MIN = {nc['upper_flag_below']:.3f}\n"
+          f"CELL_SIZE_BIG_MIN_UM = {size['upper_flag_below']:.2f}\n"
+          f"NC_RATIO_LOW_MAX = {nc['pooled_low_flag_above']:.3f}\nNC_RATIO_HIGH_MIN = {nc['pooled_high_flag_below']:.3f}\n"
+          f"NC_RATIO_BANDS = {nc['bands']!r}\nNC_RATIO_NOT_COMPARED = {tuple(nc['excluded_types'])!r}\n"
           f"UNSEGMENTED_MAX_LOBES = {nuc['unsegmented_flag_above_lobes']}\n"
           f"SEGMENTED_ROUND_CIRCULARITY = {nuc['segmented_flag_single_lobe_circularity_at_least']:.3f}")
     if args.json:
@@ -171,5 +202,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,11 @@
 Compared (caption attribute -> measurement, schema column names):
 
 * ``cell_size`` big/small -> ``cell_diameter_um``
-* ``nuclear_cytoplasmic_ratio`` low/high -> ``nc_ratio``
+* ``nuclear_cytoplasmic_ratio`` low/high -> ``nc_ratio``, with a band per cell type (the
+  caption's): a neutrophil's "low" N:C and a monocyte's differ. Basophils are not compared: their
+  granules cover the cytoplasm and segment as nucleus, so their measured N:C says nothing about
+  the claim (their "low" claims measure 3.1 at the median); one band stretched to hold them would
+  flag nobody else either.
 * ``nucleus_shape`` segmented-* / unsegmented-* -> ``nucleus_lobes`` and, for a single lobe,
   ``nucleus_circularity`` (``irregular`` is not compared)
 
@@ -13,10 +17,11 @@ the band on the wrong side, so measurement noise on borderline cells does not ra
 ``leukemic_cell_size`` (small/medium/large) is not compared: the shared data hold no labelled
 leukemic cells to calibrate it on, and uncalibrated cut-offs would only add noise.
 
-Thresholds were calibrated on the 450 real PBC cells of ``../shared/data/txl_pbc/pbc_wbcatt.csv``
-(fit on WBCAtt's train split, accuracy on its val+test split) with::
+Thresholds were calibrated on the real PBC cells of ``../shared/data/txl_pbc/pbc_wbcatt.csv``
+measured exactly as the job measures them (its 36 µm crop, at the scale its slides carry; fit on
+WBCAtt's train split, accuracy on its val+test split) with::
 
-    python -m pipeline._calibrate_consistency --data ../shared/data
+    python -m pipeline calibrate-consistency --data ../shared/data
 
 (accuracies in docs/readme/query-report.md).
 """
@@ -33,9 +38,10 @@ __all__ = [
     "CELL_SIZE_SPLIT_UM",
     "CELL_SIZE_SMALL_MAX_UM",
     "CELL_SIZE_BIG_MIN_UM",
-    "NC_RATIO_SPLIT",
     "NC_RATIO_LOW_MAX",
     "NC_RATIO_HIGH_MIN",
+    "NC_RATIO_BANDS",
+    "NC_RATIO_NOT_COMPARED",
     "UNSEGMENTED_MAX_LOBES",
     "SEGMENTED_ROUND_CIRCULARITY",
     "check_consistency",
@@ -43,15 +49,23 @@ __all__ = [
     "consistency_summary",
 ]
 
-# Calibrated by `python -m pipeline._calibrate_consistency --data ../shared/data` (see module doc).
-CELL_SIZE_SPLIT_UM = 16.70  # best big/small split of cell_diameter_um
-CELL_SIZE_SMALL_MAX_UM = 23.46  # "small" is flagged above this diameter
-CELL_SIZE_BIG_MIN_UM = 15.20  # "big" is flagged below this diameter
-NC_RATIO_SPLIT = 0.995  # best low/high split of nc_ratio (nucleus area / cytoplasm area)
-NC_RATIO_LOW_MAX = 5.016  # "low" is flagged above this ratio
-NC_RATIO_HIGH_MIN = 0.495  # "high" is flagged below this ratio
+# Calibrated by `python -m pipeline calibrate-consistency --data ../shared/data` (see module doc).
+CELL_SIZE_SPLIT_UM = 15.59  # best big/small split of cell_diameter_um
+CELL_SIZE_SMALL_MAX_UM = 22.12  # "small" is flagged above this diameter
+CELL_SIZE_BIG_MIN_UM = 15.15  # "big" is flagged below this diameter
+# N:C (nucleus area / cytoplasm area): (low flagged above, high flagged below) per caption cell
+# type; a type not listed and not excluded (or no type) uses the pooled band.
+NC_RATIO_LOW_MAX = 2.377  # pooled over the compared types
+NC_RATIO_HIGH_MIN = 0.281
+NC_RATIO_BANDS: dict[str, tuple[float, float]] = {
+    "eosinophil": (2.14, 0.281),
+    "lymphocyte": (2.377, 0.253),
+    "monocyte": (3.546, 0.281),
+    "neutrophil": (1.635, 0.281),
+}
+NC_RATIO_NOT_COMPARED: tuple[str, ...] = ("basophil",)
 UNSEGMENTED_MAX_LOBES = 1  # "unsegmented-*" is flagged with more lobes
-SEGMENTED_ROUND_CIRCULARITY = 0.813  # "segmented-*" is flagged for ONE lobe at least this round
+SEGMENTED_ROUND_CIRCULARITY = 0.832  # "segmented-*" is flagged for ONE lobe at least this round
 
 COMPARED_ATTRIBUTES: tuple[str, ...] = ("cell_size", "nuclear_cytoplasmic_ratio", "nucleus_shape")
 
@@ -78,11 +92,14 @@ def _verdicts(row: Mapping) -> dict[str, bool]:
             out["cell_size"] = diameter >= CELL_SIZE_BIG_MIN_UM
     ratio = row.get("nuclear_cytoplasmic_ratio")
     nc = _number(row.get("nc_ratio"))
-    if nc is not None and nc >= 0:
+    cell_type = row.get("cell_type")
+    cell_type = cell_type.lower() if isinstance(cell_type, str) else None
+    if nc is not None and nc >= 0 and cell_type not in NC_RATIO_NOT_COMPARED:
+        low_max, high_min = NC_RATIO_BANDS.get(cell_type, (NC_RATIO_LOW_MAX, NC_RATIO_HIGH_MIN))
         if ratio == "low":
-            out["nuclear_cytoplasmic_ratio"] = nc <= NC_RATIO_LOW_MAX
+            out["nuclear_cytoplasmic_ratio"] = nc <= low_max
         elif ratio == "high":
-            out["nuclear_cytoplasmic_ratio"] = nc >= NC_RATIO_HIGH_MIN
+            out["nuclear_cytoplasmic_ratio"] = nc >= high_min
     shape = row.get("nucleus_shape")
     lobes = _number(row.get("nucleus_lobes"))
     if lobes is not None and lobes >= 1 and isinstance(shape, str):  # 0 lobes: no nucleus found
@@ -107,7 +124,7 @@ def comparable_attributes(row: Mapping) -> list[str]:
 def check_consistency(row: Mapping) -> tuple[bool | None, list[str]]:
     """Compare a cell's caption attributes with its morphometry.
 
-    ``row`` maps schema column names (``cell_size``, ``nuclear_cytoplasmic_ratio``,
+    ``row`` maps schema column names (``cell_type``, ``cell_size``, ``nuclear_cytoplasmic_ratio``,
     ``nucleus_shape``, ``cell_diameter_um`` [µm], ``nc_ratio``, ``nucleus_lobes``,
     ``nucleus_circularity``) to values; missing
     keys, ``None`` and NaN mean "unknown". Returns ``(consistent, inconsistent_attributes)``:
@@ -121,7 +138,7 @@ def check_consistency(row: Mapping) -> tuple[bool | None, list[str]]:
     return not bad, bad
 
 
-_NEEDED = ("slide_id", "cell_size", "nuclear_cytoplasmic_ratio", "nucleus_shape",
+_NEEDED = ("slide_id", "cell_type", "cell_size", "nuclear_cytoplasmic_ratio", "nucleus_shape",
            "cell_diameter_um", "nc_ratio", "nucleus_lobes", "nucleus_circularity")
 
 

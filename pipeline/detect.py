@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hemblip.crops import crop_box, resample
+from hemblip.crops import MAX_CENTRE_SHIFT_UM, centre_offset, crop_box, resample
 from hemblip.scale import estimate_image_mpp
 from pipeline.detection import DetectorConfig, detect_wbc, segment_cell
 from pipeline.errors import ConfigError, ScaleError, SlideTooLargeError
@@ -336,12 +336,14 @@ def _measure(slide: Slide, cells: list[_Cell], level: int, mpp: float, mpp_sourc
     boxes = np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4)
 
     crop_boxes = [crop_box(c.centroid, mpp, cfg.crop_um) for c in cells]  # level-0 px
+    # The crop's centre may move onto the nucleus (hemblip.crops.centre_offset): fetch that margin too.
+    m = int(math.ceil(MAX_CENTRE_SHIFT_UM / mpp)) + 1
     # Cells in reading order, in chunks whose level-0 tiles a remote slide fetches in one batch
     # (one request per cell would cost a round trip each); the chunk bounds the bytes held.
     order = sorted(range(len(cells)), key=lambda k: (cells[k].centroid[1], cells[k].centroid[0]))
     for start in range(0, len(order), _CROP_PREFETCH_CELLS):
         chunk = order[start:start + _CROP_PREFETCH_CELLS]
-        slide.prefetch(0, [crop_boxes[k] for k in chunk])
+        slide.prefetch(0, [(b[0] - m, b[1] - m, b[2] + m, b[3] + m) for b in (crop_boxes[k] for k in chunk)])
         for idx in chunk:
             records[idx] = _measure_one(slide, cells, idx, crop_boxes[idx], boxes, crops, mpp, mpp_source,
                                         cfg, source, tol)
@@ -356,9 +358,17 @@ def _measure_one(slide: Slide, cells: list[_Cell], idx: int, box: tuple[int, int
     det = cfg.detector
     c = cells[idx]
     cx, cy = c.centroid
-    x0, y0, x1, y1 = box
     # White outside the slide (the reader's rule): glass, flagged crop_incomplete below.
-    crop = resample(slide.read(0, (x0, y0, x1, y1)), cfg.crop_px)
+    square = slide.read(0, box)
+    # The crop is centred as training crops are: on the nucleus near the detector's centroid.
+    # The record keeps the detector's centroid: from it, any reader of the crop (hemblip caption
+    # --center) moves to the same nucleus and cuts the same pixels.
+    dx, dy = centre_offset(square, mpp)
+    if dx or dy:
+        box = crop_box((cx + dx, cy + dy), mpp, cfg.crop_um)
+        square = slide.read(0, box)
+    x0, y0, x1, y1 = box
+    crop = resample(square, cfg.crop_px)
     crops[idx] = crop
     m = segment_cell(crop, crop_mpp)
 

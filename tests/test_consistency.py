@@ -21,7 +21,8 @@ def _row(**kw):
 
 def test_thresholds_are_ordered():
     assert C.CELL_SIZE_BIG_MIN_UM <= C.CELL_SIZE_SPLIT_UM <= C.CELL_SIZE_SMALL_MAX_UM
-    assert C.NC_RATIO_HIGH_MIN <= C.NC_RATIO_SPLIT <= C.NC_RATIO_LOW_MAX
+    assert C.NC_RATIO_HIGH_MIN < C.NC_RATIO_LOW_MAX
+    assert all(hi < lo for lo, hi in C.NC_RATIO_BANDS.values())
     assert C.UNSEGMENTED_MAX_LOBES >= 1 and 0 < C.SEGMENTED_ROUND_CIRCULARITY <= 1
 
 
@@ -80,3 +81,18 @@ def test_summary_per_slide_and_attribute():
     assert (per_attr["nucleus_shape"]["comparable"], per_attr["nucleus_shape"]["inconsistent"]) == (1, 1)
     assert per_attr["nuclear_cytoplasmic_ratio"]["inconsistent_rate"] == 0.0
     assert consistency_summary(rows)["per_slide"].num_rows == 2  # plain dict rows work too
+
+
+def test_nc_band_is_per_cell_type_and_never_stretched_for_basophils():
+    """The issue's miss: a caption saying "low N:C" for a measured N:C of 2.28 passed, because
+    one band had to hold basophils (granules segment as nucleus) and stretched to 5.0."""
+    low = {"nuclear_cytoplasmic_ratio": "low", "nc_ratio": 2.28}
+    assert check_consistency(_row(cell_type="neutrophil", **low)) == (False, ["nuclear_cytoplasmic_ratio"])
+    assert check_consistency(_row(cell_type="eosinophil", **low)) == (False, ["nuclear_cytoplasmic_ratio"])
+    assert check_consistency(_row(cell_type="monocyte", **low)) == (True, [])  # monocytes' band is wider
+    # a basophil's measured N:C is not compared at all (not "consistent" either)
+    assert check_consistency(_row(cell_type="basophil", nuclear_cytoplasmic_ratio="low", nc_ratio=5.0)) == (None, [])
+    assert comparable_attributes(_row(cell_type="Basophil", nuclear_cytoplasmic_ratio="high", nc_ratio=0.1)) == []
+    # no type in the caption: the pooled band, which is tighter than 5
+    assert check_consistency(_row(nuclear_cytoplasmic_ratio="low", nc_ratio=4.0)) == (False, ["nuclear_cytoplasmic_ratio"])
+    assert C.NC_RATIO_LOW_MAX < 3.0
