@@ -1,0 +1,833 @@
+"""Seeded whole-smear slides built from real smear fields, with their truth.
+
+A peripheral-blood smear seen whole is mostly not where a hematologist reads. Along the smear's
+long axis (slide x) :func:`build_whole_smear` lays out, from left to right:
+
+* glass margin (the slide beyond the drop);
+* **thick end**: red cells piled and overlapping (areal density 3.0 falling to 1.6 monolayer
+  red-cell areas per area), drawn 10 % smaller, so the field is dark and textureless;
+* **monolayer** (the reading zone): red cells just touching (0.9 falling to 0.6);
+* **feathered edge**: sparse, flattened (25 % larger), paler cells (0.4 falling to 0.1);
+* glass beyond the feathered edge, and glass bands above and below the smear.
+
+Zone boundaries are parallel curves (the smear's tongue shape: the feathered edge is convex) and
+a few elliptical gaps (glass) lie inside the thick end and the monolayer. Cells are real: red
+cells and white cells are cut (soft elliptical masks) from TXL-PBC fields of one source per slide
+(``txl_pbc``, MIT, see ``/work/shared/data/README.md``), resampled to the slide's scale, and
+composed in optical density (Beer-Lambert: overlapping red cells add up, so piled cells are
+darker); white cells are laid over the red cells. A white cell's type is kept where the datasets
+know it (PBC: WBCAtt label; BCCD: ``wbc_types.csv`` for one-WBC images).
+
+The slide is rendered in 256-px tile rows and written tile by tile (never the whole level 0):
+JPEG tiles, 4x downsamples (each lower level built from a disk-backed 4x proxy filled while
+level 0 is written), consecutive TIFF pages, as Aperio SVS (``|MPP =`` in the description) or a
+generic BigTIFF with resolution tags. Beside it, ``<stem>.truth.json`` (every white cell's box in
+level-0 px, type where known, zone; zone areas in mm² and the layout) and ``<stem>.zones.npz``
+(the truth zone raster, codes of :data:`pipeline.zones.ZONE_NAMES`) and ``.zones.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.zones import FEATHERED, GLASS, MONOLAYER, THICK, ZONE_NAMES, render_labels_png
+
+__all__ = [
+    "SmearSpec",
+    "WholeSmear",
+    "WholeSmearError",
+    "SOURCE_MPP",
+    "DEFAULT_DATA_DIR",
+    "build_whole_smear",
+    "smear_gigapixels",
+]
+
+DEFAULT_DATA_DIR = Path("/work/shared/data")
+#: Level-0 µm/px of each TXL-PBC source: median red-cell estimate
+#: (:func:`pipeline.detection.estimate_mpp`) over 25 train fields of it.
+SOURCE_MPP = {"pbc": 0.111, "raabin": 0.068, "kaggle": 0.121, "bccd": 0.086}
+_TXL_SOURCE = {"pbc": "pbc", "raabin_wbc?": "raabin", "bcd_kaggle?": "kaggle", "bccd": "bccd"}
+_TILE = 256
+_CHUNK = 4096  # level-0 px rendered at once along x (one tile row high)
+_OD_SCALE = 1000.0  # optical density stored as uint16 thousandths
+_OD_MAX = 4000
+_MAX_FIELDS = 80  # fields per slide's sprite library
+_MIN_TOP_SIDE = 1024  # stop the 4x pyramid once the level's longer side is at most this
+#: Areal density (red-cell areas per unit area) at the start and end of each zone along x.
+_RHO = {THICK: (3.0, 1.6), MONOLAYER: (0.9, 0.6), FEATHERED: (0.4, 0.1)}
+#: (size factor, optical-density factor) of red cells per zone: piled cells look smaller,
+#: feathered-edge cells are flattened (larger, thinner, paler).
+_RBC_LOOK = {THICK: (0.9, 1.0), MONOLAYER: (1.0, 1.0), FEATHERED: (1.25, 0.65)}
+#: White cells: small and dark in the thick end, flattened at the feathered edge.
+_WBC_LOOK = {THICK: (0.8, 1.3), MONOLAYER: (1.0, 1.0), FEATHERED: (1.2, 0.8)}
+#: White cells gather at the feathered edge (they are pushed there as the smear is drawn).
+_WBC_ZONE_BOOST = {THICK: 0.5, MONOLAYER: 1.0, FEATHERED: 1.5}
+
+
+class WholeSmearError(PipelineError, ValueError):
+    """The generator's source data cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SmearSpec:
+    """One whole-smear slide.
+
+    ``width_mm`` x ``height_mm`` of scanned glass at ``mpp`` µm/px (level 0: 8 x 4 mm at 0.25 is
+    32,000 x 16,000 px = 0.51 GP; 25 x 12.5 mm is 5 GP). ``monolayer_fraction``,
+    ``thick_fraction``, ``feathered_fraction``: share of the slide's area in each zone before the
+    gaps are cut (the rest is glass). ``source``: pbc | raabin | kaggle | bccd | auto (picked by
+    the seed). ``split``: the TXL-PBC split the cells come from (val: fields the detector never
+    trained on). ``wbc_per_mm2``: white cells per mm² of monolayer (real blood: ~25).
+    ``n_gaps``: elliptical glass gaps inside the smear. ``fmt``: svs | tiff. ``truth_um``: µm/px
+    of the truth zone raster.
+    """
+
+    width_mm: float = 8.0
+    height_mm: float = 4.0
+    mpp: float = 0.25
+    monolayer_fraction: float = 0.3
+    thick_fraction: float = 0.15
+    feathered_fraction: float = 0.1
+    source: str = "auto"
+    split: str = "val"
+    wbc_per_mm2: float = 40.0
+    n_gaps: int = 2
+    fmt: str = "svs"
+    jpeg_quality: int = 85
+    truth_um: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def num(name: str, lo: float, hi: float) -> None:
+            v = getattr(self, name)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not (math.isfinite(v) and lo <= v <= hi)
+            ):
+                raise ConfigError(f"SmearSpec.{name} must be a number in [{lo}, {hi}], got {v!r}")
+
+        num("width_mm", 0.2, 75.0)
+        num("height_mm", 0.2, 50.0)
+        num("mpp", 0.1, 2.0)
+        for name in ("monolayer_fraction", "thick_fraction", "feathered_fraction"):
+            num(name, 0.0, 0.9)
+        num("wbc_per_mm2", 0.0, 2000.0)
+        num("truth_um", 1.0, 50.0)
+        for name, lo, hi in (("n_gaps", 0, 20), ("jpeg_quality", 1, 100), ("seed", 0, 2**32 - 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"SmearSpec.{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        if self.source not in ("auto", *SOURCE_MPP):
+            raise ConfigError(
+                f"SmearSpec.source must be auto or one of {', '.join(SOURCE_MPP)}, got {self.source!r}"
+            )
+        if self.split not in ("train", "val"):
+            raise ConfigError(f"SmearSpec.split must be train or val, got {self.split!r}")
+        if self.fmt not in ("svs", "tiff"):
+            raise ConfigError(f"SmearSpec.fmt must be svs or tiff, got {self.fmt!r}")
+        total = self.monolayer_fraction + self.thick_fraction + self.feathered_fraction
+        # The smear band leaves glass above, below and at both ends (see _layout).
+        if total > 0.72:
+            raise ConfigError(
+                "SmearSpec.monolayer_fraction + thick_fraction + feathered_fraction must be at "
+                f"most 0.72 (glass margins), got {total:.3f}"
+            )
+        if self.width_px * self.height_px > 2**36:
+            raise ConfigError(f"SmearSpec: {self.width_px}x{self.height_px} px is too large")
+
+    @property
+    def width_px(self) -> int:
+        return int(round(self.width_mm * 1000.0 / self.mpp))
+
+    @property
+    def height_px(self) -> int:
+        return int(round(self.height_mm * 1000.0 / self.mpp))
+
+
+def smear_gigapixels(spec: SmearSpec) -> float:
+    """Level-0 size of ``spec``'s slide in gigapixels."""
+    return spec.width_px * spec.height_px / 1e9
+
+
+@dataclass(frozen=True)
+class WholeSmear:
+    """A generated slide: ``path``, ``truth_path`` (JSON), ``zones_path`` (npz raster),
+    ``format`` as :func:`pipeline.slides.open_slide` reports it, ``n_wbc``, level-0 ``width`` x
+    ``height`` px, ``areas_mm2`` per zone (truth), ``seconds`` spent."""
+
+    path: Path
+    truth_path: Path
+    zones_path: Path
+    format: str
+    n_wbc: int
+    width: int
+    height: int
+    areas_mm2: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- cell library
+@dataclass
+class _Sprite:
+    od: np.ndarray  # (h, w, 3) uint16 OD thousandths, masked
+    mask: np.ndarray | None  # (h, w) uint8 0..255 (white cells: laid over)
+    box: tuple[int, int, int, int] | None = None  # white cell's box within the sprite
+    cell_type: str | None = None
+    origin: str = ""
+
+
+@dataclass
+class _Library:
+    source: str
+    bg: np.ndarray  # (3,) float RGB of glass
+    rbc: dict[int, list[_Sprite]]  # per zone look
+    wbc: dict[int, list[_Sprite]]
+    rbc_area_px: float  # mean monolayer red-cell area (level-0 px)
+    rbc_diam_px: float
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return [
+                {(k or "").strip(): (v or "").strip() for k, v in r.items()}
+                for r in csv.DictReader(fh)
+            ]
+    except FileNotFoundError:
+        raise WholeSmearError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise WholeSmearError(f"{path}: unreadable CSV ({exc.__class__.__name__})") from None
+
+
+def _yolo(path: Path, w: int, h: int) -> list[tuple[int, tuple[float, float, float, float]]]:
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WholeSmearError(f"{path}: unreadable label file ({exc.__class__.__name__})") from None
+    for n, line in enumerate(lines, 1):
+        p = line.split()
+        if not p:
+            continue
+        try:
+            cls, cx, cy, bw, bh = int(p[0]), *(float(v) for v in p[1:5])
+        except (ValueError, IndexError):
+            raise WholeSmearError(f"{path}:{n}: expected 'class cx cy w h'") from None
+        if not all(math.isfinite(v) for v in (cx, cy, bw, bh)) or bw <= 0 or bh <= 0:
+            raise WholeSmearError(f"{path}:{n}: box with no area")
+        out.append(
+            (cls, ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
+        )
+    return out
+
+
+def _types(root: Path) -> dict[str, str]:
+    """uuid -> lower-case white-cell type, for one-WBC images whose type a dataset records."""
+    out: dict[str, str] = {}
+    bccd_types = {}
+    for r in _read_csv(root / "bccd" / "wbc_types.csv"):
+        cat = r.get("Category", "")
+        if r.get("Image", "").isdigit() and cat and "," not in cat:
+            bccd_types[f"BloodImage_{int(r['Image']):05d}"] = cat.lower()
+    for r in _read_csv(root / "txl_pbc" / "source_map.csv"):
+        if r.get("n_wbc") != "1":
+            continue
+        if r.get("source") == "pbc" and r.get("wbcatt_label"):
+            out[r["uuid"]] = r["wbcatt_label"].lower()
+        elif r.get("source") == "bccd" and r.get("original_name"):
+            t = bccd_types.get(Path(r["original_name"]).stem)
+            if t:
+                out[r["uuid"]] = t
+    return out
+
+
+def _ellipse(h: int, w: int, grow: float = 1.0) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ry, rx = max(h / 2 * grow, 1.0), max(w / 2 * grow, 1.0)
+    r = np.sqrt(((yy + 0.5 - h / 2) / ry) ** 2 + ((xx + 0.5 - w / 2) / rx) ** 2)
+    # 1 inside, a ~1.5 px soft rim: no hard cut-out edge in the JPEG.
+    rim = 1.5 / max(min(rx, ry), 1.0)
+    return np.clip((1.0 + rim - r) / rim, 0.0, 1.0)
+
+
+def _resize(a: np.ndarray, f: float) -> np.ndarray:
+    import cv2
+
+    h, w = a.shape[:2]
+    nw, nh = max(1, int(round(w * f))), max(1, int(round(h * f)))
+    return cv2.resize(a, (nw, nh), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+
+
+def _load_library(
+    data_dir: Path, source: str, split: str, mpp: float, rng: np.random.Generator
+) -> _Library:
+    from PIL import Image, UnidentifiedImageError
+
+    root = data_dir / "txl_pbc"
+    rows = [
+        r
+        for r in _read_csv(root / "source_map.csv")
+        if _TXL_SOURCE.get(r.get("source", "")) == source and r.get("txl_split") == split
+    ]
+    if not rows:
+        raise WholeSmearError(f"{root / 'source_map.csv'}: no {source} fields in split {split}")
+    order = rng.permutation(len(rows))[:_MAX_FIELDS]
+    types = _types(data_dir)
+    f = SOURCE_MPP[source] / mpp
+    bgs, areas, diams = [], [], []
+    rbc_base: list[tuple[np.ndarray, str]] = []
+    wbc_base: list[tuple[np.ndarray, tuple[float, float, float, float], str | None, str]] = []
+    for i in order:
+        uid = rows[i]["uuid"]
+        if not all(c.isalnum() or c == "-" for c in uid):
+            raise WholeSmearError(
+                f"{root / 'source_map.csv'}: {uid[:60]!r} is not a plain image id"
+            )
+        img_path = root / "images" / split / f"{uid}.jpg"
+        try:
+            with Image.open(img_path) as im:
+                if im.size[0] * im.size[1] > 4096 * 4096:
+                    raise WholeSmearError(f"{img_path}: {im.size} px is not a microscope field")
+                rgb = np.asarray(im.convert("RGB"), np.float32)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise WholeSmearError(f"{img_path}: cannot decode ({exc.__class__.__name__})") from None
+        h, w = rgb.shape[:2]
+        lum = rgb.mean(2)
+        bg = np.median(rgb[lum >= np.percentile(lum, 80)], axis=0)
+        bgs.append(bg)
+        od = -np.log(np.clip(rgb / np.maximum(bg, 1.0), 1e-3, 1.0))
+        od = _resize(od, f)
+        boxes = _yolo(root / "labels" / split / f"{uid}.txt", w, h)
+        wboxes = [b for c, b in boxes if c == 0]
+        oh, ow = od.shape[:2]
+
+        def crop(b, grow, od=od, ow=ow, oh=oh):
+            x0, y0, x1, y1 = (v * f for v in b)
+            cx, cy, bw, bh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * grow, (y1 - y0) * grow
+            ix0, iy0 = int(math.floor(cx - bw / 2)), int(math.floor(cy - bh / 2))
+            ix1, iy1 = int(math.ceil(cx + bw / 2)), int(math.ceil(cy + bh / 2))
+            if ix0 < 0 or iy0 < 0 or ix1 > ow or iy1 > oh or ix1 - ix0 < 3 or iy1 - iy0 < 3:
+                return None, None
+            return od[iy0:iy1, ix0:ix1], (x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0)
+
+        for c, b in boxes:
+            if min(b[0], b[1], w - b[2], h - b[3]) < 3:
+                continue  # cut by the field's edge: a half cell with a straight side
+            side_um = ((b[2] - b[0]) + (b[3] - b[1])) / 2 * SOURCE_MPP[source]
+            if c == 1 and 4.5 <= side_um <= 11.0:
+                near = any(
+                    b[0] < wb[2] + 4 and wb[0] - 4 < b[2] and b[1] < wb[3] + 4 and wb[1] - 4 < b[3]
+                    for wb in wboxes
+                )
+                a, _ = crop(b, 1.0)
+                if a is not None and not near:
+                    rbc_base.append((a * _ellipse(*a.shape[:2])[..., None], uid))
+                    areas.append(math.pi / 4 * a.shape[0] * a.shape[1])
+                    diams.append((a.shape[0] + a.shape[1]) / 2)
+            elif c == 0 and 6.0 <= side_um <= 30.0:
+                a, inner = crop(b, 1.1)
+                if a is not None:
+                    t = types.get(uid) if len(wboxes) == 1 else None
+                    wbc_base.append((a, inner, t, uid))
+    if len(rbc_base) < 10 or not wbc_base:
+        raise WholeSmearError(
+            f"{root}: {source}/{split} gave {len(rbc_base)} red-cell and {len(wbc_base)} white-cell sprites"
+        )
+    rbc: dict[int, list[_Sprite]] = {}
+    wbc: dict[int, list[_Sprite]] = {}
+    for z in (THICK, MONOLAYER, FEATHERED):
+        sf, of = _RBC_LOOK[z]
+        rbc[z] = [
+            _Sprite(
+                np.clip(_resize(a, sf) * of * _OD_SCALE, 0, _OD_MAX).astype(np.uint16),
+                None,
+                origin=u,
+            )
+            for a, u in rbc_base
+        ]
+        sf, of = _WBC_LOOK[z]
+        wl = []
+        for a, inner, t, u in wbc_base:
+            r = _resize(a, sf)
+            m = (_ellipse(*r.shape[:2], grow=1.0) * 255).astype(np.uint8)
+            sx, sy = r.shape[1] / a.shape[1], r.shape[0] / a.shape[0]
+            box = (
+                int(round(inner[0] * sx)),
+                int(round(inner[1] * sy)),
+                int(round(inner[2] * sx)),
+                int(round(inner[3] * sy)),
+            )
+            wl.append(
+                _Sprite(np.clip(r * of * _OD_SCALE, 0, _OD_MAX).astype(np.uint16), m, box, t, u)
+            )
+        wbc[z] = wl
+    return _Library(
+        source,
+        np.median(np.array(bgs), axis=0),
+        rbc,
+        wbc,
+        float(np.mean(areas)),
+        float(np.median(diams)),
+    )
+
+
+# --------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class _Layout:
+    """Zone boundaries in ``s = x + u(y)`` (level-0 px), ``u(y) = kappa * ((y - yc) / half)^2``."""
+
+    band: tuple[int, int]  # smear's y extent
+    kappa: float
+    s: tuple[float, float, float, float]  # thick start, thick|mono, mono|feathered, feathered end
+    gaps: tuple[tuple[float, float, float, float], ...]  # (cx, cy, rx, ry)
+
+    def zone_rho(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Zone code and red-cell areal density at level-0 points."""
+        y0, y1 = self.band
+        yc, half = (y0 + y1) / 2, (y1 - y0) / 2
+        s = x + self.kappa * ((y - yc) / half) ** 2
+        zone = np.full(np.broadcast(x, y).shape, GLASS, np.uint8)
+        rho = np.zeros(zone.shape, np.float32)
+        inband = (y >= y0) & (y < y1)
+        s = np.broadcast_to(s, zone.shape)
+        for z, (a, b) in zip(
+            (THICK, MONOLAYER, FEATHERED), zip(self.s[:-1], self.s[1:]), strict=True
+        ):
+            m = inband & (s >= a) & (s < b)
+            zone[m] = z
+            r0, r1 = _RHO[z]
+            rho[m] = r0 + (r1 - r0) * (s[m] - a) / max(b - a, 1e-9)
+        for cx, cy, rx, ry in self.gaps:
+            m = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1.0
+            zone[m] = GLASS
+            rho[m] = 0.0
+        return zone, rho
+
+
+def _layout(spec: SmearSpec, rng: np.random.Generator) -> _Layout:
+    W, H = spec.width_px, spec.height_px
+    margin_y = H * rng.uniform(0.06, 0.1)
+    y0, y1 = int(margin_y), int(H - margin_y)
+    band_frac = (y1 - y0) / H
+    widths = [
+        f * W / band_frac
+        for f in (spec.thick_fraction, spec.monolayer_fraction, spec.feathered_fraction)
+    ]
+    left, right = W * rng.uniform(0.02, 0.04), W * rng.uniform(0.02, 0.04)
+    room = W - left - right - sum(widths)
+    kappa = max(0.0, min(0.12 * W, room * 0.9))
+    s0 = left + kappa
+    s = (s0, s0 + widths[0], s0 + widths[0] + widths[1], s0 + sum(widths))
+    gaps = []
+    for _ in range(spec.n_gaps):
+        if s[2] - s[0] < 1:
+            break
+        r = rng.uniform(0.01, 0.03) * min(W, H)
+        cy = rng.uniform(y0 + 2 * r, max(y0 + 2 * r, y1 - 2 * r))
+        cx = rng.uniform(s[0], s[2]) - kappa * ((cy - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2
+        gaps.append((float(cx), float(cy), float(r * rng.uniform(1.0, 1.6)), float(r)))
+    return _Layout((y0, y1), float(kappa), tuple(float(v) for v in s), tuple(gaps))
+
+
+# --------------------------------------------------------------------------- hashing
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(v: np.ndarray) -> np.ndarray:
+    # splitmix64 finaliser: per-point random numbers that do not depend on how the slide is cut
+    # into chunks (a point rendered twice, in two chunks, gets the same cells).
+    v = v ^ (v >> np.uint64(30))
+    v = v * _M1
+    v = v ^ (v >> np.uint64(27))
+    v = v * _M2
+    return v ^ (v >> np.uint64(31))
+
+
+def _uniform(h: np.ndarray) -> np.ndarray:
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# --------------------------------------------------------------------------- white cells
+@dataclass(frozen=True)
+class _Wbc:
+    x: int  # sprite top-left, level-0 px
+    y: int
+    zone: int
+    idx: int
+    box: tuple[int, int, int, int]
+
+
+def _place_wbcs(
+    spec: SmearSpec, lay: _Layout, lib: _Library, rng: np.random.Generator
+) -> list[_Wbc]:
+    W, H = spec.width_px, spec.height_px
+    px_mm2 = (spec.mpp / 1000.0) ** 2
+    mono_rho = sum(_RHO[MONOLAYER]) / 2
+    # Thinned Poisson: density follows red-cell density (as in blood), boosted at the edge.
+    rate_max = spec.wbc_per_mm2 * max(_RHO[THICK]) / mono_rho * _WBC_ZONE_BOOST[THICK]
+    rate_max = max(
+        rate_max, spec.wbc_per_mm2 * max(_RHO[FEATHERED]) / mono_rho * _WBC_ZONE_BOOST[FEATHERED]
+    )
+    rate_max = max(rate_max, spec.wbc_per_mm2 * max(_RHO[MONOLAYER]) / mono_rho)
+    n_try = rng.poisson(W * H * px_mm2 * rate_max) if spec.wbc_per_mm2 > 0 else 0
+    xs, ys = rng.uniform(0, W, n_try), rng.uniform(0, H, n_try)
+    zone, rho = lay.zone_rho(xs, ys)
+    boost = np.array([0.0, *(_WBC_ZONE_BOOST[z] for z in (THICK, MONOLAYER, FEATHERED))])[zone]
+    keep = rng.uniform(0, 1, n_try) * rate_max < spec.wbc_per_mm2 * rho / mono_rho * boost
+    cell = 64
+    grid: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
+    out: list[_Wbc] = []
+    for x, y, z in zip(xs[keep], ys[keep], zone[keep], strict=True):
+        z = int(z)
+        idx = int(rng.integers(len(lib.wbc[z])))
+        sp = lib.wbc[z][idx]
+        h, w = sp.od.shape[:2]
+        r = max(h, w) / 2
+        if x - w < 0 or y - h < 0 or x + w > W or y + h > H:
+            continue
+        gx, gy = int(x // cell), int(y // cell)
+        clash = any(
+            (x - ox) ** 2 + (y - oy) ** 2 < (r + orad) ** 2
+            for dx in range(-2, 3)
+            for dy in range(-2, 3)
+            for ox, oy, orad in grid.get((gx + dx, gy + dy), ())
+        )
+        if clash:
+            continue
+        grid.setdefault((gx, gy), []).append((x, y, r))
+        tx, ty = int(x - w / 2), int(y - h / 2)
+        b = sp.box
+        out.append(_Wbc(tx, ty, z, idx, (tx + b[0], ty + b[1], tx + b[2], ty + b[3])))
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+class _Renderer:
+    def __init__(self, spec: SmearSpec, lay: _Layout, lib: _Library, wbcs: list[_Wbc]):
+        self.spec, self.lay, self.lib, self.wbcs = spec, lay, lib, wbcs
+        self.d = 0.9 * lib.rbc_diam_px  # lattice spacing: one cell per point just touches
+        self.cells_per_rho = self.d * self.d / lib.rbc_area_px
+        self.reach = int(math.ceil(self.d + 1.5 * max(s.od.shape[0] for s in lib.rbc[FEATHERED])))
+        self.wbc_boxes = np.array(
+            [
+                (
+                    w.x,
+                    w.y,
+                    w.x + lib.wbc[w.zone][w.idx].od.shape[1],
+                    w.y + lib.wbc[w.zone][w.idx].od.shape[0],
+                )
+                for w in wbcs
+            ],
+            np.int64,
+        ).reshape(-1, 4)
+        v = np.arange(_OD_MAX + 1, dtype=np.float64) / _OD_SCALE
+        self.lut = [
+            np.clip(np.round(lib.bg[c] * np.exp(-v)), 0, 255).astype(np.uint8) for c in range(3)
+        ]
+        nrng = np.random.default_rng(spec.seed ^ 0x5EED)
+        # One noise strip reused at a per-chunk offset: camera noise without a per-pixel RNG.
+        self.noise = np.empty((2 * _TILE, _CHUNK + 2 * _TILE, 3), np.int16)
+        for r in range(0, 2 * _TILE, 32):  # in row blocks: no float64 copy of the whole strip
+            blk = nrng.standard_normal((32, _CHUNK + 2 * _TILE, 3), dtype=np.float32) * 1.2
+            self.noise[r : r + 32] = blk.round()
+        self.seed = np.uint64(spec.seed * 2654435761 % (1 << 63))
+
+    def render(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of the level-0 box at (x0, y0)."""
+        od = np.zeros((h, w, 3), np.uint16)
+        self._red_cells(od, x0, y0)
+        self._white_cells(od, x0, y0)
+        np.minimum(od, _OD_MAX, out=od)
+        out = np.empty((h, w, 3), np.int16)
+        for c in range(3):
+            out[..., c] = self.lut[c].take(od[..., c])
+        ny, nx = (y0 // _TILE) * 37 % _TILE, (x0 // _TILE) * 61 % (2 * _TILE)
+        if h <= _TILE and w <= _CHUNK:
+            out += self.noise[ny : ny + h, nx : nx + w]
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+    def _red_cells(self, od: np.ndarray, x0: int, y0: int) -> None:
+        h, w = od.shape[:2]
+        d, R = self.d, self.reach
+        i0, i1 = int((x0 - R) // d), int((x0 + w + R) // d) + 1
+        j0, j1 = int((y0 - R) // d), int((y0 + h + R) // d) + 1
+        ii, jj = np.meshgrid(np.arange(i0, i1), np.arange(j0, j1))
+        ii, jj = ii.ravel(), jj.ravel()
+        px, py = (ii + 0.5) * d, (jj + 0.5) * d
+        zone, rho = self.lay.zone_rho(px, py)
+        live = zone != GLASS
+        if not live.any():
+            return
+        ii, jj, px, py, zone, rho = ii[live], jj[live], px[live], py[live], zone[live], rho[live]
+        key = (
+            (ii.astype(np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+            ^ (jj.astype(np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+            ^ self.seed
+        )
+        p = rho * self.cells_per_rho
+        n = np.floor(p).astype(np.int64) + (_uniform(_mix(key)) < p - np.floor(p))
+        libs = self.lib.rbc
+        for k in range(int(min(n.max(), 4))):
+            m = n > k
+            kk = key[m] + np.uint64((k + 1) * 0xD6E8FEB86659FD93 % (1 << 64))
+            h1, h2, h3 = _mix(kk), _mix(kk ^ np.uint64(1)), _mix(kk ^ np.uint64(2))
+            # The first cell sits near its lattice point (cells just touch); more cells per point
+            # (thick end) land anywhere in its square and pile up.
+            jit = 0.25 if k == 0 else 0.5
+            cx = px[m] + (_uniform(h1) * 2 - 1) * jit * d - x0
+            cy = py[m] + (_uniform(h2) * 2 - 1) * jit * d - y0
+            zs = zone[m]
+            sel = (h3 >> np.uint64(8)).astype(np.int64)
+            orient = (h3 & np.uint64(7)).astype(np.int64)
+            for x, y, z, s_, o in zip(
+                cx.tolist(), cy.tolist(), zs.tolist(), sel.tolist(), orient.tolist(), strict=True
+            ):
+                lib = libs[z]
+                sp = lib[s_ % len(lib)].od
+                if o & 4:
+                    sp = sp.transpose(1, 0, 2)
+                if o & 1:
+                    sp = sp[::-1]
+                if o & 2:
+                    sp = sp[:, ::-1]
+                sh, sw = sp.shape[:2]
+                tx, ty = math.floor(x - sw / 2), math.floor(y - sh / 2)
+                ax0, ay0 = max(tx, 0), max(ty, 0)
+                ax1, ay1 = min(tx + sw, w), min(ty + sh, h)
+                if ax1 <= ax0 or ay1 <= ay0:
+                    continue
+                od[ay0:ay1, ax0:ax1] += sp[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx]
+
+    def _white_cells(self, od: np.ndarray, x0: int, y0: int) -> None:
+        if not len(self.wbc_boxes):
+            return
+        h, w = od.shape[:2]
+        b = self.wbc_boxes
+        hit = np.nonzero((b[:, 0] < x0 + w) & (b[:, 2] > x0) & (b[:, 1] < y0 + h) & (b[:, 3] > y0))[
+            0
+        ]
+        for i in hit.tolist():
+            c = self.wbcs[i]
+            sp = self.lib.wbc[c.zone][c.idx]
+            sh, sw = sp.od.shape[:2]
+            tx, ty = c.x - x0, c.y - y0
+            ax0, ay0, ax1, ay1 = max(tx, 0), max(ty, 0), min(tx + sw, w), min(ty + sh, h)
+            src = sp.od[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx].astype(np.uint32)
+            m = sp.mask[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx, None].astype(np.uint32)
+            dst = od[ay0:ay1, ax0:ax1].astype(np.uint32)
+            od[ay0:ay1, ax0:ax1] = ((dst * (255 - m) + src * m) // 255).astype(np.uint16)
+
+
+# --------------------------------------------------------------------------- writing
+def _description(
+    spec: SmearSpec, name: str, w0: int, h0: int, w: int, h: int, level: int
+) -> str | None:
+    if spec.fmt != "svs":
+        return None
+    d = (
+        f"Aperio Image Library v12.0.15\r\n{w0}x{h0} [0,0 {w0}x{h0}] ({_TILE}x{_TILE}) "
+        f"JPEG/RGB Q={spec.jpeg_quality}"
+    )
+    if level == 0:
+        return d + f"|AppMag = 40|MPP = {spec.mpp:.6f}|Filename = {name}"
+    return d + f" -> {w}x{h} D={w0 / w:g}"
+
+
+def _write_level(tw, data, shape, spec: SmearSpec, name: str, level: int, w0: int, h0: int) -> None:
+    h, w = shape[:2]
+    ds = w0 / w
+    tw.write(
+        data,
+        shape=shape if not isinstance(data, np.ndarray) else None,
+        dtype=np.uint8 if not isinstance(data, np.ndarray) else None,
+        tile=(_TILE, _TILE),
+        compression="jpeg",
+        compressionargs={"level": int(spec.jpeg_quality)},
+        photometric="rgb",
+        resolution=(1e4 / (spec.mpp * ds), 1e4 / (spec.mpp * ds)),
+        resolutionunit="CENTIMETER",
+        subfiletype=0 if level == 0 else 1,
+        description=_description(spec, name, w0, h0, w, h, level),
+        metadata=None,
+        software=False,
+        maxworkers=2,
+    )
+
+
+def _downsample4(src: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    h, w = out_shape
+    out = np.empty((h, w, 3), np.uint8)
+    step = 1024
+    for y in range(0, h, step):
+        yy = min(h, y + step)
+        strip = np.ascontiguousarray(src[y * 4 : yy * 4, : w * 4])
+        out[y:yy] = cv2.resize(strip, (w, yy - y), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def build_whole_smear(
+    out_dir: str | Path,
+    spec: SmearSpec,
+    name: str | None = None,
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+) -> WholeSmear:
+    """Write one whole-smear slide of ``spec`` into ``out_dir`` with its truth; returns it.
+
+    ``name``: file stem (default ``smear_<seed>``; a plain name only). Memory stays bounded by
+    one 256 x 4096 px chunk, the 4x proxy being on disk. Raises :class:`ConfigError` for a bad
+    spec or name and :class:`WholeSmearError` when the source data cannot be used.
+    """
+    import time
+
+    import cv2
+    import tifffile
+
+    t0 = time.perf_counter()
+    if not isinstance(spec, SmearSpec):
+        raise ConfigError(f"spec must be a SmearSpec, got {type(spec).__name__}")
+    name = name if name is not None else f"smear_{spec.seed}"
+    if (
+        not (
+            isinstance(name, str)
+            and name
+            and len(name) <= 100
+            and all(c.isalnum() or c in "._-" for c in name)
+        )
+        or name[0] == "."
+    ):
+        raise ConfigError(f"whole-smear name must be a plain file stem, got {name!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    source = (
+        spec.source
+        if spec.source != "auto"
+        else sorted(SOURCE_MPP)[int(rng.integers(len(SOURCE_MPP)))]
+    )
+    lib = _load_library(Path(data_dir), source, spec.split, spec.mpp, rng)
+    lay = _layout(spec, rng)
+    wbcs = _place_wbcs(spec, lay, lib, rng)
+    rend = _Renderer(spec, lay, lib, wbcs)
+    W, H = spec.width_px, spec.height_px
+    path = out / f"{name}.{'svs' if spec.fmt == 'svs' else 'tiff'}"
+    levels = [(W, H)]
+    while max(levels[-1]) > _MIN_TOP_SIDE and min(levels[-1]) >= 4 * 16:
+        levels.append((levels[-1][0] // 4, levels[-1][1] // 4))
+    with tempfile.TemporaryDirectory(dir=out, prefix=".smear-") as tmp:
+        pw, ph = -(-W // _TILE) * _TILE // 4, -(-H // _TILE) * _TILE // 4
+        proxy = np.lib.format.open_memmap(
+            Path(tmp) / "l1.npy", mode="w+", dtype=np.uint8, shape=(ph, pw, 3)
+        )
+
+        def tiles():
+            for ty in range(0, H, _TILE):
+                for cx in range(0, W, _CHUNK):
+                    cw = min(_CHUNK, -(-(W - cx) // _TILE) * _TILE)
+                    rgb = rend.render(cx, ty, cw, _TILE)
+                    proxy[ty // 4 : ty // 4 + _TILE // 4, cx // 4 : (cx + cw) // 4] = cv2.resize(
+                        rgb, (cw // 4, _TILE // 4), interpolation=cv2.INTER_AREA
+                    )
+                    for tx in range(0, cw, _TILE):
+                        yield rgb[:, tx : tx + _TILE]
+
+        with tifffile.TiffWriter(path, bigtiff=spec.fmt == "tiff" or W * H > 2**31) as tw:
+            _write_level(tw, tiles(), (H, W, 3), spec, name, 0, W, H)
+            prev = None
+            for lv, (lw, lh) in enumerate(levels[1:], start=1):
+                arr = proxy[:lh, :lw] if lv == 1 else _downsample4(prev, (lh, lw))
+                _write_level(tw, arr, (lh, lw, 3), spec, name, lv, W, H)
+                prev = arr
+    truth = _truth(spec, name, path, source, lay, lib, wbcs)
+    zones_path = out / f"{name}.zones.npz"
+    labels = truth.pop("_labels")
+    np.savez_compressed(zones_path, labels=labels, um_per_px=np.float64(spec.truth_um))
+    (out / f"{name}.zones.png").write_bytes(render_labels_png(labels))
+    truth_path = out / f"{name}.truth.json"
+    truth["seconds"] = round(time.perf_counter() - t0, 3)
+    truth_path.write_text(json.dumps(truth, indent=1) + "\n", encoding="utf-8")
+    return WholeSmear(
+        path,
+        truth_path,
+        zones_path,
+        "openslide:aperio" if spec.fmt == "svs" else "openslide:generic-tiff",
+        len(wbcs),
+        W,
+        H,
+        truth["zones"]["areas_mm2"],
+        truth["seconds"],
+    )
+
+
+def truth_labels(spec: SmearSpec, lay: _Layout) -> np.ndarray:
+    """Truth zone raster at ``spec.truth_um`` µm/px (pixel centres)."""
+    f = spec.truth_um / spec.mpp
+    gw, gh = max(1, int(round(spec.width_px / f))), max(1, int(round(spec.height_px / f)))
+    xs = (np.arange(gw) + 0.5) * (spec.width_px / gw)
+    ys = (np.arange(gh) + 0.5) * (spec.height_px / gh)
+    zone, _ = lay.zone_rho(xs[None, :], ys[:, None])
+    return zone
+
+
+def _truth(spec, name, path, source, lay: _Layout, lib: _Library, wbcs: list[_Wbc]) -> dict:
+    labels = truth_labels(spec, lay)
+    px_mm2 = (spec.width_mm * spec.height_mm) / labels.size
+    areas = {
+        ZONE_NAMES[z]: round(float((labels == z).sum() * px_mm2), 4) for z in range(len(ZONE_NAMES))
+    }
+    y0, y1 = lay.band
+    yc, half = (y0 + y1) / 2, (y1 - y0) / 2
+    ys = np.linspace(y0, y1, 33)
+
+    def curve(s):
+        return [
+            [round(float(s - lay.kappa * ((y - yc) / half) ** 2), 1), round(float(y), 1)]
+            for y in ys
+        ]
+
+    polygons = {}
+    for z, (a, b) in zip((THICK, MONOLAYER, FEATHERED), zip(lay.s[:-1], lay.s[1:]), strict=True):
+        polygons[ZONE_NAMES[z]] = curve(a) + curve(b)[::-1]
+    cells = []
+    for c in wbcs:
+        sp = lib.wbc[c.zone][c.idx]
+        cells.append(
+            {
+                "box": list(c.box),
+                "type": sp.cell_type,
+                "zone": ZONE_NAMES[c.zone],
+                "origin": sp.origin,
+            }
+        )
+    return {
+        "slide": path.name,
+        "format": "openslide:aperio" if spec.fmt == "svs" else "openslide:generic-tiff",
+        "width": spec.width_px,
+        "height": spec.height_px,
+        "mpp": spec.mpp,
+        "source": f"TXL-PBC {source} ({spec.split} split; lugan113/TXL-PBC_Dataset, MIT)",
+        "spec": asdict(spec),
+        "zones": {
+            "codes": {n: i for i, n in enumerate(ZONE_NAMES)},
+            "areas_mm2": areas,
+            "raster": f"{name}.zones.npz",
+            "raster_um": spec.truth_um,
+            "png": f"{name}.zones.png",
+            "polygons_level0": polygons,
+            "gaps_level0": [[round(v, 1) for v in g] for g in lay.gaps],
+            "layout": {"band_y": list(lay.band), "kappa": lay.kappa, "s": list(lay.s)},
+            "rule": "zone by s = x + kappa*((y-yc)/half)^2 between the s bounds, inside band_y; gaps are glass",
+        },
+        "wbcs": cells,
+        "_labels": labels,
+    }

@@ -1,0 +1,438 @@
+"""Zone map of a whole blood smear: glass / thick end / monolayer / feathered edge.
+
+A hematologist reads a smear in its monolayer, where red cells just touch; the thick end (cells
+piled) and the feathered edge (sparse, flattened cells) distort white-cell morphology, and glass
+holds nothing. :func:`zone_map` classifies a slide at a few µm/px from its own pyramid, so the
+job can read level 0 only where it describes cells (:meth:`ZoneMap.region_boxes`).
+
+The rule (thresholds are :class:`ZoneSettings` fields, a user may set them):
+
+1. **Map level**: the coarsest pyramid level whose µm/px is at most ``map_um`` (4 µm/px by
+   default; a 40x scan's 16x level), reduced by an integer factor towards ``map_um`` when finer.
+2. **Optical density**: ``OD = sum over R, G, B of -ln(I / glass)``, glass being the most
+   common colour (4-level bins) among the brightest ``glass_percentile`` % of the map (clear
+   glass is the brightest large uniform part of a smear scan; the mode ignores the few
+   brighter JPEG and noise pixels).
+3. **Red-cell OD calibration** (stain- and scanner-independent): ``calib_tiles`` windows of
+   ``calib_window_px`` px are read at the coarsest level of at most ``calib_um`` µm/px (where
+   red cells are resolved), spread over the stained part of the map. In each, pixels with
+   ``OD > stain_od`` are stained; a window whose stained fraction lies in
+   ``calib_fraction`` (cells with gaps between them: not bare glass) gives the median OD of its
+   stained pixels, and the 30th percentile over windows is one red cell's OD ``c`` (windows in
+   the thick end still show gaps, but their cells are often two deep: they read higher).
+4. **Density**: the map's OD, Gaussian-smoothed over ``smooth_um`` µm, divided by ``c``: red-cell
+   equivalents ``rho`` (1.0 = the area is covered by one layer of cells; 2.0 = two layers).
+5. **Zone**: glass where ``rho`` smoothed over only ``glass_smooth_um`` (so the smear's outline
+   stays sharp) is below ``glass_max``; elsewhere ``rho < feathered_max`` feathered edge,
+   ``< monolayer_max`` monolayer, else thick. Measured ``rho`` reads low where cells pile
+   (averaging happens on light, not on OD), so the thresholds are set on measured ``rho``: they
+   sit between the measured ranges of the generator's zones (:mod:`pipeline.whole_smear`) over
+   all four TXL-PBC sources.
+
+Texture is not used: at 4 µm/px a red cell is two pixels, and the thick end's overlap shows as
+density above one layer, which the rule reads directly.
+
+Local red-cell density at a point (:meth:`ZoneMap.density_at`) is ``rho`` (fraction of area
+covered, in single-cell layers) and ``rho / RBC_AREA_UM2 * 1000`` cells per 1000 µm² (nominal
+7.5 µm red cell).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import ConfigError, PipelineError
+
+__all__ = [
+    "GLASS",
+    "THICK",
+    "MONOLAYER",
+    "FEATHERED",
+    "ZONE_NAMES",
+    "RBC_AREA_UM2",
+    "ZoneSettings",
+    "ZoneMap",
+    "ZoneError",
+    "zone_map",
+    "zone_map_from_path",
+    "agreement",
+    "render_labels_png",
+]
+
+GLASS, THICK, MONOLAYER, FEATHERED = 0, 1, 2, 3
+#: Zone names by label code.
+ZONE_NAMES: tuple[str, ...] = ("glass", "thick", "monolayer", "feathered")
+#: Nominal red-cell area (7.5 µm disc), µm².
+RBC_AREA_UM2 = math.pi / 4 * 7.5**2
+_COLOURS = np.array([(232, 232, 236), (140, 28, 48), (52, 160, 84), (236, 176, 52)], np.uint8)
+
+
+class ZoneError(PipelineError, ValueError):
+    """A slide cannot be zoned (no scale, nothing stained); the message names the slide."""
+
+
+@dataclass(frozen=True)
+class ZoneSettings:
+    """Thresholds and scales of the zone rule (see the module docstring)."""
+
+    map_um: float = 4.0
+    calib_um: float = 1.2
+    calib_tiles: int = 24
+    calib_window_px: int = 256
+    calib_fraction: tuple[float, float] = (0.3, 0.85)
+    stain_od: float = 0.15
+    glass_percentile: float = 30.0
+    smooth_um: float = 25.0
+    glass_smooth_um: float = 10.0
+    glass_max: float = 0.06
+    feathered_max: float = 0.38
+    monolayer_max: float = 0.8
+
+    def __post_init__(self) -> None:
+        def pos(name: str, lo: float, hi: float) -> None:
+            v = getattr(self, name)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not (math.isfinite(v) and lo <= v <= hi)
+            ):
+                raise ConfigError(
+                    f"ZoneSettings.{name} must be a number in [{lo}, {hi}], got {v!r}"
+                )
+
+        pos("map_um", 0.5, 64.0)
+        pos("calib_um", 0.1, 4.0)
+        pos("stain_od", 0.01, 3.0)
+        pos("glass_percentile", 0.5, 90.0)
+        pos("smooth_um", 0.0, 2000.0)
+        pos("glass_smooth_um", 0.0, 2000.0)
+        pos("glass_max", 0.0, 10.0)
+        pos("feathered_max", 0.0, 10.0)
+        pos("monolayer_max", 0.0, 10.0)
+        for name, lo, hi in (("calib_tiles", 1, 1000), ("calib_window_px", 32, 4096)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(
+                    f"ZoneSettings.{name} must be an integer in [{lo}, {hi}], got {v!r}"
+                )
+        cf = self.calib_fraction
+        if not (
+            isinstance(cf, tuple)
+            and len(cf) == 2
+            and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in cf
+            )
+            and 0.0 <= cf[0] < cf[1] <= 1.0
+        ):
+            raise ConfigError(
+                f"ZoneSettings.calib_fraction must be (lo, hi) with 0 <= lo < hi <= 1, got {cf!r}"
+            )
+        if not self.glass_max < self.feathered_max < self.monolayer_max:
+            raise ConfigError(
+                "ZoneSettings.glass_max < feathered_max < monolayer_max must hold, got "
+                f"{self.glass_max}, {self.feathered_max}, {self.monolayer_max}"
+            )
+
+
+def _zone_codes(zones: Iterable[str] | str) -> list[int]:
+    if isinstance(zones, str):
+        zones = [zones]
+    codes = []
+    for z in zones:
+        if z not in ZONE_NAMES:
+            raise ConfigError(f"--zones: unknown zone {z!r} (choose from {', '.join(ZONE_NAMES)})")
+        codes.append(ZONE_NAMES.index(z))
+    return codes
+
+
+@dataclass(frozen=True)
+class ZoneMap:
+    """A slide's zone map.
+
+    ``labels``: (h, w) uint8 codes of :data:`ZONE_NAMES`; ``um_per_px``: its µm per raster px;
+    ``scale``: level-0 px per raster px; ``density``: (h, w) float32 red-cell equivalents;
+    ``cell_od``: the calibrated single red-cell OD; ``width``/``height``: level-0 px;
+    ``mpp``: level-0 µm/px; ``level``: the pyramid level it was read from.
+    """
+
+    labels: np.ndarray
+    um_per_px: float
+    scale: float
+    density: np.ndarray
+    cell_od: float
+    width: int
+    height: int
+    mpp: float
+    level: int
+    settings: ZoneSettings
+
+    def areas_mm2(self) -> dict[str, float]:
+        """Area of each zone in mm² (inside the slide)."""
+        px = (self.um_per_px / 1000.0) ** 2
+        counts = np.bincount(self.labels.ravel(), minlength=len(ZONE_NAMES))
+        return {n: round(float(counts[i] * px), 4) for i, n in enumerate(ZONE_NAMES)}
+
+    def _raster(self, x: float, y: float) -> tuple[int, int]:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValueError(f"point ({x!r}, {y!r}) is not finite")
+        h, w = self.labels.shape
+        return min(max(int(y / self.scale), 0), h - 1), min(max(int(x / self.scale), 0), w - 1)
+
+    def zone_at(self, x: float, y: float) -> str:
+        """Zone name at level-0 px ``(x, y)`` (clamped to the slide)."""
+        return ZONE_NAMES[int(self.labels[self._raster(x, y)])]
+
+    def density_at(self, x: float, y: float) -> dict[str, float]:
+        """Local red-cell density at level-0 px ``(x, y)``: ``coverage`` (red-cell layers over
+        the smoothing window) and ``cells_per_1000um2`` (nominal 7.5 µm cells)."""
+        rho = float(self.density[self._raster(x, y)])
+        return {
+            "coverage": round(rho, 4),
+            "cells_per_1000um2": round(rho / RBC_AREA_UM2 * 1000.0, 3),
+        }
+
+    def region_boxes(
+        self,
+        zones: Iterable[str] | str = ("monolayer",),
+        tile_px: int = 4096,
+        margin_um: float = 0.0,
+    ) -> list[tuple[int, int, int, int]]:
+        """Level-0 ``(x0, y0, x1, y1)`` tiles of ``tile_px`` (grid from the origin, clipped to the
+        slide) that hold any raster px of ``zones`` (grown by ``margin_um``); every other tile
+        (glass, excluded zones) is left out, so it need never be read at level 0."""
+        if isinstance(tile_px, bool) or not isinstance(tile_px, int) or tile_px < 16:
+            raise ConfigError(f"tile_px must be an integer >= 16, got {tile_px!r}")
+        if not (isinstance(margin_um, int | float) and math.isfinite(margin_um) and margin_um >= 0):
+            raise ConfigError(f"margin_um must be >= 0 µm, got {margin_um!r}")
+        mask = np.isin(self.labels, _zone_codes(zones))
+        if margin_um > 0 and mask.any():
+            import cv2
+
+            r = int(math.ceil(margin_um / self.um_per_px))
+            mask = cv2.dilate(mask.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
+        h, w = mask.shape
+        out = []
+        for y0 in range(0, self.height, tile_px):
+            y1 = min(y0 + tile_px, self.height)
+            ry0, ry1 = (
+                int(y0 / self.scale),
+                min(h, max(int(y0 / self.scale) + 1, math.ceil(y1 / self.scale))),
+            )
+            row = mask[ry0:ry1]
+            if not row.any():
+                continue
+            for x0 in range(0, self.width, tile_px):
+                x1 = min(x0 + tile_px, self.width)
+                rx0 = int(x0 / self.scale)
+                rx1 = min(w, max(rx0 + 1, math.ceil(x1 / self.scale)))
+                if row[:, rx0:rx1].any():
+                    out.append((x0, y0, x1, y1))
+        return out
+
+    def selected_fraction(
+        self, zones: Iterable[str] | str = ("monolayer",), tile_px: int = 4096
+    ) -> float:
+        """Fraction of the slide's level-0 area inside :meth:`region_boxes`."""
+        boxes = self.region_boxes(zones, tile_px)
+        return sum((b[2] - b[0]) * (b[3] - b[1]) for b in boxes) / float(self.width * self.height)
+
+    def labels_on(self, shape: tuple[int, int]) -> np.ndarray:
+        """The labels resampled (nearest) onto a raster of ``shape`` covering the same slide."""
+        gh, gw = shape
+        h, w = self.labels.shape
+        ys = np.minimum(
+            ((np.arange(gh) + 0.5) * self.height / gh / self.scale).astype(np.int64), h - 1
+        )
+        xs = np.minimum(
+            ((np.arange(gw) + 0.5) * self.width / gw / self.scale).astype(np.int64), w - 1
+        )
+        return self.labels[ys[:, None], xs[None, :]]
+
+    def png(self, max_side: int = 512, points: Sequence[tuple[float, float]] = ()) -> bytes:
+        """A small PNG of the map (``points``: level-0 px drawn as dark dots, e.g. cells)."""
+        pts = [(x / self.scale, y / self.scale) for x, y in points]
+        return render_labels_png(self.labels, max_side, pts)
+
+    def summary(self) -> dict:
+        """JSON-ready: per-zone areas (mm²), raster µm/px, calibrated cell OD, settings."""
+        from dataclasses import asdict
+
+        return {
+            "areas_mm2": self.areas_mm2(),
+            "um_per_px": self.um_per_px,
+            "cell_od": round(self.cell_od, 4),
+            "level": self.level,
+            "settings": asdict(self.settings),
+        }
+
+
+def render_labels_png(
+    labels: np.ndarray, max_side: int = 512, points: Sequence[tuple[float, float]] = ()
+) -> bytes:
+    """PNG bytes of a zone raster (glass light grey, thick dark red, monolayer green, feathered
+    amber), at most ``max_side`` px on its longer side; ``points`` in raster px as dark dots."""
+    from PIL import Image
+
+    h, w = labels.shape
+    k = max(1, math.ceil(max(h, w) / max_side))
+    small = labels[k // 2 :: k, k // 2 :: k]
+    rgb = _COLOURS[np.minimum(small, len(_COLOURS) - 1)]
+    for x, y in points:
+        cy, cx = int(y / k), int(x / k)
+        rgb[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2] = (20, 20, 90)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def agreement(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Area agreement of two label rasters of one shape: ``overall`` (fraction of px equal) and
+    ``per_zone`` (of each truth zone's area, the fraction labelled the same; None when absent)."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"raster shapes differ: {pred.shape} vs {truth.shape}")
+    per = {}
+    for i, n in enumerate(ZONE_NAMES):
+        t = truth == i
+        per[n] = round(float((pred[t] == i).mean()), 4) if t.any() else None
+    return {"overall": round(float((pred == truth).mean()), 4), "per_zone": per}
+
+
+# --------------------------------------------------------------------------- classification
+def _pick_level(slide, um: float) -> int:
+    best = 0
+    for lv in range(slide.level_count):
+        if slide.level_mpp(lv) <= um * 1.01:
+            best = lv
+    return best
+
+
+def _read_reduced(slide, level: int, k: int) -> np.ndarray:
+    """``level`` reduced by area averaging by ``k`` (1: as is), read in windows."""
+    import cv2
+
+    w, h = slide.level_dimensions[level]
+    gw, gh = max(1, w // k), max(1, h // k)
+    out = np.empty((gh, gw, 3), np.uint8)
+    win = max(k, (2048 // k) * k)
+    for y in range(0, gh * k, win):
+        for x in range(0, gw * k, win):
+            x1, y1 = min(x + win, gw * k), min(y + win, gh * k)
+            a = slide.read(level, (x, y, x1, y1))
+            out[y // k : y1 // k, x // k : x1 // k] = (
+                a
+                if k == 1
+                else cv2.resize(a, ((x1 - x) // k, (y1 - y) // k), interpolation=cv2.INTER_AREA)
+            )
+    return out
+
+
+def _glass(rgb: np.ndarray, percentile: float) -> np.ndarray:
+    """Glass colour: the most common colour (4-level bins) of the brightest ``percentile`` %."""
+    lum = rgb.astype(np.float32).mean(axis=2)
+    px = rgb[lum >= np.percentile(lum, 100.0 - percentile)]
+    q = (px // 4).astype(np.int64)
+    key = (q[:, 0] << 12) | (q[:, 1] << 6) | q[:, 2]
+    vals, counts = np.unique(key, return_counts=True)
+    top = px[key == vals[np.argmax(counts)]]
+    return np.maximum(np.median(top.astype(np.float32), axis=0), 1.0)
+
+
+def _od(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
+    t = np.clip(rgb.astype(np.float32) / glass[None, None, :], 1e-3, 1.0)
+    return -np.log(t).sum(axis=2)
+
+
+def _calibrate(
+    slide, od_map: np.ndarray, scale: float, glass: np.ndarray, s: ZoneSettings
+) -> float:
+    lv = _pick_level(slide, s.calib_um)
+    ds = slide.level_downsamples[lv]
+    lw, lh = slide.level_dimensions[lv]
+    ys, xs = np.nonzero(od_map > s.stain_od)
+    where = str(slide.path)
+    if not len(ys):
+        raise ZoneError(f"{where}: nothing stained on the slide (all glass at OD > {s.stain_od})")
+    # Evenly spread over the stained raster px (fixed order: the same slide gives the same map).
+    pick = np.linspace(0, len(ys) - 1, min(len(ys), s.calib_tiles * 4)).astype(np.int64)
+    vals, loose = [], []
+    half = s.calib_window_px // 2
+    for i in pick:
+        if len(vals) >= s.calib_tiles:
+            break
+        cx, cy = (xs[i] + 0.5) * scale / ds, (ys[i] + 0.5) * scale / ds
+        x0 = int(min(max(cx - half, 0), max(lw - s.calib_window_px, 0)))
+        y0 = int(min(max(cy - half, 0), max(lh - s.calib_window_px, 0)))
+        x1, y1 = min(x0 + s.calib_window_px, lw), min(y0 + s.calib_window_px, lh)
+        od = _od(slide.read(lv, (x0, y0, x1, y1)), glass)
+        st = od > s.stain_od
+        frac = float(st.mean())
+        if st.any():
+            v = float(np.median(od[st]))
+            if s.calib_fraction[0] <= frac <= s.calib_fraction[1]:
+                vals.append(v)
+            elif 0.05 <= frac < s.calib_fraction[0]:
+                loose.append(v)
+    vals = vals or loose
+    if not vals:
+        raise ZoneError(f"{where}: no window with separate red cells to calibrate the red-cell OD")
+    # The lower third: windows in the thick end still show gaps but their stained pixels are
+    # often two cells deep; single-layer windows give the lowest values.
+    return float(np.percentile(vals, 30))
+
+
+def zone_map(slide, settings: ZoneSettings | None = None) -> ZoneMap:
+    """Zone map of an open :class:`pipeline.slides.Slide` (see the module docstring).
+
+    Reads the map level whole (in windows) plus ``calib_tiles`` small windows at about
+    ``calib_um`` µm/px; never level 0 unless the slide has no coarser level. Raises
+    :class:`ZoneError` for a slide without a scale or with nothing stained.
+    """
+    import cv2
+
+    s = settings or ZoneSettings()
+    if not isinstance(s, ZoneSettings):
+        raise ConfigError(f"settings must be ZoneSettings, got {type(s).__name__}")
+    if slide.mpp is None:
+        raise ZoneError(f"{slide.path}: no µm/px scale (give --mpp) so zones cannot be sized")
+    lv = _pick_level(slide, s.map_um)
+    k = max(1, int(s.map_um / slide.level_mpp(lv) + 1e-6))
+    rgb = _read_reduced(slide, lv, k)
+    scale = slide.level_downsamples[lv] * k
+    um = slide.mpp * scale
+    glass = _glass(rgb, s.glass_percentile)
+    od = _od(rgb, glass)
+    del rgb
+    cell_od = _calibrate(slide, od, scale, glass, s)
+
+    def smooth(um_: float) -> np.ndarray:
+        sigma = um_ / um
+        sm = (
+            cv2.GaussianBlur(od, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+            if sigma >= 0.3
+            else od
+        )
+        return (sm / cell_od).astype(np.float32)
+
+    rho = smooth(s.smooth_um)
+    labels = np.full(rho.shape, THICK, np.uint8)
+    labels[rho < s.monolayer_max] = MONOLAYER
+    labels[rho < s.feathered_max] = FEATHERED
+    labels[smooth(s.glass_smooth_um) < s.glass_max] = GLASS
+    w0, h0 = slide.dimensions
+    return ZoneMap(labels, um, scale, rho, cell_od, w0, h0, float(slide.mpp), lv, s)
+
+
+def zone_map_from_path(
+    path, settings: ZoneSettings | None = None, mpp: float | None = None
+) -> ZoneMap:
+    """Open a local slide with :func:`pipeline.slides.open_slide` and zone it."""
+    from pipeline.slides import open_slide
+
+    with open_slide(path, mpp=mpp) as slide:
+        return zone_map(slide, settings)

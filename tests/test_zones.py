@@ -1,0 +1,115 @@
+"""Zone maps (pipeline.zones) against the whole-smear generator's truth, on several seeds/sources."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import ConfigError
+from pipeline.whole_smear import DEFAULT_DATA_DIR, SmearSpec, build_whole_smear
+from pipeline.zones import ZONE_NAMES, ZoneError, ZoneSettings, agreement, zone_map_from_path
+
+pytestmark = [
+    pytest.mark.unit,
+    pytest.mark.skipif(
+        not (DEFAULT_DATA_DIR / "txl_pbc").is_dir(), reason="shared data not present"
+    ),
+]
+
+# Three sources, three seeds, two formats, two layouts (~20-26 MP each).
+_CASES = [
+    dict(width_mm=1.8, height_mm=0.9, seed=21, source="pbc", monolayer_fraction=0.3),
+    dict(width_mm=1.6, height_mm=0.8, seed=22, source="raabin", monolayer_fraction=0.4, fmt="tiff"),
+    dict(
+        width_mm=1.8,
+        height_mm=0.9,
+        seed=23,
+        source="bccd",
+        monolayer_fraction=0.15,
+        thick_fraction=0.25,
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=range(len(_CASES)), ids=[c["source"] for c in _CASES])
+def smear(request, tmp_path_factory):
+    sm = build_whole_smear(tmp_path_factory.mktemp("zones"), SmearSpec(**_CASES[request.param]))
+    return sm, np.load(sm.zones_path)["labels"]
+
+
+def test_zone_map_agrees_with_truth(smear):
+    sm, truth = smear
+    zm = zone_map_from_path(sm.path)
+    ag = agreement(zm.labels_on(truth.shape), truth)
+    assert ag["overall"] >= 0.90, ag
+    assert ag["per_zone"]["monolayer"] >= 0.85, ag
+    areas = zm.areas_mm2()
+    assert sum(areas.values()) == pytest.approx(sm.width * sm.height * 0.25**2 / 1e6, rel=0.02)
+
+
+def test_wrong_classifier_fails_the_agreement(smear):
+    sm, truth = smear
+    # Thresholds an order of magnitude off: everything stained reads as feathered edge.
+    wrong = zone_map_from_path(sm.path, ZoneSettings(feathered_max=5.0, monolayer_max=9.0))
+    assert agreement(wrong.labels_on(truth.shape), truth)["overall"] < 0.90
+    # The right map mirrored (zones along the wrong end of the smear).
+    right = zone_map_from_path(sm.path).labels_on(truth.shape)
+    assert agreement(right[:, ::-1], truth)["overall"] < 0.90
+
+
+def test_region_boxes_cover_the_monolayer_and_skip_glass(smear):
+    sm, truth = smear
+    zm = zone_map_from_path(sm.path)
+    boxes = zm.region_boxes(("monolayer",), tile_px=1024)
+    assert boxes and all(
+        0 <= b[0] < b[2] <= sm.width and 0 <= b[1] < b[3] <= sm.height for b in boxes
+    )
+    # Every level-0 tile that the truth says holds mostly monolayer is selected.
+    f = sm.width / truth.shape[1]
+    chosen = {(b[0], b[1]) for b in boxes}
+    for ty in range(0, sm.height, 1024):
+        for tx in range(0, sm.width, 1024):
+            t = truth[int(ty / f) : int((ty + 1024) / f), int(tx / f) : int((tx + 1024) / f)]
+            if (t == ZONE_NAMES.index("monolayer")).mean() > 0.5:
+                assert (tx, ty) in chosen
+            if (t == 0).all():
+                assert (tx, ty) not in chosen  # pure glass is never read at level 0
+    assert zm.selected_fraction(("monolayer",), 1024) < 0.8
+    x0, y0, x1, y1 = boxes[len(boxes) // 2]
+    assert zm.zone_at(0, 0) == "glass"
+    d = zm.density_at((x0 + x1) / 2, (y0 + y1) / 2)
+    assert set(d) == {"coverage", "cells_per_1000um2"} and d["coverage"] >= 0
+    assert zm.png()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"map_um": 0}, "map_um"),
+        ({"glass_max": float("nan")}, "glass_max"),
+        ({"feathered_max": 0.01}, "glass_max < feathered_max"),
+        ({"calib_tiles": 0}, "calib_tiles"),
+        ({"calib_fraction": (0.9, 0.1)}, "calib_fraction"),
+        ({"stain_od": "0.1"}, "stain_od"),
+    ],
+)
+def test_bad_settings_name_the_field(kw, field):
+    with pytest.raises(ConfigError, match=field):
+        ZoneSettings(**kw)
+
+
+def test_unknown_zone_is_refused(smear):
+    sm, _ = smear
+    zm = zone_map_from_path(sm.path)
+    with pytest.raises(ConfigError, match="unknown zone 'mono'"):
+        zm.region_boxes(("mono",))
+
+
+def test_slide_without_scale_or_stain_is_one_line_error(tmp_path):
+    p = tmp_path / "plain.png"
+    Image.fromarray(np.full((64, 64, 3), 240, np.uint8)).save(p)
+    with pytest.raises(ZoneError, match="no µm/px scale"):
+        zone_map_from_path(p)
+    with pytest.raises(ZoneError, match="nothing stained"):
+        zone_map_from_path(p, mpp=0.25)
