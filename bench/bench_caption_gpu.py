@@ -46,7 +46,7 @@ def _preprocess_rows(batch: int = 64, repeats: int = 5) -> list[dict]:
     import torch
     from transformers import BlipImageProcessorPil
 
-    from hemblip._preprocess import plan_for
+    from hemblip.preprocess import plan_for
 
     crops = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     threads = torch.get_num_threads()

@@ -56,7 +56,7 @@ def _smear_slide(path: Path, grid: int = _GRID) -> None:
             k += 1
     for i, (r, c) in enumerate(_WBC_BLOCKS):
         canvas[r * 480 : r * 480 + 480, c * 640 : c * 640 + 640] = np.asarray(Image.open(fields[i]).convert("RGB"))
-    _samples._write_pyramid(path, _samples._pyramid(canvas), _samples.BCCD_MPP, "generic-tiff")
+    _samples.write_pyramid(path, _samples.pyramid(canvas), _samples.BCCD_MPP, "generic-tiff")
 
 
 def _naive(path: Path) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.slides._remote_tiff import open_remote_slide
+from pipeline.slides import open_remote_slide
 
 _BUCKET = "bench-s3-reads"
 
@@ -120,7 +120,7 @@ def _cost_model(client, smear: Path, costs: list[tuple[float, int, float]]) -> l
 
     big = smear.with_name("big.tiff")
     level0 = tifffile.imread(smear, key=0)
-    samples._write_pyramid(big, samples._pyramid(np.tile(level0, (2, 2, 1))), samples.BCCD_MPP, "generic-tiff")
+    samples.write_pyramid(big, samples.pyramid(np.tile(level0, (2, 2, 1))), samples.BCCD_MPP, "generic-tiff")
     del level0
     _upload(client, big)
     cpu = time.process_time()

@@ -1,7 +1,7 @@
 """Batch captioning of white-cell crops: the :class:`Captioner` the pipeline's GPU actors run.
 
 Crops are preprocessed as one batch on the model's device (``preprocess="device"``, the default:
-the checkpoint's BLIP image processor reproduced with torch, see ``hemblip._preprocess``; the
+the checkpoint's BLIP image processor reproduced with torch, see ``hemblip.preprocess``; the
 processor itself is used when one of its settings cannot be reproduced, or with
 ``preprocess="processor"``), then one batched ``generate`` per ``batch_size`` crops (bf16
 autocast on CUDA). Each caption is parsed into cell type, case and
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from hemblip._preprocess import plan_for
 from hemblip.calibration import UNCALIBRATED, Calibration, load_calibration, type_probabilities
 from hemblip.errors import DatasetError, HemblipConfigError
 from hemblip.ontology import CELL_TYPES
+from hemblip.preprocess import plan_for
 
 __all__ = ["Captioner", "CaptionResult", "DEMO_CHECKPOINT", "DECODING"]
 

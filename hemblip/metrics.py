@@ -57,9 +57,19 @@ def _check_lengths(a: Sequence, b: Sequence) -> None:
         raise ValueError(f"{len(a)} references but {len(b)} predictions")
 
 
+def _missing_extra(package: str, metric: str) -> Exception:
+    from hemblip.errors import HemblipConfigError
+
+    return HemblipConfigError(f"{metric} needs {package}, an evaluation extra the job does not install: "
+                              "pip install 'hemblip-pipeline[eval]'")
+
+
 def bleu(references: Sequence[str], predictions: Sequence[str]) -> float | None:
     """Mean sentence BLEU-4 (NLTK, smoothing method4) on whitespace tokens of lower-cased text."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    try:
+        from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    except ImportError:
+        raise _missing_extra("nltk", "BLEU") from None
 
     _check_lengths(references, predictions)
     if not references:
@@ -76,7 +86,10 @@ def bleu(references: Sequence[str], predictions: Sequence[str]) -> float | None:
 
 def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> float | None:
     """Mean ROUGE-L F-measure (``rouge_score``, ``use_stemmer=True``)."""
-    from rouge_score import rouge_scorer
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise _missing_extra("rouge-score", "ROUGE-L") from None
 
     _check_lengths(references, predictions)
     if not references:

@@ -193,21 +193,10 @@ def load_splits(spec: str, val_spec: str | None = None, seed: int = 0,
 def _load_wide(spec: str, context: float) -> list:
     """The dataset of ``spec`` cut as :func:`hemblip.data.load_dataset` cuts it, but with a
     ``context`` times wider field (µm) at ``context`` times the px, i.e. the same µm/px."""
-    from hemblip import data as d
     from hemblip.crops import CROP_PX, CROP_UM
+    from hemblip.datasets import load_dataset
 
-    um, px = CROP_UM * context, int(round(CROP_PX * context))
-    path = Path(spec)
-    if path.is_dir():
-        if (path / "samples.csv").is_file():
-            return d.read_generic_csv(path / "samples.csv", crop_px=px, crop_um=um)
-        return d.build_demo_dataset(path, crop_px=px, crop_um=um)
-    if path.suffix.lower() == ".json":
-        return d.read_leukemia_attri(path, crop_px=px, crop_um=um)
-    header, _ = d._open_csv(path)
-    if "label" in header and "img_name" in header and all(n in header for n in d._HEALTHY_NAMES):
-        return d.read_wbcatt(path, path.parent, crop_px=px, crop_um=um)
-    return d.read_generic_csv(path, crop_px=px, crop_um=um)
+    return load_dataset(spec, crop_px=int(round(CROP_PX * context)), crop_um=CROP_UM * context)
 
 
 def _widen(spec: str, train_samples: Sequence, context: float) -> list:

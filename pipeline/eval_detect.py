@@ -30,9 +30,15 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.detection import Detection, DetectorConfig, detect_wbc, estimate_mpp, segment_cell
-from pipeline.detection._storage import jpeg_roundtrip as _jpeg
-from pipeline.detection._storage import reduce_to
+from pipeline.detection import (
+    Detection,
+    DetectorConfig,
+    detect_wbc,
+    estimate_mpp,
+    reduce_to,
+    segment_cell,
+)
+from pipeline.detection import jpeg_roundtrip as _jpeg
 from pipeline.errors import ConfigError
 
 __all__ = [

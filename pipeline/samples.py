@@ -19,7 +19,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-__all__ = ["SampleSlide", "build_sample_slides", "SAMPLE_DATA_DIR", "BCCD_MPP", "read_voc_boxes"]
+__all__ = ["SampleSlide", "build_sample_slides", "pyramid", "write_pyramid", "SAMPLE_DATA_DIR", "BCCD_MPP", "read_voc_boxes"]
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 _BCCD = SAMPLE_DATA_DIR / "bccd"
@@ -90,7 +90,7 @@ def _compose(fields: list[Path], cols: int, rows: int):
     return canvas, boxes, placed
 
 
-def _pyramid(level0: np.ndarray) -> list[np.ndarray]:
+def pyramid(level0: np.ndarray) -> list[np.ndarray]:
     levels = [level0]
     while max(levels[-1].shape[:2]) > _MIN_TOP_SIDE:
         prev = levels[-1]
@@ -99,7 +99,7 @@ def _pyramid(level0: np.ndarray) -> list[np.ndarray]:
     return levels
 
 
-def _write_pyramid(path: Path, levels: list[np.ndarray], mpp: float, vendor: str) -> None:
+def write_pyramid(path: Path, levels: list[np.ndarray], mpp: float, vendor: str) -> None:
     h0, w0 = levels[0].shape[:2]
     with tifffile.TiffWriter(path, bigtiff=False) as tw:
         for i, lvl in enumerate(levels):
@@ -153,7 +153,7 @@ def build_sample_slides(out_dir: str | Path) -> list[SampleSlide]:
         start += cols * rows
         canvas, boxes, placed = _compose(chunk, cols, rows)
         path = out / name
-        _write_pyramid(path, _pyramid(canvas), BCCD_MPP, vendor)
+        write_pyramid(path, pyramid(canvas), BCCD_MPP, vendor)
         truth = {
             "slide": name,
             "format": f"openslide:{vendor}",

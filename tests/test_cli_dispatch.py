@@ -66,7 +66,7 @@ def test_former_stray_entry_points_are_commands():
         ("calibrate-consistency", "pipeline._calibrate_consistency.main", []),
         (
             "train-detector",
-            "pipeline.detection._train.main",
+            "pipeline.detection.train.main",
             ["--data", "/t", "--jobs", "1", "--seed", "3", "--conditions", "own,jpeg"],
         ),
     ],

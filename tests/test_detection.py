@@ -235,7 +235,7 @@ def test_missing_verifier_weights_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_verifier_training_sees_each_storage_condition():
-    from pipeline.detection._train import CONDITIONS, image_rows, storage_views
+    from pipeline.detection.train import CONDITIONS, image_rows, storage_views
 
     rgb, boxes, _ = smear(0.25, seed=3)
     views = list(storage_views(rgb, 0.25, index=7))

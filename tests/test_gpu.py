@@ -59,7 +59,7 @@ def _bccd_windows(n: int = 16) -> np.ndarray:
 def test_device_preprocess_cuda_matches_cpu(base_captioner):
     from dataclasses import replace
 
-    from hemblip._preprocess import plan_for
+    from hemblip.preprocess import plan_for
 
     crops = _bccd_windows()
     plan, _ = plan_for(base_captioner.image_processor)
@@ -75,7 +75,7 @@ def test_device_preprocess_cuda_matches_cpu(base_captioner):
 
 
 def test_device_preprocess_uses_pinned_memory(base_captioner):
-    from hemblip._preprocess import stage
+    from hemblip.preprocess import stage
 
     crops = _bccd_windows(4)
     assert stage(crops, "cuda").is_pinned() and not stage(crops, "cpu").is_pinned()

@@ -168,7 +168,7 @@ def _processor(size, **kwargs):
 def test_device_preprocess_matches_processor(captioner, bccd_crops, size, float_kernel):
     from dataclasses import replace
 
-    from hemblip._preprocess import plan_for
+    from hemblip.preprocess import plan_for
 
     proc = captioner.image_processor if size is None else _processor(size)
     plan, reason = plan_for(proc)
@@ -190,7 +190,7 @@ def torch_equal(a, b) -> bool:
 
 
 def test_device_preprocess_bilinear_sizes_and_no_resize(bccd_crops):
-    from hemblip._preprocess import plan_for
+    from hemblip.preprocess import plan_for
 
     # Bilinear, a non-square target, mixed input sizes (processed per size, order kept), and an
     # input already at the target size (no resize: exact up to float rounding).
@@ -225,8 +225,8 @@ def test_device_and_processor_captions_agree(bccd_crops):
     ({"reducing_gap": 2.0}, "reducing_gap"),
 ])
 def test_unreproducible_processor_falls_back(captioner, bccd_crops, change, reason):
-    from hemblip._preprocess import plan_for
     from hemblip.model import LoadedModel
+    from hemblip.preprocess import plan_for
 
     proc = _processor(change.pop("size", 112), **change)
     plan, why = plan_for(proc)
@@ -242,7 +242,7 @@ def test_unreproducible_processor_falls_back(captioner, bccd_crops, change, reas
 def test_other_processor_class_falls_back():
     from transformers import BlipImageProcessorPil
 
-    from hemblip._preprocess import plan_for
+    from hemblip.preprocess import plan_for
 
     class Custom(BlipImageProcessorPil):
         pass

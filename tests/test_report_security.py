@@ -463,3 +463,17 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_type_filter_options_are_ordered_not_hash_ordered(hostile):
+    """Cell types outside the ontology (all of them here: each carries HOSTILE) are listed by
+    name after the known ones, the same on every build, not in a set's per-process hash order."""
+    _, out = hostile
+    page = _parse(out.read_text(encoding="utf-8"))
+    values, inside = [], False
+    for tag, attrs in page.elements:
+        if tag == "select":
+            inside = attrs.get("id") == "f-type"
+        elif tag == "option" and inside and attrs.get("value") not in ("", "(untyped)"):
+            values.append(attrs["value"])
+    assert len(values) >= 4 and values == sorted(values)

@@ -1,6 +1,6 @@
 """``python -m pipeline train-detector``: train the candidate verifier of white-cell detection.
 
-The work is :func:`pipeline.detection._train.main`; this module only registers it as a command
+The work is :func:`pipeline.detection.train.main`; this module only registers it as a command
 (its flags are forwarded unchanged, and it checks them).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 HELP = "train the white-cell candidate verifier (verifier.npz) on the TXL-PBC train split, on CPU"
 
 # (flag, metavar, help); every one is optional except --data and forwarded only when given,
-# so the defaults stay those of pipeline.detection._train.
+# so the defaults stay those of pipeline.detection.train.
 _FLAGS = (
     ("--data", "DIR", "txl_pbc root (source_map.csv, images/, labels/) (required)"),
     ("--out", "NPZ", "where to write the weights (default: the bundled verifier.npz)"),
@@ -39,6 +39,6 @@ def forwarded(args) -> list[str]:
 
 
 def main(args) -> int:
-    from pipeline.detection import _train
+    from pipeline.detection import train as _train_cmd
 
-    return int(_train.main(forwarded(args)) or 0)
+    return int(_train_cmd.main(forwarded(args)) or 0)

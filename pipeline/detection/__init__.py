@@ -2,7 +2,7 @@
 
 Public API (see docs/interfaces.md "Detection algorithms"):
 ``DetectorConfig``, ``detect_wbc``, ``Detection``, ``estimate_mpp``, ``segment_cell``,
-``Morphometry``.
+``Morphometry``; ``jpeg_roundtrip`` and ``reduce_to`` (the storage conditions of a scanned level).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pipeline.detection._config import DetectorConfig
 from pipeline.detection._detector import Detection, detect_wbc
 from pipeline.detection._scale import RBC_DIAMETER_UM, estimate_mpp
 from pipeline.detection._segment import Morphometry, segment_cell
+from pipeline.detection._storage import jpeg_roundtrip, reduce_to
 
 __all__ = [
     "DetectorConfig",
@@ -20,4 +21,6 @@ __all__ = [
     "RBC_DIAMETER_UM",
     "Morphometry",
     "segment_cell",
+    "jpeg_roundtrip",
+    "reduce_to",
 ]

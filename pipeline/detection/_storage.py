@@ -1,7 +1,7 @@
 """How a whole-slide scanner stores a pyramid level: area-reduced, then JPEG with 4:2:0 chroma.
 
 Shared by the detection evaluation (``pipeline.eval_detect --detect-mpp/--detect-jpeg``) and
-the verifier's training (``_train.py`` generates candidates under these storage conditions),
+the verifier's training (``train.py`` generates candidates under these storage conditions),
 so both see exactly the same degradation.
 """
 

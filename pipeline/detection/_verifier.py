@@ -1,6 +1,6 @@
 """Learned verifier of nucleus candidates: a logistic model on colour/shape/size features.
 
-Weights live in ``verifier.npz`` beside this module (trained by ``_train.py`` on the TXL-PBC
+Weights live in ``verifier.npz`` beside this module (trained by ``train.py`` on the TXL-PBC
 train split); a missing file is an error (``use_verifier=False`` scores by colour contrast).
 """
 
