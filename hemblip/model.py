@@ -12,8 +12,9 @@ A *location* is one of:
   path there is resolved against the adapter's directory (``s3://`` adapters: its URI);
 * ``s3://bucket/prefix``: the checkpoint files under the prefix (``*.json``, ``*.safetensors``,
   ``*.txt``) are downloaded once to a local cache (``$HEMBLIP_CACHE`` or ``~/.cache/hemblip``)
-  with boto3's standard credential chain (``AWS_ENDPOINT_URL`` included), then loaded as a
-  directory; a hostile key (``..``, ``//``, backslash) refuses the checkpoint, and nothing is
+  with boto3's standard credential chain, then loaded as a directory; where the store is
+  (endpoint, region, retries) comes from ``load_model(..., storage_options=)`` (the job passes
+  its own S3 settings there), else from ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``; a hostile key (``..``, ``//``, backslash) refuses the checkpoint, and nothing is
   written outside the cache;
 * a Hugging Face hub id (``Salesforce/blip-image-captioning-base``), only where a network exists
   (or the hub cache already holds it); only safetensors/JSON/text files are fetched.
@@ -37,6 +38,7 @@ import pickle
 import re
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +230,61 @@ _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _LOCK_WAIT_S = 1800.0
 
 
+#: Keys of ``storage_options`` (botocore's names; ``endpoint``/``region`` accepted too).
+_OPTION_KEYS = {"endpoint_url": "endpoint_url", "endpoint": "endpoint_url", "region_name": "region_name",
+                "region": "region_name", "max_attempts": "max_attempts"}
+#: Keys the pipeline's settings may carry that concern transfers the mirror does not tune.
+_IGNORED_OPTION_KEYS = ("transfer_concurrency", "transfer_chunk_mb")
+
+
+def _s3_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` checked: ``{"endpoint_url": str|None, "region_name": str|None,
+    "max_attempts": int}``. Raises :class:`HemblipConfigError` naming a bad or unknown key."""
+    out: dict[str, Any] = {"endpoint_url": None, "region_name": None, "max_attempts": 5}
+    if options is None:
+        return out
+    if not isinstance(options, Mapping):
+        raise HemblipConfigError(f"storage_options must be a mapping, got {type(options).__name__}")
+    for key, value in options.items():
+        if key in _IGNORED_OPTION_KEYS:
+            continue
+        name = _OPTION_KEYS.get(key) if isinstance(key, str) else None
+        if name is None:
+            raise HemblipConfigError(
+                f"storage_options: unknown key {key!r}; expected one of {', '.join(_OPTION_KEYS)}")
+        if value is None:
+            continue
+        if name == "max_attempts":
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100:
+                raise HemblipConfigError(f"storage_options: max_attempts must be an integer in 1..100, got {value!r}")
+        elif not isinstance(value, str) or not value or any(ord(c) < 33 for c in value):
+            raise HemblipConfigError(f"storage_options: {key} must be a non-empty string, got {value!r}")
+        elif name == "endpoint_url":
+            scheme, sep, rest = value.partition("://")
+            if not sep or scheme.lower() not in ("http", "https") or not rest or "@" in rest.split("/", 1)[0]:
+                # An endpoint's userinfo is never used for signing; it could only end up in a log.
+                raise HemblipConfigError(
+                    "storage_options: endpoint_url must be http(s)://host[:port] without credentials")
+        out[name] = value
+    return out
+
+
+def _s3_client(options: Mapping[str, Any] | None):
+    """A boto3 S3 client for ``storage_options`` (see :func:`load_model`); unset values fall back
+    to boto3's standard chain (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_REGION``)."""
+    import boto3
+    from botocore.config import Config
+
+    opts = _s3_options(options)
+    endpoint = opts["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    cfg = Config(retries={"max_attempts": opts["max_attempts"], "mode": "standard"},
+                 connect_timeout=10, read_timeout=60,
+                 # S3-compatible stores on a custom endpoint rarely resolve virtual-host buckets.
+                 s3={"addressing_style": "path" if endpoint else "auto"})
+    return boto3.session.Session().client("s3", endpoint_url=opts["endpoint_url"],
+                                          region_name=opts["region_name"], config=cfg)
+
+
 def _parse_s3(uri: str) -> tuple[str, str]:
     """(bucket, prefix) of an ``s3://`` model URI, refusing names that are not a safe local path."""
     bucket, _, prefix = uri[len("s3://"):].partition("/")
@@ -329,7 +386,7 @@ def _plan_mirror(uri: str, prefix: str, objects: list[dict]) -> tuple[list[tuple
     return plan, skipped
 
 
-def _download_s3(uri: str) -> Path:
+def _download_s3(uri: str, storage_options: Mapping[str, Any] | None = None) -> Path:
     """Mirror the checkpoint files under ``s3://bucket/prefix/`` into the cache; returns the local dir.
 
     Only ``*.json``, ``*.safetensors`` and ``*.txt`` objects are fetched (as from the hub); other
@@ -339,10 +396,11 @@ def _download_s3(uri: str) -> Path:
     Objects whose size and ETag match the cached copy are not fetched again; files mirrored
     earlier whose object is gone are removed. Concurrent processes are serialised by a lock per
     folder, and each file appears whole (unique temporary name, then an atomic rename).
+    ``storage_options``: where the store is (see :func:`load_model`).
     """
-    import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
+    _s3_options(storage_options)  # a bad setting is the caller's error, before any I/O
     bucket, prefix = _parse_s3(uri)
     parts = ["s3", bucket, *(prefix.split("/") if prefix else [])]
     try:
@@ -354,7 +412,7 @@ def _download_s3(uri: str) -> Path:
             local = create_dirs_inside(root, parts)
             etags_path = local / _ETAGS
             etags = _read_etags(etags_path)
-            s3 = boto3.client("s3")
+            s3 = _s3_client(storage_options)
             objects = [obj for page in s3.get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=prefix + "/" if prefix else "") for obj in page.get("Contents", [])]
             if not objects:
@@ -431,11 +489,12 @@ def _download_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def resolve_location(location: str | os.PathLike) -> Path:
-    """Local directory for a location (downloading S3/hub checkpoints to the cache first)."""
+def resolve_location(location: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> Path:
+    """Local directory for a location (downloading S3/hub checkpoints to the cache first);
+    ``storage_options``: where an ``s3://`` location's store is (see :func:`load_model`)."""
     loc = str(location)
     if loc.startswith("s3://"):
-        return _download_s3(loc)
+        return _download_s3(loc, storage_options)
     path = Path(loc).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -727,7 +786,8 @@ def _adapter_base(d: Path, location: str, adapter_config: dict) -> tuple[str, st
     return _relative_base(ref, d, location), ADAPTER_CONFIG
 
 
-def _load_adapter(d: Path, location: str, allow_pickle: bool, base_override: str | None = None) -> LoadedModel:
+def _load_adapter(d: Path, location: str, allow_pickle: bool, base_override: str | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
     from safetensors import SafetensorError
 
     from hemblip.lora import load_adapter
@@ -739,7 +799,7 @@ def _load_adapter(d: Path, location: str, allow_pickle: bool, base_override: str
     else:
         base_ref, source = _adapter_base(d, location, adapter_config)
     try:
-        base = _load(base_ref, allow_pickle, adapter_ok=False)
+        base = _load(base_ref, allow_pickle, adapter_ok=False, storage_options=storage_options)
     except CheckpointError as exc:
         hint = "" if source == "--base" else "; point --base DIR|URI at a local copy of the base"
         # Same class (UnsafeCheckpointError stays one); the adapter and the pointer are named.
@@ -757,25 +817,27 @@ def _load_adapter(d: Path, location: str, allow_pickle: bool, base_override: str
     return LoadedModel(merged, base.image_processor, base.tokenizer, location, files, merged_adapter=True)
 
 
-def _load(loc: str, allow_pickle: bool, *, adapter_ok: bool = True, base: str | None = None) -> LoadedModel:
+def _load(loc: str, allow_pickle: bool, *, adapter_ok: bool = True, base: str | None = None,
+          storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
     not_adapter = (f"--base {base!r} applies only to a LoRA adapter, and {loc!r} is not one "
                    "(it is a full checkpoint or a config spec)")
     if is_config_spec(loc):
         if base is not None:
             raise CheckpointError(not_adapter)
         return build_model(loc)
-    d = resolve_location(loc)
+    d = resolve_location(loc, storage_options=storage_options)
     if (d / ADAPTER_CONFIG).is_file():
         if not adapter_ok:  # an adapter whose base is an adapter (or itself) would never end
             raise CheckpointError(f"{loc}: is an adapter, but it is named as an adapter's base model")
-        return _load_adapter(d, loc, allow_pickle, base)
+        return _load_adapter(d, loc, allow_pickle, base, storage_options)
     if base is not None:
         raise CheckpointError(not_adapter)
     return _load_full(d, loc, allow_pickle)
 
 
 def load_model(location: str | os.PathLike, *, allow_pickle: bool = False,
-               base: str | os.PathLike | None = None) -> LoadedModel:
+               base: str | os.PathLike | None = None,
+               storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
     """Load a checkpoint or adapter from a directory, ``s3://`` URI, hub id, or build a spec.
 
     ``base``: for a LoRA adapter, the base model location to use instead of the one the adapter
@@ -784,11 +846,20 @@ def load_model(location: str | os.PathLike, *, allow_pickle: bool = False,
     hashes the base's weights then the adapter's, as for any adapter. Refused (CheckpointError)
     for anything but an adapter.
 
+    ``storage_options``: where ``s3://`` locations (the model, an adapter's base) are stored:
+    ``endpoint_url`` (``http(s)://host[:port]``), ``region_name``, ``max_attempts`` (requests
+    tried, botocore's standard retry mode); a missing key falls back to the environment
+    (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_REGION``). The pipeline passes its run's
+    settings here (``S3Settings.storage_options()``). Credentials always come from the standard
+    AWS chain. An unknown key or bad value raises :class:`HemblipConfigError`.
+
     Raises :class:`CheckpointError` (message lists what is missing or what is refused) or
     :class:`UnsafeCheckpointError` (pickle weights without ``allow_pickle``, or a pickle shard
     named by a safetensors index).
     """
-    return _load(str(location), allow_pickle, base=None if base is None else os.fspath(base))
+    _s3_options(storage_options)
+    return _load(str(location), allow_pickle, base=None if base is None else os.fspath(base),
+                 storage_options=storage_options)
 
 
 # ----------------------------------------------------------------------------- saving

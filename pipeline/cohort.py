@@ -227,15 +227,16 @@ FROM current_cells c JOIN matched m ON c.slide_id = m.slide_id
 
 def cohort_analysis(outputs: Outputs | str, manifest: str | Path | pa.Table, *,
                     s3_endpoint: str | None = None, exclude_flagged: bool = False,
-                    allow_unknown: bool = False) -> CohortResult:
+                    allow_unknown: bool = False, storage_options=None) -> CohortResult:
     """Run the analysis described in the module docstring.
 
     ``exclude_flagged`` drops cells with any QC flag. Manifest slides that are not in the outputs
     at all raise ``ConfigError`` (listing them) unless ``allow_unknown``; slides that are known but
     have no successfully processed cells are reported in ``unmatched_manifest``.
+    ``s3_endpoint``/``storage_options``: how to reach S3 (:func:`pipeline.outputs.open_outputs`).
     """
     if not isinstance(outputs, Outputs):
-        outputs = open_outputs(outputs, s3_endpoint=s3_endpoint)
+        outputs = open_outputs(outputs, s3_endpoint=s3_endpoint, storage_options=storage_options)
     src = manifest if isinstance(manifest, pa.Table) else read_manifest(manifest)
     name = "manifest" if isinstance(manifest, pa.Table) else str(manifest)
     con = connect(outputs, extra={"manifest": src})

@@ -10,8 +10,9 @@ Only committed data is read: every visible ``*.parquet`` file under ``cells/``, 
 ``runs/``. A path with any component starting with ``_`` or ``.`` (staging, journals, temporary
 uploads) is never read. The hive partition ``run_date`` becomes a ``date32`` column.
 
-S3 goes through :class:`pyarrow.fs.S3FileSystem` with the standard AWS credential chain; the
-endpoint comes from ``s3_endpoint`` or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (for MinIO,
+S3 goes through :class:`pyarrow.fs.S3FileSystem` with the standard AWS credential chain and the
+same :class:`~pipeline.job.storage.S3Settings` as the job (endpoint, region, retries); without
+settings the endpoint comes from ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (for MinIO,
 moto, ...). DuckDB's httpfs is not used: it cannot be loaded offline.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -27,6 +29,9 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError, StorageError
 from pipeline.schema import CELL_SCHEMA, RUN_SCHEMA, SLIDE_SCHEMA
+
+if TYPE_CHECKING:
+    from pipeline.job.storage import StorageOptions
 
 __all__ = ["TABLES", "PARTITION_FIELD", "Outputs", "open_outputs", "table_schema"]
 
@@ -55,30 +60,40 @@ class Outputs:
         return getattr(self, name)
 
 
-def _endpoint(s3_endpoint: str | None) -> str | None:
-    return s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+def _settings(s3_endpoint: str | None, storage_options: StorageOptions):
+    """One :class:`~pipeline.job.storage.S3Settings` from the two ways a caller may say it."""
+    from pipeline.job.storage import S3Settings, as_s3_settings
+
+    settings = as_s3_settings(storage_options)
+    if s3_endpoint is not None:
+        if settings.endpoint is not None and settings.endpoint != s3_endpoint:
+            raise ConfigError(f"--s3-endpoint {s3_endpoint!r} contradicts the storage options' endpoint")
+        settings = S3Settings(s3_endpoint, settings.max_attempts, settings.transfer_concurrency,
+                              settings.transfer_chunk_mb, settings.region)
+    return settings
 
 
-def _filesystem(location: str, s3_endpoint: str | None) -> tuple[pafs.FileSystem, str]:
+def _filesystem(location: str, s3_endpoint: str | None,
+                storage_options: StorageOptions = None) -> tuple[pafs.FileSystem, str]:
     if location.startswith("s3://"):
         parsed = urlparse(location)
         if not parsed.netloc:
             raise ConfigError(f"--output {location!r}: missing bucket name (expected s3://bucket/prefix)")
-        kwargs: dict[str, object] = {}
-        endpoint = _endpoint(s3_endpoint)
+        # Endpoint checks (no credentials in it, http(s)://host[:port]) are S3Settings'.
+        settings = _settings(s3_endpoint, storage_options)
+        kwargs: dict[str, object] = {
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        }
+        endpoint = settings.resolved_endpoint
         if endpoint:
-            from pipeline._redact import has_credentials, redact_url
+            if settings.endpoint is None:  # from the environment: checked like a given one
+                from pipeline.job.storage import S3Settings
 
-            if has_credentials(endpoint) or "@" in endpoint.partition("://")[2].split("/", 1)[0]:
-                # As for the job: S3 clients never use an endpoint's userinfo; it could only leak.
-                raise ConfigError(f"--s3-endpoint {redact_url(endpoint)!r}: credentials in the endpoint URL are "
-                                  "not used by S3 clients; remove them and use the standard AWS credential chain")
+                S3Settings(endpoint=endpoint)
             ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-            if not ep.netloc:
-                raise ConfigError(f"--s3-endpoint {redact_url(endpoint)!r}: expected http(s)://host[:port]")
             kwargs["endpoint_override"] = ep.netloc
             kwargs["scheme"] = ep.scheme
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        region = settings.resolved_region
         if not region and not endpoint:
             try:  # real AWS: a bucket must be addressed in its own region
                 region = pafs.resolve_s3_region(parsed.netloc)
@@ -125,13 +140,17 @@ def _open_table(fs: pafs.FileSystem, base: str, name: str, location: str) -> ds.
         raise StorageError(f"{location.rstrip('/')}/{name}: cannot open Parquet files: {exc}") from exc
 
 
-def open_outputs(location: str, s3_endpoint: str | None = None) -> Outputs:
+def open_outputs(location: str, s3_endpoint: str | None = None, *,
+                 storage_options: StorageOptions = None) -> Outputs:
     """Open ``location``'s ``cells``, ``slides`` and ``runs`` tables.
 
+    ``storage_options``: how to reach S3, the job's :class:`~pipeline.job.storage.S3Settings` or
+    a mapping (``endpoint_url``, ``region_name``, ``max_attempts``); ``s3_endpoint`` is the
+    endpoint alone (``--s3-endpoint``). Neither: the environment's.
     A missing table is an empty dataset with the right schema (a location where the job has not
-    finished a run yet is still queryable). Raises ``ConfigError`` for a bad location and
-    ``StorageError`` when listing fails.
+    finished a run yet is still queryable). Raises ``ConfigError`` for a bad location or
+    settings and ``StorageError`` when listing fails.
     """
-    fs, base = _filesystem(str(location), s3_endpoint)
+    fs, base = _filesystem(str(location), s3_endpoint, storage_options)
     tables = {name: _open_table(fs, base, name, str(location)) for name in TABLES}
     return Outputs(location=str(location), **tables)

@@ -17,11 +17,16 @@ Notebook use::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import duckdb
 import pyarrow as pa
 
 from pipeline.errors import PipelineError
 from pipeline.outputs import TABLES, Outputs, open_outputs
+
+if TYPE_CHECKING:
+    from pipeline.job.storage import StorageOptions
 
 __all__ = ["QueryError", "CURRENT_CELLS_SQL", "CURRENT_SLIDES_SQL", "connect", "query", "query_arrow", "open_outputs", "Outputs"]
 
@@ -59,17 +64,19 @@ QUALIFY row_number() OVER (
 
 
 def connect(outputs: Outputs | str, s3_endpoint: str | None = None,
-            extra: dict[str, pa.Table] | None = None) -> duckdb.DuckDBPyConnection:
+            extra: dict[str, pa.Table] | None = None, *,
+            storage_options: StorageOptions = None) -> duckdb.DuckDBPyConnection:
     """A locked-down in-memory DuckDB connection over the outputs.
 
     Views: ``cells``, ``slides``, ``runs`` (every committed row, column ``run_date`` from the
     partition), ``current_cells`` (cells of each slide's latest ``ok`` processing) and
     ``current_slides`` (each slide URI's latest non-skipped ``slides`` row: its current outcome). ``outputs``
     is an :class:`Outputs` or a location (local directory or ``s3://bucket/prefix``); ``extra``
-    registers more Arrow tables (e.g. a cohort manifest) before the connection is locked.
+    registers more Arrow tables (e.g. a cohort manifest) before the connection is locked;
+    ``s3_endpoint``/``storage_options``: how to reach S3 (:func:`pipeline.outputs.open_outputs`).
     """
     if not isinstance(outputs, Outputs):
-        outputs = open_outputs(outputs, s3_endpoint=s3_endpoint)
+        outputs = open_outputs(outputs, s3_endpoint=s3_endpoint, storage_options=storage_options)
     con = duckdb.connect(":memory:")
     for name in TABLES:
         con.register(name, outputs.table(name))
@@ -95,23 +102,25 @@ def _check_sql(sql: str) -> str:
     return sql.strip().rstrip(";")
 
 
-def query(location: Outputs | str, sql: str, s3_endpoint: str | None = None) -> duckdb.DuckDBPyRelation:
+def query(location: Outputs | str, sql: str, s3_endpoint: str | None = None, *,
+          storage_options: StorageOptions = None) -> duckdb.DuckDBPyRelation:
     """Run one SELECT over the outputs; returns a lazy DuckDB relation (``.df()``, ``.arrow()``, ...).
 
     Raises :class:`QueryError` for anything but a single SELECT, or when DuckDB rejects it (e.g. a
     file read: external access is disabled).
     """
     sql = _check_sql(sql)
-    con = connect(location, s3_endpoint=s3_endpoint)
+    con = connect(location, s3_endpoint=s3_endpoint, storage_options=storage_options)
     try:
         return con.sql(sql)
     except duckdb.Error as exc:
         raise QueryError(f"query failed: {str(exc).splitlines()[0]}") from exc
 
 
-def query_arrow(location: Outputs | str, sql: str, s3_endpoint: str | None = None) -> pa.Table:
+def query_arrow(location: Outputs | str, sql: str, s3_endpoint: str | None = None, *,
+                storage_options: StorageOptions = None) -> pa.Table:
     """Like :func:`query`, materialised as an Arrow table."""
-    rel = query(location, sql, s3_endpoint=s3_endpoint)
+    rel = query(location, sql, s3_endpoint=s3_endpoint, storage_options=storage_options)
     try:
         return rel.to_arrow_table()
     except duckdb.Error as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.errors import StorageError
 from pipeline.job.storage import ObjectInfo, S3Settings, Storage, split_s3
 
-__all__ = ["S3Storage"]
+__all__ = ["S3Storage", "shared_client"]
 
 
 def _cause(exc: BaseException) -> str:
@@ -60,11 +60,12 @@ _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
-def _shared_client(settings: S3Settings, endpoint: str | None):
-    """One boto3 client per process and configuration. Building one costs ~0.1-0.3 s of CPU
-    (a session, the S3 service model): per slide that was a fifth of a sample slide's detect
-    task. Clients are thread-safe and refresh expiring credentials themselves; a change of the
-    credential environment gets a new client."""
+def shared_client(settings: S3Settings):
+    """One boto3 client per process and configuration (use :func:`pipeline.job.storage.s3_client`).
+    Building one costs ~0.1-0.3 s of CPU (a session, the S3 service model): per slide that was a
+    fifth of a sample slide's detect task. Clients are thread-safe and refresh expiring
+    credentials themselves; a change of the credential environment gets a new client."""
+    endpoint = settings.resolved_endpoint
     key = (settings, endpoint, hash(tuple(os.environ.get(k) for k in _CLIENT_ENV)))
     with _clients_lock:
         client = _clients.get(key)
@@ -80,7 +81,8 @@ def _shared_client(settings: S3Settings, endpoint: str | None):
                 # S3-compatible stores on a custom endpoint rarely resolve virtual-host buckets.
                 s3={"addressing_style": "path" if endpoint else "auto"},
             )
-            client = boto3.session.Session().client("s3", endpoint_url=settings.endpoint, config=cfg)
+            client = boto3.session.Session().client("s3", endpoint_url=settings.endpoint,
+                                                    region_name=settings.region, config=cfg)
             _clients[key] = client
         return client
 
@@ -95,13 +97,12 @@ class S3Storage(Storage):
 
     @property
     def endpoint(self) -> str | None:
-        return (self.settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL") or None)
+        return self.settings.resolved_endpoint
 
     @property
     def client(self):
         if self._client is None:
-            self._client = _shared_client(self.settings, self.endpoint)
+            self._client = shared_client(self.settings)
         return self._client
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:

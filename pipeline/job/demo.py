@@ -82,11 +82,12 @@ def seed_archive(endpoint: str, bucket: str = DEMO_BUCKET, prefix: str = DEMO_PR
     With ``corrupt``: also ``corrupt.svs`` (not an image). With ``extras``: the slides' JSON
     truth sidecars and a README.txt, which are not slides and must be ignored.
     """
-    import boto3
-
+    from pipeline.job.storage import S3Settings, s3_client
     from pipeline.samples import build_sample_slides
 
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    # moto needs some region; the environment's wins, as for every other client.
+    region = None if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") else "us-east-1"
+    client = s3_client(S3Settings(endpoint=endpoint, region=region))
     client.create_bucket(Bucket=bucket)
     tmp = Path(tempfile.mkdtemp(prefix="hemblip-demo-slides-", dir=work_dir))
     keys = []

@@ -120,6 +120,11 @@ class Slide:
     format: str = "unknown"
     #: Bytes one ``read`` allocates per px of its box (output plus the backend's buffers).
     _read_bytes_per_px: int = 3
+    #: Bytes read from object storage to serve this slide (a staged copy's download, the ranged
+    #: GETs of an in-place reader); None for a local file.
+    bytes_fetched: int | None = None
+    #: Whether the slide was copied to local scratch space to be opened (removed on ``close``).
+    staged: bool = False
 
     def __init__(
         self,
@@ -227,6 +232,14 @@ class Slide:
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
         self._closed = True
+        # Cleanups registered by the slide factory (a staged copy's removal): after the backend
+        # has released its file handles.
+        for cleanup in self.__dict__.pop("_cleanups", ()):
+            cleanup()
+
+    def add_cleanup(self, fn) -> None:
+        """Call ``fn()`` once when the slide is closed (after the backend released its files)."""
+        self.__dict__.setdefault("_cleanups", []).append(fn)
 
     def __enter__(self) -> Slide:
         return self
