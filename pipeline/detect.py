@@ -9,6 +9,16 @@ it to ``crop_px`` and measures it with :func:`pipeline.detection.segment_cell`. 
 resampling and the red-cell scale estimate are :mod:`hemblip.crops`' and :mod:`hemblip.scale`'s,
 the same code that cuts the model's training crops (train/serve parity). The slide is never
 decoded whole at full resolution (except a plain image, which is one level).
+
+Whole smears (``zones=``): :func:`plan_smear` zones the slide from its low levels
+(:func:`pipeline.zones.zone_map`) and splits the chosen zones' level-0 grid cells into region
+tasks of bounded area; :func:`detect_region` detects one task (reading only its boxes, plus a
+one-cell margin, tile by tile); :func:`merge_regions` keeps each cell once across region
+borders, gives it its ``smear_zone`` and local red-cell density, counts (never drops silently)
+the cells that lie outside the chosen zones, and applies the per-slide cell budget
+(:func:`pipeline.smear_sampling.spatial_sample`). Glass and excluded zones are never read at
+level 0. ``detect_slide(..., zones=...)`` runs the three in one process; a job can run the
+region tasks in parallel, each on its own open slide, and commit the slide once.
 """
 
 from __future__ import annotations
@@ -28,8 +38,23 @@ from pipeline.detection import DetectorConfig, detect_wbc, segment_cell
 from pipeline.errors import ConfigError, ScaleError, SlideTooLargeError
 from pipeline.schema import DETECT_COLUMNS
 from pipeline.slides import DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS, Slide, open_slide
+from pipeline.smear_sampling import spatial_sample
+from pipeline.zones import ZONE_NAMES, ZoneMap, ZoneSettings
+from pipeline.zones import zone_map as zone_map_fn
 
-__all__ = ["DetectConfig", "SlideCells", "detect_slide"]
+__all__ = [
+    "DetectConfig",
+    "SlideCells",
+    "detect_slide",
+    "RegionTask",
+    "SmearPlan",
+    "RegionCell",
+    "plan_smear",
+    "split_regions",
+    "detect_region",
+    "merge_regions",
+    "measure_cells",
+]
 
 OVERVIEW_MAX_SIDE = 1024
 _COLUMN_NAMES = [c[0] for c in DETECT_COLUMNS]
@@ -102,16 +127,28 @@ class SlideCells:
     is record i's crop; ``info``: ``width``, ``height`` (level-0 px), ``mpp``, ``mpp_source``,
     ``format``, ``level_count``, ``detect_level``, ``detect_mpp``, ``tiles``, ``seconds``;
     ``overview``: the whole slide, ``(h, w, 3)`` uint8 with ``max(h, w) ≤ 1024``.
+
+    With zones (``detect_slide(..., zones=...)``): ``cell_zones`` holds, per record, its
+    ``smear_zone`` and the local red-cell density (``rbc_coverage``: single-cell layers;
+    ``rbc_per_1000um2``); ``info`` adds ``zones`` (:meth:`ZoneMap.summary`: per-zone areas mm²),
+    ``zone_map_png`` (PNG bytes, described cells as dots), ``select``, ``cells_outside_zones``
+    (``{zone: n}`` for every zone not chosen), ``cells_total`` (chosen-zone cells before the
+    budget), ``sampled``, ``max_cells``, ``region_tasks``, ``level0_fraction_planned`` (share of
+    level-0 area inside the region boxes). ``max_cells`` without zones adds ``cells_total``,
+    ``sampled`` and ``max_cells`` only.
     """
 
     records: list[dict]
     crops: np.ndarray
     info: dict
     overview: np.ndarray
+    cell_zones: list[dict] = field(default_factory=list)
 
 
 @dataclass
-class _Cell:
+class RegionCell:
+    """One detected cell before measuring (picklable; what a region task returns)."""
+
     box: tuple[float, float, float, float]  # level-0 px
     centroid: tuple[float, float]
     score: float
@@ -119,18 +156,44 @@ class _Cell:
     diameter_um: float  # from the detector's area (fallback when segmentation finds nothing)
 
 
+_Cell = RegionCell
+
+
 def detect_slide(
-    path: str | Path | Slide, config: DetectConfig | None = None, source: str | None = None
+    path: str | Path | Slide,
+    config: DetectConfig | None = None,
+    source: str | None = None,
+    *,
+    zones: bool | ZoneSettings | ZoneMap | None = None,
+    select: tuple[str, ...] | list[str] | str = ("monolayer",),
+    max_cells: int | None = None,
+    seed: int = 0,
 ) -> SlideCells:
     """Detect, crop and measure every white cell of the slide or image at ``path``.
 
     ``path`` may also be an already-open :class:`~pipeline.slides.Slide` (e.g. a remote one);
     the caller keeps it and closes it. ``source`` is written to each record's ``source`` column
     (default ``str(path)``, or the slide's ``path``).
+
+    ``zones``: None (default) reads the whole slide. True, a :class:`~pipeline.zones.ZoneSettings`
+    or a ready :class:`~pipeline.zones.ZoneMap` zones the slide first and describes only the
+    cells of the zones in ``select`` (default the monolayer), reading level 0 only inside their
+    region boxes (:func:`plan_smear`); cells seen outside them are counted per zone in
+    ``info["cells_outside_zones"]``. ``max_cells``: at most this many cells are measured, a
+    spatially balanced equal-probability sample (``seed``) of the (chosen zones') cells;
+    ``info`` records ``sampled`` and ``cells_total``.
     Raises a :class:`pipeline.errors.SlideError` subclass naming the file on any bad input:
-    ``SlideOpenError``, ``SlideReadError``, ``SlideTooLargeError``, ``ScaleError``.
+    ``SlideOpenError``, ``SlideReadError``, ``SlideTooLargeError``, ``ScaleError``;
+    :class:`~pipeline.zones.ZoneError` when a slide cannot be zoned; ``ConfigError`` for bad
+    ``zones``/``select``/``max_cells``/``seed``.
     """
     cfg = config if config is not None else DetectConfig()
+    _check_budget(max_cells, seed)
+    use_zones = zones is not None and zones is not False
+    if use_zones:
+        select = _check_select(select)
+        if not (zones is True or isinstance(zones, ZoneSettings | ZoneMap)):
+            raise ConfigError(f"zones must be None, True, ZoneSettings or ZoneMap, got {type(zones).__name__}")
     t0 = time.perf_counter()
     if isinstance(path, Slide):
         opened = contextlib.nullcontext(path)  # borrowed: the caller closes it
@@ -154,10 +217,37 @@ def detect_slide(
                 slide.path,
                 f"detection level {level} is {lw}x{lh} px, over the {cfg.max_detect_pixels} px limit",
             )
-        cells, overview, n_tiles = _detect_cells(slide, level, mpp, cfg)
-        if overview is None:
-            overview = _read_overview(slide)
         src = source if source is not None else slide.path if isinstance(path, Slide) else str(path)
+        extra: dict = {}
+        cell_zones: list[dict] = []
+        if use_zones:
+            zm = zones if isinstance(zones, ZoneMap) else None
+            plan = plan_smear(slide, cfg, zone_settings=None if zones is True or zm else zones,
+                              zone_map=zm, select=select, mpp=mpp)
+            found = [detect_region(slide, task, cfg) for task in plan.tasks]
+            merged = merge_regions(plan, found, max_cells=max_cells, seed=seed)
+            cells, cell_zones = merged.cells, merged.cell_zones
+            overview = _read_overview(slide) if _overview_level(slide) is not None else _overview_windows(slide)
+            n_tiles = plan.tiles
+            extra = {
+                "zones": plan.zone_map.summary(),
+                "zone_map_png": plan.zone_map.png(512, points=[c.centroid for c in cells]),
+                "select": list(plan.select),
+                "cells_outside_zones": merged.outside,
+                "cells_total": merged.cells_total,
+                "sampled": merged.sampled,
+                "max_cells": max_cells,
+                "region_tasks": len(plan.tasks),
+                "level0_fraction_planned": plan.level0_fraction,
+            }
+        else:
+            cells, overview, n_tiles = _detect_cells(slide, level, mpp, cfg)
+            if overview is None:
+                overview = _read_overview(slide)
+            if max_cells is not None:
+                total = len(cells)
+                cells = _budget(cells, max_cells, seed)
+                extra = {"cells_total": total, "sampled": len(cells) < total, "max_cells": max_cells}
         records, crops = _measure(slide, cells, level, mpp, mpp_source, cfg, src)
         info = {
             "width": slide.dimensions[0],
@@ -169,9 +259,320 @@ def detect_slide(
             "detect_level": level,
             "detect_mpp": mpp * slide.level_downsamples[level],
             "tiles": n_tiles,
+            **extra,
             "seconds": time.perf_counter() - t0,
         }
-    return SlideCells(records=records, crops=crops, info=info, overview=overview)
+    return SlideCells(records=records, crops=crops, info=info, overview=overview, cell_zones=cell_zones)
+
+
+def _check_budget(max_cells: object, seed: object) -> None:
+    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1):
+        raise ConfigError(f"max cells per slide (--max-cells-per-slide) must be an integer >= 1, got {max_cells!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"sampling seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+def _check_select(select: object) -> tuple[str, ...]:
+    names = (select,) if isinstance(select, str) else select
+    if not isinstance(names, tuple | list) or not names:
+        raise ConfigError(f"--zones: give one or more of {', '.join(ZONE_NAMES)}, got {select!r}")
+    out = []
+    for z in names:
+        if not isinstance(z, str) or z not in ZONE_NAMES:
+            raise ConfigError(f"--zones: unknown zone {z!r} (choose from {', '.join(ZONE_NAMES)})")
+        if z not in out:
+            out.append(z)
+    return tuple(out)
+
+
+def _budget(cells: list[RegionCell], max_cells: int | None, seed: int) -> list[RegionCell]:
+    """At most ``max_cells`` of ``cells`` (reading order kept), spatially balanced."""
+    if max_cells is None or len(cells) <= max_cells:
+        return cells
+    idx = spatial_sample(np.array([c.centroid for c in cells], np.float64).reshape(-1, 2), max_cells, seed)
+    return [cells[i] for i in idx]
+
+
+# -- whole smears: zones, region tasks, merge ----------------------------------------------------
+#: Side of the level-0 grid cells region boxes are made of, µm (a 40x scan: 1024 px).
+REGION_UM = 256.0
+#: Largest level-0 area of one region task, px (a 40x scan: ~16 mm²).
+MAX_TASK_PX = 256 * 2**20
+#: Longest run of grid cells read as one rectangle, in grid cells.
+_MAX_RUN_CELLS = 8
+#: A cell's zone and red-cell density are read on a ring of this radius (µm) around it: the
+#: white cell's own stain raises the smoothed density under it (a monolayer cell read at its
+#: centre often looks thick), 60 µm away it does not. Region boxes are grown by it too.
+CELL_RING_UM = 60.0
+_RING = [(math.cos(a * math.pi / 6), math.sin(a * math.pi / 6)) for a in range(12)]
+
+
+def cell_zone(zm: ZoneMap, x: float, y: float, ring_um: float = CELL_RING_UM) -> dict:
+    """Zone and local red-cell density of a white cell centred at level-0 px ``(x, y)``: the most
+    common zone on a 12-point ring of ``ring_um`` µm (ties: the centre's zone if tied, else the
+    first), and the median density on that ring (``rbc_coverage`` single-cell layers,
+    ``rbc_per_1000um2``)."""
+    r = ring_um / zm.mpp
+    pts = [(x + r * dx, y + r * dy) for dx, dy in _RING]
+    zs = [zm.zone_at(px, py) for px, py in pts]
+    counts = {z: zs.count(z) for z in zs}
+    top = max(counts.values())
+    centre = zm.zone_at(x, y)
+    zone = centre if counts.get(centre) == top else next(z for z in zs if counts[z] == top)
+    dens = [zm.density_at(px, py) for px, py in pts]
+    return {
+        "smear_zone": zone,
+        "rbc_coverage": float(np.median([d["coverage"] for d in dens])),
+        "rbc_per_1000um2": float(np.median([d["cells_per_1000um2"] for d in dens])),
+    }
+
+
+@dataclass(frozen=True)
+class RegionTask:
+    """One unit of detection work: level-0 ``boxes`` (disjoint rectangles of the chosen zones'
+    grid; a cell belongs to the box holding its centroid), read at pyramid ``level`` of a slide
+    whose level 0 is ``mpp`` µm/px. Small and picklable: a job ships it to a worker, which opens
+    the slide itself and calls :func:`detect_region`."""
+
+    index: int
+    boxes: tuple[tuple[int, int, int, int], ...]
+    level: int
+    mpp: float
+
+    @property
+    def area_px(self) -> int:
+        """Level-0 px inside the boxes."""
+        return sum((b[2] - b[0]) * (b[3] - b[1]) for b in self.boxes)
+
+
+@dataclass
+class SmearPlan:
+    """:func:`plan_smear`'s result: the ``zone_map``, the chosen zones (``select``), the detection
+    ``level`` and level-0 ``mpp``, the region ``tasks``, ``tiles`` (detection tiles over all
+    tasks) and ``level0_fraction`` (share of level-0 area inside the tasks' boxes)."""
+
+    zone_map: ZoneMap
+    select: tuple[str, ...]
+    level: int
+    mpp: float
+    tasks: list[RegionTask]
+    tiles: int
+    level0_fraction: float
+
+
+@dataclass
+class MergedCells:
+    """:func:`merge_regions`' result: ``cells`` to measure (reading order), ``cell_zones``
+    (per cell ``smear_zone``, ``rbc_coverage``, ``rbc_per_1000um2``), ``outside`` (cells seen
+    in zones not chosen, ``{zone: n}`` for every such zone), ``cells_total`` (chosen-zone cells
+    before the budget) and ``sampled``."""
+
+    cells: list[RegionCell]
+    cell_zones: list[dict]
+    outside: dict[str, int]
+    cells_total: int
+    sampled: bool
+
+
+def plan_smear(
+    slide: Slide,
+    config: DetectConfig | None = None,
+    *,
+    zone_settings: ZoneSettings | None = None,
+    zone_map: ZoneMap | None = None,
+    select: tuple[str, ...] | list[str] | str = ("monolayer",),
+    mpp: float | None = None,
+    region_um: float = REGION_UM,
+    max_task_px: int = MAX_TASK_PX,
+    tasks: int | None = None,
+) -> SmearPlan:
+    """Zone ``slide`` (from its low levels, unless ``zone_map`` is given) and split the chosen
+    zones into region tasks (:func:`split_regions`): grid cells of ``region_um`` µm holding any
+    of ``select``, in tasks of at most ``max_task_px`` level-0 px (or about ``tasks`` tasks).
+    ``mpp``: level-0 µm/px (default the slide's). Reads no level-0 pixel of a pyramid."""
+    cfg = config if config is not None else DetectConfig()
+    select = _check_select(select)
+    zm = zone_map if zone_map is not None else zone_map_fn(slide, zone_settings)
+    mpp = float(mpp if mpp is not None else slide.mpp if slide.mpp is not None else zm.mpp)
+    if not _finite_pos(region_um):
+        raise ConfigError(f"region_um must be a positive number of µm, got {region_um!r}")
+    level = _detect_level(slide, mpp, cfg.detector)
+    ds = slide.level_downsamples[level]
+    # Grid cells a whole number of 256-px tiles (a scanner's tile size) and of level px.
+    unit = int(256 * max(1, math.ceil(ds)))
+    grid = max(unit, int(round(region_um / mpp / unit)) * unit)
+    boxes = zm.region_boxes(select, tile_px=grid, margin_um=CELL_RING_UM)
+    region_tasks = split_regions(boxes, level=level, mpp=mpp, max_task_px=max_task_px, tasks=tasks)
+    tile, overlap = _tile_geometry(slide, level, mpp, cfg)
+    n_tiles = sum(len(_rect_tiles(slide, level, b, tile, overlap)[0]) for t in region_tasks for b in t.boxes)
+    w, h = slide.dimensions
+    frac = sum(t.area_px for t in region_tasks) / float(w * h)
+    return SmearPlan(zm, select, level, mpp, region_tasks, n_tiles, frac)
+
+
+def split_regions(
+    boxes,
+    *,
+    level: int = 0,
+    mpp: float = 1.0,
+    max_task_px: int = MAX_TASK_PX,
+    tasks: int | None = None,
+) -> list[RegionTask]:
+    """Group grid ``boxes`` (level-0 ``(x0, y0, x1, y1)``, from
+    :meth:`~pipeline.zones.ZoneMap.region_boxes`) into region tasks: horizontal runs of adjacent
+    boxes (at most 8 boxes long) become one rectangle, and rectangles in reading order fill tasks
+    of at most ``max_task_px`` level-0 px each (``tasks``: aim at that many tasks of equal area
+    instead, never over ``max_task_px``). Tasks are spatially compact (consecutive rows)."""
+    if isinstance(max_task_px, bool) or not isinstance(max_task_px, int) or max_task_px < 1:
+        raise ConfigError(f"max_task_px must be a positive integer, got {max_task_px!r}")
+    if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1):
+        raise ConfigError(f"tasks must be a positive integer, got {tasks!r}")
+    rects: list[tuple[int, int, int, int]] = []
+    run = 0
+    for b in sorted((tuple(int(v) for v in b) for b in boxes), key=lambda b: (b[1], b[0])):
+        last = rects[-1] if rects else None
+        if last and last[1] == b[1] and last[3] == b[3] and last[2] == b[0] and run < _MAX_RUN_CELLS:
+            rects[-1] = (last[0], last[1], b[2], b[3])
+            run += 1
+        else:
+            rects.append(b)
+            run = 1
+    total = sum((r[2] - r[0]) * (r[3] - r[1]) for r in rects)
+    cap = max_task_px if tasks is None else min(max_task_px, max(1, math.ceil(total / tasks)))
+    out: list[list[tuple[int, int, int, int]]] = []
+    area = 0
+    for r in rects:
+        a = (r[2] - r[0]) * (r[3] - r[1])
+        if not out or area + a > cap:
+            out.append([])
+            area = 0
+        out[-1].append(r)
+        area += a
+    return [RegionTask(i, tuple(bs), level, float(mpp)) for i, bs in enumerate(out)]
+
+
+def _tile_geometry(slide: Slide, level: int, mpp: float, cfg: DetectConfig) -> tuple[int, int]:
+    """Detection tile side and overlap in ``level`` px (the whole-slide path's rule)."""
+    lmpp = mpp * slide.level_downsamples[level]
+    det = cfg.detector
+    scale = max(1.0, det.working_mpp / lmpp)
+    tile = int(round(cfg.tile_px * scale))
+    if cfg.overlap_px is None:
+        overlap = int(math.ceil(1.25 * det.max_cell_diameter_um / lmpp))
+    else:
+        overlap = int(round(cfg.overlap_px * scale))
+    return tile, min(overlap, tile // 2)
+
+
+def _rect_tiles(slide: Slide, level: int, box, tile: int, overlap: int):
+    """Tile starts (level px) covering level-0 ``box`` grown by half an overlap (so a cell whose
+    centroid is inside is seen whole), and that grown window's origin."""
+    ds = slide.level_downsamples[level]
+    lw, lh = slide.level_dimensions[level]
+    pad = overlap // 2 + 1
+    rx0 = max(0, int(math.floor(box[0] / ds)) - pad)
+    ry0 = max(0, int(math.floor(box[1] / ds)) - pad)
+    rx1 = min(lw, int(math.ceil(box[2] / ds)) + pad)
+    ry1 = min(lh, int(math.ceil(box[3] / ds)) + pad)
+    stride = tile - overlap
+    xs = [rx0 + v for v in _starts(rx1 - rx0, tile, stride)]
+    ys = [ry0 + v for v in _starts(ry1 - ry0, tile, stride)]
+    return [(x, y) for y in ys for x in xs], (rx0, ry0, rx1, ry1), xs, ys
+
+
+def detect_region(slide: Slide, task: RegionTask, config: DetectConfig | None = None) -> list[RegionCell]:
+    """Detect the white cells whose centroid lies in ``task``'s boxes, on ``slide`` (open; the
+    caller closes it). Reads ``task.level`` tile by tile (one detection tile, ≤ ``tile_px`` +
+    overlap squared, held at a time), never outside the boxes grown by half a tile overlap.
+    Cells are not yet deduplicated across boxes (:func:`merge_regions` does)."""
+    cfg = config if config is not None else DetectConfig()
+    level, mpp = task.level, task.mpp
+    ds = slide.level_downsamples[level]
+    lmpp = mpp * ds
+    tile, overlap = _tile_geometry(slide, level, mpp, cfg)
+    stride = tile - overlap
+    lw, lh = slide.level_dimensions[level]
+    out: list[RegionCell] = []
+    for box in task.boxes:
+        _, (rx0, ry0, rx1, ry1), xs, ys = _rect_tiles(slide, level, box, tile, overlap)
+        for j, ty in enumerate(ys):
+            slide.prefetch(level, [(tx, ty, min(tx + tile, rx1), min(ty + tile, ry1)) for tx in xs])
+            for i, tx in enumerate(xs):
+                x1, y1 = min(tx + tile, rx1), min(ty + tile, ry1)
+                if x1 - tx < 2 or y1 - ty < 2:
+                    continue
+                rgb = slide.read(level, (tx, ty, x1, y1))
+                # Cores partition the grown window as in the whole-slide path.
+                cx0 = rx0 + i * stride + overlap / 2 if i > 0 else -math.inf
+                cy0 = ry0 + j * stride + overlap / 2 if j > 0 else -math.inf
+                cx1 = rx0 + (i + 1) * stride + overlap / 2 if i < len(xs) - 1 else math.inf
+                cy1 = ry0 + (j + 1) * stride + overlap / 2 if j < len(ys) - 1 else math.inf
+                for d in detect_wbc(rgb, lmpp, cfg.detector):
+                    gx, gy = tx + d.centroid[0], ty + d.centroid[1]
+                    if not (cx0 <= gx < cx1 and cy0 <= gy < cy1):
+                        continue
+                    c0 = (gx * ds, gy * ds)
+                    if not (box[0] <= c0[0] < box[2] and box[1] <= c0[1] < box[3]):
+                        continue  # another box's cell (or outside the chosen grid)
+                    bx0, by0, bx1, by1 = d.bbox
+                    out.append(
+                        RegionCell(
+                            box=((tx + bx0) * ds, (ty + by0) * ds, (tx + bx1) * ds, (ty + by1) * ds),
+                            centroid=c0,
+                            score=float(d.score),
+                            clumped=bool(d.clumped),
+                            diameter_um=math.sqrt(4.0 * float(d.area_px) / math.pi) * lmpp,
+                        )
+                    )
+            del rgb
+    return out
+
+
+def merge_regions(
+    plan: SmearPlan, found: list[list[RegionCell]], *, max_cells: int | None = None, seed: int = 0
+) -> MergedCells:
+    """Join region tasks' cells into the slide's: each cell once (a cell on a box border seen
+    from both sides keeps the higher score), zone and red-cell density from ``plan.zone_map``,
+    cells outside ``plan.select`` counted per zone (not described), then at most ``max_cells``
+    of the rest (spatially balanced sample, ``seed``; see :mod:`pipeline.smear_sampling`)."""
+    _check_budget(max_cells, seed)
+    zm = plan.zone_map
+    cells = _dedup([c for part in found for c in part])
+    outside = {z: 0 for z in ZONE_NAMES if z not in plan.select}
+    kept: list[tuple[RegionCell, dict]] = []
+    for c in cells:
+        cz = cell_zone(zm, *c.centroid)
+        if cz["smear_zone"] in plan.select:
+            kept.append((c, cz))
+        else:
+            outside[cz["smear_zone"]] += 1
+    total = len(kept)
+    if max_cells is not None and total > max_cells:
+        idx = spatial_sample(np.array([c.centroid for c, _ in kept], np.float64), max_cells, seed)
+        kept = [kept[i] for i in idx]
+    return MergedCells([c for c, _ in kept], [z for _, z in kept], outside, total, len(kept) < total)
+
+
+def measure_cells(
+    slide: Slide, cells: list[RegionCell], level: int, mpp: float, mpp_source: str, config: DetectConfig, source: str
+) -> tuple[list[dict], np.ndarray]:
+    """Records (``DETECT_COLUMNS``) and ``(N, crop_px, crop_px, 3)`` crops of ``cells`` (level-0
+    crops read in chunks of 128 cells). ``level``: the level the cells were detected on."""
+    return _measure(slide, cells, level, mpp, mpp_source, config, source)
+
+
+def _overview_windows(slide: Slide) -> np.ndarray:
+    """Overview from the coarsest level, read in windows (no level fits the overview size)."""
+    lv = slide.level_count - 1
+    w, h = slide.level_dimensions[lv]
+    f = max(w, h) / OVERVIEW_MAX_SIDE
+    ov = np.full((max(1, int(h / f)), max(1, int(w / f)), 3), 255, np.uint8)
+    win = 2048
+    for y in range(0, h, win):
+        for x in range(0, w, win):
+            x1, y1 = min(x + win, w), min(y + win, h)
+            _paste_overview(ov, slide.read(lv, (x, y, x1, y1)), x, y, f, (x, y, x1, y1))
+    return ov
 
 
 # -- scale ---------------------------------------------------------------------------------------
@@ -359,14 +760,19 @@ def _measure_one(slide: Slide, cells: list[_Cell], idx: int, box: tuple[int, int
     c = cells[idx]
     cx, cy = c.centroid
     # White outside the slide (the reader's rule): glass, flagged crop_incomplete below.
-    square = slide.read(0, box)
+    # One read of the crop box plus the farthest the centre may move (below), then slices of it.
+    mg = int(math.ceil(MAX_CENTRE_SHIFT_UM / mpp)) + 1
+    wide = slide.read(0, (box[0] - mg, box[1] - mg, box[2] + mg, box[3] + mg))
+    square = wide[mg:mg + box[3] - box[1], mg:mg + box[2] - box[0]]
     # The crop is centred as training crops are: on the nucleus near the detector's centroid.
     # The record keeps the detector's centroid: from it, any reader of the crop (hemblip caption
     # --center) moves to the same nucleus and cuts the same pixels.
     dx, dy = centre_offset(square, mpp)
     if dx or dy:
-        box = crop_box((cx + dx, cy + dy), mpp, cfg.crop_um)
-        square = slide.read(0, box)
+        nb = crop_box((cx + dx, cy + dy), mpp, cfg.crop_um)
+        ox, oy = nb[0] - box[0] + mg, nb[1] - box[1] + mg
+        box = nb
+        square = wide[oy:oy + box[3] - box[1], ox:ox + box[2] - box[0]]
     x0, y0, x1, y1 = box
     crop = resample(square, cfg.crop_px)
     crops[idx] = crop

@@ -72,7 +72,7 @@ def test_local_path_on_two_nodes_is_refused_naming_the_flag(role, flag, tmp_path
     assert (
         "2-node" in msg
         and "other nodes cannot see the driver's files" in msg
-        and "--shared-path" in msg
+        and "--shared-paths" in msg
     )
 
 
@@ -131,7 +131,7 @@ def test_relative_path_under_a_shared_prefix_is_refused(tmp_path, monkeypatch):
 @pytest.mark.unit
 @pytest.mark.parametrize("prefix", ["nfs", "", "./mnt"])
 def test_shared_prefix_must_be_absolute(prefix):
-    with pytest.raises(ConfigError, match=r"^--shared-path .*absolute"):
+    with pytest.raises(ConfigError, match=r"^--shared-paths .*absolute"):
         check_shared_paths({"output": "/mnt/out"}, TWO, shared_paths=[prefix])
 
 
@@ -353,7 +353,7 @@ def test_local_output_is_refused_on_the_live_two_node_cluster(two_nodes, tmp_pat
     assert res["refused"] == (
         f"--output {out}: a local path on a 2-node Ray cluster; workers on other nodes cannot "
         "see the driver's files: use an s3:// URI, or a file system every node mounts declared "
-        "with --shared-path PREFIX"
+        "with --shared-paths PREFIX"
     )
     # Declared shared: both raylets of this machine see the same directory, so the pinned probes
     # (one per node, both answered) agree with the driver and nothing is refused.

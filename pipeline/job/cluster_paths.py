@@ -196,7 +196,7 @@ def check_shared_paths(
     bad_prefix = [p for p in shared_paths if not isinstance(p, str) or not os.path.isabs(p)]
     if bad_prefix:
         raise ConfigError(
-            f"--shared-path {_shown(str(bad_prefix[0]))}: must be an absolute path (a mount every node has)"
+            f"--shared-paths {_shown(str(bad_prefix[0]))}: must be an absolute path (a mount every node has)"
         )
     n = len(alive)
     findings: list[Finding] = []
@@ -234,7 +234,7 @@ def check_shared_paths(
                     value,
                     "error",
                     f"{flag} {shown}: a local path on a {n}-node Ray cluster; workers on other nodes cannot see the "
-                    "driver's files: use an s3:// URI, or a file system every node mounts declared with --shared-path PREFIX",
+                    "driver's files: use an s3:// URI, or a file system every node mounts declared with --shared-paths PREFIX",
                 )
             )
             continue

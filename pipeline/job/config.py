@@ -272,6 +272,15 @@ class JobConfig:
         metavar="DIR|URI",
         default_text="the base the adapter names",
     )
+    shared_paths: tuple[str, ...] = setting(
+        (),
+        "absolute path prefixes mounted on every node (NFS, Lustre, EFS): local --input/--output/"
+        "--model/--base under them are allowed on a multi-node cluster after a per-node check "
+        "(comma-separated or repeated)",
+        group="paths",
+        metavar="PREFIX[,PREFIX]",
+        default_text="none: local paths are refused on a multi-node cluster",
+    )
     s3_endpoint: str | None = setting(
         None,
         "S3 endpoint URL, e.g. http://127.0.0.1:9000 (overrides AWS_ENDPOINT_URL_S3 / "
