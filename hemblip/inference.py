@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,10 @@ class Captioner:
                  num_beams: int = 1, max_new_tokens: int | None = None, dtype: str = "auto",
                  decoding: str = "greedy", min_new_tokens: int | None = None,
                  allow_pickle: bool = False, preprocess: str = "device", base: str | None = None,
-                 type_confidence: bool = True):
+                 type_confidence: bool = True, storage_options: Mapping[str, Any] | None = None):
+        """``storage_options``: how an ``s3://`` model (and base) is reached (``endpoint_url``,
+        ``region_name``, ``max_attempts``; see :func:`hemblip.model.load_model`); None: the
+        environment's ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``."""
         import torch
 
         from hemblip.model import LoadedModel, load_model
@@ -122,7 +126,7 @@ class Captioner:
             self.model_id = "hemblip-demo"
         else:
             loaded = load_model(os.fspath(model) if isinstance(model, Path) else model,
-                                allow_pickle=allow_pickle, base=base)
+                                allow_pickle=allow_pickle, base=base, storage_options=storage_options)
             self.model_id = str(model) if base is None else f"{model} (base {base})"
         self._loaded = loaded
         self.model_version = loaded.version

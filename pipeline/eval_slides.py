@@ -920,12 +920,12 @@ def _parse_s3_prefix(prefix: str) -> tuple[str, str]:
 
 
 def _upload(slides: Sequence[Path], endpoint: str | None, bucket: str, key_prefix: str) -> None:
-    import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
     from pipeline.errors import StorageError
+    from pipeline.job.storage import S3Settings, s3_client
 
-    client = boto3.client("s3", endpoint_url=endpoint)
+    client = s3_client(S3Settings(endpoint=endpoint))
     for p in slides:
         try:
             client.upload_file(str(p), bucket, key_prefix + p.name)
