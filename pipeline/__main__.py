@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "detect": "pipeline.cli.detect",
     "eval-detect": "pipeline.cli.eval_detect",
     "eval-slides": "pipeline.cli.eval_slides",
+    "eval-smear": "pipeline.cli.eval_smear",
     "make-samples": "pipeline.cli.make_samples",
     "run": "pipeline.cli.run",
     "demo": "pipeline.cli.demo",

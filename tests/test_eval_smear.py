@@ -1,0 +1,53 @@
+"""``python -m pipeline eval-smear`` (pipeline.eval_smear): matching, scoring, bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.eval_smear import evaluate_smears, format_table, match_cells
+from pipeline.whole_smear import DEFAULT_DATA_DIR, SmearSpec
+
+pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def test_match_is_one_to_one_centroid_in_box():
+    boxes = [(0, 0, 10, 10), (20, 0, 30, 10)]
+    # Two predictions in the first box: one match, the other is a false positive.
+    pairs = match_cells([(5, 5), (6, 6), (25, 5), (50, 50)], boxes)
+    assert sorted(pairs) == [(0, 0), (2, 1)]
+    assert match_cells([(10, 5)], boxes) == []  # x1 is exclusive
+
+
+@pytest.mark.parametrize("bad", [("monolayer", "x"), ()])
+def test_bad_zones_fail_once_before_any_slide_is_built(bad, tmp_path):
+    with pytest.raises(ConfigError, match="--zones"):
+        evaluate_smears([SmearSpec(width_mm=1.0, height_mm=0.5)], select=bad, out_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_budget_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="max-cells-per-slide"):
+        evaluate_smears([], max_cells=0, out_dir=tmp_path)
+
+
+def test_unbuildable_slide_is_recorded_and_the_rest_goes_on(tmp_path):
+    res = evaluate_smears(
+        [SmearSpec(width_mm=1.0, height_mm=0.5)], out_dir=tmp_path / "o", data_dir=tmp_path
+    )
+    assert res["slides"] == [] and len(res["errors"]) == 1
+    assert "not found" in res["errors"][0]["error"]
+    assert "detection" in format_table(res)
+
+
+@pytest.mark.skipif(not (DEFAULT_DATA_DIR / "txl_pbc").is_dir(), reason="shared data not present")
+def test_small_smear_is_scored(tmp_path):
+    spec = SmearSpec(width_mm=2.0, height_mm=1.0, seed=31, source="pbc", monolayer_fraction=0.3)
+    res = evaluate_smears([spec], out_dir=tmp_path)
+    assert res["errors"] == []
+    row = res["slides"][0]
+    assert row["truth_wbc_chosen_zones"] > 0 and 0 <= row["recall"] <= 1
+    assert row["zone_agreement"]["overall"] > 0.8
+    assert 0 < row["level0_fraction_read"] < 1
+    assert set(row["cells_outside_zones"]) == {"glass", "thick", "feathered"}
+    assert "recall" in format_table(res)

@@ -1,0 +1,184 @@
+"""Zone-limited detection on whole smears (pipeline.detect zones path) and the cell budget
+(pipeline.smear_sampling)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.detect import (
+    RegionTask,
+    _check_select,
+    detect_region,
+    detect_slide,
+    merge_regions,
+    plan_smear,
+    split_regions,
+)
+from pipeline.errors import ConfigError
+from pipeline.eval_smear import CountingSlide, match_cells
+from pipeline.slides import open_slide
+from pipeline.smear_sampling import spatial_sample
+from pipeline.whole_smear import DEFAULT_DATA_DIR, SmearSpec, build_whole_smear
+
+pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
+_DATA = pytest.mark.skipif(
+    not (DEFAULT_DATA_DIR / "txl_pbc").is_dir(), reason="shared data not present"
+)
+
+
+# -- sampling (pure) ------------------------------------------------------------------------------
+def _quadrant_counts(pts, idx, w, h):
+    p = pts[idx]
+    q = (p[:, 0] >= w / 2).astype(int) + 2 * (p[:, 1] >= h / 2).astype(int)
+    return np.bincount(q, minlength=4)
+
+
+def test_sample_is_deterministic_by_seed_and_sized():
+    pts = np.random.default_rng(1).uniform(0, 1000, (5000, 2))
+    a, b, c = (
+        spatial_sample(pts, 300, seed=7),
+        spatial_sample(pts, 300, seed=7),
+        spatial_sample(pts, 300, seed=8),
+    )
+    assert len(a) == 300 and len(set(a.tolist())) == 300
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.all(np.diff(a) > 0)
+
+
+def test_sample_spreads_like_the_area_not_the_reading_order():
+    # Points uniform over an L-shaped zone: quadrant shares of the sample match area shares
+    # (top-left, top-right, bottom-left hold 1/3 each; bottom-right none).
+    rng = np.random.default_rng(2)
+    pts = rng.uniform(0, 1000, (20000, 2))
+    pts = pts[~((pts[:, 0] >= 500) & (pts[:, 1] >= 500))]
+    for seed in range(5):
+        counts = _quadrant_counts(pts, spatial_sample(pts, 300, seed=seed), 1000, 1000)
+        assert counts[3] == 0
+        # Spatial balance: within 6 % of 100 each (a simple random sample's sd is ~8).
+        assert np.all(np.abs(counts[:3] - 100) <= 6), counts
+    # The first N in reading order would take only the top half.
+    first = np.argsort(pts[:, 1])[:300]
+    assert _quadrant_counts(pts, first, 1000, 1000)[2] == 0
+
+
+def test_sample_gives_every_point_the_same_chance():
+    # Dense cluster + sparse rest: inclusion frequency is n/N everywhere (unbiased differential).
+    rng = np.random.default_rng(3)
+    pts = np.vstack([rng.uniform(0, 100, (900, 2)), rng.uniform(0, 1000, (100, 2))])
+    hits = np.zeros(len(pts))
+    for seed in range(200):
+        hits[spatial_sample(pts, 100, seed=seed)] += 1
+    assert hits[:900].mean() / 200 == pytest.approx(0.1, abs=0.01)
+    assert hits[900:].mean() / 200 == pytest.approx(0.1, abs=0.02)
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, True, "3"])
+def test_sample_rejects_bad_budget(n):
+    with pytest.raises(ConfigError, match="max cells"):
+        spatial_sample(np.zeros((4, 2)), n)
+
+
+def test_sample_rejects_bad_points():
+    with pytest.raises(ConfigError, match="finite"):
+        spatial_sample(np.array([[0.0, np.nan], [1.0, 1.0]]), 1)
+    assert spatial_sample(np.zeros((3, 2)), 5).tolist() == [0, 1, 2]
+    assert spatial_sample(np.zeros((0, 2)), 5).tolist() == []
+
+
+# -- region tasks -------------------------------------------------------------------------------
+def test_split_regions_bounds_task_area_and_keeps_every_box():
+    boxes = [
+        (x, y, x + 1024, y + 1024) for y in range(0, 8192, 1024) for x in range(0, 20480, 1024)
+    ]
+    tasks = split_regions(boxes, max_task_px=16 * 1024 * 1024)
+    assert all(t.area_px <= 16 * 1024 * 1024 for t in tasks)
+    assert sum(t.area_px for t in tasks) == len(boxes) * 1024 * 1024
+    # Runs are at most 8 boxes long.
+    assert max(b[2] - b[0] for t in tasks for b in t.boxes) <= 8 * 1024
+    assert len(split_regions(boxes, tasks=4)) in (4, 5)
+
+
+@pytest.mark.parametrize("bad", [["monolayer", "lungs"], [], "reading", [3]])
+def test_bad_zone_names_are_one_clear_error(bad):
+    with pytest.raises(ConfigError, match="--zones"):
+        _check_select(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_cell_budget_is_a_clear_error(tmp_path, bad):
+    with pytest.raises(ConfigError, match="max-cells-per-slide"):
+        detect_slide(tmp_path / "missing.svs", max_cells=bad)
+
+
+# -- a small generated smear --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smear(tmp_path_factory):
+    return build_whole_smear(
+        tmp_path_factory.mktemp("sd"),
+        SmearSpec(width_mm=2.0, height_mm=1.0, seed=21, source="pbc", monolayer_fraction=0.3),
+    )
+
+
+@_DATA
+def test_zone_path_reads_only_chosen_regions_and_counts_the_rest(smear):
+    truth = json.loads(smear.truth_path.read_text())
+    with open_slide(smear.path) as inner:
+        slide = CountingSlide(inner)
+        res = detect_slide(slide, zones=True)
+        read = slide.level0_fraction()
+        plan = plan_smear(slide)
+    info = res.info
+    assert set(info["cells_outside_zones"]) == {"glass", "thick", "feathered"}
+    assert info["sampled"] is False and info["cells_total"] == len(res.records)
+    assert len(res.cell_zones) == len(res.records)
+    assert all(z["smear_zone"] == "monolayer" and z["rbc_coverage"] > 0 for z in res.cell_zones)
+    assert info["zones"]["areas_mm2"]["monolayer"] > 0
+    assert info["zone_map_png"].startswith(b"\x89PNG")
+    # Level 0 is touched only inside the plan's boxes (plus the half-overlap margin): well
+    # under the whole slide, and no level-0 tile of a glass-only grid cell.
+    assert read < 0.85
+    inside = set()
+    for t in plan.tasks:
+        for b in t.boxes:
+            for ty in range(max(0, b[1] - 512) // 256, (b[3] + 512) // 256 + 1):
+                for tx in range(max(0, b[0] - 512) // 256, (b[2] + 512) // 256 + 1):
+                    inside.add((tx, ty))
+    assert slide.tiles0 <= inside
+    # Every monolayer truth white cell is found (detector recall on the generator's cells).
+    mono = [tuple(w["box"]) for w in truth["wbcs"] if w["zone"] == "monolayer"]
+    got = match_cells([(r["centroid_x"], r["centroid_y"]) for r in res.records], mono)
+    assert len(got) >= 0.9 * len(mono)
+
+
+@_DATA
+def test_region_tasks_in_any_split_give_the_same_cells(smear):
+    with open_slide(smear.path) as slide:
+        plan = plan_smear(slide)
+        whole = merge_regions(plan, [detect_region(slide, t) for t in plan.tasks])
+        boxes = [b for t in plan.tasks for b in t.boxes]
+        # One task per box, in reverse order: borders everywhere, cells still counted once.
+        tasks = [RegionTask(i, (b,), plan.level, plan.mpp) for i, b in enumerate(reversed(boxes))]
+        split = merge_regions(plan, [detect_region(slide, t) for t in tasks])
+    key = lambda m: sorted((round(c.centroid[0]), round(c.centroid[1])) for c in m.cells)  # noqa: E731
+    a, b = key(whole), key(split)
+    assert len(a) == len(b) and a == b
+    assert whole.outside == split.outside
+
+
+@_DATA
+def test_budget_samples_spatially_and_records_the_total(smear):
+    with open_slide(smear.path) as slide:
+        full = detect_slide(slide, zones=True)
+        n = full.info["cells_total"]
+        part = detect_slide(slide, zones=True, max_cells=max(1, n // 3), seed=5)
+        again = detect_slide(slide, zones=True, max_cells=max(1, n // 3), seed=5)
+    assert part.info["sampled"] is True and part.info["cells_total"] == n
+    assert len(part.records) == max(1, n // 3)
+    pts = [(r["centroid_x"], r["centroid_y"]) for r in part.records]
+    assert pts == [(r["centroid_x"], r["centroid_y"]) for r in again.records]
+    # Not the first cells in reading order.
+    first = [(r["centroid_x"], r["centroid_y"]) for r in full.records[: len(pts)]]
+    assert pts != first
