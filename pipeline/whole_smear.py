@@ -19,8 +19,9 @@ darker); white cells are laid over the red cells. A white cell's type is kept wh
 know it (PBC: WBCAtt label; BCCD: ``wbc_types.csv`` for one-WBC images).
 
 The slide is rendered in 256-px tile rows and written tile by tile (never the whole level 0):
-JPEG tiles, 4x downsamples (each lower level built from a disk-backed 4x proxy filled while
-level 0 is written), consecutive TIFF pages, as Aperio SVS (``|MPP =`` in the description) or a
+JPEG tiles, 4x downsamples (level 1 from a raw file of 4x-reduced bands written while level 0
+is written and read back in strips, level 2 from those strips, the rest in memory), at most
+64 tiles buffered for the encoder, consecutive TIFF pages, as Aperio SVS (``|MPP =`` in the description) or a
 generic BigTIFF with resolution tags. Beside it, ``<stem>.truth.json`` (every white cell's box in
 level-0 px, type where known, zone; zone areas in mm² and the layout) and ``<stem>.zones.npz``
 (the truth zone raster, codes of :data:`pipeline.zones.ZONE_NAMES`) and ``.zones.png``.
@@ -60,6 +61,7 @@ _CHUNK = 4096  # level-0 px rendered at once along x (one tile row high)
 _OD_SCALE = 1000.0  # optical density stored as uint16 thousandths
 _OD_MAX = 4000
 _MAX_FIELDS = 80  # fields per slide's sprite library
+_RBC_SPRITES = 96  # red-cell sprites per zone look (x 8 orientations)
 _MIN_TOP_SIDE = 1024  # stop the 4x pyramid once the level's longer side is at most this
 #: Areal density (red-cell areas per unit area) at the start and end of each zone along x.
 _RHO = {THICK: (3.0, 1.6), MONOLAYER: (0.9, 0.6), FEATHERED: (0.4, 0.1)}
@@ -516,7 +518,26 @@ class _Renderer:
         self.spec, self.lay, self.lib, self.wbcs = spec, lay, lib, wbcs
         self.d = 0.9 * lib.rbc_diam_px  # lattice spacing: one cell per point just touches
         self.cells_per_rho = self.d * self.d / lib.rbc_area_px
-        self.reach = int(math.ceil(self.d + 1.5 * max(s.od.shape[0] for s in lib.rbc[FEATHERED])))
+        # Red-cell sprites in their 8 orientations in one flat list with each zone's offset, so
+        # the per-cell loop does one slice-add and nothing else. Transposed and mirrored sprites
+        # are stored contiguous (adding a strided view is ~5x slower); the row flip stays a
+        # view (as fast). At most _RBC_SPRITES per zone bounds the copies (~10 MiB).
+        self.rbc_views: list[np.ndarray] = []
+        self.rbc_off = np.zeros(4, np.int64)
+        self.rbc_n = np.ones(4, np.int64)
+        for z in (THICK, MONOLAYER, FEATHERED):
+            sprites = lib.rbc[z][:_RBC_SPRITES]
+            self.rbc_off[z], self.rbc_n[z] = len(self.rbc_views), len(sprites)
+            for sp in sprites:
+                for o in range(8):
+                    if o & 1:
+                        self.rbc_views.append(self.rbc_views[-1][::-1])
+                        continue
+                    a = sp.od.transpose(1, 0, 2) if o & 4 else sp.od
+                    self.rbc_views.append(np.ascontiguousarray(a[:, ::-1] if o & 2 else a))
+        self.rbc_hw = np.array([v.shape[:2] for v in self.rbc_views], np.int64)
+        # A lattice point's cell lies within its jitter (half a spacing) plus half a sprite of it.
+        self.reach = int(math.ceil(0.5 * self.d + self.rbc_hw.max() / 2 + 2))
         self.wbc_boxes = np.array(
             [
                 (
@@ -535,7 +556,7 @@ class _Renderer:
         ]
         nrng = np.random.default_rng(spec.seed ^ 0x5EED)
         # One noise strip reused at a per-chunk offset: camera noise without a per-pixel RNG.
-        self.noise = np.empty((2 * _TILE, _CHUNK + 2 * _TILE, 3), np.int16)
+        self.noise = np.empty((2 * _TILE, _CHUNK + 2 * _TILE, 3), np.int8)  # |noise| < 8
         for r in range(0, 2 * _TILE, 32):  # in row blocks: no float64 copy of the whole strip
             blk = nrng.standard_normal((32, _CHUNK + 2 * _TILE, 3), dtype=np.float32) * 1.2
             self.noise[r : r + 32] = blk.round()
@@ -575,7 +596,7 @@ class _Renderer:
         )
         p = rho * self.cells_per_rho
         n = np.floor(p).astype(np.int64) + (_uniform(_mix(key)) < p - np.floor(p))
-        libs = self.lib.rbc
+        cxs, cys, gs = [], [], []
         for k in range(int(min(n.max(), 4))):
             m = n > k
             kk = key[m] + np.uint64((k + 1) * 0xD6E8FEB86659FD93 % (1 << 64))
@@ -583,29 +604,45 @@ class _Renderer:
             # The first cell sits near its lattice point (cells just touch); more cells per point
             # (thick end) land anywhere in its square and pile up.
             jit = 0.25 if k == 0 else 0.5
-            cx = px[m] + (_uniform(h1) * 2 - 1) * jit * d - x0
-            cy = py[m] + (_uniform(h2) * 2 - 1) * jit * d - y0
-            zs = zone[m]
+            cxs.append(px[m] + (_uniform(h1) * 2 - 1) * jit * d - x0)
+            cys.append(py[m] + (_uniform(h2) * 2 - 1) * jit * d - y0)
+            zs = zone[m].astype(np.int64)
             sel = (h3 >> np.uint64(8)).astype(np.int64)
             orient = (h3 & np.uint64(7)).astype(np.int64)
-            for x, y, z, s_, o in zip(
-                cx.tolist(), cy.tolist(), zs.tolist(), sel.tolist(), orient.tolist(), strict=True
-            ):
-                lib = libs[z]
-                sp = lib[s_ % len(lib)].od
-                if o & 4:
-                    sp = sp.transpose(1, 0, 2)
-                if o & 1:
-                    sp = sp[::-1]
-                if o & 2:
-                    sp = sp[:, ::-1]
-                sh, sw = sp.shape[:2]
-                tx, ty = math.floor(x - sw / 2), math.floor(y - sh / 2)
-                ax0, ay0 = max(tx, 0), max(ty, 0)
-                ax1, ay1 = min(tx + sw, w), min(ty + sh, h)
-                if ax1 <= ax0 or ay1 <= ay0:
-                    continue
-                od[ay0:ay1, ax0:ax1] += sp[ay0 - ty : ay1 - ty, ax0 - tx : ax1 - tx]
+            gs.append(self.rbc_off[zs] + (sel % self.rbc_n[zs]) * 8 + orient)
+        if not gs:
+            return
+        g = np.concatenate(gs)
+        sh, sw = self.rbc_hw[g, 0], self.rbc_hw[g, 1]
+        tx = np.floor(np.concatenate(cxs) - sw / 2).astype(np.int64)
+        ty = np.floor(np.concatenate(cys) - sh / 2).astype(np.int64)
+        tx1, ty1 = tx + sw, ty + sh
+        seen = (tx < w) & (ty < h) & (tx1 > 0) & (ty1 > 0)
+        inside = seen & (tx >= 0) & (ty >= 0) & (tx1 <= w) & (ty1 <= h)
+        views = self.rbc_views
+        # Integer sums: the order cells are added in does not change a pixel.
+        for gi, a, b, c, e in zip(
+            g[inside].tolist(),
+            ty[inside].tolist(),
+            ty1[inside].tolist(),
+            tx[inside].tolist(),
+            tx1[inside].tolist(),
+            strict=True,
+        ):
+            od[a:b, c:e] += views[gi]
+        edge = seen & ~inside
+        for gi, a, b, c, e in zip(
+            g[edge].tolist(),
+            ty[edge].tolist(),
+            ty1[edge].tolist(),
+            tx[edge].tolist(),
+            tx1[edge].tolist(),
+            strict=True,
+        ):
+            ca, cc = max(a, 0), max(c, 0)
+            od[ca : min(b, h), cc : min(e, w)] += views[gi][
+                ca - a : min(b, h) - a, cc - c : min(e, w) - c
+            ]
 
     def _white_cells(self, od: np.ndarray, x0: int, y0: int) -> None:
         if not len(self.wbc_boxes):
@@ -660,6 +697,9 @@ def _write_level(tw, data, shape, spec: SmearSpec, name: str, level: int, w0: in
         metadata=None,
         software=False,
         maxworkers=2,
+        # tifffile buffers this many bytes of tiles per batch (default 512 MiB): each tile is a
+        # view that keeps its 3 MiB chunk alive, so the default held ~0.6 GiB.
+        buffersize=64 * _TILE * _TILE * 3,
     )
 
 
@@ -725,27 +765,56 @@ def build_whole_smear(
     while max(levels[-1]) > _MIN_TOP_SIDE and min(levels[-1]) >= 4 * 16:
         levels.append((levels[-1][0] // 4, levels[-1][1] // 4))
     with tempfile.TemporaryDirectory(dir=out, prefix=".smear-") as tmp:
-        pw, ph = -(-W // _TILE) * _TILE // 4, -(-H // _TILE) * _TILE // 4
-        proxy = np.lib.format.open_memmap(
-            Path(tmp) / "l1.npy", mode="w+", dtype=np.uint8, shape=(ph, pw, 3)
-        )
+        # Level 1 goes through a raw file written band by band and read back in strips (not a
+        # memory map, whose touched pages count as resident: ~1 GiB at 5 GP); level 2 is made
+        # from those strips; every level below it is small.
+        pw = -(-W // _TILE) * _TILE // 4
+        raw = Path(tmp) / "l1.raw"
 
         def tiles():
-            for ty in range(0, H, _TILE):
-                for cx in range(0, W, _CHUNK):
-                    cw = min(_CHUNK, -(-(W - cx) // _TILE) * _TILE)
-                    rgb = rend.render(cx, ty, cw, _TILE)
-                    proxy[ty // 4 : ty // 4 + _TILE // 4, cx // 4 : (cx + cw) // 4] = cv2.resize(
-                        rgb, (cw // 4, _TILE // 4), interpolation=cv2.INTER_AREA
+            with open(raw, "wb") as fh:
+                for ty in range(0, H, _TILE):
+                    band = np.empty((_TILE // 4, pw, 3), np.uint8)
+                    for cx in range(0, W, _CHUNK):
+                        cw = min(_CHUNK, -(-(W - cx) // _TILE) * _TILE)
+                        rgb = rend.render(cx, ty, cw, _TILE)
+                        band[:, cx // 4 : (cx + cw) // 4] = cv2.resize(
+                            rgb, (cw // 4, _TILE // 4), interpolation=cv2.INTER_AREA
+                        )
+                        if cx + _CHUNK >= W:
+                            # Before the row's last tiles: tifffile closes this generator
+                            # once it has the slide's last tile.
+                            fh.write(band.tobytes())
+                        for tx in range(0, cw, _TILE):
+                            yield rgb[:, tx : tx + _TILE]
+
+        l2: list[np.ndarray] = []
+
+        def level1_tiles(lw: int, lh: int):
+            for y in range(0, lh, _TILE):
+                rows = min(_TILE, lh - y)
+                strip = np.fromfile(raw, np.uint8, rows * pw * 3, offset=y * pw * 3)
+                strip = strip.reshape(rows, pw, 3)
+                if len(levels) > 2 and rows >= 4:
+                    l2.append(
+                        cv2.resize(
+                            strip[: rows // 4 * 4, : lw // 4 * 4],
+                            (lw // 4, rows // 4),
+                            interpolation=cv2.INTER_AREA,
+                        )
                     )
-                    for tx in range(0, cw, _TILE):
-                        yield rgb[:, tx : tx + _TILE]
+                for tx in range(0, lw, _TILE):
+                    yield strip[:, tx : tx + _TILE]
 
         with tifffile.TiffWriter(path, bigtiff=spec.fmt == "tiff" or W * H > 2**31) as tw:
             _write_level(tw, tiles(), (H, W, 3), spec, name, 0, W, H)
             prev = None
             for lv, (lw, lh) in enumerate(levels[1:], start=1):
-                arr = proxy[:lh, :lw] if lv == 1 else _downsample4(prev, (lh, lw))
+                if lv == 1:
+                    _write_level(tw, level1_tiles(lw, lh), (lh, lw, 3), spec, name, lv, W, H)
+                    continue
+                arr = np.concatenate(l2)[:lh] if lv == 2 else _downsample4(prev, (lh, lw))
+                l2.clear()
                 _write_level(tw, arr, (lh, lw, 3), spec, name, lv, W, H)
                 prev = arr
     truth = _truth(spec, name, path, source, lay, lib, wbcs)
@@ -775,8 +844,10 @@ def truth_labels(spec: SmearSpec, lay: _Layout) -> np.ndarray:
     gw, gh = max(1, int(round(spec.width_px / f))), max(1, int(round(spec.height_px / f)))
     xs = (np.arange(gw) + 0.5) * (spec.width_px / gw)
     ys = (np.arange(gh) + 0.5) * (spec.height_px / gh)
-    zone, _ = lay.zone_rho(xs[None, :], ys[:, None])
-    return zone
+    out = np.empty((gh, gw), np.uint8)
+    for r in range(0, gh, 256):  # in row blocks: float64 temporaries of a 5 GP raster are GBs
+        out[r : r + 256], _ = lay.zone_rho(xs[None, :], ys[r : r + 256, None])
+    return out
 
 
 def _truth(spec, name, path, source, lay: _Layout, lib: _Library, wbcs: list[_Wbc]) -> dict:

@@ -87,3 +87,33 @@ def test_deterministic_bytes(samples, tmp_path):
         assert a.path.name == b.path.name
         assert a.path.read_bytes() == b.path.read_bytes()
         assert a.truth_path.read_bytes() == b.truth_path.read_bytes()
+
+
+_TXL = __import__("pathlib").Path("/work/shared/data/txl_pbc")
+
+
+@pytest.mark.skipif(not _TXL.is_dir(), reason="shared data not present")
+def test_make_samples_whole_smear_cli(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pipeline", "make-samples", str(tmp_path / "ws"), "--whole-smear"]
+    tiny = ["--width-mm", "0.8", "--height-mm", "0.5", "--source", "bccd", "--seed", "3"]
+    done = subprocess.run(
+        [*cmd, *tiny, "--format", "tiff", "--name", "tiny"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in (tmp_path / "ws").iterdir())
+    assert names == ["tiny.tiff", "tiny.truth.json", "tiny.zones.npz", "tiny.zones.png"]
+    truth = json.loads((tmp_path / "ws" / "tiny.truth.json").read_text())
+    assert (truth["width"], truth["height"], truth["spec"]["seed"]) == (3200, 2000, 3)
+    with open_slide(tmp_path / "ws" / "tiny.tiff") as s:
+        assert s.format == "openslide:generic-tiff" and s.dimensions == (3200, 2000)
+    assert "tiny.tiff" in done.stdout and f"{len(truth['wbcs'])} WBCs" in done.stdout
+    # A bad flag is one line naming it; nothing is written.
+    bad = subprocess.run(
+        [*cmd, *tiny, "--monolayer", "0.7", "--name", "bad"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "monolayer_fraction" in bad.stderr
+    assert not list((tmp_path / "ws").glob("bad*"))

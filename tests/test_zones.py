@@ -17,7 +17,8 @@ pytestmark = [
     ),
 ]
 
-# Three sources, three seeds, two formats, two layouts (~20-26 MP each).
+# Four sources, four seeds, two formats, layouts from monolayer-rich to thick-dominated and
+# monolayer-poor (~20-26 MP each).
 _CASES = [
     dict(width_mm=1.8, height_mm=0.9, seed=21, source="pbc", monolayer_fraction=0.3),
     dict(width_mm=1.6, height_mm=0.8, seed=22, source="raabin", monolayer_fraction=0.4, fmt="tiff"),
@@ -28,6 +29,14 @@ _CASES = [
         source="bccd",
         monolayer_fraction=0.15,
         thick_fraction=0.25,
+    ),
+    dict(
+        width_mm=1.8,
+        height_mm=0.9,
+        seed=24,
+        source="kaggle",
+        monolayer_fraction=0.1,
+        thick_fraction=0.35,
     ),
 ]
 
@@ -92,6 +101,8 @@ def test_region_boxes_cover_the_monolayer_and_skip_glass(smear):
         ({"calib_tiles": 0}, "calib_tiles"),
         ({"calib_fraction": (0.9, 0.1)}, "calib_fraction"),
         ({"stain_od": "0.1"}, "stain_od"),
+        ({"glass_close_um": -1.0}, "glass_close_um"),
+        ({"calib_percentile": 101}, "calib_percentile"),
     ],
 )
 def test_bad_settings_name_the_field(kw, field):
