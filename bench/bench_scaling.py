@@ -47,11 +47,10 @@ def _detect_task(batch: dict, settings) -> dict:
     ranged reads from S3, detection, crops, morphometry, thumbnails, JSON records) on one slide.
     In: ``ref`` (N,) JSON slide references. Out: ``cells`` (N,) int, ``bytes`` (N,) int S3 bytes
     fetched, ``seconds`` (N,) float wall time of the stage on the slide."""
-    import json
 
     import numpy as np
 
-    from pipeline.job.stage_detect import detect_batch
+    from pipeline.job.stage_detect import detect_batch, records
 
     cells, nbytes, secs = [], [], []
     for ref in batch["ref"]:
@@ -59,9 +58,9 @@ def _detect_task(batch: dict, settings) -> dict:
         n, outcome = 0, None
         for out in detect_batch({"ref": np.array([ref], dtype=object)}, settings):
             n += int((out["kind"] == "cell").sum())
-            for kind, rec in zip(out["kind"], out["record"]):
-                if kind == "slide":
-                    outcome = json.loads(rec)
+            for rec in records(out):
+                if "status" in rec:
+                    outcome = rec
         secs.append(time.perf_counter() - t)
         if outcome is None or outcome["status"] != "ok":
             raise RuntimeError(f"detect stage failed on a benchmark slide: {outcome}")

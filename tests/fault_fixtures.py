@@ -153,7 +153,7 @@ def run_job_collect(lines: list | None = None, **settings):
         settings["model"] = tiny_model(None)
     saved = dict(os.environ)
     try:
-        cfg = load_config(overrides=settings, env={})
+        cfg = load_config(overrides=settings)
         return run_job(cfg, say=sink.append)
     finally:
         for k in set(os.environ) - set(saved):

@@ -3,6 +3,7 @@ whose Ray workers can reach it, expected cell ids computed independently, output
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import uuid
@@ -12,14 +13,15 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
 from pipeline.job.config import DEFAULT_FORWARD_ENV, JobConfig
 from pipeline.job.identity import cell_id
 from pipeline.job.listing import list_slides
 from pipeline.job.storage import S3Settings, storage_for
-from pipeline.job.writer import visible_parquet
+from pipeline.job.writer import set_fault_hook, visible_parquet
 
 __all__ = ["new_bucket", "put", "job_config", "read_table", "visible_files", "expected_cell_ids", "CORRUPT",
-           "chunk_rows", "visible_cell_ids"]
+           "chunk_rows", "visible_cell_ids", "InjectedFault", "injected_fault", "FAULT_POINTS"]
 
 CORRUPT = b"not a slide: random bytes with a slide suffix\n" * 50
 # Only the default (non-secret) variables: the session Ray cluster starts after the S3 fixture set
@@ -98,3 +100,38 @@ def visible_cell_ids(out: Path) -> list[str]:
     for uri in visible_parquet(st, str(out), "cells"):
         ids += pq.read_table(io.BytesIO(st.read_bytes(uri))).column("cell_id").to_pylist()
     return sorted(ids)
+
+
+# --------------------------------------------------------------------------- crash simulation
+
+FAULT_POINTS = ("after_commit", "after_journal", "mid_publish")
+
+
+class InjectedFault(PipelineError):
+    """Raised by :func:`injected_fault`'s hook: the simulated kill of the writing process."""
+
+
+@contextlib.contextmanager
+def injected_fault(after_chunks: int, point: str = "after_commit"):
+    """While active, every :class:`~pipeline.job.writer.OutputWriter` "dies" at ``point``:
+    ``after_commit`` raises after chunk ``after_chunks`` is committed; ``after_journal`` /
+    ``mid_publish`` raise while committing chunk ``after_chunks + 1``, after its journal is
+    written / after its first cells file is published. A writer that died raises again at every
+    later hook point (its run row, ...): a killed process writes nothing more."""
+    if point not in FAULT_POINTS:
+        raise ValueError(f"unknown fault point {point!r}")
+    dead: set[int] = set()
+
+    def hook(writer, at: str, number: int) -> None:
+        if id(writer) in dead:
+            raise InjectedFault(f"writer already killed (at {at})")
+        due = number == after_chunks if at == "after_commit" else number == after_chunks + 1
+        if at == point and due:
+            dead.add(id(writer))
+            raise InjectedFault(f"injected fault at {point} of chunk {number} (after {after_chunks} chunks)")
+
+    previous = set_fault_hook(hook)
+    try:
+        yield
+    finally:
+        set_fault_hook(previous)

@@ -306,37 +306,37 @@ def test_calibrate_command_writes_file_table_and_diagram(tmp_path, crops, capsys
 
 # --------------------------------------------------------------------------- the job row
 def test_caption_stage_and_cell_row_carry_the_confidence(crops):
-    import pyarrow as pa
-
-    from pipeline.job.run import _cell_row
+    from pipeline.job.listing import SlidePart, SlideRef
     from pipeline.job.stage_caption import OUTPUT_KEYS, CaptionStage
+    from pipeline.job.stage_detect import CELL_FIELDS, DetectSettings, _cell_batch, _slide_batch
+    from pipeline.job.stage_write import cells_table
     from pipeline.schema import CELL_SCHEMA
 
     stage = CaptionStage(None, batch_size=4, device="cpu")
-    n = 3
     crop = np.stack(
         [np.asarray(c[:96, :96]) for c in crops[:2]] + [np.zeros((96, 96, 3), np.uint8)]
     )
-    batch = {
-        "kind": np.array(["cell", "slide", "cell"], dtype=object),
-        "slide_id": np.array(["s"] * n, dtype=object),
-        "record": np.array([json.dumps({"cell_id": f"c{i}"}) for i in range(n)], dtype=object),
-        "thumbnail": np.array([b""] * n, dtype=object),
-        "crop": np.stack([crop[0], crop[2], crop[1]]),
-    }
+    ref = SlideRef("s", "/x/s.svs", "e", 1, (SlidePart("/x/s.svs", "s.svs", 1, "e"),), "s.svs")
+    ints = {name for name, dtype in CELL_FIELDS if dtype in (np.int32, np.int64)}
+    recs = [{**dict.fromkeys(ints, 0), "centroid_x": float(i), "centroid_y": 0.0} for i in range(3)]
+    cells = _cell_batch("s", ref, crop, recs, [b""] * 3)
+    slide = _slide_batch(ref, DetectSettings(s3=None, crop_px=96), {"status": "ok"})
+    # cell, slide row, cell: the slide row in the middle of a caption batch
+    batch = {k: np.concatenate([cells[k][:1], slide[k], cells[k][1:2]]) for k in cells}
     out = stage(batch)
-    assert set(out) == set(OUTPUT_KEYS)
+    assert set(OUTPUT_KEYS) <= set(out)
     assert math.isnan(out["cell_type_confidence"][1])  # the slide row
-    rows = [_cell_row(out, i, {"run_id": "r"}, None) for i in (0, 2)]
-    for i, row in zip((0, 2), rows):
-        conf = row["cell_type_confidence"]
-        if row["cell_type"] is None:
+    base = dict.fromkeys(("run_id", "model_id", "model_version", "pipeline_version", "schema_version"), "r")
+    table = cells_table(out, np.array([0, 2]), base)
+    confs = table.column("cell_type_confidence").to_pylist()
+    for i, conf, cell_type in zip((0, 2), confs, table.column("cell_type").to_pylist()):
+        if cell_type is None:
             assert conf is None
         else:
             assert isinstance(conf, float) and 0.0 <= conf <= 1.0
             assert conf == pytest.approx(out["cell_type_confidence"][i])
-    table = pa.Table.from_pylist(rows, schema=CELL_SCHEMA)
     assert table.schema.field("cell_type_confidence").metadata[b"unit"] == b"probability (0-1)"
+    assert table.schema == CELL_SCHEMA
     # NaN in the batch (no type named) becomes null in the table, never NaN
     out["cell_type_confidence"][0] = np.nan
-    assert _cell_row(out, 0, {}, None)["cell_type_confidence"] is None
+    assert cells_table(out, np.array([0]), base).column("cell_type_confidence").to_pylist() == [None]

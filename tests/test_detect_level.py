@@ -184,7 +184,6 @@ def test_detect_cli_max_detect_mpp(slide_40x, tmp_path, capsys):
 
 
 def test_job_detect_stage_uses_max_detect_mpp(slide_40x):
-    import json
 
     from pipeline.job.listing import SlidePart, SlideRef
     from pipeline.job.stage_detect import DetectSettings, process_slide
@@ -195,7 +194,9 @@ def test_job_detect_stage_uses_max_detect_mpp(slide_40x):
 
     def centroids(**kw):
         batches = list(process_slide(ref, DetectSettings(s3=None, thumbnails=False, **kw)))
-        recs = [json.loads(r) for b in batches for r in b["record"]]
+        from pipeline.job.stage_detect import records
+
+        recs = [r for b in batches for r in records(b)]
         assert recs[-1]["status"] == "ok", recs[-1]["reason"]
         return [(r["centroid_x"], r["centroid_y"]) for r in recs[:-1]]
 

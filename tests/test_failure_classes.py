@@ -51,7 +51,7 @@ def _outcome(ref, **kw) -> dict:
     batches = list(
         process_slide(ref, DetectSettings(s3=kw.pop("s3", None), thumbnails=False, **kw))
     )
-    return json.loads(batches[-1]["record"][-1])
+    return json.loads(batches[-1]["outcome"][-1])
 
 
 def _local_refs(root: Path) -> dict:

@@ -100,8 +100,10 @@ def test_driver_sigkill_then_rerun_is_exactly_once(base, s3_server, ray_cluster)
     assert len(ids) == len(set(ids)), "a cell was written twice"
     assert set(ids) == base["cells"], "cells lost or invented"
     assert_outputs_consistent(out, s3_server)
+    # The done index (_index/) stays on purpose; staging and journals must not.
     leftovers = [k for k in all_keys(s3_server, b, "out-driver-kill/")
-                 if any(p.startswith(("_", ".")) for p in k[len("out-driver-kill/"):].split("/"))]
+                 if any(p.startswith(("_", ".")) for p in k[len("out-driver-kill/"):].split("/"))
+                 and not k[len("out-driver-kill/"):].startswith("_index/")]
     assert leftovers == [], f"staging/journal objects left behind: {leftovers}"
     # The killed run left no runs/ row; the restart wrote exactly one.
     assert len(read_table(out, "runs", s3_server)) == 1

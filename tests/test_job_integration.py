@@ -8,7 +8,9 @@ import pytest
 from faultproxy import FaultProxy
 from job_helpers import (
     CORRUPT,
+    InjectedFault,
     expected_cell_ids,
+    injected_fault,
     job_config,
     new_bucket,
     put,
@@ -17,7 +19,6 @@ from job_helpers import (
 )
 
 from pipeline.job import run_job
-from pipeline.job.writer import InjectedFault
 from pipeline.schema import CELL_SCHEMA, RUN_SCHEMA, SLIDE_SCHEMA
 
 pytestmark = pytest.mark.integration
@@ -127,10 +128,9 @@ def test_kill_mid_publish_then_rerun_yields_each_cell_once(ray_cluster, samples,
         (archive / s.path.name).write_bytes(s.path.read_bytes())
     out = str(tmp_path / "out")
     local = {s.path.name: s.path for s in samples}
-    cfg = job_config(None, "", input=str(archive), output=out, chunk_slides=1, fault_after_chunks=1,
-                     fault_point="mid_publish")
+    cfg = job_config(None, "", input=str(archive), output=out, chunk_slides=1)
     expected = expected_cell_ids(cfg, local)
-    with pytest.raises(InjectedFault):
+    with injected_fault(1, "mid_publish"), pytest.raises(InjectedFault):
         run_job(cfg)
     # Chunk 1 is committed; chunk 2 has its cells visible but not its slides row (journal pending).
     assert len(visible_files(cfg, "slides")) == 1 and len(visible_files(cfg, "cells")) == 2

@@ -281,15 +281,18 @@ def test_model_identity_leaves_the_process_environment_as_it_was(tmp_path, monke
 
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    # What cfg.worker_env() hands over for a run with --s3-endpoint (nothing listens on port 9).
-    env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "us-east-1"}
-    before = {key: os.environ.get(key) for key in env}
-    model_id, version = model_identity(_tiny_checkpoint(tmp_path), env)
+    # The run's storage settings are passed, never put in the environment (nothing listens on 9).
+    from pipeline.job.storage import S3Settings
+
+    s3 = S3Settings(endpoint="http://127.0.0.1:9", region="us-east-1")
+    keys = ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+    before = {key: os.environ.get(key) for key in keys}
+    model_id, version = model_identity(_tiny_checkpoint(tmp_path), s3)
     assert len(version) == 16 and model_id
-    assert {key: os.environ.get(key) for key in env} == before
+    assert {key: os.environ.get(key) for key in keys} == before
     with pytest.raises(ConfigError, match="--model"):
-        model_identity(str(tmp_path / "no-such-checkpoint"), env)
-    assert {key: os.environ.get(key) for key in env} == before
+        model_identity(str(tmp_path / "no-such-checkpoint"), s3)
+    assert {key: os.environ.get(key) for key in keys} == before
 
 
 @pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MY_API_TOKEN"])

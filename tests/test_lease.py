@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from job_helpers import chunk_rows, visible_cell_ids
+from job_helpers import InjectedFault, chunk_rows, injected_fault, visible_cell_ids
 
 from pipeline.errors import PipelineError, StorageError
 from pipeline.job import writer as writer_mod
@@ -29,7 +29,7 @@ from pipeline.job._storage_local import LocalStorage
 from pipeline.job.identity import chunk_name
 from pipeline.job.lease import LEASE_NAME, LeaseHeldError, LeaseLostError, RunLease, parse_lease
 from pipeline.job.storage import storage_for
-from pipeline.job.writer import InjectedFault, OutputWriter
+from pipeline.job.writer import OutputWriter
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = "2026-01-02"
@@ -109,12 +109,11 @@ ALL_CELLS = ["s1-0", "s1-1", "s2-0", "s2-1", "s3-0", "s3-1"]
 def _half_published(out: Path, point: str = "mid_publish") -> tuple[OutputWriter, str, Path]:
     """Chunk 1 (s1) committed; chunk 2 (s2, s3) crashed at ``point``. Returns the writer, chunk 2's
     name and its journal."""
-    w = OutputWriter(
-        storage_for(str(out)), str(out), "r1", DAY, "v1", fault_after_chunks=1, fault_point=point
-    )
-    w.commit_chunk(*_rows(["s1"]))
-    with pytest.raises(InjectedFault):
-        w.commit_chunk(*_rows(["s2", "s3"]))
+    w = OutputWriter(storage_for(str(out)), str(out), "r1", DAY, "v1")
+    with injected_fault(1, point):
+        w.commit_chunk(*_rows(["s1"]))
+        with pytest.raises(InjectedFault):
+            w.commit_chunk(*_rows(["s2", "s3"]))
     name = chunk_name(["s2", "s3"], "v1")
     journal = out / "_journal" / f"{name}.json"
     assert journal.is_file()
@@ -502,10 +501,9 @@ def test_corrupt_journal_keeps_the_complete_chunk_of_another_date(tmp_path):
     out = tmp_path / "out"
     st = storage_for(str(out))
     OutputWriter(st, str(out), "r0", "2026-01-01", "v1").commit_chunk(*_rows(["s1", "s2"]))
-    w = OutputWriter(st, str(out), "r1", DAY, "v1", fault_after_chunks=0, fault_point="mid_publish")
-    with pytest.raises(
-        InjectedFault
-    ):  # --reprocess of the same chunk on a later day, half published
+    w = OutputWriter(st, str(out), "r1", DAY, "v1")
+    # --reprocess of the same chunk on a later day, half published
+    with injected_fault(0, "mid_publish"), pytest.raises(InjectedFault):
         w.commit_chunk(*_rows(["s1", "s2"]))
     assert len(_visible_cells(out)) == 8
     name = chunk_name(["s1", "s2"], "v1")
@@ -667,12 +665,14 @@ def _run_cmd(base, s3_server, out, address):
 
 
 def _leftovers(s3_server, bucket, prefix):
+    """Private objects left under OUTPUT but the done index (``_index/``, kept on purpose)."""
     from fault_fixtures import all_keys
 
     return [
         k
         for k in all_keys(s3_server, bucket, prefix)
         if any(p.startswith(("_", ".")) for p in k[len(prefix) :].split("/"))
+        and not k[len(prefix) :].startswith("_index/")
     ]
 
 
@@ -754,14 +754,12 @@ def test_uncompletable_corrupt_and_hostile_journals_are_rolled_back_then_exactly
     b, prefix = base["bucket"], "out-bad-journals/"
     out = f"s3://{b}/{prefix}"
     s3 = make_s3_client(s3_server)
-    with pytest.raises(InjectedFault):
+    with injected_fault(1, "mid_publish"), pytest.raises(InjectedFault):
         run_job_collect(
             input=base["input"],
             output=out,
             s3_endpoint=s3_server,
             chunk_slides=2,
-            fault_after_chunks=1,
-            fault_point="mid_publish",
         )
     keys = all_keys(s3_server, b, prefix)
     assert len([k for k in keys if "/_journal/" in k]) == 1

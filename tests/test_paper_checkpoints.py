@@ -528,11 +528,11 @@ def test_model_identity_hashes_the_base_given(tmp_path):
 
     base_dir = _save_paper_base(tmp_path / "b")
     adapter, _ = _paper_adapter(base_dir, tmp_path / "a")
-    model_id, version = model_identity(str(adapter), {}, str(base_dir))
+    model_id, version = model_identity(str(adapter), None, str(base_dir))
     assert version == load_model(adapter, base=str(base_dir)).version
     assert str(adapter) in model_id and str(base_dir) in model_id
     with pytest.raises(ConfigError, match="--base") as err:
-        model_identity(str(adapter), {})
+        model_identity(str(adapter), None)
     assert HUB_BASE in _one_line(err.value)
     with pytest.raises(HemblipConfigError, match="--base"):
         Captioner(None, device="cpu", base=str(base_dir))

@@ -1,4 +1,7 @@
-"""The Ray Data plan: slide references -> per-slide CPU tasks -> caption actor pool -> rows.
+"""The Ray Data plan: slide references -> per-slide CPU tasks -> caption actors -> write actors.
+
+The write stage (:mod:`pipeline.job.stage_write`) writes each batch's cells as staged Parquet
+files under the output, so the rows that reach the driver are per-file and per-slide metadata.
 
 Streaming: slides are staged and detected by CPU tasks while earlier slides' crops are being
 captioned; Ray Data's backpressure bounds how many crops wait in the object store. Each slide is
@@ -14,8 +17,26 @@ from dataclasses import dataclass
 from pipeline.job.listing import SlideRef
 from pipeline.job.stage_caption import CaptionStage
 from pipeline.job.stage_detect import DetectSettings, detect_batch, ref_to_json
+from pipeline.job.stage_write import WriteStage
+from pipeline.job.storage import S3Settings
 
-__all__ = ["CaptionSettings", "build_plan", "resolve_gpus"]
+__all__ = ["CaptionSettings", "WriteSettings", "build_plan", "resolve_gpus"]
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    """The write stage: where staged files go and the run-wide cell columns (``base``: run_id,
+    model_id, model_version, pipeline_version, schema_version). ``batch_rows``: rows per write
+    batch (a staged file holds at most that many cells of one slide); ``cpus_per_actor`` is
+    fractional for the same reason as the caption actors'."""
+
+    output: str
+    s3: S3Settings
+    run_id: str
+    base: tuple[tuple[str, str], ...]
+    batch_rows: int = 1024
+    max_actors: int = 1
+    cpus_per_actor: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -45,10 +66,22 @@ def resolve_gpus(requested: float | None) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def build_plan(refs: Sequence[SlideRef], detect: DetectSettings, caption: CaptionSettings,
-               detect_cpus: float = 1.0, env: Mapping[str, str] | None = None, ledger=None,
-               max_task_retries: int | None = None):
-    """A lazy :class:`ray.data.Dataset` of captioned rows (keys: ``stage_caption.OUTPUT_KEYS``).
+def build_plan(
+    refs: Sequence[SlideRef],
+    detect: DetectSettings,
+    caption: CaptionSettings,
+    detect_cpus: float = 1.0,
+    env: Mapping[str, str] | None = None,
+    ledger=None,
+    max_task_retries: int | None = None,
+    write: WriteSettings | None = None,
+    caption_stage: type | None = None,
+):
+    """A lazy :class:`ray.data.Dataset`: with ``write``, rows of per-file and per-slide metadata
+    (keys: ``stage_write.OUTPUT_KEYS``); without, the captioned rows (the caption stage's keys).
+
+    ``caption_stage``: the caption class (default :class:`CaptionStage`; tests and benchmarks
+    pass a stand-in taking the same constructor arguments).
 
     ``ledger``: an :class:`~pipeline.job.stage_detect.AttemptLedger` actor handle the detect
     tasks report each attempt to. ``max_task_retries``: Ray's retries of a detect task whose
@@ -60,9 +93,15 @@ def build_plan(refs: Sequence[SlideRef], detect: DetectSettings, caption: Captio
 
     if not refs:
         raise ValueError("build_plan needs at least one slide")
-    if ledger is not None and max_task_retries is not None and max_task_retries < detect.max_slide_attempts:
-        raise ValueError(f"max_task_retries ({max_task_retries}) must be at least max_slide_attempts "
-                         f"({detect.max_slide_attempts})")
+    if (
+        ledger is not None
+        and max_task_retries is not None
+        and max_task_retries < detect.max_slide_attempts
+    ):
+        raise ValueError(
+            f"max_task_retries ({max_task_retries}) must be at least max_slide_attempts "
+            f"({detect.max_slide_attempts})"
+        )
     runtime_env = {"env_vars": dict(env)} if env else None
     remote_args = {"runtime_env": runtime_env} if runtime_env else {}
     detect_args = dict(remote_args)
@@ -78,7 +117,7 @@ def build_plan(refs: Sequence[SlideRef], detect: DetectSettings, caption: Captio
         **detect_args,
     )
     ds = ds.map_batches(
-        CaptionStage,
+        caption_stage or CaptionStage,
         batch_size=caption.batch_size,
         batch_format="numpy",
         fn_constructor_kwargs={
@@ -89,9 +128,26 @@ def build_plan(refs: Sequence[SlideRef], detect: DetectSettings, caption: Captio
             "cpu_threads": caption.cpu_threads,
             "base": caption.base,
         },
-        compute=ray.data.ActorPoolStrategy(min_size=caption.min_actors, max_size=caption.max_actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=caption.min_actors, max_size=caption.max_actors
+        ),
         num_cpus=caption.cpus_per_actor,
         num_gpus=caption.gpus_per_actor,
         **remote_args,
     )
+    if write is not None:
+        ds = ds.map_batches(
+            WriteStage,
+            batch_size=write.batch_rows,
+            batch_format="numpy",
+            fn_constructor_kwargs={
+                "output": write.output,
+                "s3": write.s3,
+                "run_id": write.run_id,
+                "base": dict(write.base),
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=write.max_actors),
+            num_cpus=write.cpus_per_actor,
+            **remote_args,
+        )
     return ds

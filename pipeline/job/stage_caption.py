@@ -4,32 +4,44 @@ The model is loaded once per actor in ``__init__`` (on the actor's GPU when it w
 else on CPU). ``__call__`` captions the ``kind == "cell"`` rows of a batch and passes the slide
 rows through untouched.
 
-Batch in (from :mod:`pipeline.job.stage_detect`): ``kind`` (N,) object, ``slide_id`` (N,) object,
-``crop`` (N, P, P, 3) uint8, ``record`` (N,) object JSON, ``thumbnail`` (N,) object bytes.
+Batch in (from :mod:`pipeline.job.stage_detect`, see its ``BATCH_KEYS``): ``kind`` (N,) object,
+``crop`` (N, P, P, 3) uint8, and typed per-cell and per-slide columns this stage does not read.
 
-Batch out: the same minus ``crop``, plus
-``caption`` (N,) object str (``None`` on slide rows), ``caption_logprob`` (N,) float64 nats/token
-(NaN on slide rows), ``cell_type`` / ``case`` (N,) object str or ``None``,
+Batch out: every input column but ``crop``, passed through as is, plus
+``caption`` (N,) object str (``""`` on slide rows), ``caption_logprob`` (N,) float64 nats/token
+(NaN on slide rows), ``cell_type`` / ``case`` (N,) object str, ``""`` when none,
 ``cell_type_confidence`` (N,) float64 calibrated probability 0-1 of that cell type (NaN when the
-caption names none, and on slide rows), ``attributes`` (N,) object JSON ``{name: value|null}``
-over every ontology attribute, ``caption_seconds`` (N,) float64 s (the batch's caption time shared
-equally among its cells), ``caption_started`` (N,) float64 (``time.time()`` when the batch
-started; used by the benchmark).
+caption names none, and on slide rows), one (N,) object column per ontology attribute
+(:data:`hemblip.ontology.ATTRIBUTE_NAMES`: the parsed value, ``""`` when none). String columns
+say "none" with ``""``, never ``None``: Ray Data types an all-``None`` column of a block as
+float, which cannot be concatenated with another block's strings. ``caption_seconds``
+(N,) float64 s (the batch's caption time shared equally among its cells), ``caption_started``
+(N,) float64 (``time.time()`` when the batch started; used by the benchmark).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["CaptionStage", "OUTPUT_KEYS"]
+from hemblip.ontology import ATTRIBUTE_NAMES
 
-OUTPUT_KEYS = ("kind", "slide_id", "record", "thumbnail", "caption", "caption_logprob", "cell_type",
-               "cell_type_confidence", "case", "attributes", "caption_seconds", "caption_started")
+__all__ = ["CaptionStage", "OUTPUT_KEYS", "caption_columns"]
+
+#: Columns this stage adds (the input's, but ``crop``, pass through).
+OUTPUT_KEYS = (
+    "caption",
+    "caption_logprob",
+    "cell_type",
+    "cell_type_confidence",
+    "case",
+    *ATTRIBUTE_NAMES,
+    "caption_seconds",
+    "caption_started",
+)
 
 
 class CaptionStage:
@@ -47,9 +59,16 @@ class CaptionStage:
     names (``--base``); the version then hashes that base + the adapter, as the driver's.
     """
 
-    def __init__(self, model: str | None = None, batch_size: int = 32, device: str | None = None,
-                 expected_version: str | None = None, env: Mapping[str, str] | None = None,
-                 cpu_threads: int | None = None, base: str | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        batch_size: int = 32,
+        device: str | None = None,
+        expected_version: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cpu_threads: int | None = None,
+        base: str | None = None,
+    ):
         # The run's settings win over whatever this worker process inherited.
         os.environ.update(env or {})
         import torch
@@ -77,37 +96,53 @@ class CaptionStage:
         kinds = batch["kind"]
         n = len(kinds)
         idx = [i for i in range(n) if kinds[i] == "cell"]
-        caption = np.full(n, None, dtype=object)
-        logprob = np.full(n, np.nan, dtype=np.float64)
-        cell_type = np.full(n, None, dtype=object)
-        type_conf = np.full(n, np.nan, dtype=np.float64)
-        case = np.full(n, None, dtype=object)
-        attributes = np.full(n, None, dtype=object)
-        seconds = np.zeros(n, dtype=np.float64)
         if idx:
             t0 = time.perf_counter()
-            results = self.captioner.caption(np.ascontiguousarray(batch["crop"][idx], dtype=np.uint8))
+            results = self.captioner.caption(
+                np.ascontiguousarray(batch["crop"][idx], dtype=np.uint8)
+            )
             share = (time.perf_counter() - t0) / len(idx)
-            for i, r in zip(idx, results, strict=True):
-                caption[i] = r.caption
-                logprob[i] = float(r.mean_logprob)
-                cell_type[i] = r.cell_type
-                if r.cell_type_confidence is not None:
-                    type_conf[i] = float(r.cell_type_confidence)
-                case[i] = r.case
-                attributes[i] = json.dumps(dict(r.attributes))
-                seconds[i] = share
-        return {
-            "kind": kinds,
-            "slide_id": batch["slide_id"],
-            "record": batch["record"],
-            "thumbnail": batch["thumbnail"],
-            "caption": caption,
-            "caption_logprob": logprob,
-            "cell_type": cell_type,
-            "cell_type_confidence": type_conf,
-            "case": case,
-            "attributes": attributes,
-            "caption_seconds": seconds,
-            "caption_started": np.full(n, started, dtype=np.float64),
-        }
+        else:
+            results, share = [], 0.0
+        return caption_columns(batch, idx, results, share, started)
+
+
+def caption_columns(
+    batch: dict[str, np.ndarray], idx: list[int], results, share: float, started: float
+) -> dict[str, np.ndarray]:
+    """The stage's output batch: ``batch`` minus ``crop``, plus the caption columns of the cell
+    rows ``idx`` from ``results`` (:class:`hemblip.CaptionResult`-like objects, one per index);
+    ``share``: caption seconds attributed to each cell. Shared with test and benchmark stand-ins."""
+    n = len(batch["kind"])
+    # "" says "none" in the string columns: Ray Data types an all-None column as float, and a
+    # float block cannot be concatenated with a string block of the next stage's batch.
+    caption = np.full(n, "", dtype=object)
+    logprob = np.full(n, np.nan, dtype=np.float64)
+    cell_type = np.full(n, "", dtype=object)
+    type_conf = np.full(n, np.nan, dtype=np.float64)
+    case = np.full(n, "", dtype=object)
+    attributes = {name: np.full(n, "", dtype=object) for name in ATTRIBUTE_NAMES}
+    seconds = np.zeros(n, dtype=np.float64)
+    for i, r in zip(idx, results, strict=True):
+        caption[i] = r.caption or ""
+        logprob[i] = float(r.mean_logprob)
+        cell_type[i] = r.cell_type or ""
+        if r.cell_type_confidence is not None:
+            type_conf[i] = float(r.cell_type_confidence)
+        case[i] = r.case or ""
+        for name, value in dict(r.attributes).items():
+            if name in attributes:
+                attributes[name][i] = value or ""
+        seconds[i] = share
+    out = {key: value for key, value in batch.items() if key != "crop"}
+    out.update(
+        caption=caption,
+        caption_logprob=logprob,
+        cell_type=cell_type,
+        cell_type_confidence=type_conf,
+        case=case,
+        **attributes,
+        caption_seconds=seconds,
+        caption_started=np.full(n, started, dtype=np.float64),
+    )
+    return out

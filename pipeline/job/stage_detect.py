@@ -13,25 +13,27 @@ record anything itself: an :class:`AttemptLedger` actor counts the attempts at e
 worker processes, and the attempt after ``max_slide_attempts`` records the slide as
 ``worker_died`` without opening it.
 
-Output batch keys (one row per cell, then one ``kind == "slide"`` row per slide):
+Output batch keys (one row per cell, then one ``kind == "slide"`` row per slide); every column is
+typed (no JSON per cell), so the write stage builds Arrow columns from them without parsing:
 
-``kind``       (N,) object   ``"cell"`` or ``"slide"``
-``slide_id``   (N,) object   slide identity (32 hex chars)
-``crop``       (N, P, P, 3) uint8   the cell crop (zeros on the slide row); P = ``crop_px``
-``record``     (N,) object   JSON: a cell's DETECT columns + ids, or the slide's outcome
-``thumbnail``  (N,) object   JPEG bytes of the crop (``b""`` when disabled / slide row)
+``kind``        (N,) object   ``"cell"`` or ``"slide"``
+``slide_id``    (N,) object   slide identity (32 hex chars)
+``crop``        (N, P, P, 3) uint8   the cell crop (zeros on the slide row); P = ``crop_px``
+``thumbnail``   (N,) object   JPEG bytes of the crop (``b""`` when disabled / slide row)
+``cell_id``, ``slide_uri``, ``slide_etag``  (N,) object str (``""`` on the slide row)
+every :data:`pipeline.schema.DETECT_COLUMNS` name but ``qc_flags``, with its Arrow type as numpy
+                dtype: int32/int64 (0 on the slide row), float64 (NaN = null: not measured, and on
+                the slide row), object str (``""`` on the slide row)
+``qc_mask``     (N,) int32    bit ``i`` set when the cell carries ``QC_FLAGS[i]``
+``outcome``     (N,) object   the slide's outcome row as JSON on the slide row (one per slide:
+                a heterogeneous dict the driver needs as a dict), ``""`` on cell rows
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import shutil
-import socket
-import stat
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,19 +44,27 @@ from pipeline._redact import redact_urls_in
 from pipeline.errors import (
     ConfigError,
     SlideError,
-    SlideOpenError,
     StorageError,
     WorkerDiedError,
     WorkerEnvironmentError,
 )
 from pipeline.job.identity import cell_id
 from pipeline.job.listing import SlidePart, SlideRef
-from pipeline.job.storage import S3Settings, is_s3, split_s3, storage_for
+from pipeline.job.storage import S3Settings
+from pipeline.schema import DETECT_COLUMNS, QC_FLAGS
+from pipeline.slides import confined_path, open_slide
 
 __all__ = ["DetectSettings", "AttemptLedger", "confined_path", "detect_batch", "failure_class", "ref_to_json",
-           "ref_from_json", "BATCH_KEYS"]
+           "ref_from_json", "records", "BATCH_KEYS", "CELL_FIELDS"]
 
-BATCH_KEYS = ("kind", "slide_id", "crop", "record", "thumbnail")
+_NP_TYPES = {"int32": np.int32, "int64": np.int64, "double": np.float64, "string": object}
+#: (name, numpy dtype) of the typed per-cell columns a detect batch carries (see the module doc).
+CELL_FIELDS: tuple[tuple[str, object], ...] = (
+    ("cell_id", object), ("slide_uri", object), ("slide_etag", object),
+    *((name, _NP_TYPES[str(typ)]) for name, typ, *_ in DETECT_COLUMNS if name != "qc_flags"),
+    ("qc_mask", np.int32),
+)
+BATCH_KEYS = ("kind", "slide_id", "crop", "thumbnail", *(n for n, _ in CELL_FIELDS), "outcome")
 _PIECE = 64  # cells per yielded batch: bounds the size of one block in the object store
 
 
@@ -82,191 +92,6 @@ def ref_from_json(text: str) -> SlideRef:
     d = json.loads(text)
     d["parts"] = tuple(SlidePart(**p) for p in d["parts"])
     return SlideRef(**d)
-
-
-_NAME_MAX = 255  # bytes of one path component on common Linux file systems (ext4, xfs, btrfs)
-_PATH_MAX = 4096  # bytes of a whole path (Linux)
-
-
-def _name_max(root: Path) -> int:
-    try:
-        return min(_NAME_MAX, int(os.pathconf(root, "PC_NAME_MAX")))
-    except (OSError, ValueError):
-        return _NAME_MAX
-
-
-def _nbytes(name: str) -> int:
-    return len(name.encode("utf-8", "surrogateescape"))
-
-
-def _short_name(comp: str, limit: int) -> str:
-    """``comp`` if it fits ``limit`` bytes, else a hash of it plus its suffix (OpenSlide picks
-    some formats by suffix); deterministic, and distinct names give distinct results."""
-    if _nbytes(comp) <= limit:
-        return comp
-    digest = hashlib.sha256(comp.encode("utf-8", "surrogateescape")).hexdigest()[:40]
-    suffix = os.path.splitext(comp)[1]
-    if _nbytes(suffix) > 32 or any(c in suffix for c in "/\\"):
-        suffix = ""
-    return digest + suffix
-
-
-def confined_path(root: Path, rel: str, shorten: bool = False) -> Path:
-    """``root/rel`` with ``rel`` (an object key, untrusted) kept inside ``root``.
-
-    Empty and ``.`` components are dropped and ``..`` is renamed, so ``a/../../etc/x`` becomes
-    ``root/a/%2E%2E/%2E%2E/etc/x``; the resolved result is checked to lie under ``root``.
-    ``shorten``: a component longer than the file system's name limit (255 bytes) is replaced by
-    a hash of it plus its suffix (for a copy whose name does not matter, e.g. a single-object
-    slide). Raises :class:`~pipeline.errors.StorageError` naming the key otherwise.
-    """
-    limit = _name_max(root) if shorten else None
-    parts = []
-    for comp in rel.replace("\\", "/").split("/"):
-        comp = comp.replace("\x00", "")
-        if comp in ("", "."):
-            continue
-        comp = "%2E%2E" if comp == ".." else comp
-        parts.append(_short_name(comp, limit) if limit else comp)
-    if not parts:
-        raise StorageError(f"{rel!r}: object key has no file name")
-    base = root.resolve()
-    out = base.joinpath(*parts).resolve()
-    if out != base and base not in out.parents:
-        raise StorageError(f"{rel!r}: object key escapes the scratch directory")
-    return out
-
-
-_FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
-               stat.S_IFBLK: "block device", stat.S_IFDIR: "directory"}
-
-
-def _listed_as_link(path: Path, etag: str) -> bool:
-    """Whether the listing saw ``path`` as the symlink itself (its target unreachable there too):
-    the listing falls back to the link's own ``lstat`` identity exactly then."""
-    from pipeline.job._storage_local import local_etag
-
-    try:
-        return local_etag(os.lstat(path)) == etag
-    except OSError:
-        return False
-
-
-def _check_local(path: Path, uri: str, etag: str = "") -> None:
-    """Refuse, with the cause, a local input that is not a readable regular file, without ever
-    opening anything but a regular file (opening a FIFO blocks; opening a device may act on it).
-
-    A dangling symlink, a symlink loop or a special file is the entry's own problem
-    (:class:`SlideOpenError`); a file this worker cannot see or read is its environment's
-    (:class:`WorkerEnvironmentError`): on a multi-node cluster a worker on another node sees only
-    file systems its node mounts, so a link whose target the listing reached (``etag`` is the
-    target's) but this worker does not is the environment's too.
-    """
-    not_visible = WorkerEnvironmentError(
-        uri, f"not visible to this worker (host {socket.gethostname()}): no such file; a local input must be "
-             "on a file system that every node of the cluster mounts")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path) and _listed_as_link(path, etag):
-            raise SlideOpenError(uri, f"dangling symlink (its target {os.readlink(path)!r} does not exist)") from None
-        raise not_visible from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP and _listed_as_link(path, etag):
-            raise SlideOpenError(uri, "symlink loop") from None
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise WorkerEnvironmentError(uri, "permission denied (a folder on the path cannot be searched)") from None
-        raise WorkerEnvironmentError(uri, f"cannot stat ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SlideOpenError(uri, f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(st.st_mode), 'special file')})")
-    try:
-        # O_NONBLOCK: should the entry have become a FIFO since the stat, the open cannot block.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise WorkerEnvironmentError(uri, "permission denied") from None
-        raise WorkerEnvironmentError(uri, f"cannot open ({exc.strerror or exc})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SlideOpenError(uri, "not a regular file (replaced while being checked)")
-    finally:
-        os.close(fd)
-
-
-def _scratch_dir(ref: SlideRef, settings: DetectSettings) -> Path:
-    root = Path(settings.scratch_dir or os.path.join(tempfile.gettempdir(), "hemblip-scratch"))
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{ref.slide_id[:12]}-", dir=root))
-    except OSError as exc:
-        raise WorkerEnvironmentError(root, f"scratch directory unusable on host {socket.gethostname()} "
-                                           f"({exc.strerror or exc})") from None
-
-
-def _staged_paths(ref: SlideRef, slide_dir: Path) -> tuple[list[Path], Path]:
-    """Where each part and the file to open go under ``slide_dir``. A single-object slide's name
-    does not matter, so an over-long one is shortened; the members of a multi-object slide keep
-    their names (its index file refers to them), so an over-long one fails the slide."""
-    single = len(ref.parts) == 1
-    if not single:
-        limit = _name_max(slide_dir)
-        for part in ref.parts:
-            for comp in part.rel.replace("\\", "/").split("/"):
-                if _nbytes(comp) > limit:
-                    shown = part.rel if len(part.rel) <= 80 else part.rel[:80] + "…"
-                    raise SlideOpenError(ref.uri, f"member {shown!r}: a name of {_nbytes(comp)} bytes is too long "
-                                                  f"for the local file system ({limit} bytes at most)")
-    dests = [confined_path(slide_dir, p.rel, shorten=single) for p in ref.parts]
-    opened = confined_path(slide_dir, ref.open_rel, shorten=single)
-    longest = max(_nbytes(str(d)) for d in [*dests, opened])
-    if longest >= _PATH_MAX:
-        raise WorkerEnvironmentError(ref.uri, f"staged path of {longest} bytes exceeds the local limit of {_PATH_MAX}; "
-                                              "use a shorter --scratch-dir")
-    return dests, opened
-
-
-def _stage(ref: SlideRef, settings: DetectSettings) -> tuple[Path, Path | None, int]:
-    """(path to open, scratch dir to remove or None, bytes read from storage)."""
-    if not is_s3(ref.uri):
-        by_rel = {p.rel: p for p in ref.parts}
-        for part in ref.parts:
-            _check_local(Path(part.uri), part.uri, part.etag)
-        return Path(by_rel[ref.open_rel].uri), None, 0
-    slide_dir = _scratch_dir(ref, settings)
-    storage = storage_for(ref.uri, settings.s3)
-    total = 0
-    try:
-        dests, opened = _staged_paths(ref, slide_dir)
-        for part, dest in zip(ref.parts, dests, strict=True):
-            total += storage.download(part.uri, dest, etag=part.etag or None)
-        return opened, slide_dir, total
-    except BaseException:
-        shutil.rmtree(slide_dir, ignore_errors=True)
-        raise
-
-
-# TIFF-family suffixes the remote backend may read in place; it refuses (and the slide is
-# staged) anything else inside such a file, e.g. NDPI-like or plain non-tiled TIFFs.
-_REMOTE_SUFFIXES = (".svs", ".tif", ".tiff")
-
-
-def _open_remote(ref: SlideRef, settings: DetectSettings):
-    """(slide opened for ranged S3 reads or None, bytes the attempt fetched). None: not on S3,
-    several objects, another suffix, or a format the remote backend refuses (staged instead)."""
-    if not is_s3(ref.uri) or len(ref.parts) != 1 or not ref.uri.lower().endswith(_REMOTE_SUFFIXES):
-        return None, 0
-    from pipeline.errors import SlideOpenError
-    from pipeline.slides import open_remote_slide
-
-    part = ref.parts[0]
-    bucket, key = split_s3(part.uri)
-    client = storage_for(ref.uri, settings.s3).client
-    try:
-        slide = open_remote_slide(client, bucket, key, mpp=settings.mpp, size=part.size, etag=part.etag or None,
-                                  max_decode_mb=settings.max_decode_mb)
-    except SlideOpenError as exc:
-        return None, int(getattr(exc, "bytes_fetched", 0))
-    return slide, 0
 
 
 def _jpeg(crop: np.ndarray, side: int) -> bytes:
@@ -335,14 +160,47 @@ def failure_class(exc: BaseException) -> str:
     return "internal"
 
 
-def _batch(kinds, sid, crops, records, thumbs) -> dict[str, np.ndarray]:
-    return {
-        "kind": np.array(kinds, dtype=object),
-        "slide_id": np.array([sid] * len(kinds), dtype=object),
+def _empty(dtype, n: int) -> np.ndarray:
+    if dtype is object:
+        # "" rather than None: Ray Data types an all-None column as float, which then cannot be
+        # concatenated with the string column of a block of cells.
+        return np.full(n, "", dtype=object)
+    return np.full(n, np.nan if dtype is np.float64 else 0, dtype=dtype)
+
+
+def _qc_mask(flags) -> int:
+    mask = 0
+    for flag in flags or ():
+        mask |= 1 << QC_FLAGS.index(flag)
+    return mask
+
+
+def _cell_batch(sid: str, ref: SlideRef, crops: np.ndarray, records: list[dict], thumbs: list[bytes]) -> dict[str, np.ndarray]:
+    n = len(records)
+    out: dict[str, np.ndarray] = {
+        "kind": np.full(n, "cell", dtype=object),
+        "slide_id": np.full(n, sid, dtype=object),
         "crop": crops,
-        "record": np.array(records, dtype=object),
-        "thumbnail": np.array(thumbs, dtype=object),
+        "thumbnail": np.array(thumbs + [None], dtype=object)[:n],  # the None keeps bytes as objects
     }
+    for name, dtype in CELL_FIELDS:
+        if name == "cell_id":
+            col = [cell_id(sid, r["centroid_x"], r["centroid_y"]) for r in records]
+        elif name == "slide_uri":
+            col = [ref.uri] * n
+        elif name == "slide_etag":
+            col = [ref.etag] * n
+        elif name == "qc_mask":
+            col = [_qc_mask(r.get("qc_flags")) for r in records]
+        elif dtype is np.float64:
+            col = [np.nan if r.get(name) is None else float(r[name]) for r in records]
+        else:
+            col = [r.get(name) for r in records]
+        arr = np.empty(n, dtype=dtype)
+        arr[:] = col
+        out[name] = arr
+    out["outcome"] = np.full(n, "", dtype=object)
+    return out
 
 
 def _new_outcome(ref: SlideRef) -> dict:
@@ -354,9 +212,39 @@ def _new_outcome(ref: SlideRef) -> dict:
     }
 
 
+def records(batch: dict[str, np.ndarray]) -> list[dict]:
+    """The rows of a detect batch as dicts (tests, tools): a cell's typed columns with
+    ``qc_flags`` rebuilt and NaN as None, or the slide row's outcome. Not used by the job."""
+    out = []
+    for i, kind in enumerate(batch["kind"]):
+        if kind != "cell":
+            out.append(json.loads(batch["outcome"][i]))
+            continue
+        rec = {}
+        for name, dtype in CELL_FIELDS:
+            value = batch[name][i]
+            if name == "qc_mask":
+                rec["qc_flags"] = [f for k, f in enumerate(QC_FLAGS) if int(value) >> k & 1]
+            elif dtype is np.float64:
+                rec[name] = None if np.isnan(value) else float(value)
+            else:
+                rec[name] = value.item() if isinstance(value, np.generic) else value
+        out.append(rec)
+    return out
+
+
 def _slide_batch(ref: SlideRef, settings: DetectSettings, outcome: dict) -> dict[str, np.ndarray]:
     P = settings.crop_px
-    return _batch(["slide"], ref.slide_id, np.zeros((1, P, P, 3), np.uint8), [_dumps(outcome)], [b""])
+    out: dict[str, np.ndarray] = {
+        "kind": np.array(["slide"], dtype=object),
+        "slide_id": np.array([ref.slide_id], dtype=object),
+        "crop": np.zeros((1, P, P, 3), np.uint8),
+        "thumbnail": np.array([b"", None], dtype=object)[:1],
+    }
+    for name, dtype in CELL_FIELDS:
+        out[name] = _empty(dtype, 1)
+    out["outcome"] = np.array([_dumps(outcome)], dtype=object)
+    return out
 
 
 def process_slide(ref: SlideRef, settings: DetectSettings):
@@ -367,37 +255,30 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
     outcome = _new_outcome(ref)
     P = settings.crop_px
     t0 = time.perf_counter()
-    local: Path | None = None
-    scratch: Path | None = None
     try:
         cfg = DetectConfig(crop_um=settings.crop_um, crop_px=P, mpp=settings.mpp,
                            max_decode_mb=settings.max_decode_mb,
                            detector=DetectorConfig(max_detect_mpp=settings.max_detect_mpp))
-        remote, spent = _open_remote(ref, settings)
-        if remote is None:
-            local, scratch, nread = _stage(ref, settings)
+        # The factory reads a single-object SVS/tiled TIFF on S3 in place and stages anything
+        # else to scratch (removed when the slide is closed, or when opening fails).
+        slide = open_slide(ref.uri, mpp=settings.mpp, max_pixels=cfg.max_pixels,
+                           max_decode_mb=settings.max_decode_mb, storage_options=settings.s3,
+                           scratch_dir=settings.scratch_dir, parts=ref.parts, open_rel=ref.open_rel)
         t1 = time.perf_counter()
-        outcome["stage_seconds"] = t1 - t0  # remote: opening (header and IFDs) only
-        if remote is None:
-            outcome["bytes_read"] = spent + nread if scratch is not None else None
-            result = detect_slide(local, cfg, source=ref.uri)
-        else:
+        outcome["stage_seconds"] = t1 - t0  # in place: opening (header and IFDs) only
+        with slide:
             try:
-                with remote:
-                    result = detect_slide(remote, cfg, source=ref.uri)
+                result = detect_slide(slide, cfg, source=ref.uri)
             finally:
-                outcome["bytes_read"] = remote.bytes_fetched
+                outcome["bytes_read"] = slide.bytes_fetched  # None for a local file
         outcome["detect_seconds"] = time.perf_counter() - t1
     except Exception as exc:  # noqa: BLE001 - any failure is this slide's outcome, not the run's
-        outcome["reason"] = _reason(exc, local, ref.uri)
+        outcome["reason"] = _reason(exc, None, ref.uri)
         outcome["failure_class"] = failure_class(exc)
         if outcome["stage_seconds"] is None:
             outcome["stage_seconds"] = time.perf_counter() - t0
         yield _slide_batch(ref, settings, outcome)
         return
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
     info = result.info
     outcome.update(status="ok", cell_count=len(result.records), mpp=info.get("mpp"),
                    mpp_source=info.get("mpp_source"), width=info.get("width"), height=info.get("height"))
@@ -405,14 +286,8 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
     n = len(result.records)
     for start in range(0, n, _PIECE):
         stop = min(n, start + _PIECE)
-        records, thumbs = [], []
-        for i in range(start, stop):
-            rec = dict(result.records[i])
-            rec.update(cell_id=cell_id(ref.slide_id, rec["centroid_x"], rec["centroid_y"]),
-                       slide_id=ref.slide_id, slide_uri=ref.uri, slide_etag=ref.etag)
-            records.append(_dumps(rec))
-            thumbs.append(_jpeg(crops[i], settings.thumbnail_px) if settings.thumbnails else b"")
-        yield _batch(["cell"] * (stop - start), ref.slide_id, crops[start:stop], records, thumbs)
+        thumbs = [_jpeg(crops[i], settings.thumbnail_px) if settings.thumbnails else b"" for i in range(start, stop)]
+        yield _cell_batch(ref.slide_id, ref, crops[start:stop], result.records[start:stop], thumbs)
     yield _slide_batch(ref, settings, outcome)
 
 
