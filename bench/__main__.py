@@ -23,13 +23,18 @@ def _fmt(v: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help="bench modules to run, e.g. bench_detect (default: all)")
+    parser.add_argument(
+        "names", nargs="*", help="bench modules to run, e.g. bench_detect (default: all)"
+    )
     args = parser.parse_args(argv)
     available = _modules()
     wanted = args.names or available
     unknown = [n for n in wanted if n not in available]
     if unknown:
-        print(f"error: unknown bench module(s) {', '.join(unknown)}; have {', '.join(available)}", file=sys.stderr)
+        print(
+            f"error: unknown bench module(s) {', '.join(unknown)}; have {', '.join(available)}",
+            file=sys.stderr,
+        )
         return 2
     rows: list[tuple[str, dict]] = []
     failed = 0
@@ -42,10 +47,17 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             print(f"error: {name} failed:\n{traceback.format_exc()}", file=sys.stderr)
     head = ("bench", "name", "value", "unit", "goal")
-    table = [head] + [(b, r["name"], _fmt(r["value"]), r.get("unit") or "", r.get("goal") or "") for b, r in rows]
+    table = [head] + [
+        (b, r["name"], _fmt(r["value"]), r.get("unit") or "", r.get("goal") or "") for b, r in rows
+    ]
     widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
     for k, t in enumerate(table):
-        print("  ".join(str(c).ljust(w) if i != 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(t, widths))))
+        print(
+            "  ".join(
+                str(c).ljust(w) if i != 2 else str(c).rjust(w)
+                for i, (c, w) in enumerate(zip(t, widths))
+            )
+        )
         if k == 0:
             print("  ".join("-" * w for w in widths))
     return 1 if failed else 0

@@ -30,12 +30,25 @@ _REPEATS = 3
 
 
 def _skipped(reason: str) -> list[dict]:
-    rows = [{"name": f"caption cells/s (batch {b}, {NEW_TOKENS} tokens)", "value": reason,
-             "unit": "cells/s", "goal": "higher"} for b in BATCH_SIZES]
+    rows = [
+        {
+            "name": f"caption cells/s (batch {b}, {NEW_TOKENS} tokens)",
+            "value": reason,
+            "unit": "cells/s",
+            "goal": "higher",
+        }
+        for b in BATCH_SIZES
+    ]
     b = max(BATCH_SIZES)
     for path in ("device", "processor"):
-        rows.append({"name": f"end-to-end cells/s ({path} preprocessing, batch {b})", "value": reason,
-                     "unit": "cells/s", "goal": "higher"})
+        rows.append(
+            {
+                "name": f"end-to-end cells/s ({path} preprocessing, batch {b})",
+                "value": reason,
+                "unit": "cells/s",
+                "goal": "higher",
+            }
+        )
     rows.append({"name": "peak GPU memory", "value": reason, "unit": "GiB", "goal": "lower"})
     return rows
 
@@ -57,8 +70,10 @@ def _preprocess_rows(batch: int = 64, repeats: int = 5) -> list[dict]:
             proc = BlipImageProcessorPil(size={"height": size, "width": size})
             plan, _ = plan_for(proc)
             ms = {}
-            for path, fn in (("processor", lambda p=proc: p(images=list(crops), return_tensors="pt")),
-                             ("device path on CPU", lambda p=plan: p(crops, "cpu"))):
+            for path, fn in (
+                ("processor", lambda p=proc: p(images=list(crops), return_tensors="pt")),
+                ("device path on CPU", lambda p=plan: p(crops, "cpu")),
+            ):
                 fn()  # warm-up
                 best = float("inf")
                 for _ in range(repeats):
@@ -66,10 +81,22 @@ def _preprocess_rows(batch: int = 64, repeats: int = 5) -> list[dict]:
                     fn()
                     best = min(best, time.perf_counter() - t)
                 ms[path] = best / batch * 1e3
-                rows.append({"name": f"preprocess ms/crop, {path} (224->{size} px, batch {batch}, 1 thread)",
-                             "value": ms[path], "unit": "ms", "goal": "lower"})
-            rows.append({"name": f"preprocess speed-up, device path on CPU vs processor (224->{size} px)",
-                         "value": ms["processor"] / ms["device path on CPU"], "unit": "x", "goal": "higher"})
+                rows.append(
+                    {
+                        "name": f"preprocess ms/crop, {path} (224->{size} px, batch {batch}, 1 thread)",
+                        "value": ms[path],
+                        "unit": "ms",
+                        "goal": "lower",
+                    }
+                )
+            rows.append(
+                {
+                    "name": f"preprocess speed-up, device path on CPU vs processor (224->{size} px)",
+                    "value": ms["processor"] / ms["device path on CPU"],
+                    "unit": "x",
+                    "goal": "higher",
+                }
+            )
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -126,8 +153,12 @@ def run() -> list[dict]:
 
     t0 = time.perf_counter()
     loaded = build_model("blip-base")
-    kwargs = dict(device="cuda", batch_size=max(BATCH_SIZES), max_new_tokens=NEW_TOKENS,
-                  min_new_tokens=NEW_TOKENS)
+    kwargs = dict(
+        device="cuda",
+        batch_size=max(BATCH_SIZES),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+    )
     captioner = Captioner(loaded, **kwargs)
     build_s = time.perf_counter() - t0
     assert captioner.preprocess == "device", captioner.preprocess_fallback
@@ -148,13 +179,30 @@ def run() -> list[dict]:
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t) / _REPEATS
         assert seq.shape == (b, NEW_TOKENS + 1), seq.shape
-        rows.append({"name": f"caption cells/s (batch {b}, {NEW_TOKENS} tokens)",
-                     "value": b / dt, "unit": "cells/s", "goal": "higher"})
-        rows.append({"name": f"GPU utilisation (batch {b})",
-                     "value": util.mean if util.mean is not None else "n/a (no pynvml)",
-                     "unit": "%", "goal": "higher"})
-    rows.append({"name": "peak GPU memory", "value": torch.cuda.max_memory_allocated() / 2**30,
-                 "unit": "GiB", "goal": "lower"})
+        rows.append(
+            {
+                "name": f"caption cells/s (batch {b}, {NEW_TOKENS} tokens)",
+                "value": b / dt,
+                "unit": "cells/s",
+                "goal": "higher",
+            }
+        )
+        rows.append(
+            {
+                "name": f"GPU utilisation (batch {b})",
+                "value": util.mean if util.mean is not None else "n/a (no pynvml)",
+                "unit": "%",
+                "goal": "higher",
+            }
+        )
+    rows.append(
+        {
+            "name": "peak GPU memory",
+            "value": torch.cuda.max_memory_allocated() / 2**30,
+            "unit": "GiB",
+            "goal": "lower",
+        }
+    )
     b = max(BATCH_SIZES)
     for _ in range(3):  # warm-up of the device resize kernels
         captioner.pixel_values(crops)
@@ -163,17 +211,31 @@ def run() -> list[dict]:
     for _ in range(_REPEATS):
         captioner.pixel_values(crops)
     torch.cuda.synchronize()
-    rows.append({"name": f"device preprocessing on GPU, ms/crop (224->384 px, batch {b})",
-                 "value": (time.perf_counter() - t) / _REPEATS / b * 1e3, "unit": "ms", "goal": "lower"})
+    rows.append(
+        {
+            "name": f"device preprocessing on GPU, ms/crop (224->384 px, batch {b})",
+            "value": (time.perf_counter() - t) / _REPEATS / b * 1e3,
+            "unit": "ms",
+            "goal": "lower",
+        }
+    )
     for cap in (captioner, Captioner(loaded, preprocess="processor", **kwargs)):
         t = time.perf_counter()
         results = cap.caption(crops)  # uint8 crops -> preprocessing -> generate -> parsed captions
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         assert len(results) == b
-        rows.append({"name": f"end-to-end cells/s ({cap.preprocess} preprocessing, batch {b})",
-                     "value": b / dt, "unit": "cells/s", "goal": "higher"})
-    rows.append({"name": "model build + load to GPU", "value": build_s, "unit": "s", "goal": "lower"})
+        rows.append(
+            {
+                "name": f"end-to-end cells/s ({cap.preprocess} preprocessing, batch {b})",
+                "value": b / dt,
+                "unit": "cells/s",
+                "goal": "higher",
+            }
+        )
+    rows.append(
+        {"name": "model build + load to GPU", "value": build_s, "unit": "s", "goal": "lower"}
+    )
     rows.append({"name": "device", "value": torch.cuda.get_device_name(0), "unit": "", "goal": ""})
     return rows
 

@@ -38,7 +38,9 @@ def _smear_slide(path: Path, grid: int = _GRID) -> None:
     quarters = []  # 320 x 240 pieces clear of any WBC box (16 px margin)
     for f in fields:
         rgb = np.asarray(Image.open(f).convert("RGB"))
-        boxes = _samples.read_voc_boxes(_samples.SAMPLE_DATA_DIR / "bccd" / "Annotations" / f"{f.stem}.xml")
+        boxes = _samples.read_voc_boxes(
+            _samples.SAMPLE_DATA_DIR / "bccd" / "Annotations" / f"{f.stem}.xml"
+        )
         for qy in (0, 240):
             for qx in (0, 320):
                 if all(
@@ -52,10 +54,14 @@ def _smear_slide(path: Path, grid: int = _GRID) -> None:
     k = 0
     for by in range(grid * 2):
         for bx in range(grid * 2):
-            canvas[by * 240 : by * 240 + 240, bx * 320 : bx * 320 + 320] = quarters[(k * 7) % len(quarters)]
+            canvas[by * 240 : by * 240 + 240, bx * 320 : bx * 320 + 320] = quarters[
+                (k * 7) % len(quarters)
+            ]
             k += 1
     for i, (r, c) in enumerate(_WBC_BLOCKS):
-        canvas[r * 480 : r * 480 + 480, c * 640 : c * 640 + 640] = np.asarray(Image.open(fields[i]).convert("RGB"))
+        canvas[r * 480 : r * 480 + 480, c * 640 : c * 640 + 640] = np.asarray(
+            Image.open(fields[i]).convert("RGB")
+        )
     _samples.write_pyramid(path, _samples.pyramid(canvas), _samples.BCCD_MPP, "generic-tiff")
 
 
@@ -77,7 +83,12 @@ def _detect(path: Path) -> tuple[float, float, int, int]:
     t = time.process_time()
     res = detect_slide(path, DetectConfig())
     dt = time.process_time() - t
-    return res.info["width"] * res.info["height"] / 1e6, dt, len(res.records), res.info["detect_level"]
+    return (
+        res.info["width"] * res.info["height"] / 1e6,
+        dt,
+        len(res.records),
+        res.info["detect_level"],
+    )
 
 
 def run() -> list[dict]:
@@ -94,10 +105,27 @@ def run() -> list[dict]:
             det_rate, naive_rate = mp / det_s, mp / naive_s
             detail = f"{mp:.1f} MP level 0, {cells} cells, detected on level {level}"
             rows += [
-                {"name": f"detect_{label}", "value": det_rate, "unit": "MP/core-s", "goal": "", "detail": detail},
-                {"name": f"naive_read_{label}", "value": naive_rate, "unit": "MP/core-s", "goal": "", "detail": detail},
-                {"name": f"detect_vs_naive_{label}", "value": det_rate / naive_rate, "unit": "x", "goal": ">= 4",
-                 "detail": detail},
+                {
+                    "name": f"detect_{label}",
+                    "value": det_rate,
+                    "unit": "MP/core-s",
+                    "goal": "",
+                    "detail": detail,
+                },
+                {
+                    "name": f"naive_read_{label}",
+                    "value": naive_rate,
+                    "unit": "MP/core-s",
+                    "goal": "",
+                    "detail": detail,
+                },
+                {
+                    "name": f"detect_vs_naive_{label}",
+                    "value": det_rate / naive_rate,
+                    "unit": "x",
+                    "goal": ">= 4",
+                    "detail": detail,
+                },
             ]
             print(f"{label}: {detail}; detect {det_s:.2f} CPU-s, naive read {naive_s:.2f} CPU-s")
     return rows

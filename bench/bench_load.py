@@ -29,8 +29,11 @@ def _moto_server() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -47,9 +50,14 @@ def run(n_slides: int = N_SLIDES) -> list[dict]:
     sys.path.insert(0, str(_REPO / "tests"))
     from fault_fixtures import load_run
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                 "AWS_DEFAULT_REGION": "us-east-1", "HF_HUB_OFFLINE": "1",
-                 "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }.items():
         os.environ.setdefault(k, v)
     import ray
 
@@ -68,16 +76,51 @@ def run(n_slides: int = N_SLIDES) -> list[dict]:
         proc.wait(10)
     res = m["result"]
     return [
-        {"name": "load: slides processed in one run", "value": res.ok, "unit": "slides", "goal": f">= {n_slides}"},
+        {
+            "name": "load: slides processed in one run",
+            "value": res.ok,
+            "unit": "slides",
+            "goal": f">= {n_slides}",
+        },
         {"name": "load: failed slides", "value": res.failed, "unit": "slides", "goal": "== 0"},
         {"name": "load: cells written", "value": m["cells"], "unit": "cells", "goal": "each once"},
         {"name": "load: wall time", "value": round(m["seconds"], 1), "unit": "s", "goal": ""},
-        {"name": "load: throughput", "value": round(m["slides_per_hour"]), "unit": "slides/h", "goal": ""},
-        {"name": "load: throughput (cells)", "value": round(m["cells_per_s"], 2), "unit": "cells/s", "goal": ""},
-        {"name": "load: peak RSS driver", "value": round(m["driver_peak_mib"]), "unit": "MiB", "goal": "< 3072"},
-        {"name": "load: peak RSS largest Ray worker", "value": round(m["worker_peak_mib"]), "unit": "MiB", "goal": "< 3072"},
-        {"name": "load: peak RSS all Ray workers", "value": round(m["workers_total_peak_mib"]), "unit": "MiB", "goal": ""},
-        {"name": "load: Ray worker processes seen", "value": m["workers_seen"], "unit": "processes", "goal": ""},
+        {
+            "name": "load: throughput",
+            "value": round(m["slides_per_hour"]),
+            "unit": "slides/h",
+            "goal": "",
+        },
+        {
+            "name": "load: throughput (cells)",
+            "value": round(m["cells_per_s"], 2),
+            "unit": "cells/s",
+            "goal": "",
+        },
+        {
+            "name": "load: peak RSS driver",
+            "value": round(m["driver_peak_mib"]),
+            "unit": "MiB",
+            "goal": "< 3072",
+        },
+        {
+            "name": "load: peak RSS largest Ray worker",
+            "value": round(m["worker_peak_mib"]),
+            "unit": "MiB",
+            "goal": "< 3072",
+        },
+        {
+            "name": "load: peak RSS all Ray workers",
+            "value": round(m["workers_total_peak_mib"]),
+            "unit": "MiB",
+            "goal": "",
+        },
+        {
+            "name": "load: Ray worker processes seen",
+            "value": m["workers_seen"],
+            "unit": "processes",
+            "goal": "",
+        },
     ]
 
 

@@ -61,11 +61,13 @@ def _bare(cap, crops: np.ndarray, batch: int) -> float:
     t0 = time.perf_counter()
     n = 0
     for i in range(0, len(crops), batch):
-        n += len(cap.caption(crops[i:i + batch]))
+        n += len(cap.caption(crops[i : i + batch]))
     return n / (time.perf_counter() - t0)
 
 
-def _pipeline(crops: np.ndarray, batch: int, threads: int, model: str | None) -> tuple[float, float]:
+def _pipeline(
+    crops: np.ndarray, batch: int, threads: int, model: str | None
+) -> tuple[float, float]:
     """(cells/s, seconds inside ``Captioner.caption``) of one pipeline pass."""
     import ray
 
@@ -73,11 +75,19 @@ def _pipeline(crops: np.ndarray, batch: int, threads: int, model: str | None) ->
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    items = [{"kind": "cell", "slide_id": "bench", "crop": c, "record": "{}", "thumbnail": b""} for c in crops]
+    items = [
+        {"kind": "cell", "slide_id": "bench", "crop": c, "record": "{}", "thumbnail": b""}
+        for c in crops
+    ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch))
-    ds = ds.map_batches(CaptionStage, batch_size=batch, batch_format="numpy",
-                        fn_constructor_kwargs={"model": model, "batch_size": batch, "cpu_threads": threads},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), num_cpus=0.25)
+    ds = ds.map_batches(
+        CaptionStage,
+        batch_size=batch,
+        batch_format="numpy",
+        fn_constructor_kwargs={"model": model, "batch_size": batch, "cpu_threads": threads},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+        num_cpus=0.25,
+    )
     first_start, n, inside = None, 0, 0.0
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
         n += int((out["kind"] == "cell").sum())
@@ -89,7 +99,9 @@ def _pipeline(crops: np.ndarray, batch: int, threads: int, model: str | None) ->
     return n / (end - first_start), inside
 
 
-def _measure(crops: np.ndarray, batch: int, threads: int, model: str | None, repeats: int) -> list[dict]:
+def _measure(
+    crops: np.ndarray, batch: int, threads: int, model: str | None, repeats: int
+) -> list[dict]:
     cap = _captioner(batch, threads, model)
     bare, pipe, outside = [], [], []
     for _ in range(repeats):
@@ -99,23 +111,52 @@ def _measure(crops: np.ndarray, batch: int, threads: int, model: str | None, rep
         wall = len(crops) / rate
         outside.append(max(0.0, wall - inside) / wall)
     best_bare, best_pipe = max(bare), max(pipe)
-    tag = (f"{len(crops)} crops {crops.shape[1]} px, batch {batch}, {threads} threads, {model or 'demo checkpoint'}, "
-           f"best of {repeats} alternating passes (bare {', '.join(f'{v:.1f}' for v in bare)}; "
-           f"pipeline {', '.join(f'{v:.1f}' for v in pipe)} cells/s)")
+    tag = (
+        f"{len(crops)} crops {crops.shape[1]} px, batch {batch}, {threads} threads, {model or 'demo checkpoint'}, "
+        f"best of {repeats} alternating passes (bare {', '.join(f'{v:.1f}' for v in bare)}; "
+        f"pipeline {', '.join(f'{v:.1f}' for v in pipe)} cells/s)"
+    )
     b = f"_batch{batch}"
     return [
-        {"name": f"caption_stage_in_ray_data_pipeline{b}", "value": round(best_pipe, 2), "unit": "cells/s", "goal": None,
-         "detail": tag},
-        {"name": f"caption_bare_loop{b}", "value": round(best_bare, 2), "unit": "cells/s", "goal": None, "detail": tag},
-        {"name": f"caption_pipeline_over_bare_loop{b}", "value": round(best_pipe / best_bare, 3), "unit": "ratio",
-         "goal": ">= 0.9", "detail": tag},
-        {"name": f"caption_pipeline_time_outside_model{b}", "value": round(min(outside), 3), "unit": "share",
-         "goal": "<= 0.1", "detail": "share of the pipeline's wall time not spent in Captioner.caption (best pass); " + tag},
+        {
+            "name": f"caption_stage_in_ray_data_pipeline{b}",
+            "value": round(best_pipe, 2),
+            "unit": "cells/s",
+            "goal": None,
+            "detail": tag,
+        },
+        {
+            "name": f"caption_bare_loop{b}",
+            "value": round(best_bare, 2),
+            "unit": "cells/s",
+            "goal": None,
+            "detail": tag,
+        },
+        {
+            "name": f"caption_pipeline_over_bare_loop{b}",
+            "value": round(best_pipe / best_bare, 3),
+            "unit": "ratio",
+            "goal": ">= 0.9",
+            "detail": tag,
+        },
+        {
+            "name": f"caption_pipeline_time_outside_model{b}",
+            "value": round(min(outside), 3),
+            "unit": "share",
+            "goal": "<= 0.1",
+            "detail": "share of the pipeline's wall time not spent in Captioner.caption (best pass); "
+            + tag,
+        },
     ]
 
 
-def run(cells: int = 192, batch_sizes: tuple[int, ...] = (16, 32, 64), model: str | None = None,
-        threads: int | None = None, repeats: int = 3) -> list[dict]:
+def run(
+    cells: int = 192,
+    batch_sizes: tuple[int, ...] = (16, 32, 64),
+    model: str | None = None,
+    threads: int | None = None,
+    repeats: int = 3,
+) -> list[dict]:
     """Rows ``{name, value, unit, goal, detail}`` per batch size: pipeline cells/s, bare-loop
     cells/s, their ratio, and the share of pipeline time spent outside the model.
 
@@ -130,8 +171,12 @@ def run(cells: int = 192, batch_sizes: tuple[int, ...] = (16, 32, 64), model: st
     crops = _crops(cells)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=max(2, _threads()), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+        ray.init(
+            num_cpus=max(2, _threads()),
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+        )
     try:
         rows: list[dict] = []
         for batch in batch_sizes:
@@ -145,14 +190,27 @@ def run(cells: int = 192, batch_sizes: tuple[int, ...] = (16, 32, 64), model: st
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=192)
-    ap.add_argument("--batch-size", type=int, action="append", default=None,
-                    help="caption batch size; repeat for several (default: 16, 32 (the job's) and 64)")
-    ap.add_argument("--model", default=None, help="checkpoint directory (default: the demo checkpoint)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads of both (default 1, as in the job)")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating passes of each (the fastest counts)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        action="append",
+        default=None,
+        help="caption batch size; repeat for several (default: 16, 32 (the job's) and 64)",
+    )
+    ap.add_argument(
+        "--model", default=None, help="checkpoint directory (default: the demo checkpoint)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads of both (default 1, as in the job)"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="alternating passes of each (the fastest counts)"
+    )
     a = ap.parse_args(argv)
     for row in run(a.cells, tuple(a.batch_size or (16, 32, 64)), a.model, a.threads, a.repeats):
-        print(f"{row['name']:<44} {row['value']:>10} {row['unit']:<8} goal {row['goal'] or '-'}  ({row['detail']})")
+        print(
+            f"{row['name']:<44} {row['value']:>10} {row['unit']:<8} goal {row['goal'] or '-'}  ({row['detail']})"
+        )
     return 0
 
 

@@ -91,17 +91,25 @@ def run() -> list[dict]:
                 f"{requests} GETs, {len(res.records)} cells, detection level {res.info['detect_level']} "
                 f"({level_mp:.2f} MP), {secs:.1f} s wall, {cpu:.2f} CPU-s"
             )
-            rows.append({
-                "name": f"s3_bytes_ratio_{p.stem}", "value": fetched / size, "unit": "fetched/size",
-                "goal": "<= 0.3" if p.stem == "smear" else "",
-                "detail": f"{len(res.records)} cells, {requests} GETs, {header} B header",
-            })
+            rows.append(
+                {
+                    "name": f"s3_bytes_ratio_{p.stem}",
+                    "value": fetched / size,
+                    "unit": "fetched/size",
+                    "goal": "<= 0.3" if p.stem == "smear" else "",
+                    "detail": f"{len(res.records)} cells, {requests} GETs, {header} B header",
+                }
+            )
         samples = [v for k, v in per.items() if k != "smear.tiff"]
-        rows.append({
-            "name": "s3_bytes_ratio_sample_archive", "value": sum(f for f, _ in samples) / sum(s for _, s in samples),
-            "unit": "fetched/size", "goal": "",
-            "detail": "three sample slides; one WBC per 640x480 field, crops cover most of level 0",
-        })
+        rows.append(
+            {
+                "name": "s3_bytes_ratio_sample_archive",
+                "value": sum(f for f, _ in samples) / sum(s for _, s in samples),
+                "unit": "fetched/size",
+                "goal": "",
+                "detail": "three sample slides; one WBC per 640x480 field, crops cover most of level 0",
+            }
+        )
         rows += _cost_model(client, paths[-1], costs)
     return rows
 
@@ -120,7 +128,9 @@ def _cost_model(client, smear: Path, costs: list[tuple[float, int, float]]) -> l
 
     big = smear.with_name("big.tiff")
     level0 = tifffile.imread(smear, key=0)
-    samples.write_pyramid(big, samples.pyramid(np.tile(level0, (2, 2, 1))), samples.BCCD_MPP, "generic-tiff")
+    samples.write_pyramid(
+        big, samples.pyramid(np.tile(level0, (2, 2, 1))), samples.BCCD_MPP, "generic-tiff"
+    )
     del level0
     _upload(client, big)
     cpu = time.process_time()
@@ -150,12 +160,27 @@ def _cost_model(client, smear: Path, costs: list[tuple[float, int, float]]) -> l
         f"{read_per_mp:.4f} CPU-s per level-0 MP fetched + decoded"
     )
     return [
-        {"name": "detect_cpu_s_per_level_mp", "value": float(per_mp), "unit": "CPU-s/MP", "goal": "",
-         "detail": "per MP of the pyramid level detection runs on (read + decode + detect)"},
-        {"name": "detect_cpu_s_per_cell", "value": float(per_cell), "unit": "CPU-s/cell", "goal": "",
-         "detail": "level-0 crop read + resample + morphometry + QC"},
-        {"name": "remote_read_cpu_s_per_mp", "value": read_per_mp, "unit": "CPU-s/MP", "goal": "",
-         "detail": "ranged GET + JPEG decode of level 0, 1024-px reads"},
+        {
+            "name": "detect_cpu_s_per_level_mp",
+            "value": float(per_mp),
+            "unit": "CPU-s/MP",
+            "goal": "",
+            "detail": "per MP of the pyramid level detection runs on (read + decode + detect)",
+        },
+        {
+            "name": "detect_cpu_s_per_cell",
+            "value": float(per_cell),
+            "unit": "CPU-s/cell",
+            "goal": "",
+            "detail": "level-0 crop read + resample + morphometry + QC",
+        },
+        {
+            "name": "remote_read_cpu_s_per_mp",
+            "value": read_per_mp,
+            "unit": "CPU-s/MP",
+            "goal": "",
+            "detail": "ranged GET + JPEG decode of level 0, 1024-px reads",
+        },
     ]
 
 

@@ -89,7 +89,8 @@ def _pass(refs: list[str], settings, workers: int) -> tuple[float, list[dict]]:
     rows = ds.take_all()
     wall = time.perf_counter() - t
     _BUSY.setdefault(("ray data", workers), []).append(
-        (_busy_cpu_seconds() - busy0, sum(float(r["seconds"]) for r in rows)))
+        (_busy_cpu_seconds() - busy0, sum(float(r["seconds"]) for r in rows))
+    )
     return wall, rows
 
 
@@ -105,12 +106,15 @@ def _task_pass(refs: list[str], settings, workers: int) -> tuple[float, list[dic
     wall = time.perf_counter() - t
     rows = [{k: v[0] for k, v in o.items()} for o in outs]
     _BUSY.setdefault(("ray tasks", workers), []).append(
-        (_busy_cpu_seconds() - busy0, sum(float(r["seconds"]) for r in rows)))
+        (_busy_cpu_seconds() - busy0, sum(float(r["seconds"]) for r in rows))
+    )
     return wall, rows
 
 
 _SLOT = "bench_scaling_slot"  # custom resource: 2 per node; a task takes 2 (one at a time) or 1
-_BUSY: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (way, workers) -> [(machine CPU-s, task s)]
+_BUSY: dict[
+    tuple[str, int], list[tuple[float, float]]
+] = {}  # (way, workers) -> [(machine CPU-s, task s)]
 
 
 def _busy_cpu_seconds() -> float:
@@ -118,7 +122,13 @@ def _busy_cpu_seconds() -> float:
     import psutil
 
     t = psutil.cpu_times()
-    return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    return (
+        t.user
+        + t.system
+        + getattr(t, "nice", 0.0)
+        + getattr(t, "irq", 0.0)
+        + getattr(t, "softirq", 0.0)
+    )
 
 
 def _scaling(client, endpoint: str, slide: Path) -> list[dict]:
@@ -129,7 +139,9 @@ def _scaling(client, endpoint: str, slide: Path) -> list[dict]:
     for i in range(_SLIDES):
         client.upload_file(str(slide), _BUCKET, f"copy{i:02d}/{slide.name}")
     s3 = S3Settings(endpoint=endpoint)
-    listing = list_slides(storage_for(f"s3://{_BUCKET}/", s3), f"s3://{_BUCKET}/", (".tiff", ".svs"))
+    listing = list_slides(
+        storage_for(f"s3://{_BUCKET}/", s3), f"s3://{_BUCKET}/", (".tiff", ".svs")
+    )
     refs = [ref_to_json(r) for r in listing.slides]
     assert len(refs) == _SLIDES, f"listed {len(refs)} of {_SLIDES} benchmark slides"
     settings = DetectSettings(s3=s3)
@@ -153,25 +165,55 @@ def _scaling(client, endpoint: str, slide: Path) -> list[dict]:
         cells = sum(int(r["cells"]) for r in rows2)
         assert sum(int(r["cells"]) for r in rows1) == cells, "the two passes found different cells"
         per_slide = statistics.median(float(r["seconds"]) for r in rows1)
-        print(f"detection stage as {way}, {_SLIDES} slides ({cells} cells): 1 worker {t1:.2f} s, 2 workers "
-              f"{t2:.2f} s, {t1 / t2:.2f}x; median {per_slide:.2f} s/slide with one worker; load average at "
-              f"start {load:.2f}")
+        print(
+            f"detection stage as {way}, {_SLIDES} slides ({cells} cells): 1 worker {t1:.2f} s, 2 workers "
+            f"{t2:.2f} s, {t1 / t2:.2f}x; median {per_slide:.2f} s/slide with one worker; load average at "
+            f"start {load:.2f}"
+        )
         for w in (1, 2):
             busy = statistics.mean(b for b, _ in _BUSY[(way, w)])
             tasks = statistics.mean(t for _, t in _BUSY[(way, w)])
-            print(f"  {w} worker(s): machine busy {busy:.1f} CPU-s per pass; detect tasks ran {tasks:.1f} s")
+            print(
+                f"  {w} worker(s): machine busy {busy:.1f} CPU-s per pass; detect tasks ran {tasks:.1f} s"
+            )
         tag = "ray_data" if way == "ray data" else "ray_tasks"
-        detail = (f"{_SLIDES} slides of 11,520 x 8,640 px at normal WBC density, {cells} cells, "
-                  f"load avg {load:.2f} at start")
+        detail = (
+            f"{_SLIDES} slides of 11,520 x 8,640 px at normal WBC density, {cells} cells, "
+            f"load avg {load:.2f} at start"
+        )
         rows += [
-            {"name": f"detect_{tag}_1_worker", "value": _SLIDES / t1, "unit": "slides/s", "goal": "", "detail": detail},
-            {"name": f"detect_{tag}_2_workers", "value": _SLIDES / t2, "unit": "slides/s", "goal": "",
-             "detail": detail},
-            {"name": f"detect_{tag}_scaling_1_to_2", "value": t1 / t2, "unit": "x", "goal": ">= 1.7", "detail": detail},
+            {
+                "name": f"detect_{tag}_1_worker",
+                "value": _SLIDES / t1,
+                "unit": "slides/s",
+                "goal": "",
+                "detail": detail,
+            },
+            {
+                "name": f"detect_{tag}_2_workers",
+                "value": _SLIDES / t2,
+                "unit": "slides/s",
+                "goal": "",
+                "detail": detail,
+            },
+            {
+                "name": f"detect_{tag}_scaling_1_to_2",
+                "value": t1 / t2,
+                "unit": "x",
+                "goal": ">= 1.7",
+                "detail": detail,
+            },
         ]
         if way == "ray data":
-            rows.append({"name": "detect_stage_seconds_per_slide", "value": per_slide, "unit": "s/slide (1 core)",
-                         "goal": "", "detail": "median wall time of one slide's detect task, one worker"})
+            rows.append(
+                {
+                    "name": "detect_stage_seconds_per_slide",
+                    "value": per_slide,
+                    "unit": "s/slide (1 core)",
+                    "goal": "",
+                    "detail": "median wall time of one slide's detect task, one worker",
+                }
+            )
     return rows
 
 
@@ -182,8 +224,11 @@ def _job(endpoint: str, out: Path) -> list[dict]:
 
     seed_archive(endpoint)
     cfg = JobConfig(
-        input=f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}", output=str(out), s3_endpoint=endpoint,
-        max_failed_fraction=0.5, forward_env=DEFAULT_FORWARD_ENV,
+        input=f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}",
+        output=str(out),
+        s3_endpoint=endpoint,
+        max_failed_fraction=0.5,
+        forward_env=DEFAULT_FORWARD_ENV,
     )
     t = time.perf_counter()
     res = run_job(cfg, lambda line: None)
@@ -198,20 +243,55 @@ def _job(endpoint: str, out: Path) -> list[dict]:
 
     cells = sum(int(s["cell_count"]) for s in ok)
     read = [s for s in ok if s.get("bytes_read") is not None]
-    ratio = sum(int(s["bytes_read"]) for s in read) / sum(int(s["slide_bytes"]) for s in read) if read else float("nan")
+    ratio = (
+        sum(int(s["bytes_read"]) for s in read) / sum(int(s["slide_bytes"]) for s in read)
+        if read
+        else float("nan")
+    )
     print(
         f"job: {len(ok)} ok + {res.failed} failed slides, {cells} cells in {wall:.1f} s; per slide: stage "
         f"{mean('stage_seconds'):.2f} s, detect {mean('detect_seconds'):.2f} s, caption {mean('caption_seconds'):.2f} s "
         f"(CPU, demo checkpoint); bytes_read/slide_bytes {ratio:.2f}"
     )
-    detail = f"{len(ok)} sample slides + 1 corrupt, {cells} cells, captioning on CPU (demo checkpoint)"
+    detail = (
+        f"{len(ok)} sample slides + 1 corrupt, {cells} cells, captioning on CPU (demo checkpoint)"
+    )
     return [
-        {"name": "job_slides_per_hour", "value": len(ok) / wall * 3600, "unit": "slides/h", "goal": "", "detail": detail},
-        {"name": "job_stage_seconds_per_slide", "value": mean("stage_seconds"), "unit": "s", "goal": "", "detail": detail},
-        {"name": "job_detect_seconds_per_slide", "value": mean("detect_seconds"), "unit": "s", "goal": "", "detail": detail},
-        {"name": "job_caption_seconds_per_cell", "value": mean("caption_seconds") * len(ok) / max(cells, 1),
-         "unit": "s (CPU)", "goal": "", "detail": detail},
-        {"name": "job_bytes_read_ratio", "value": ratio, "unit": "read/size", "goal": "", "detail": detail},
+        {
+            "name": "job_slides_per_hour",
+            "value": len(ok) / wall * 3600,
+            "unit": "slides/h",
+            "goal": "",
+            "detail": detail,
+        },
+        {
+            "name": "job_stage_seconds_per_slide",
+            "value": mean("stage_seconds"),
+            "unit": "s",
+            "goal": "",
+            "detail": detail,
+        },
+        {
+            "name": "job_detect_seconds_per_slide",
+            "value": mean("detect_seconds"),
+            "unit": "s",
+            "goal": "",
+            "detail": detail,
+        },
+        {
+            "name": "job_caption_seconds_per_cell",
+            "value": mean("caption_seconds") * len(ok) / max(cells, 1),
+            "unit": "s (CPU)",
+            "goal": "",
+            "detail": detail,
+        },
+        {
+            "name": "job_bytes_read_ratio",
+            "value": ratio,
+            "unit": "read/size",
+            "goal": "",
+            "detail": detail,
+        },
     ]
 
 
@@ -227,8 +307,13 @@ def run() -> list[dict]:
     started = not ray.is_initialized()
     with tempfile.TemporaryDirectory() as tmp, s3_client() as (client, endpoint):
         if started:
-            ray.init(num_cpus=2, resources={_SLOT: 2}, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+            ray.init(
+                num_cpus=2,
+                resources={_SLOT: 2},
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+            )
         try:
             client.create_bucket(Bucket=_BUCKET)
             from bench.bench_detect import _smear_slide
@@ -240,8 +325,15 @@ def run() -> list[dict]:
                 rows += _job(endpoint, Path(tmp) / "job-output")
             except Exception as exc:  # noqa: BLE001 - the job is another part; report, keep part 1
                 traceback.print_exc()
-                rows.append({"name": "job_slides_per_hour", "value": float("nan"), "unit": "slides/h", "goal": "",
-                             "detail": f"job not runnable: {type(exc).__name__}: {exc}"})
+                rows.append(
+                    {
+                        "name": "job_slides_per_hour",
+                        "value": float("nan"),
+                        "unit": "slides/h",
+                        "goal": "",
+                        "detail": f"job not runnable: {type(exc).__name__}: {exc}",
+                    }
+                )
         finally:
             if started:
                 ray.shutdown()

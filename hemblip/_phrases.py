@@ -76,12 +76,25 @@ CANONICAL: dict[tuple[str, str], str] = {
 
 #: Order attributes appear in within a caption (the paper's order).
 HEALTHY_ORDER = (
-    "cell_size", "cell_shape", "nucleus_shape", "nuclear_cytoplasmic_ratio", "chromatin_density",
-    "cytoplasm_vacuole", "cytoplasm_texture", "cytoplasm_colour", "granule_type", "granularity",
+    "cell_size",
+    "cell_shape",
+    "nucleus_shape",
+    "nuclear_cytoplasmic_ratio",
+    "chromatin_density",
+    "cytoplasm_vacuole",
+    "cytoplasm_texture",
+    "cytoplasm_colour",
+    "granule_type",
+    "granularity",
 )  # granule_colour is rendered with granule_type
 LEUKEMIC_ORDER = (
-    "leukemic_cell_size", "nuclear_shape", "nuclear_chromatin", "nucleolus", "cytoplasm",
-    "cytoplasmic_basophilia", "cytoplasmic_vacuoles",
+    "leukemic_cell_size",
+    "nuclear_shape",
+    "nuclear_chromatin",
+    "nucleolus",
+    "cytoplasm",
+    "cytoplasmic_basophilia",
+    "cytoplasmic_vacuoles",
 )
 
 GRANULE_TYPES = tuple(v for v in ATTRIBUTES["granule_type"].values if v != "nil")
@@ -113,73 +126,176 @@ def granule_phrases(gtype: str | None, gcolour: str | None) -> list[str]:
 
 # --------------------------------------------------------------------------- parser synonyms
 _RATIO_NAMES = (
-    "nuclear-to-cytoplasmic ratio", "nuclear cytoplasmic ratio", "nuclear-cytoplasmic ratio",
-    "nucleus-to-cytoplasm ratio", "nucleus to cytoplasm ratio", "n:c ratio", "n/c ratio",
-    "nc ratio", "n-c ratio",
+    "nuclear-to-cytoplasmic ratio",
+    "nuclear cytoplasmic ratio",
+    "nuclear-cytoplasmic ratio",
+    "nucleus-to-cytoplasm ratio",
+    "nucleus to cytoplasm ratio",
+    "n:c ratio",
+    "n/c ratio",
+    "nc ratio",
+    "n-c ratio",
 )
 
 # Phrases that are synonyms of exactly one value (besides the canonical phrase).
 _SYNONYMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("cell_size", "big"): ("big cell", "big cell size", "big in size"),
     ("cell_size", "small"): (),
-    ("cell_shape", "round"): ("round shape", "round cell shape", "rounded shape", "round cell",
-                              "rounded overall shape", "round outline"),
-    ("cell_shape", "irregular"): ("irregular shape", "irregular cell shape", "irregular cell",
-                                  "irregular outline", "irregular cell outline"),
-    ("nucleus_shape", "segmented-bilobed"): ("bilobed nucleus", "bi-lobed nucleus", "bilobed",
-                                             "bi-lobed", "two-lobed nucleus", "bilobed segmented nucleus"),
-    ("nucleus_shape", "segmented-multilobed"): ("multilobed nucleus", "multi-lobed nucleus",
-                                                "multilobed", "multi-lobed", "hypersegmented nucleus"),
-    ("nucleus_shape", "unsegmented-band"): ("band nucleus", "band-shaped nucleus",
-                                            "band-form nucleus", "band shaped nucleus"),
-    ("nucleus_shape", "unsegmented-indented"): ("indented nucleus", "kidney-shaped nucleus",
-                                                "kidney shaped nucleus"),
+    ("cell_shape", "round"): (
+        "round shape",
+        "round cell shape",
+        "rounded shape",
+        "round cell",
+        "rounded overall shape",
+        "round outline",
+    ),
+    ("cell_shape", "irregular"): (
+        "irregular shape",
+        "irregular cell shape",
+        "irregular cell",
+        "irregular outline",
+        "irregular cell outline",
+    ),
+    ("nucleus_shape", "segmented-bilobed"): (
+        "bilobed nucleus",
+        "bi-lobed nucleus",
+        "bilobed",
+        "bi-lobed",
+        "two-lobed nucleus",
+        "bilobed segmented nucleus",
+    ),
+    ("nucleus_shape", "segmented-multilobed"): (
+        "multilobed nucleus",
+        "multi-lobed nucleus",
+        "multilobed",
+        "multi-lobed",
+        "hypersegmented nucleus",
+    ),
+    ("nucleus_shape", "unsegmented-band"): (
+        "band nucleus",
+        "band-shaped nucleus",
+        "band-form nucleus",
+        "band shaped nucleus",
+    ),
+    ("nucleus_shape", "unsegmented-indented"): (
+        "indented nucleus",
+        "kidney-shaped nucleus",
+        "kidney shaped nucleus",
+    ),
     ("nucleus_shape", "unsegmented-round"): ("round nucleus", "rounded nucleus"),
     ("nucleus_shape", "irregular"): (),
-    ("chromatin_density", "densely"): ("densely condensed chromatin", "condensed chromatin",
-                                       "densely packed chromatin", "dense nuclear chromatin",
-                                       "densely clumped chromatin"),
-    ("chromatin_density", "loosely"): ("loosely condensed chromatin", "loosely packed chromatin",
-                                       "loose nuclear chromatin"),
-    ("cytoplasm_vacuole", "yes"): ("vacuoles present", "vacuolated", "with vacuoles",
-                                   "cytoplasmic vacuolation", "vacuolation", "vacuolated cell"),
-    ("cytoplasm_vacuole", "no"): ("non-vacuolated", "not vacuolated", "no vacuolation",
-                                  "nonvacuolated cytoplasm", "nonvacuolated"),
+    ("chromatin_density", "densely"): (
+        "densely condensed chromatin",
+        "condensed chromatin",
+        "densely packed chromatin",
+        "dense nuclear chromatin",
+        "densely clumped chromatin",
+    ),
+    ("chromatin_density", "loosely"): (
+        "loosely condensed chromatin",
+        "loosely packed chromatin",
+        "loose nuclear chromatin",
+    ),
+    ("cytoplasm_vacuole", "yes"): (
+        "vacuoles present",
+        "vacuolated",
+        "with vacuoles",
+        "cytoplasmic vacuolation",
+        "vacuolation",
+        "vacuolated cell",
+    ),
+    ("cytoplasm_vacuole", "no"): (
+        "non-vacuolated",
+        "not vacuolated",
+        "no vacuolation",
+        "nonvacuolated cytoplasm",
+        "nonvacuolated",
+    ),
     ("cytoplasm_texture", "clear"): ("clear cytoplasm", "clear texture"),
-    ("cytoplasm_texture", "frosted"): ("frosted cytoplasm", "frosted texture",
-                                       "ground-glass cytoplasm", "ground glass cytoplasm"),
-    ("cytoplasm_colour", "light blue"): ("light-blue cytoplasm", "pale blue cytoplasm",
-                                         "light blue cytoplasmic color", "light blue color"),
+    ("cytoplasm_texture", "frosted"): (
+        "frosted cytoplasm",
+        "frosted texture",
+        "ground-glass cytoplasm",
+        "ground glass cytoplasm",
+    ),
+    ("cytoplasm_colour", "light blue"): (
+        "light-blue cytoplasm",
+        "pale blue cytoplasm",
+        "light blue cytoplasmic color",
+        "light blue color",
+    ),
     ("cytoplasm_colour", "blue"): ("blue cytoplasmic color", "blue color"),
-    ("cytoplasm_colour", "purple blue"): ("purple-blue cytoplasm", "purplish blue cytoplasm",
-                                          "purple blue cytoplasmic color", "purple blue color",
-                                          "purple-blue color"),
-    ("granularity", "yes"): ("granular cytoplasm", "granularity present", "granulated cytoplasm",
-                             "with granularity", "visible granulation"),
-    ("granularity", "no"): ("agranular cytoplasm", "agranular", "granularity absent",
-                            "non-granular cytoplasm", "without granularity", "no granulation"),
+    ("cytoplasm_colour", "purple blue"): (
+        "purple-blue cytoplasm",
+        "purplish blue cytoplasm",
+        "purple blue cytoplasmic color",
+        "purple blue color",
+        "purple-blue color",
+    ),
+    ("granularity", "yes"): (
+        "granular cytoplasm",
+        "granularity present",
+        "granulated cytoplasm",
+        "with granularity",
+        "visible granulation",
+    ),
+    ("granularity", "no"): (
+        "agranular cytoplasm",
+        "agranular",
+        "granularity absent",
+        "non-granular cytoplasm",
+        "without granularity",
+        "no granulation",
+    ),
     ("leukemic_cell_size", "small"): (),
-    ("leukemic_cell_size", "medium"): ("medium cell size", "medium cell", "medium-sized",
-                                       "medium sized", "intermediate size", "medium in size"),
+    ("leukemic_cell_size", "medium"): (
+        "medium cell size",
+        "medium cell",
+        "medium-sized",
+        "medium sized",
+        "intermediate size",
+        "medium in size",
+    ),
     ("leukemic_cell_size", "large"): (),
     ("nuclear_chromatin", "open"): ("open chromatin", "fine open chromatin"),
     ("nuclear_chromatin", "coarse"): ("coarse chromatin", "coarsely clumped chromatin"),
-    ("nuclear_shape", "regular"): ("regular nucleus", "regular nuclear outline",
-                                   "regular nuclear contour"),
+    ("nuclear_shape", "regular"): (
+        "regular nucleus",
+        "regular nuclear outline",
+        "regular nuclear contour",
+    ),
     ("nuclear_shape", "irregular"): ("irregular nuclear outline", "irregular nuclear contour"),
-    ("nucleolus", "inconspicuous"): ("inconspicuous nucleoli", "no visible nucleolus",
-                                     "no visible nucleoli", "nucleolus inconspicuous"),
-    ("nucleolus", "prominent"): ("prominent nucleoli", "visible nucleolus", "visible nucleoli",
-                                 "nucleolus prominent", "nucleoli prominent"),
+    ("nucleolus", "inconspicuous"): (
+        "inconspicuous nucleoli",
+        "no visible nucleolus",
+        "no visible nucleoli",
+        "nucleolus inconspicuous",
+    ),
+    ("nucleolus", "prominent"): (
+        "prominent nucleoli",
+        "visible nucleolus",
+        "visible nucleoli",
+        "nucleolus prominent",
+        "nucleoli prominent",
+    ),
     ("cytoplasm", "scanty"): ("scant cytoplasm", "scanty", "little cytoplasm", "sparse cytoplasm"),
     ("cytoplasm", "abundant"): ("plentiful cytoplasm", "ample cytoplasm"),
-    ("cytoplasmic_basophilia", "slight"): ("slight cytoplasmic basophilia", "mild basophilia",
-                                           "mild cytoplasmic basophilia", "slightly basophilic"),
-    ("cytoplasmic_basophilia", "moderate"): ("moderate cytoplasmic basophilia",
-                                             "moderately basophilic"),
+    ("cytoplasmic_basophilia", "slight"): (
+        "slight cytoplasmic basophilia",
+        "mild basophilia",
+        "mild cytoplasmic basophilia",
+        "slightly basophilic",
+    ),
+    ("cytoplasmic_basophilia", "moderate"): (
+        "moderate cytoplasmic basophilia",
+        "moderately basophilic",
+    ),
     ("cytoplasmic_vacuoles", "absent"): ("absent cytoplasmic vacuoles",),
-    ("cytoplasmic_vacuoles", "prominent"): ("prominent cytoplasmic vacuoles",
-                                            "prominent vacuolation", "vacuoles prominent"),
+    ("cytoplasmic_vacuoles", "prominent"): (
+        "prominent cytoplasmic vacuoles",
+        "prominent vacuolation",
+        "vacuoles prominent",
+    ),
 }
 
 # Phrases shared across the two groups: phrase -> alternatives, resolved by sentence context.
@@ -204,9 +320,11 @@ def _variants(phrase: str) -> set[str]:
 
 
 def _ratio_phrases() -> dict[tuple[str, str], tuple[str, ...]]:
-    return {("nuclear_cytoplasmic_ratio", lvl):
-            tuple(f"{lvl} {n}" for n in _RATIO_NAMES) + tuple(f"{n} {lvl}" for n in _RATIO_NAMES)
-            for lvl in ("low", "high")}
+    return {
+        ("nuclear_cytoplasmic_ratio", lvl): tuple(f"{lvl} {n}" for n in _RATIO_NAMES)
+        + tuple(f"{n} {lvl}" for n in _RATIO_NAMES)
+        for lvl in ("low", "high")
+    }
 
 
 def build_phrase_table() -> dict[tuple[str, ...], tuple[Assignment, ...]]:
@@ -246,8 +364,13 @@ def build_phrase_table() -> dict[tuple[str, ...], tuple[Assignment, ...]]:
         add(f"{c} granule", (("granule_colour", c),))
         add(f"{c}-staining granules", (("granule_colour", c),))
     both_nil = (("granule_type", "nil"), ("granule_colour", "nil"))
-    for p in (NO_GRANULES, "without granules", "granules absent", "no visible granules",
-              "absent granules"):
+    for p in (
+        NO_GRANULES,
+        "without granules",
+        "granules absent",
+        "no visible granules",
+        "absent granules",
+    ):
         add(p, both_nil)
     for p in (NO_GRANULE_TYPE, "no granule type"):
         add(p, (("granule_type", "nil"),))
@@ -271,8 +394,10 @@ def cell_type_phrases() -> dict[tuple[str, ...], str]:
         for form in (ct, ct + "s"):
             table[tuple(tokenize(form))] = ct
     aliases = {
-        "promyelocyte": "abnormal promyelocyte", "promyelocytes": "abnormal promyelocyte",
-        "band neutrophil": "neutrophil", "segmented neutrophil": "neutrophil",
+        "promyelocyte": "abnormal promyelocyte",
+        "promyelocytes": "abnormal promyelocyte",
+        "band neutrophil": "neutrophil",
+        "segmented neutrophil": "neutrophil",
         "reactive lymphocyte": "atypical lymphocyte",
     }
     for alias, ct in aliases.items():

@@ -98,16 +98,21 @@ def _capitalise_sentences(text: str) -> str:
 # --------------------------------------------------------------------------- rendering
 def _check(cell_type: str | None, case: str | None, attributes: Mapping[str, str | None]) -> None:
     if cell_type is not None and cell_type not in CELL_TYPES:
-        raise DatasetError(f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}")
+        raise DatasetError(
+            f"unknown cell type {cell_type!r}; expected one of {', '.join(CELL_TYPES)}"
+        )
     if case is not None and case not in CASES:
         raise DatasetError(f"unknown case {case!r}; expected one of {', '.join(CASES)}")
     for name, value in attributes.items():
         if name not in ATTRIBUTES:
-            raise DatasetError(f"unknown attribute {name!r}; expected one of {', '.join(ATTRIBUTE_NAMES)}")
+            raise DatasetError(
+                f"unknown attribute {name!r}; expected one of {', '.join(ATTRIBUTE_NAMES)}"
+            )
         if value is not None and value not in ATTRIBUTES[name].values:
             raise DatasetError(
                 f"attribute {name}: unknown value {value!r}; expected one of "
-                f"{'|'.join(ATTRIBUTES[name].values)}")
+                f"{'|'.join(ATTRIBUTES[name].values)}"
+            )
 
 
 def _healthy_phrases(attrs: Mapping[str, str | None]) -> list[str]:
@@ -124,8 +129,9 @@ def _leukemic_phrases(attrs: Mapping[str, str | None]) -> list[str]:
     return [P.CANONICAL[(n, attrs[n])] for n in P.LEUKEMIC_ORDER if attrs.get(n) is not None]
 
 
-def render_caption(cell_type: str | None, case: str | None,
-                   attributes: Mapping[str, str | None] | None = None) -> str:
+def render_caption(
+    cell_type: str | None, case: str | None, attributes: Mapping[str, str | None] | None = None
+) -> str:
     """Render the caption for a cell; only non-None attributes are mentioned.
 
     ``cell_type`` in :data:`~hemblip.ontology.CELL_TYPES`, ``case`` a code of
@@ -163,8 +169,10 @@ def render_caption(cell_type: str | None, case: str | None,
 def caption_vocabulary() -> list[str]:
     """Every word token any :func:`render_caption` output can contain (sorted, lower-case)."""
     words: set[str] = set()
-    fixed = ("this is a an white blood cell from healthy case of noted for its observed in "
-             "notable features include")
+    fixed = (
+        "this is a an white blood cell from healthy case of noted for its observed in "
+        "notable features include"
+    )
     words.update(fixed.split())
     words.update({",", ".", "-"})
     for ct in CELL_TYPES:
@@ -197,14 +205,15 @@ def _index(table: Mapping[tuple[str, ...], object]) -> dict[str, tuple[int, ...]
     return {k: tuple(sorted(v, reverse=True)) for k, v in idx.items()}
 
 
-def _longest_matches(tokens: list[str], table: Mapping[tuple[str, ...], object],
-                     index: Mapping[str, tuple[int, ...]]):
+def _longest_matches(
+    tokens: list[str], table: Mapping[tuple[str, ...], object], index: Mapping[str, tuple[int, ...]]
+):
     """Greedy left-to-right longest-phrase matches: yields (start, end, value)."""
     i, n_tok = 0, len(tokens)
     while i < n_tok:
         for n in index.get(tokens[i], ()):
             if i + n <= n_tok:
-                key = tuple(tokens[i:i + n])
+                key = tuple(tokens[i : i + n])
                 if key in table:
                     yield i, i + n, table[key]
                     i += n
@@ -222,7 +231,7 @@ def _group_of(alt: P.Assignment) -> str:
 
 def _contains(tokens: list[str], seq: tuple[str, ...]) -> bool:
     n = len(seq)
-    return any(tuple(tokens[i:i + n]) == seq for i in range(len(tokens) - n + 1))
+    return any(tuple(tokens[i : i + n]) == seq for i in range(len(tokens) - n + 1))
 
 
 def _sentences(tokens: list[str]) -> list[list[str]]:
@@ -264,8 +273,12 @@ def parse_caption(text: str) -> ParsedCaption:
     left None when that is undecided. Two different values for one attribute give None.
     """
     cell_type, case, values, conflicts = _parse(text)
-    return ParsedCaption(cell_type=cell_type, case=case, attributes=dict(zip(ATTRIBUTE_NAMES, values)),
-                         conflicts=conflicts)
+    return ParsedCaption(
+        cell_type=cell_type,
+        case=case,
+        attributes=dict(zip(ATTRIBUTE_NAMES, values)),
+        conflicts=conflicts,
+    )
 
 
 # Generated captions repeat a lot (greedy decoding of similar cells): parse each text once.

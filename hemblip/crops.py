@@ -143,7 +143,9 @@ def _mirror(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where(m < n, m, 2 * n - 1 - m)
 
 
-def _square(img: np.ndarray, center_xy: Sequence[float], mpp: float, crop_um: float, pad: str) -> np.ndarray:
+def _square(
+    img: np.ndarray, center_xy: Sequence[float], mpp: float, crop_um: float, pad: str
+) -> np.ndarray:
     """The native-resolution ``crop_um`` square of ``img`` centred on ``center_xy`` (see cell_crop)."""
     x0, y0, x1, y1 = crop_box(center_xy, mpp, crop_um)
     if x1 - x0 > MAX_SQUARE_PX:
@@ -196,7 +198,9 @@ def centre_offset(square: np.ndarray, mpp: float) -> tuple[float, float]:
         return 0.0, 0.0
     idx = np.arange(1, nlab + 1)
     areas = np.asarray(ndi.sum(mask, lab, idx)) * _CENTRE_MPP**2
-    cents = np.asarray(ndi.center_of_mass(mask, lab, idx), dtype=np.float64).reshape(-1, 2)  # (y, x)
+    cents = np.asarray(ndi.center_of_mass(mask, lab, idx), dtype=np.float64).reshape(
+        -1, 2
+    )  # (y, x)
     c = (n - 1) / 2.0
     dist = np.hypot(cents[:, 0] - c, cents[:, 1] - c) * _CENTRE_MPP
     ok = (areas >= _MIN_NUCLEUS_UM2) & (dist <= MAX_CENTRE_SHIFT_UM)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["HemblipError", "CheckpointError", "UnsafeCheckpointError", "DatasetError", "HemblipConfigError"]
+__all__ = [
+    "HemblipError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "DatasetError",
+    "HemblipConfigError",
+]
 
 
 class HemblipError(Exception):

@@ -22,9 +22,16 @@ def _labels(s: CaptionSample) -> dict:
     return {"cell_type": s.cell_type, "case": s.case, "attributes": dict(s.attributes)}
 
 
-def evaluate(model, samples: Sequence[CaptionSample], captioner_kwargs: Mapping | None = None, *,
-             train_samples: Sequence[CaptionSample] | None = None, with_bertscore: bool = True,
-             bertscore_model: str | os.PathLike | None = None, bertscore_layers: int | None = None) -> dict:
+def evaluate(
+    model,
+    samples: Sequence[CaptionSample],
+    captioner_kwargs: Mapping | None = None,
+    *,
+    train_samples: Sequence[CaptionSample] | None = None,
+    with_bertscore: bool = True,
+    bertscore_model: str | os.PathLike | None = None,
+    bertscore_layers: int | None = None,
+) -> dict:
     """Caption ``samples`` with :class:`hemblip.Captioner` and score them (see :func:`evaluate_captions`).
 
     ``model``: a checkpoint location (``None`` = the demo checkpoint) or an existing ``Captioner``;
@@ -42,21 +49,34 @@ def evaluate(model, samples: Sequence[CaptionSample], captioner_kwargs: Mapping 
         captioner = Captioner(model=model, **dict(captioner_kwargs or {}))
     results = captioner.caption([s.image for s in samples]) if samples else []
     report = evaluate_captions(
-        samples, [r.caption for r in results], train_samples=train_samples,
-        model_name=str(captioner.model_id), with_bertscore=with_bertscore,
-        bertscore_model=bertscore_model, bertscore_layers=bertscore_layers)
-    report["model"] = {"id": str(captioner.model_id), "version": getattr(captioner, "model_version", None),
-                       "captioner_kwargs": dict(captioner_kwargs or {})}
+        samples,
+        [r.caption for r in results],
+        train_samples=train_samples,
+        model_name=str(captioner.model_id),
+        with_bertscore=with_bertscore,
+        bertscore_model=bertscore_model,
+        bertscore_layers=bertscore_layers,
+    )
+    report["model"] = {
+        "id": str(captioner.model_id),
+        "version": getattr(captioner, "model_version", None),
+        "captioner_kwargs": dict(captioner_kwargs or {}),
+    }
     logprobs = [r.mean_logprob for r in results if r.mean_logprob is not None]
     report["rows"][0]["mean_logprob"] = sum(logprobs) / len(logprobs) if logprobs else None
     return report
 
 
-def evaluate_captions(samples: Sequence[CaptionSample], predictions: Sequence[str], *,
-                      train_samples: Sequence[CaptionSample] | None = None,
-                      model_name: str = "model", with_bertscore: bool = True,
-                      bertscore_model: str | os.PathLike | None = None,
-                      bertscore_layers: int | None = None) -> dict:
+def evaluate_captions(
+    samples: Sequence[CaptionSample],
+    predictions: Sequence[str],
+    *,
+    train_samples: Sequence[CaptionSample] | None = None,
+    model_name: str = "model",
+    with_bertscore: bool = True,
+    bertscore_model: str | os.PathLike | None = None,
+    bertscore_layers: int | None = None,
+) -> dict:
     """Score generated captions against the samples' references and labels.
 
     Returns ``{"n_samples", "rows": [model row, baseline row], "baseline": {...}, "examples"}``;
@@ -69,20 +89,31 @@ def evaluate_captions(samples: Sequence[CaptionSample], predictions: Sequence[st
         raise ValueError(f"{len(samples)} samples but {len(predictions)} predictions")
     refs = [s.caption for s in samples]
     labels = [_labels(s) for s in samples]
-    bs = {"with_bertscore": with_bertscore, "bertscore_model": bertscore_model,
-          "bertscore_layers": bertscore_layers}
+    bs = {
+        "with_bertscore": with_bertscore,
+        "bertscore_model": bertscore_model,
+        "bertscore_layers": bertscore_layers,
+    }
     model_row = {"name": model_name, **score_captions(refs, predictions, labels, **bs)}
     train = list(train_samples or [])
-    source = f"training split ({len(train)} cells)" if train else "evaluated set (no training split given)"
+    source = (
+        f"training split ({len(train)} cells)"
+        if train
+        else "evaluated set (no training split given)"
+    )
     base = baseline_caption([_labels(s) for s in (train or samples)]) if (train or samples) else ""
-    base_row = {"name": "majority baseline",
-                **score_captions(refs, [base] * len(refs), labels, **bs)}
+    base_row = {
+        "name": "majority baseline",
+        **score_captions(refs, [base] * len(refs), labels, **bs),
+    }
     return {
         "n_samples": len(samples),
         "rows": [model_row, base_row],
         "baseline": {"source": source, "caption": base},
-        "examples": [{"sample_id": s.sample_id, "reference": s.caption, "prediction": p}
-                     for s, p in list(zip(samples, predictions))[:N_EXAMPLES]],
+        "examples": [
+            {"sample_id": s.sample_id, "reference": s.caption, "prediction": p}
+            for s, p in list(zip(samples, predictions))[:N_EXAMPLES]
+        ],
     }
 
 
@@ -102,30 +133,64 @@ def render_markdown(report: Mapping) -> str:
     balanced accuracy), Table 2 (per-attribute accuracy over cells whose reference states it,
     then balanced accuracy), and the model's cell-type confusion matrix."""
     rows = report["rows"]
-    lines = [f"Evaluated on {report['n_samples']} cells; baseline majority from the "
-             f"{report['baseline']['source']}.", ""]
+    lines = [
+        f"Evaluated on {report['n_samples']} cells; baseline majority from the "
+        f"{report['baseline']['source']}.",
+        "",
+    ]
     lines += ["**Table 1: caption quality**", ""]
     lines += _table(
-        ["Model", "BLEU", "ROUGE-L", "BERTScore", "Cell type acc.", "Exact match", "Mean bal. acc.",
-         "Mean bal. acc. (WBCAtt)"],
-        [[r["name"], _f(r["bleu"]), _f(r["rouge_l"]), _f(r["bertscore"]), _f(r["cell_type"]["accuracy"]),
-          _f(r["exact_match"]), _f(r["mean_balanced_accuracy"]), _f(r["mean_balanced_accuracy_wbcatt"])]
-         for r in rows])
-    reasons = {r["bertscore_reason"] for r in rows if r["bertscore"] is None and r["bertscore_reason"]}
+        [
+            "Model",
+            "BLEU",
+            "ROUGE-L",
+            "BERTScore",
+            "Cell type acc.",
+            "Exact match",
+            "Mean bal. acc.",
+            "Mean bal. acc. (WBCAtt)",
+        ],
+        [
+            [
+                r["name"],
+                _f(r["bleu"]),
+                _f(r["rouge_l"]),
+                _f(r["bertscore"]),
+                _f(r["cell_type"]["accuracy"]),
+                _f(r["exact_match"]),
+                _f(r["mean_balanced_accuracy"]),
+                _f(r["mean_balanced_accuracy_wbcatt"]),
+            ]
+            for r in rows
+        ],
+    )
+    reasons = {
+        r["bertscore_reason"] for r in rows if r["bertscore"] is None and r["bertscore_reason"]
+    }
     if reasons:
         lines += ["", "BERTScore n/a: " + "; ".join(sorted(reasons)) + "."]
     stated = [n for n in ATTRIBUTE_NAMES if rows[0]["attributes"][n]["n_mentioned"] > 0]
     if stated:
-        for title, key in (("accuracy over cells whose reference states the attribute", "accuracy_mentioned"),
-                           ("balanced accuracy (mean per-value recall)", "balanced_accuracy")):
+        for title, key in (
+            ("accuracy over cells whose reference states the attribute", "accuracy_mentioned"),
+            ("balanced accuracy (mean per-value recall)", "balanced_accuracy"),
+        ):
             lines += ["", f"**Table 2: per-attribute {title}**", ""]
             header = ["Model", *stated]
             body = [[r["name"], *(_f(r["attributes"][n][key]) for n in stated)] for r in rows]
-            body.append(["n cells", *(str(rows[0]["attributes"][n]["n_mentioned"]) for n in stated)])
+            body.append(
+                ["n cells", *(str(rows[0]["attributes"][n]["n_mentioned"]) for n in stated)]
+            )
             lines += _table(header, body)
     conf = rows[0]["cell_type"]["confusion"]
     if conf["labels"]:
-        lines += ["", f"**Cell-type confusion ({rows[0]['name']}; rows reference, columns prediction)**", ""]
-        lines += _table(["reference \\ predicted", *conf["columns"]],
-                        [[lab, *(str(v) for v in row)] for lab, row in zip(conf["labels"], conf["matrix"])])
+        lines += [
+            "",
+            f"**Cell-type confusion ({rows[0]['name']}; rows reference, columns prediction)**",
+            "",
+        ]
+        lines += _table(
+            ["reference \\ predicted", *conf["columns"]],
+            [[lab, *(str(v) for v in row)] for lab, row in zip(conf["labels"], conf["matrix"])],
+        )
     return "\n".join(lines) + "\n"

@@ -91,11 +91,22 @@ class Captioner:
     the device path does not reproduce.
     """
 
-    def __init__(self, model=None, device: str | None = None, batch_size: int = 64,
-                 num_beams: int = 1, max_new_tokens: int | None = None, dtype: str = "auto",
-                 decoding: str = "greedy", min_new_tokens: int | None = None,
-                 allow_pickle: bool = False, preprocess: str = "device", base: str | None = None,
-                 type_confidence: bool = True, storage_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        model=None,
+        device: str | None = None,
+        batch_size: int = 64,
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        dtype: str = "auto",
+        decoding: str = "greedy",
+        min_new_tokens: int | None = None,
+        allow_pickle: bool = False,
+        preprocess: str = "device",
+        base: str | None = None,
+        type_confidence: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
         """``storage_options``: how an ``s3://`` model (and base) is reached (``endpoint_url``,
         ``region_name``, ``max_attempts``; see :func:`hemblip.model.load_model`); None: the
         environment's ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``."""
@@ -108,16 +119,24 @@ class Captioner:
         if num_beams < 1:
             raise HemblipConfigError(f"--num-beams must be >= 1, got {num_beams}")
         if decoding not in DECODING:
-            raise HemblipConfigError(f"--decoding must be one of {', '.join(DECODING)}, got {decoding!r}")
+            raise HemblipConfigError(
+                f"--decoding must be one of {', '.join(DECODING)}, got {decoding!r}"
+            )
         if dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise HemblipConfigError(f"--dtype must be auto|bfloat16|float16|float32, got {dtype!r}")
+            raise HemblipConfigError(
+                f"--dtype must be auto|bfloat16|float16|float32, got {dtype!r}"
+            )
         if preprocess not in ("device", "processor"):
             raise HemblipConfigError(f"--preprocess must be device|processor, got {preprocess!r}")
         if base is not None and (model is None or isinstance(model, LoadedModel)):
             raise HemblipConfigError(
                 "--base names the base of a LoRA adapter given with --model "
-                + ("(an already loaded model takes no --base)" if model is not None
-                   else "(the bundled demo checkpoint has none)"))
+                + (
+                    "(an already loaded model takes no --base)"
+                    if model is not None
+                    else "(the bundled demo checkpoint has none)"
+                )
+            )
         if isinstance(model, LoadedModel):
             loaded = model
             self.model_id = loaded.location
@@ -125,8 +144,12 @@ class Captioner:
             loaded = load_model(DEMO_CHECKPOINT)
             self.model_id = "hemblip-demo"
         else:
-            loaded = load_model(os.fspath(model) if isinstance(model, Path) else model,
-                                allow_pickle=allow_pickle, base=base, storage_options=storage_options)
+            loaded = load_model(
+                os.fspath(model) if isinstance(model, Path) else model,
+                allow_pickle=allow_pickle,
+                base=base,
+                storage_options=storage_options,
+            )
             self.model_id = str(model) if base is None else f"{model} (base {base})"
         self._loaded = loaded
         self.model_version = loaded.version
@@ -140,8 +163,11 @@ class Captioner:
         if preprocess == "device":
             self._device_prep, self.preprocess_fallback = plan_for(self.image_processor)
             if self._device_prep is None:
-                _log.warning("%s: preprocessing with the image processor on the CPU: %s",
-                             self.model_id, self.preprocess_fallback)
+                _log.warning(
+                    "%s: preprocessing with the image processor on the CPU: %s",
+                    self.model_id,
+                    self.preprocess_fallback,
+                )
         self.preprocess = "device" if self._device_prep is not None else "processor"
         self.tokenizer = loaded.tokenizer
         self.batch_size = batch_size
@@ -158,8 +184,10 @@ class Captioner:
         self.generate_kwargs = gen
         self.type_confidence = bool(type_confidence)
         self.calibration: Calibration = (
-            load_calibration(_checkpoint_dir(loaded), self.model_version) if self.type_confidence
-            else UNCALIBRATED)
+            load_calibration(_checkpoint_dir(loaded), self.model_version)
+            if self.type_confidence
+            else UNCALIBRATED
+        )
         self._type_prefixes = None  # _TypeOpenings, built on first use (False: none)
         self._tree_checked, self._tree_ok = False, False
 
@@ -168,7 +196,9 @@ class Captioner:
     def _check_crops(crops) -> np.ndarray | list[np.ndarray]:
         if isinstance(crops, np.ndarray):
             if crops.ndim != 4:
-                raise DatasetError(f"crops: expected an (N, H, W, 3) uint8 array, got shape {crops.shape}")
+                raise DatasetError(
+                    f"crops: expected an (N, H, W, 3) uint8 array, got shape {crops.shape}"
+                )
             if crops.shape[3] == 3 and crops.dtype == np.uint8 and min(crops.shape[1:3]) >= 1:
                 return crops  # one array: batches are slices, no per-crop copies
             crops = list(crops)
@@ -177,7 +207,8 @@ class Captioner:
             c = np.asarray(c)
             if c.ndim != 3 or c.shape[2] != 3 or c.dtype != np.uint8 or min(c.shape[:2]) < 1:
                 raise DatasetError(
-                    f"crop {i}: expected an (H, W, 3) uint8 image, got shape {c.shape} dtype {c.dtype}")
+                    f"crop {i}: expected an (H, W, 3) uint8 image, got shape {c.shape} dtype {c.dtype}"
+                )
             out.append(c)
         return out
 
@@ -198,8 +229,11 @@ class Captioner:
     def _autocast(self):
         import torch
 
-        return torch.autocast(self.device.type, dtype=self._amp_dtype or torch.float32,
-                              enabled=self._amp_dtype is not None)
+        return torch.autocast(
+            self.device.type,
+            dtype=self._amp_dtype or torch.float32,
+            enabled=self._amp_dtype is not None,
+        )
 
     def image_features(self, pixel_values):
         """The vision encoder's output (N, S, H) for a batch: what the decoder cross-attends to."""
@@ -222,25 +256,33 @@ class Captioner:
         cfg = self.model.config.text_config
         n = image_embeds.shape[0]
         with torch.inference_mode(), self._autocast():
-            prompt = torch.full((n, 1), cfg.bos_token_id, dtype=torch.long, device=image_embeds.device)
+            prompt = torch.full(
+                (n, 1), cfg.bos_token_id, dtype=torch.long, device=image_embeds.device
+            )
             out = self.model.text_decoder.generate(
-                input_ids=prompt, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
+                input_ids=prompt,
+                eos_token_id=cfg.sep_token_id,
+                pad_token_id=cfg.pad_token_id,
                 encoder_hidden_states=image_embeds,
-                encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long,
-                                                  device=image_embeds.device),
-                do_sample=False, output_scores=True, return_dict_in_generate=True,
-                **self.generate_kwargs)
+                encoder_attention_mask=torch.ones(
+                    image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+                ),
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **self.generate_kwargs,
+            )
             scores = self.model.text_decoder.compute_transition_scores(
-                out.sequences, out.scores, getattr(out, "beam_indices", None),
-                normalize_logits=True).float()
+                out.sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
+            ).float()
         seq = out.sequences
-        gen = seq[:, seq.shape[1] - scores.shape[1]:]
+        gen = seq[:, seq.shape[1] - scores.shape[1] :]
         # Count tokens up to and including the first [SEP]; later positions are padding.
         is_end = gen == cfg.sep_token_id
         after_end = (is_end.cumsum(dim=1) - is_end.long()) > 0
         valid = ~after_end & torch.isfinite(scores)
         n = valid.sum(dim=1).clamp(min=1)
-        mean_lp = (scores.masked_fill(~valid, 0.0).sum(dim=1) / n)
+        mean_lp = scores.masked_fill(~valid, 0.0).sum(dim=1) / n
         return seq.cpu(), mean_lp.cpu()
 
     def _prefixes(self) -> _TypeOpenings | None:
@@ -304,13 +346,19 @@ class Captioner:
         parts = []
         with torch.inference_mode(), self._autocast():
             for a in range(0, n, step):
-                emb = image_embeds[a:a + step]
+                emb = image_embeds[a : a + step]
                 m = emb.shape[0]
                 logits = self.model.text_decoder(
-                    input_ids=tree.node_ids.expand(m, t), position_ids=tree.node_pos.expand(m, t),
-                    attention_mask=tree.tree_mask.expand(m, 1, t, t), encoder_hidden_states=emb,
-                    encoder_attention_mask=torch.ones((m, seq_len), dtype=torch.long, device=emb.device),
-                    use_cache=False, return_dict=True).logits
+                    input_ids=tree.node_ids.expand(m, t),
+                    position_ids=tree.node_pos.expand(m, t),
+                    attention_mask=tree.tree_mask.expand(m, 1, t, t),
+                    encoder_hidden_states=emb,
+                    encoder_attention_mask=torch.ones(
+                        (m, seq_len), dtype=torch.long, device=emb.device
+                    ),
+                    use_cache=False,
+                    return_dict=True,
+                ).logits
                 lp = torch.log_softmax(logits.float(), dim=-1)  # (m, T, V)
                 picked = lp[:, tree.ctx, tree.tgt]  # (m, P, L-1)
                 parts.append((picked * tree.valid).sum(dim=2))
@@ -329,16 +377,23 @@ class Captioner:
         parts = []
         with torch.inference_mode(), self._autocast():
             for a in range(0, n, step):
-                emb = image_embeds[a:a + step]
+                emb = image_embeds[a : a + step]
                 m = emb.shape[0]
                 logits = self.model.text_decoder(
-                    input_ids=ids.repeat(m, 1), attention_mask=mask.repeat(m, 1),
+                    input_ids=ids.repeat(m, 1),
+                    attention_mask=mask.repeat(m, 1),
                     encoder_hidden_states=emb.repeat_interleave(p, dim=0),
-                    encoder_attention_mask=torch.ones((m * p, seq_len), dtype=torch.long,
-                                                      device=emb.device),
-                    use_cache=False, return_logits=True)
-                lp = torch.log_softmax(logits.float(), dim=-1).gather(
-                    -1, targets.repeat(m, 1).unsqueeze(-1)).squeeze(-1)
+                    encoder_attention_mask=torch.ones(
+                        (m * p, seq_len), dtype=torch.long, device=emb.device
+                    ),
+                    use_cache=False,
+                    return_logits=True,
+                )
+                lp = (
+                    torch.log_softmax(logits.float(), dim=-1)
+                    .gather(-1, targets.repeat(m, 1).unsqueeze(-1))
+                    .squeeze(-1)
+                )
                 parts.append((lp * keep.repeat(m, 1)).sum(dim=1).view(m, p))
         return torch.cat(parts).double()
 
@@ -353,14 +408,23 @@ class Captioner:
             got = self._score_tree(tree, image_embeds)
             problem = None
         except Exception as exc:  # noqa: BLE001 - any failure means: use the plain pass
-            got, problem = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            got, problem = (
+                None,
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            )
         want = self._score_rows(tree, image_embeds)
         if got is not None and not torch.allclose(got, want, atol=tol, rtol=0):
-            problem = f"differs from plain teacher forcing by {float((got - want).abs().max()):.3g} nats"
+            problem = (
+                f"differs from plain teacher forcing by {float((got - want).abs().max()):.3g} nats"
+            )
         self._tree_ok = problem is None
         if problem:
-            _log.warning("%s: cell-type scoring falls back to one decoder row per type opening "
-                         "(slower): the prefix-tree pass %s", self.model_id, problem)
+            _log.warning(
+                "%s: cell-type scoring falls back to one decoder row per type opening "
+                "(slower): the prefix-tree pass %s",
+                self.model_id,
+                problem,
+            )
 
     # ------------------------------------------------------------------ public
     def caption(self, crops) -> list[CaptionResult]:
@@ -383,7 +447,7 @@ class Captioner:
         all_scores: list[np.ndarray] = []
         index = {ct: k for k, ct in enumerate(CELL_TYPES)}
         for start in range(0, len(items), self.batch_size):
-            batch = items[start:start + self.batch_size]
+            batch = items[start : start + self.batch_size]
             embeds = self.image_features(self.pixel_values(batch))
             seq, mean_lp = self.generate(image_embeds=embeds)
             probs = None
@@ -400,11 +464,23 @@ class Captioner:
                     top, top_p = CELL_TYPES[best], float(probs[j, best])
                     if parsed.cell_type in index:
                         conf = float(probs[j, index[parsed.cell_type]])
-                results.append(CaptionResult(text, parsed.cell_type, parsed.case,
-                                             dict(parsed.attributes), float(lp), conf, top, top_p))
+                results.append(
+                    CaptionResult(
+                        text,
+                        parsed.cell_type,
+                        parsed.case,
+                        dict(parsed.attributes),
+                        float(lp),
+                        conf,
+                        top,
+                        top_p,
+                    )
+                )
         if not self.type_confidence:
             return results, None
-        return results, (np.concatenate(all_scores) if all_scores else np.zeros((0, len(CELL_TYPES))))
+        return results, (
+            np.concatenate(all_scores) if all_scores else np.zeros((0, len(CELL_TYPES)))
+        )
 
 
 @dataclass
@@ -445,7 +521,9 @@ class _TypeOpenings:
         for j, c in enumerate(nodes):
             for i in range(1, len(c) + 1):
                 allowed[j, index[c[:i]]] = True
-        mask = torch.zeros((t, t), dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        mask = torch.zeros((t, t), dtype=torch.float32).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min
+        )
         length = max(len(r) for r in rows)
         row_ids = torch.zeros((len(rows), length), dtype=torch.long)
         row_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -453,20 +531,30 @@ class _TypeOpenings:
         tgt = torch.zeros((len(rows), length - 1), dtype=torch.long)
         valid = torch.zeros((len(rows), length - 1), dtype=torch.float32)
         for p, r in enumerate(rows):
-            row_ids[p, :len(r)] = torch.tensor(r)
-            row_mask[p, :len(r)] = 1
+            row_ids[p, : len(r)] = torch.tensor(r)
+            row_mask[p, : len(r)] = 1
             for i in range(1, len(r)):
                 ctx[p, i - 1], tgt[p, i - 1], valid[p, i - 1] = index[r[:i]], r[i], 1.0
         to = lambda x: x.to(device)  # noqa: E731
-        return cls(to(row_ids), to(row_mask), torch.tensor(owner, device=device),
-                   to(torch.tensor([[c[-1] for c in nodes]])), to(torch.tensor([[len(c) - 1 for c in nodes]])),
-                   to(mask[None, None]), to(ctx), to(tgt), to(valid))
+        return cls(
+            to(row_ids),
+            to(row_mask),
+            torch.tensor(owner, device=device),
+            to(torch.tensor([[c[-1] for c in nodes]])),
+            to(torch.tensor([[len(c) - 1 for c in nodes]])),
+            to(mask[None, None]),
+            to(ctx),
+            to(tgt),
+            to(valid),
+        )
 
     def per_type(self, row_lp, n_types: int) -> np.ndarray:
         """(N, K) float64 numpy: log of the summed probability of each type's rows."""
         import torch
 
-        out = torch.full((row_lp.shape[0], n_types), -torch.inf, dtype=torch.float64, device=row_lp.device)
+        out = torch.full(
+            (row_lp.shape[0], n_types), -torch.inf, dtype=torch.float64, device=row_lp.device
+        )
         for k in range(n_types):
             sel = self.owner == k
             if bool(sel.any()):

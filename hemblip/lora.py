@@ -65,11 +65,14 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.save not in SAVE_MODES:
-            raise HemblipConfigError(f"--lora-save must be one of {', '.join(SAVE_MODES)}, got {self.save!r}")
+            raise HemblipConfigError(
+                f"--lora-save must be one of {', '.join(SAVE_MODES)}, got {self.save!r}"
+            )
         if self.save == "adapters-only" and self.full_layers:
             raise HemblipConfigError(
                 f"--lora-full-layers {self.full_layers} applies to --lora-save paper only; "
-                "adapters-only trains no layer in full")
+                "adapters-only trains no layer in full"
+            )
         if self.r < 1:
             raise HemblipConfigError(f"--lora-r must be >= 1, got {self.r}")
         if self.alpha <= 0:
@@ -87,9 +90,13 @@ def _targets(n_layers: int, settings: LoraSettings) -> tuple[list[str], list[str
     if not adapted:
         raise HemblipConfigError(
             f"--lora-full-layers {in_full} leaves no decoder layer for adapters "
-            f"(the model has {n_layers})")
-    targets = [f"{_DECODER_LAYERS}.{i}.crossattention.{m}" for i in adapted
-               for m in ("self.query", "self.key", "self.value", "output.dense")]
+            f"(the model has {n_layers})"
+        )
+    targets = [
+        f"{_DECODER_LAYERS}.{i}.crossattention.{m}"
+        for i in adapted
+        for m in ("self.query", "self.key", "self.value", "output.dense")
+    ]
     if settings.save == "adapters-only":
         return targets, []
     full = [
@@ -114,8 +121,12 @@ def apply_lora(model, settings: LoraSettings | None = None):
     n_layers = model.config.text_config.num_hidden_layers
     targets, full = _targets(n_layers, settings)
     config = LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=targets, modules_to_save=full or None, bias="none",
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=full or None,
+        bias="none",
     )
     peft_model = get_peft_model(model, config)
     _tie_trained_copies(peft_model)
@@ -189,8 +200,9 @@ def base_pointers(base: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[
     return (inside.as_posix() or "."), str(absolute)
 
 
-def save_adapter(peft_model, out_dir: str | os.PathLike, base: str, image_processor=None,
-                 tokenizer=None) -> Path:
+def save_adapter(
+    peft_model, out_dir: str | os.PathLike, base: str, image_processor=None, tokenizer=None
+) -> Path:
     """Write the adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and a pointer
     to its base location (``hemblip_base.json``), plus processor/tokenizer files if given.
 
@@ -224,8 +236,9 @@ def merge_adapter(peft_model):
     return peft_model.merge_and_unload()
 
 
-def load_adapter(base_model, adapter_dir: str | os.PathLike, *, merge: bool = True,
-                 trainable: bool = False):
+def load_adapter(
+    base_model, adapter_dir: str | os.PathLike, *, merge: bool = True, trainable: bool = False
+):
     """Attach a saved adapter to ``base_model``; merged into a plain model when ``merge``."""
     from peft import PeftModel
 

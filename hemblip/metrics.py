@@ -60,8 +60,10 @@ def _check_lengths(a: Sequence, b: Sequence) -> None:
 def _missing_extra(package: str, metric: str) -> Exception:
     from hemblip.errors import HemblipConfigError
 
-    return HemblipConfigError(f"{metric} needs {package}, an evaluation extra the job does not install: "
-                              "pip install 'hemblip-pipeline[eval]'")
+    return HemblipConfigError(
+        f"{metric} needs {package}, an evaluation extra the job does not install: "
+        "pip install 'hemblip-pipeline[eval]'"
+    )
 
 
 def bleu(references: Sequence[str], predictions: Sequence[str]) -> float | None:
@@ -79,8 +81,11 @@ def bleu(references: Sequence[str], predictions: Sequence[str]) -> float | None:
     for ref, hyp in zip(references, predictions):
         r, h = ref.lower().split(), hyp.lower().split()
         # method4 divides by log(len(hypothesis)): an empty hypothesis scores 0 by definition.
-        scores.append(0.0 if not h or not r else
-                      sentence_bleu([r], h, weights=(0.25, 0.25, 0.25, 0.25), smoothing_function=smooth))
+        scores.append(
+            0.0
+            if not h or not r
+            else sentence_bleu([r], h, weights=(0.25, 0.25, 0.25, 0.25), smoothing_function=smooth)
+        )
     return float(sum(scores) / len(scores))
 
 
@@ -114,15 +119,18 @@ def check_bertscore_model(model_path: str | os.PathLike) -> Path:
     path = Path(os.fspath(model_path))
     where = f"--bertscore-model {_show(path)}"
     if not path.exists():
-        raise HemblipConfigError(f"{where}: no such directory (give a local copy of the model; "
-                                 "nothing is downloaded)")
+        raise HemblipConfigError(
+            f"{where}: no such directory (give a local copy of the model; nothing is downloaded)"
+        )
     if not path.is_dir():
         raise HemblipConfigError(f"{where}: not a directory")
     if not (path / "config.json").is_file():
         raise HemblipConfigError(f"{where}: no config.json (not a transformers model directory)")
     if not any(path.glob("*.safetensors")):
-        raise HemblipConfigError(f"{where}: no *.safetensors weights (pickle .bin weights are not "
-                                 "loaded; convert them to safetensors)")
+        raise HemblipConfigError(
+            f"{where}: no *.safetensors weights (pickle .bin weights are not "
+            "loaded; convert them to safetensors)"
+        )
     return path
 
 
@@ -157,9 +165,12 @@ def _hub_offline():
             constants.HF_HUB_OFFLINE = saved_const
 
 
-def bertscore(references: Sequence[str], predictions: Sequence[str],
-              model_path: str | os.PathLike | None = None,
-              num_layers: int | None = None) -> tuple[float | None, str | None]:
+def bertscore(
+    references: Sequence[str],
+    predictions: Sequence[str],
+    model_path: str | os.PathLike | None = None,
+    num_layers: int | None = None,
+) -> tuple[float | None, str | None]:
     """Mean BERTScore F1 with the local model directory ``model_path``, or ``(None, reason)``.
 
     Never touches the network: without ``model_path`` the answer is n/a at once (the package is
@@ -170,8 +181,9 @@ def bertscore(references: Sequence[str], predictions: Sequence[str],
     """
     _check_lengths(references, predictions)
     path = check_bertscore_model(model_path) if model_path is not None else None
-    if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
-                                   or num_layers < 1):
+    if num_layers is not None and (
+        isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1
+    ):
         raise HemblipConfigError(f"--bertscore-layers must be an integer >= 1, got {num_layers!r}")
     if importlib.util.find_spec("bert_score") is None:
         return None, "package bert_score not installed"
@@ -185,22 +197,34 @@ def bertscore(references: Sequence[str], predictions: Sequence[str],
 
             num_layers = model2layers.get(path.name)
             if num_layers is None:
-                return None, (f"bert_score has no default layer for a model named {_show(path.name)}; "
-                              "pass --bertscore-layers N")
+                return None, (
+                    f"bert_score has no default layer for a model named {_show(path.name)}; "
+                    "pass --bertscore-layers N"
+                )
         from bert_score import score
 
         with _hub_offline():
-            _p, _r, f1 = score(list(predictions), list(references), model_type=str(path),
-                               num_layers=int(num_layers), verbose=False)
+            _p, _r, f1 = score(
+                list(predictions),
+                list(references),
+                model_type=str(path),
+                num_layers=int(num_layers),
+                verbose=False,
+            )
         return float(f1.mean()), None
     except Exception as exc:  # noqa: BLE001 - any failure to load the model means "not available"
         why = " ".join(str(exc).split())[:120]
-        return None, f"bert_score model at {_show(path)} not usable ({exc.__class__.__name__}: {why})"
+        return (
+            None,
+            f"bert_score model at {_show(path)} not usable ({exc.__class__.__name__}: {why})",
+        )
 
 
-def attribute_metrics(references: Sequence[Mapping[str, str | None]],
-                      predictions: Sequence[Mapping[str, str | None]],
-                      names: Sequence[str] = ATTRIBUTE_NAMES) -> dict[str, dict[str, float | int | None]]:
+def attribute_metrics(
+    references: Sequence[Mapping[str, str | None]],
+    predictions: Sequence[Mapping[str, str | None]],
+    names: Sequence[str] = ATTRIBUTE_NAMES,
+) -> dict[str, dict[str, float | int | None]]:
     """Per attribute: ``accuracy_all``, ``accuracy_mentioned``, ``balanced_accuracy``,
     ``n_mentioned`` (cells whose reference states it) and ``n`` (all cells). Rates are None when
     their denominator is 0."""
@@ -209,7 +233,11 @@ def attribute_metrics(references: Sequence[Mapping[str, str | None]],
     n = len(references)
     for name in names:
         agree_all = sum(r.get(name) == p.get(name) for r, p in zip(references, predictions))
-        pairs = [(r[name], p.get(name)) for r, p in zip(references, predictions) if r.get(name) is not None]
+        pairs = [
+            (r[name], p.get(name))
+            for r, p in zip(references, predictions)
+            if r.get(name) is not None
+        ]
         correct = sum(rv == pv for rv, pv in pairs)
         per_class: dict[str, list[int]] = {}
         for rv, pv in pairs:
@@ -219,16 +247,18 @@ def attribute_metrics(references: Sequence[Mapping[str, str | None]],
         out[name] = {
             "accuracy_all": agree_all / n if n else None,
             "accuracy_mentioned": correct / len(pairs) if pairs else None,
-            "balanced_accuracy": (sum(c / t for c, t in per_class.values()) / len(per_class)
-                                  if per_class else None),
+            "balanced_accuracy": (
+                sum(c / t for c, t in per_class.values()) / len(per_class) if per_class else None
+            ),
             "n_mentioned": len(pairs),
             "n": n,
         }
     return out
 
 
-def exact_match(references: Sequence[Mapping[str, str | None]],
-                predictions: Sequence[Mapping[str, str | None]]) -> tuple[float | None, int]:
+def exact_match(
+    references: Sequence[Mapping[str, str | None]], predictions: Sequence[Mapping[str, str | None]]
+) -> tuple[float | None, int]:
     """Share of cells whose reference-stated attributes are all predicted correctly, and the number
     of cells counted (those stating at least one attribute)."""
     _check_lengths(references, predictions)
@@ -248,8 +278,10 @@ def cell_type_metrics(references: Sequence[str | None], predictions: Sequence[st
     _check_lengths(references, predictions)
     pairs = [(r, p) for r, p in zip(references, predictions) if r is not None]
     order = {ct: i for i, ct in enumerate(CELL_TYPES)}
-    labels = sorted({r for r, _ in pairs} | {p for _, p in pairs if p is not None},
-                    key=lambda c: (order.get(c, len(order)), c))
+    labels = sorted(
+        {r for r, _ in pairs} | {p for _, p in pairs if p is not None},
+        key=lambda c: (order.get(c, len(order)), c),
+    )
     columns = labels + [NONE_LABEL]
     matrix = [[0] * len(columns) for _ in labels]
     per_class: dict[str, list[int]] = {}
@@ -260,8 +292,9 @@ def cell_type_metrics(references: Sequence[str | None], predictions: Sequence[st
         per_class[r][1] += 1
     return {
         "accuracy": sum(r == p for r, p in pairs) / len(pairs) if pairs else None,
-        "balanced_accuracy": (sum(c / t for c, t in per_class.values()) / len(per_class)
-                              if per_class else None),
+        "balanced_accuracy": (
+            sum(c / t for c, t in per_class.values()) / len(per_class) if per_class else None
+        ),
         "n": len(pairs),
         "confusion": {"labels": labels, "columns": columns, "matrix": matrix},
     }
@@ -270,6 +303,7 @@ def cell_type_metrics(references: Sequence[str | None], predictions: Sequence[st
 def majority_labels(train: Sequence[Labels]) -> dict:
     """Most frequent cell type, case and value of every attribute among ``train`` labels (ties: the
     value seen first); None where the training labels never state it."""
+
     def most(values):
         c = Counter(v for v in values if v is not None)
         return max(c, key=lambda v: (c[v], -_first_index(values, v))) if c else None
@@ -285,10 +319,15 @@ def _first_index(values: Sequence, v) -> int:
     return values.index(v)
 
 
-def score_captions(references: Sequence[str], predictions: Sequence[str],
-                   labels: Sequence[Labels] | None = None, *,
-                   with_bertscore: bool = True, bertscore_model: str | os.PathLike | None = None,
-                   bertscore_layers: int | None = None) -> dict:
+def score_captions(
+    references: Sequence[str],
+    predictions: Sequence[str],
+    labels: Sequence[Labels] | None = None,
+    *,
+    with_bertscore: bool = True,
+    bertscore_model: str | os.PathLike | None = None,
+    bertscore_layers: int | None = None,
+) -> dict:
     """Every metric of one model on one set: text metrics on the caption strings, attribute and
     cell-type metrics of ``parse_caption(prediction)`` against ``labels`` (each
     ``{"cell_type", "case", "attributes"}``; default: parsed from the references).
@@ -308,11 +347,18 @@ def score_captions(references: Sequence[str], predictions: Sequence[str],
     ref_attrs = [dict(lab["attributes"]) for lab in labels]
     pred_attrs = [p.attributes for p in parsed]
     per_attr = attribute_metrics(ref_attrs, pred_attrs)
-    stated = [v["balanced_accuracy"] for v in per_attr.values() if v["balanced_accuracy"] is not None]
-    wbcatt = [per_attr[a.name]["balanced_accuracy"] for a in HEALTHY_ATTRIBUTES
-              if per_attr[a.name]["balanced_accuracy"] is not None]
+    stated = [
+        v["balanced_accuracy"] for v in per_attr.values() if v["balanced_accuracy"] is not None
+    ]
+    wbcatt = [
+        per_attr[a.name]["balanced_accuracy"]
+        for a in HEALTHY_ATTRIBUTES
+        if per_attr[a.name]["balanced_accuracy"] is not None
+    ]
     em, em_n = exact_match(ref_attrs, pred_attrs)
-    case_pairs = [(lab.get("case"), p.case) for lab, p in zip(labels, parsed) if lab.get("case") is not None]
+    case_pairs = [
+        (lab.get("case"), p.case) for lab, p in zip(labels, parsed) if lab.get("case") is not None
+    ]
     if with_bertscore:
         bs, bs_reason = bertscore(references, predictions, bertscore_model, bertscore_layers)
     else:
@@ -323,8 +369,12 @@ def score_captions(references: Sequence[str], predictions: Sequence[str],
         "rouge_l": rouge_l(references, predictions),
         "bertscore": bs,
         "bertscore_reason": bs_reason,
-        "cell_type": cell_type_metrics([lab.get("cell_type") for lab in labels], [p.cell_type for p in parsed]),
-        "case_accuracy": (sum(r == p for r, p in case_pairs) / len(case_pairs)) if case_pairs else None,
+        "cell_type": cell_type_metrics(
+            [lab.get("cell_type") for lab in labels], [p.cell_type for p in parsed]
+        ),
+        "case_accuracy": (sum(r == p for r, p in case_pairs) / len(case_pairs))
+        if case_pairs
+        else None,
         "exact_match": em,
         "exact_match_n": em_n,
         "mean_balanced_accuracy": sum(stated) / len(stated) if stated else None,
@@ -341,4 +391,3 @@ def baseline_caption(train: Sequence[Labels]) -> str:
     """The majority-class baseline's constant caption (training-set majority of everything)."""
     m = majority_labels(train)
     return render_caption(m["cell_type"], m["case"], m["attributes"])
-

@@ -71,23 +71,52 @@ PROCESSOR_CONFIG = "processor_config.json"  # transformers 5 BlipProcessor.save_
 #: Named architectures for ``config:`` specs. Dimensions: image px, ViT patch px, hidden sizes.
 PRESETS: dict[str, dict[str, int]] = {
     # Unit tests: trains in seconds on a CPU.
-    "tiny": dict(image_size=64, patch_size=16, vision_hidden=64, vision_layers=2, vision_heads=2,
-                 text_hidden=64, text_layers=2, text_heads=2, max_positions=64),
+    "tiny": dict(
+        image_size=64,
+        patch_size=16,
+        vision_hidden=64,
+        vision_layers=2,
+        vision_heads=2,
+        text_hidden=64,
+        text_layers=2,
+        text_heads=2,
+        max_positions=64,
+    ),
     # The shape of the committed demo checkpoint (trained from it on 2 CPU cores in about 20
     # minutes); built from this spec the weights are random, hence the name.
-    "random-demo-shape": dict(image_size=112, patch_size=14, vision_hidden=192, vision_layers=4, vision_heads=4,
-                 text_hidden=192, text_layers=3, text_heads=4, max_positions=96),
+    "random-demo-shape": dict(
+        image_size=112,
+        patch_size=14,
+        vision_hidden=192,
+        vision_layers=4,
+        vision_heads=4,
+        text_hidden=192,
+        text_layers=3,
+        text_heads=4,
+        max_positions=96,
+    ),
     # BLIP-base (Salesforce/blip-image-captioning-base): ViT-B/16 at 384 px, BERT-base decoder.
-    "blip-base": dict(image_size=384, patch_size=16, vision_hidden=768, vision_layers=12,
-                      vision_heads=12, text_hidden=768, text_layers=12, text_heads=12,
-                      max_positions=512, vocab_size=30524),
+    "blip-base": dict(
+        image_size=384,
+        patch_size=16,
+        vision_hidden=768,
+        vision_layers=12,
+        vision_heads=12,
+        text_hidden=768,
+        text_layers=12,
+        text_heads=12,
+        max_positions=512,
+        vocab_size=30524,
+    ),
 }
 _ALIASES = {"base": "blip-base"}
 #: Spec names refused with a hint: a random model under a name users read as a trained one.
 _RETIRED = {
-    "demo": ("builds a randomly initialised model, not the bundled demo checkpoint "
-             "(hemblip/demo_checkpoint, what --model uses by default); for a random model of the "
-             "demo's shape use 'random-demo-shape'"),
+    "demo": (
+        "builds a randomly initialised model, not the bundled demo checkpoint "
+        "(hemblip/demo_checkpoint, what --model uses by default); for a random model of the "
+        "demo's shape use 'random-demo-shape'"
+    ),
 }
 
 log = logging.getLogger(__name__)
@@ -128,6 +157,7 @@ def weights_version(files: list[Path]) -> str:
 
 # ----------------------------------------------------------------------------- building
 
+
 def is_config_spec(spec: str) -> bool:
     """True when ``spec`` names a preset/``config:`` spec rather than a location."""
     s = str(spec)
@@ -144,25 +174,29 @@ def check_spec(spec: str) -> None:
 
 
 def _parse_spec(spec: str) -> dict[str, int]:
-    body = spec[len("config:"):] if spec.startswith("config:") else spec
+    body = spec[len("config:") :] if spec.startswith("config:") else spec
     name, _, rest = body.partition(",")
     name = _ALIASES.get(name.strip(), name.strip())
     if name in _RETIRED:
         raise HemblipConfigError(f"model spec {spec!r}: {name!r} {_RETIRED[name]}")
     if name not in PRESETS:
         raise HemblipConfigError(
-            f"--base {spec!r}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            f"--base {spec!r}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
+        )
     dims = dict(PRESETS[name])
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq or key not in PRESETS["tiny"] and key != "vocab_size":
             raise HemblipConfigError(
                 f"--base {spec!r}: bad override {item!r}; use key=value with key in "
-                f"{', '.join(list(PRESETS['tiny']) + ['vocab_size'])}")
+                f"{', '.join(list(PRESETS['tiny']) + ['vocab_size'])}"
+            )
         try:
             dims[key] = int(value)
         except ValueError:
-            raise HemblipConfigError(f"--base {spec!r}: {key} must be an integer, got {value!r}") from None
+            raise HemblipConfigError(
+                f"--base {spec!r}: {key} must be an integer, got {value!r}"
+            ) from None
     if dims["image_size"] % dims["patch_size"]:
         raise HemblipConfigError(f"--base {spec!r}: image_size must be a multiple of patch_size")
     return dims
@@ -183,20 +217,28 @@ def build_model(spec: str = "tiny", *, seed: int | None = 0) -> LoadedModel:
     tokenizer = build_tokenizer()
     vocab_size = max(dims.get("vocab_size", len(tokenizer)), len(tokenizer))
     text_config = dict(
-        vocab_size=vocab_size, hidden_size=dims["text_hidden"],
-        encoder_hidden_size=dims["vision_hidden"], intermediate_size=4 * dims["text_hidden"],
-        num_hidden_layers=dims["text_layers"], num_attention_heads=dims["text_heads"],
+        vocab_size=vocab_size,
+        hidden_size=dims["text_hidden"],
+        encoder_hidden_size=dims["vision_hidden"],
+        intermediate_size=4 * dims["text_hidden"],
+        num_hidden_layers=dims["text_layers"],
+        num_attention_heads=dims["text_heads"],
         max_position_embeddings=dims["max_positions"],
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.sep_token_id, sep_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sep_token_id=tokenizer.sep_token_id,
     )
     if dims.get("vocab_size") == 30524:
         # BLIP-base keeps BERT's special-token ids; the word-level tokenizer is only for decoding.
         text_config.update(pad_token_id=0, bos_token_id=30522, eos_token_id=2, sep_token_id=102)
     vision_config = dict(
-        image_size=dims["image_size"], patch_size=dims["patch_size"],
-        hidden_size=dims["vision_hidden"], intermediate_size=4 * dims["vision_hidden"],
-        num_hidden_layers=dims["vision_layers"], num_attention_heads=dims["vision_heads"],
+        image_size=dims["image_size"],
+        patch_size=dims["patch_size"],
+        hidden_size=dims["vision_hidden"],
+        intermediate_size=4 * dims["vision_hidden"],
+        num_hidden_layers=dims["vision_layers"],
+        num_attention_heads=dims["vision_heads"],
         # BlipVisionConfig's default initializer_range is 1e-10 (fine for loading pretrained
         # weights): a model trained from scratch would start with an all-zero image embedding.
         initializer_range=0.02,
@@ -206,11 +248,15 @@ def build_model(spec: str = "tiny", *, seed: int | None = 0) -> LoadedModel:
         torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config)
     image_processor = BlipImageProcessorPil(
-        size={"height": dims["image_size"], "width": dims["image_size"]})
-    return LoadedModel(model, image_processor, tokenizer, location=f"config:{spec.removeprefix('config:')}")
+        size={"height": dims["image_size"], "width": dims["image_size"]}
+    )
+    return LoadedModel(
+        model, image_processor, tokenizer, location=f"config:{spec.removeprefix('config:')}"
+    )
 
 
 # ----------------------------------------------------------------------------- locations
+
 
 def _quiet() -> None:
     """No per-shard progress bars from transformers: logs of batch jobs stay readable."""
@@ -231,8 +277,13 @@ _LOCK_WAIT_S = 1800.0
 
 
 #: Keys of ``storage_options`` (botocore's names; ``endpoint``/``region`` accepted too).
-_OPTION_KEYS = {"endpoint_url": "endpoint_url", "endpoint": "endpoint_url", "region_name": "region_name",
-                "region": "region_name", "max_attempts": "max_attempts"}
+_OPTION_KEYS = {
+    "endpoint_url": "endpoint_url",
+    "endpoint": "endpoint_url",
+    "region_name": "region_name",
+    "region": "region_name",
+    "max_attempts": "max_attempts",
+}
 #: Keys the pipeline's settings may carry that concern transfers the mirror does not tune.
 _IGNORED_OPTION_KEYS = ("transfer_concurrency", "transfer_chunk_mb")
 
@@ -251,20 +302,31 @@ def _s3_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         name = _OPTION_KEYS.get(key) if isinstance(key, str) else None
         if name is None:
             raise HemblipConfigError(
-                f"storage_options: unknown key {key!r}; expected one of {', '.join(_OPTION_KEYS)}")
+                f"storage_options: unknown key {key!r}; expected one of {', '.join(_OPTION_KEYS)}"
+            )
         if value is None:
             continue
         if name == "max_attempts":
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100:
-                raise HemblipConfigError(f"storage_options: max_attempts must be an integer in 1..100, got {value!r}")
+                raise HemblipConfigError(
+                    f"storage_options: max_attempts must be an integer in 1..100, got {value!r}"
+                )
         elif not isinstance(value, str) or not value or any(ord(c) < 33 for c in value):
-            raise HemblipConfigError(f"storage_options: {key} must be a non-empty string, got {value!r}")
+            raise HemblipConfigError(
+                f"storage_options: {key} must be a non-empty string, got {value!r}"
+            )
         elif name == "endpoint_url":
             scheme, sep, rest = value.partition("://")
-            if not sep or scheme.lower() not in ("http", "https") or not rest or "@" in rest.split("/", 1)[0]:
+            if (
+                not sep
+                or scheme.lower() not in ("http", "https")
+                or not rest
+                or "@" in rest.split("/", 1)[0]
+            ):
                 # An endpoint's userinfo is never used for signing; it could only end up in a log.
                 raise HemblipConfigError(
-                    "storage_options: endpoint_url must be http(s)://host[:port] without credentials")
+                    "storage_options: endpoint_url must be http(s)://host[:port] without credentials"
+                )
         out[name] = value
     return out
 
@@ -276,18 +338,26 @@ def _s3_client(options: Mapping[str, Any] | None):
     from botocore.config import Config
 
     opts = _s3_options(options)
-    endpoint = opts["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    cfg = Config(retries={"max_attempts": opts["max_attempts"], "mode": "standard"},
-                 connect_timeout=10, read_timeout=60,
-                 # S3-compatible stores on a custom endpoint rarely resolve virtual-host buckets.
-                 s3={"addressing_style": "path" if endpoint else "auto"})
-    return boto3.session.Session().client("s3", endpoint_url=opts["endpoint_url"],
-                                          region_name=opts["region_name"], config=cfg)
+    endpoint = (
+        opts["endpoint_url"]
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    cfg = Config(
+        retries={"max_attempts": opts["max_attempts"], "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        # S3-compatible stores on a custom endpoint rarely resolve virtual-host buckets.
+        s3={"addressing_style": "path" if endpoint else "auto"},
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=opts["endpoint_url"], region_name=opts["region_name"], config=cfg
+    )
 
 
 def _parse_s3(uri: str) -> tuple[str, str]:
     """(bucket, prefix) of an ``s3://`` model URI, refusing names that are not a safe local path."""
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     if not bucket:
         raise CheckpointError(f"{uri}: no bucket in the S3 URI")
     if not _BUCKET.match(bucket) or ".." in bucket:
@@ -326,7 +396,8 @@ class _CacheLock:
                     os.close(self.fd)
                     raise CheckpointError(
                         f"{self.what}: another process has held the cache lock {self.path} for "
-                        f"{_LOCK_WAIT_S:.0f} s; remove it if that process is gone") from None
+                        f"{_LOCK_WAIT_S:.0f} s; remove it if that process is gone"
+                    ) from None
                 time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
@@ -337,10 +408,18 @@ class _CacheLock:
 def _read_etags(path: Path) -> dict[str, str]:
     """The ETags recorded by the last mirror; ``{}`` when missing or unreadable (re-download)."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else {}
+        doc = (
+            json.loads(path.read_text(encoding="utf-8"))
+            if path.is_file() and not path.is_symlink()
+            else {}
+        )
     except (OSError, UnicodeDecodeError, ValueError):
         return {}
-    return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(doc, dict) else {}
+    return (
+        {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(doc, dict)
+        else {}
+    )
 
 
 def _write_atomic(dest: Path, data: bytes) -> None:
@@ -358,7 +437,9 @@ def _write_atomic(dest: Path, data: bytes) -> None:
         raise
 
 
-def _plan_mirror(uri: str, prefix: str, objects: list[dict]) -> tuple[list[tuple[str, dict]], list[str]]:
+def _plan_mirror(
+    uri: str, prefix: str, objects: list[dict]
+) -> tuple[list[tuple[str, dict]], list[str]]:
     """(``(relative name, object)`` to mirror, keys not needed by a checkpoint).
 
     A key that is not a safe relative name refuses the whole checkpoint: whoever wrote it did not
@@ -367,7 +448,7 @@ def _plan_mirror(uri: str, prefix: str, objects: list[dict]) -> tuple[list[tuple
     plan, skipped = [], []
     for obj in objects:
         key = obj["Key"]
-        rel = key[len(prefix) + 1:] if prefix else key
+        rel = key[len(prefix) + 1 :] if prefix else key
         if rel == "":
             continue
         if rel.endswith("/"):  # a "folder" marker object (S3 console); holds no data
@@ -376,7 +457,9 @@ def _plan_mirror(uri: str, prefix: str, objects: list[dict]) -> tuple[list[tuple
                 continue
         problem = name_problem(rel)
         if problem:
-            raise CheckpointError(f"{uri}: refusing the checkpoint: object key {key!r} is unsafe ({problem})")
+            raise CheckpointError(
+                f"{uri}: refusing the checkpoint: object key {key!r} is unsafe ({problem})"
+            )
         parts = rel.split("/")
         # Hidden names are never checkpoint files and would collide with the cache's own files.
         if any(p.startswith(".") for p in parts) or not parts[-1].endswith(_MIRROR_SUFFIXES):
@@ -405,7 +488,9 @@ def _download_s3(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
     parts = ["s3", bucket, *(prefix.split("/") if prefix else [])]
     try:
         root = _cache_root()
-        root.mkdir(parents=True, exist_ok=True)  # the cache root is the user's choice, links and all
+        root.mkdir(
+            parents=True, exist_ok=True
+        )  # the cache root is the user's choice, links and all
         locks = create_dirs_inside(root, ["s3", ".locks"])
         lock_name = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:32] + ".lock"
         with _CacheLock(locks / lock_name, uri):
@@ -413,28 +498,44 @@ def _download_s3(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
             etags_path = local / _ETAGS
             etags = _read_etags(etags_path)
             s3 = _s3_client(storage_options)
-            objects = [obj for page in s3.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix + "/" if prefix else "") for obj in page.get("Contents", [])]
+            objects = [
+                obj
+                for page in s3.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix + "/" if prefix else ""
+                )
+                for obj in page.get("Contents", [])
+            ]
             if not objects:
                 raise CheckpointError(f"{uri}: no objects under this prefix")
             plan, skipped = _plan_mirror(uri, prefix, objects)
             if skipped:
-                log.info("%s: %d object(s) are not checkpoint files and were not mirrored: %s%s",
-                         uri, len(skipped), ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+                log.info(
+                    "%s: %d object(s) are not checkpoint files and were not mirrored: %s%s",
+                    uri,
+                    len(skipped),
+                    ", ".join(skipped[:5]),
+                    " ..." if len(skipped) > 5 else "",
+                )
             if not plan:
                 raise CheckpointError(
                     f"{uri}: no checkpoint files (*.json, *.safetensors, *.txt) under this prefix; "
-                    f"{len(skipped)} other object(s) ignored")
+                    f"{len(skipped)} other object(s) ignored"
+                )
             for rel, obj in plan:
                 *dirs, name = rel.split("/")
                 try:
                     parent = create_dirs_inside(local, dirs)
                 except UnsafePathError as exc:
                     raise CheckpointError(
-                        f"{uri}: refusing to write object {obj['Key']!r} into the model cache: {exc}") from None
+                        f"{uri}: refusing to write object {obj['Key']!r} into the model cache: {exc}"
+                    ) from None
                 dest = parent / name
-                if (not dest.is_symlink() and dest.is_file() and dest.stat().st_size == obj["Size"]
-                        and etags.get(rel) == obj["ETag"]):
+                if (
+                    not dest.is_symlink()
+                    and dest.is_file()
+                    and dest.stat().st_size == obj["Size"]
+                    and etags.get(rel) == obj["ETag"]
+                ):
                     continue
                 fd, tmp = tempfile.mkstemp(dir=parent, prefix=".", suffix=".part")
                 os.close(fd)
@@ -456,7 +557,9 @@ def _download_s3(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
     except (BotoCoreError, ClientError) as exc:
         raise CheckpointError(f"{uri}: cannot download checkpoint: {exc}") from exc
     except OSError as exc:
-        raise CheckpointError(f"{uri}: cannot write the model cache {_cache_root()}: {exc}") from exc
+        raise CheckpointError(
+            f"{uri}: cannot write the model cache {_cache_root()}: {exc}"
+        ) from exc
     return local
 
 
@@ -475,21 +578,28 @@ def _download_hub(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"],
-            local_files_only=offline))
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.txt"],
+                local_files_only=offline,
+            )
+        )
     except Exception as exc:  # noqa: BLE001 - any hub failure means "not a usable location"
         if offline:
             raise CheckpointError(
                 f"{repo_id}: not a local directory, not an s3:// URI, and not in the Hugging Face "
-                "hub cache (HF_HUB_OFFLINE is set, so the hub is not asked)") from exc
+                "hub cache (HF_HUB_OFFLINE is set, so the hub is not asked)"
+            ) from exc
         raise CheckpointError(
             f"{repo_id}: not a local directory, not an s3:// URI, and not fetchable from the "
             f"Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from exc
 
 
-def resolve_location(location: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> Path:
+def resolve_location(
+    location: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None
+) -> Path:
     """Local directory for a location (downloading S3/hub checkpoints to the cache first);
     ``storage_options``: where an ``s3://`` location's store is (see :func:`load_model`)."""
     loc = str(location)
@@ -506,6 +616,7 @@ def resolve_location(location: str | os.PathLike, *, storage_options: Mapping[st
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
@@ -533,7 +644,8 @@ def _checked_weights(d: Path, name: object, where: str) -> Path:
     if isinstance(name, str) and name.lower().endswith(PICKLE_SUFFIXES):
         raise UnsafeCheckpointError(
             f"{where}: weights file {name!r} is pickle, which can run arbitrary code when loaded; "
-            "only .safetensors shards are read")
+            "only .safetensors shards are read"
+        )
     if not isinstance(name, str) or not name.endswith(".safetensors"):
         raise CheckpointError(f"{where}: weights file {name!r} is not a .safetensors file")
     try:
@@ -541,7 +653,9 @@ def _checked_weights(d: Path, name: object, where: str) -> Path:
     except UnsafePathError as exc:
         raise CheckpointError(f"{where}: weights file {name!r} is refused: {exc}") from None
     if not inside(_trust_root(d), path):
-        raise CheckpointError(f"{where}: weights file {name!r} resolves outside the checkpoint folder (symlink)")
+        raise CheckpointError(
+            f"{where}: weights file {name!r} resolves outside the checkpoint folder (symlink)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{where}: weights file {name!r} not found")
     return path
@@ -554,7 +668,9 @@ def _read_json(path: Path, what: str) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable {what} ({_first_line(exc)})") from None
     if not isinstance(doc, dict):
-        raise CheckpointError(f"{path}: not a {what}: expected a JSON object, got {type(doc).__name__}")
+        raise CheckpointError(
+            f"{path}: not a {what}: expected a JSON object, got {type(doc).__name__}"
+        )
     return doc
 
 
@@ -569,7 +685,9 @@ def _safetensors_files(d: Path, location: str) -> list[Path]:
     names = list(dict.fromkeys(weight_map.values()))
     if not all(isinstance(n, str) for n in names):
         bad = next(n for n in names if not isinstance(n, str))
-        raise CheckpointError(f"{index_path}: weight_map values must be shard file names, got {bad!r}")
+        raise CheckpointError(
+            f"{index_path}: weight_map values must be shard file names, got {bad!r}"
+        )
     return [_checked_weights(d, n, str(index_path)) for n in sorted(names)]
 
 
@@ -584,18 +702,26 @@ def _read_safetensors(files: list[Path]) -> dict:
             state.update(load_file(str(f), device="cpu"))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
-                f"{f}: cannot load weights: not a readable safetensors file ({_first_line(exc)})") from None
+                f"{f}: cannot load weights: not a readable safetensors file ({_first_line(exc)})"
+            ) from None
     return state
 
 
 def _pickle_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES
-                  and p.name not in ("optimizer.pt", "scheduler.pt"))
+    return sorted(
+        p
+        for p in d.iterdir()
+        if p.is_file()
+        and p.suffix in PICKLE_SUFFIXES
+        and p.name not in ("optimizer.pt", "scheduler.pt")
+    )
 
 
 def _check_checkpoint_dir(d: Path, location: str, allow_pickle: bool) -> Path | None:
     """Validate a full checkpoint dir; return the pickle weights file to use, or None."""
-    has_weights = any((d / n).is_file() or (d / n).is_symlink() for n in (WEIGHTS_FILE, WEIGHTS_INDEX))
+    has_weights = any(
+        (d / n).is_file() or (d / n).is_symlink() for n in (WEIGHTS_FILE, WEIGHTS_INDEX)
+    )
     pickles = _pickle_files(d)
     missing = []
     if not (d / "config.json").is_file():
@@ -613,10 +739,13 @@ def _check_checkpoint_dir(d: Path, location: str, allow_pickle: bool) -> Path | 
     if not allow_pickle:
         raise UnsafeCheckpointError(
             f"{location}: weights are pickle files ({', '.join(p.name for p in pickles)}), which can "
-            "run arbitrary code when loaded; convert them to safetensors or pass allow_pickle=True")
+            "run arbitrary code when loaded; convert them to safetensors or pass allow_pickle=True"
+        )
     if not inside(_trust_root(d), pickles[0]):
-        raise CheckpointError(f"{location}: weights file {pickles[0].name!r} resolves outside the "
-                              "checkpoint folder (symlink)")
+        raise CheckpointError(
+            f"{location}: weights file {pickles[0].name!r} resolves outside the "
+            "checkpoint folder (symlink)"
+        )
     return pickles[0]
 
 
@@ -634,16 +763,22 @@ def _image_processor(d: Path, location: str):
         try:
             return BlipImageProcessorPil.from_pretrained(str(d))
         except (OSError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{location}: cannot load {PREPROCESSOR_CONFIG}: {_first_line(exc)}") from exc
+            raise CheckpointError(
+                f"{location}: cannot load {PREPROCESSOR_CONFIG}: {_first_line(exc)}"
+            ) from exc
     path = d / PROCESSOR_CONFIG
     section = _read_json(path, "processor config").get("image_processor")
     if not isinstance(section, dict):
-        raise CheckpointError(f"{path}: no 'image_processor' object with the image-processor settings "
-                              f"(got {type(section).__name__})")
+        raise CheckpointError(
+            f"{path}: no 'image_processor' object with the image-processor settings "
+            f"(got {type(section).__name__})"
+        )
     try:
         return BlipImageProcessorPil.from_dict(section)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: bad 'image_processor' settings: {_first_line(exc)}") from None
+        raise CheckpointError(
+            f"{path}: bad 'image_processor' settings: {_first_line(exc)}"
+        ) from None
 
 
 def _load_processors(d: Path, location: str):
@@ -671,12 +806,16 @@ def _check_processor_size(image_processor, config, location: str) -> None:
     size = getattr(image_processor, "size", None)
     size = dict(size) if size is not None else {}
     if getattr(image_processor, "do_resize", True) is False:
-        raise CheckpointError(f"{location}: image processor has do_resize false; crops must be resized to "
-                              f"the model's {side} px input")
+        raise CheckpointError(
+            f"{location}: image processor has do_resize false; crops must be resized to "
+            f"the model's {side} px input"
+        )
     got = (size.get("height"), size.get("width"))
     if not (side and got == (side, side)):
-        raise CheckpointError(f"{location}: image processor size {size or None!r} does not match the model's "
-                              f"{side} x {side} px input (vision_config.image_size)")
+        raise CheckpointError(
+            f"{location}: image processor size {size or None!r} does not match the model's "
+            f"{side} x {side} px input (vision_config.image_size)"
+        )
 
 
 def _load_full(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
@@ -695,7 +834,9 @@ def _load_full(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
         _check_processor_size(image_processor, config, location)
         if pickle_file is None:
             state = _read_safetensors(files)
-            model = BlipForConditionalGeneration.from_pretrained(None, config=config, state_dict=state)
+            model = BlipForConditionalGeneration.from_pretrained(
+                None, config=config, state_dict=state
+            )
             # Where the weights came from, as from_pretrained(d) records it (peft's adapter
             # config and vocabulary check read it).
             model.name_or_path = model.config.name_or_path = str(d)
@@ -706,9 +847,12 @@ def _load_full(d: Path, location: str, allow_pickle: bool) -> LoadedModel:
             # The caller opted in to pickle; the restricted unpickler still refuses code objects.
             try:
                 state = torch.load(pickle_file, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as exc:  # code objects refused by the restricted unpickler
+            except (
+                pickle.UnpicklingError
+            ) as exc:  # code objects refused by the restricted unpickler
                 raise CheckpointError(
-                    f"{pickle_file}: refused by the restricted unpickler: {_first_line(exc)}") from exc
+                    f"{pickle_file}: refused by the restricted unpickler: {_first_line(exc)}"
+                ) from exc
             result = model.load_state_dict(state, strict=False)
             missing = [k for k in result.missing_keys if "decoder.weight" not in k]
             if missing:
@@ -732,13 +876,16 @@ def _adapter_weights(d: Path, location: str, allow_pickle: bool) -> Path:
     pickles = [p for p in _pickle_files(d) if p.name.startswith("adapter_model")]
     if pickles and not allow_pickle:
         raise UnsafeCheckpointError(
-            f"{location}: adapter weights are pickle ({pickles[0].name}); pass allow_pickle=True")
+            f"{location}: adapter weights are pickle ({pickles[0].name}); pass allow_pickle=True"
+        )
     pickle_file = d / ADAPTER_PICKLE
     if not pickle_file.is_file():
         raise CheckpointError(f"{location}: adapter directory; missing {ADAPTER_WEIGHTS}")
     if not inside(_trust_root(d), pickle_file):
-        raise CheckpointError(f"{location}: adapter weights {ADAPTER_PICKLE!r} resolve outside the "
-                              "checkpoint folder (symlink)")
+        raise CheckpointError(
+            f"{location}: adapter weights {ADAPTER_PICKLE!r} resolve outside the "
+            "checkpoint folder (symlink)"
+        )
     return pickle_file
 
 
@@ -776,18 +923,27 @@ def _adapter_base(d: Path, location: str, adapter_config: dict) -> tuple[str, st
     if (d / ADAPTER_BASE).is_file():
         ref = _read_json(d / ADAPTER_BASE, "adapter base pointer").get("base")
         if ref is not None and not isinstance(ref, str):
-            raise CheckpointError(f"{d / ADAPTER_BASE}: 'base' must be a location string, got {ref!r}")
+            raise CheckpointError(
+                f"{d / ADAPTER_BASE}: 'base' must be a location string, got {ref!r}"
+            )
         if ref:
             return _relative_base(ref, d, location), ADAPTER_BASE
     ref = adapter_config.get("base_model_name_or_path")
     if not ref or not isinstance(ref, str):
-        raise CheckpointError(f"{location}: adapter names no base model ({ADAPTER_BASE} missing and no "
-                              f"base_model_name_or_path in {ADAPTER_CONFIG}); pass --base DIR|URI")
+        raise CheckpointError(
+            f"{location}: adapter names no base model ({ADAPTER_BASE} missing and no "
+            f"base_model_name_or_path in {ADAPTER_CONFIG}); pass --base DIR|URI"
+        )
     return _relative_base(ref, d, location), ADAPTER_CONFIG
 
 
-def _load_adapter(d: Path, location: str, allow_pickle: bool, base_override: str | None = None,
-                  storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
+def _load_adapter(
+    d: Path,
+    location: str,
+    allow_pickle: bool,
+    base_override: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> LoadedModel:
     from safetensors import SafetensorError
 
     from hemblip.lora import load_adapter
@@ -803,24 +959,38 @@ def _load_adapter(d: Path, location: str, allow_pickle: bool, base_override: str
     except CheckpointError as exc:
         hint = "" if source == "--base" else "; point --base DIR|URI at a local copy of the base"
         # Same class (UnsafeCheckpointError stays one); the adapter and the pointer are named.
-        raise type(exc)(f"{location}: base model {base_ref!r} (from {source}): {_first_line(exc)}{hint}") from exc
+        raise type(exc)(
+            f"{location}: base model {base_ref!r} (from {source}): {_first_line(exc)}{hint}"
+        ) from exc
     try:
         merged = load_adapter(base.model, d, merge=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{adapter_file}: refused by the restricted unpickler: {_first_line(exc)}") from exc
+        raise CheckpointError(
+            f"{adapter_file}: refused by the restricted unpickler: {_first_line(exc)}"
+        ) from exc
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{location}: cannot load adapter: {_first_line(exc)}") from exc
     merged.eval()
     files = [*base.weights_files, adapter_file]
-    return LoadedModel(merged, base.image_processor, base.tokenizer, location, files, merged_adapter=True)
+    return LoadedModel(
+        merged, base.image_processor, base.tokenizer, location, files, merged_adapter=True
+    )
 
 
-def _load(loc: str, allow_pickle: bool, *, adapter_ok: bool = True, base: str | None = None,
-          storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
-    not_adapter = (f"--base {base!r} applies only to a LoRA adapter, and {loc!r} is not one "
-                   "(it is a full checkpoint or a config spec)")
+def _load(
+    loc: str,
+    allow_pickle: bool,
+    *,
+    adapter_ok: bool = True,
+    base: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    not_adapter = (
+        f"--base {base!r} applies only to a LoRA adapter, and {loc!r} is not one "
+        "(it is a full checkpoint or a config spec)"
+    )
     if is_config_spec(loc):
         if base is not None:
             raise CheckpointError(not_adapter)
@@ -828,16 +998,22 @@ def _load(loc: str, allow_pickle: bool, *, adapter_ok: bool = True, base: str | 
     d = resolve_location(loc, storage_options=storage_options)
     if (d / ADAPTER_CONFIG).is_file():
         if not adapter_ok:  # an adapter whose base is an adapter (or itself) would never end
-            raise CheckpointError(f"{loc}: is an adapter, but it is named as an adapter's base model")
+            raise CheckpointError(
+                f"{loc}: is an adapter, but it is named as an adapter's base model"
+            )
         return _load_adapter(d, loc, allow_pickle, base, storage_options)
     if base is not None:
         raise CheckpointError(not_adapter)
     return _load_full(d, loc, allow_pickle)
 
 
-def load_model(location: str | os.PathLike, *, allow_pickle: bool = False,
-               base: str | os.PathLike | None = None,
-               storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
+def load_model(
+    location: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    base: str | os.PathLike | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> LoadedModel:
     """Load a checkpoint or adapter from a directory, ``s3://`` URI, hub id, or build a spec.
 
     ``base``: for a LoRA adapter, the base model location to use instead of the one the adapter
@@ -858,11 +1034,16 @@ def load_model(location: str | os.PathLike, *, allow_pickle: bool = False,
     named by a safetensors index).
     """
     _s3_options(storage_options)
-    return _load(str(location), allow_pickle, base=None if base is None else os.fspath(base),
-                 storage_options=storage_options)
+    return _load(
+        str(location),
+        allow_pickle,
+        base=None if base is None else os.fspath(base),
+        storage_options=storage_options,
+    )
 
 
 # ----------------------------------------------------------------------------- saving
+
 
 def save_model(model, image_processor, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Write a loadable checkpoint: safetensors weights, config, processor and tokenizer files.

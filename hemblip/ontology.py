@@ -37,7 +37,9 @@ class Attribute:
 
     def __post_init__(self) -> None:
         if self.group not in ("healthy", "leukemic"):
-            raise ValueError(f"Attribute {self.name}: group must be healthy|leukemic, got {self.group!r}")
+            raise ValueError(
+                f"Attribute {self.name}: group must be healthy|leukemic, got {self.group!r}"
+            )
         if len(set(self.values)) != len(self.values) or not self.values:
             raise ValueError(f"Attribute {self.name}: values must be unique and non-empty")
 
@@ -91,7 +93,13 @@ LEUKEMIA_ATTRI_FIELDS: dict[str, str] = {
     "cytoplasmic_vacuoles": "cytoplasmic_vacuoles",
 }
 
-NORMAL_CELL_TYPES: tuple[str, ...] = ("neutrophil", "eosinophil", "basophil", "lymphocyte", "monocyte")
+NORMAL_CELL_TYPES: tuple[str, ...] = (
+    "neutrophil",
+    "eosinophil",
+    "basophil",
+    "lymphocyte",
+    "monocyte",
+)
 ABNORMAL_CELL_TYPES: tuple[str, ...] = (
     "myeloblast",
     "monoblast",
@@ -122,11 +130,17 @@ def cell_type_from_label(label: str) -> str:
     Raises ``ValueError`` naming the label when it is not in :data:`CELL_TYPES`.
     """
     key = " ".join(label.strip().lower().replace("_", " ").replace("-", " ").split())
-    aliases = {"promyelocyte": "abnormal promyelocyte", "band neutrophil": "neutrophil",
-               "segmented neutrophil": "neutrophil", "reactive lymphocyte": "atypical lymphocyte"}
+    aliases = {
+        "promyelocyte": "abnormal promyelocyte",
+        "band neutrophil": "neutrophil",
+        "segmented neutrophil": "neutrophil",
+        "reactive lymphocyte": "atypical lymphocyte",
+    }
     if key.endswith("s") and (key[:-1] in CELL_TYPES or key[:-1] in aliases):
         key = key[:-1]
     key = aliases.get(key, key)
     if key not in CELL_TYPES:
-        raise ValueError(f"unknown cell type label {label!r}; expected one of {', '.join(CELL_TYPES)}")
+        raise ValueError(
+            f"unknown cell type label {label!r}; expected one of {', '.join(CELL_TYPES)}"
+        )
     return key

@@ -33,9 +33,20 @@ _log = logging.getLogger(__name__)
 # PIL.Image.Resampling values (what the processor's ``resample`` holds).
 _MODES = {2: "bilinear", 3: "bicubic"}
 # to_dict() keys that either are handled below or carry no processing setting.
-_KNOWN = {"do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
-          "image_processor_type", "resample", "rescale_factor", "size", "processor_class",
-          "_processor_class"}
+_KNOWN = {
+    "do_convert_rgb",
+    "do_normalize",
+    "do_rescale",
+    "do_resize",
+    "image_mean",
+    "image_std",
+    "image_processor_type",
+    "resample",
+    "rescale_factor",
+    "size",
+    "processor_class",
+    "_processor_class",
+}
 # Settings that are fine while off.
 _OFF_OK = {"do_center_crop", "crop_size", "do_pad", "pad_size"}
 
@@ -71,10 +82,14 @@ class DevicePreprocess:
         for i, c in enumerate(crops):
             groups.setdefault(tuple(c.shape[:2]), []).append(i)
         if len(groups) == 1:
-            return self._batch(np.stack(crops) if crops else np.zeros((0, 1, 1, 3), np.uint8), device)
+            return self._batch(
+                np.stack(crops) if crops else np.zeros((0, 1, 1, 3), np.uint8), device
+            )
         if self.size is None:
-            raise DatasetError(f"crops: sizes differ ({', '.join(f'{h}x{w}' for h, w in groups)}) "
-                               "and the image processor does not resize")
+            raise DatasetError(
+                f"crops: sizes differ ({', '.join(f'{h}x{w}' for h, w in groups)}) "
+                "and the image processor does not resize"
+            )
         out = torch.empty((len(crops), 3, *self.size), dtype=torch.float32, device=device)
         for idx in groups.values():
             px = self._batch(np.stack([crops[i] for i in idx]), device)
@@ -97,7 +112,9 @@ class DevicePreprocess:
             if device.type == "cpu" and not self.float_kernel:
                 # torch's uint8 kernel is PIL's algorithm (separable, rounded per pass), and
                 # vectorised: 10-30x faster on a CPU than the float kernel.
-                x = interpolate(x, size=(th, tw), mode=self.mode, antialias=True, align_corners=False)
+                x = interpolate(
+                    x, size=(th, tw), mode=self.mode, antialias=True, align_corners=False
+                )
             else:
                 try:
                     x = self._float_resize(x)
@@ -106,11 +123,18 @@ class DevicePreprocess:
                     # very large downscale factors: such a batch is resized on the CPU instead.
                     if device.type == "cpu":
                         raise
-                    _log.warning("device resize %dx%d -> %dx%d failed (%s); resizing on the CPU",
-                                 h, w, th, tw, str(exc).splitlines()[0])
+                    _log.warning(
+                        "device resize %dx%d -> %dx%d failed (%s); resizing on the CPU",
+                        h,
+                        w,
+                        th,
+                        tw,
+                        str(exc).splitlines()[0],
+                    )
                     cpu = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
-                    cpu = interpolate(cpu, size=(th, tw), mode=self.mode, antialias=True,
-                                      align_corners=False)
+                    cpu = interpolate(
+                        cpu, size=(th, tw), mode=self.mode, antialias=True, align_corners=False
+                    )
                     x = cpu.contiguous().to(device)
         x = x.to(torch.float32, memory_format=torch.contiguous_format)
         if self.rescale is not None:
@@ -152,8 +176,9 @@ def stage(arr: np.ndarray, device):
 
 def _check(arr: np.ndarray) -> None:
     if arr.ndim != 4 or arr.shape[3] != 3 or arr.dtype != np.uint8:
-        raise DatasetError(f"crops: expected an (N, H, W, 3) uint8 array, got shape {arr.shape} "
-                           f"dtype {arr.dtype}")
+        raise DatasetError(
+            f"crops: expected an (N, H, W, 3) uint8 array, got shape {arr.shape} dtype {arr.dtype}"
+        )
 
 
 def _triple(v, name: str) -> tuple[float, float, float]:
@@ -171,7 +196,10 @@ def plan_for(image_processor) -> tuple[DevicePreprocess | None, str | None]:
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         return None, f"transformers has no BlipImageProcessorPil ({exc})"
     if type(image_processor) is not BlipImageProcessorPil:
-        return None, f"image processor class {type(image_processor).__name__} is not BlipImageProcessorPil"
+        return (
+            None,
+            f"image processor class {type(image_processor).__name__} is not BlipImageProcessorPil",
+        )
     p = image_processor
     settings = p.to_dict()
     for key, value in settings.items():
@@ -187,8 +215,18 @@ def plan_for(image_processor) -> tuple[DevicePreprocess | None, str | None]:
     if p.do_resize:
         s = p.size
         get = s.get if isinstance(s, dict) else (lambda k: getattr(s, k, None))
-        others = [k for k in ("shortest_edge", "longest_edge", "max_height", "max_width",
-                              "min_pixels", "max_pixels") if get(k)]
+        others = [
+            k
+            for k in (
+                "shortest_edge",
+                "longest_edge",
+                "max_height",
+                "max_width",
+                "min_pixels",
+                "max_pixels",
+            )
+            if get(k)
+        ]
         if others or not (get("height") and get("width")):
             return None, f"image processor size {s} is not a fixed height x width"
         size = (int(get("height")), int(get("width")))

@@ -58,8 +58,9 @@ def vocab_lines(tokenizer) -> list[str]:
     return [inv[i] for i in range(len(inv))]
 
 
-def encode_captions(tokenizer, captions: Sequence[str], max_length: int,
-                    open_ended: Sequence[bool] | None = None):
+def encode_captions(
+    tokenizer, captions: Sequence[str], max_length: int, open_ended: Sequence[bool] | None = None
+):
     """Token ids framed as BLIP generates them: ``[DEC] words... [SEP]``, right-padded.
 
     Returns ``(input_ids, attention_mask, labels)``, int64 tensors of shape (N, L) with
@@ -71,8 +72,9 @@ def encode_captions(tokenizer, captions: Sequence[str], max_length: int,
     """
     import torch
 
-    enc = tokenizer(list(captions), add_special_tokens=False, truncation=True,
-                    max_length=max_length - 2)
+    enc = tokenizer(
+        list(captions), add_special_tokens=False, truncation=True, max_length=max_length - 2
+    )
     bos, sep, pad = tokenizer.bos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
     rows = [[bos, *ids, sep] for ids in enc["input_ids"]]
     length = max(len(r) for r in rows)

@@ -85,8 +85,12 @@ class TrainConfig:
             raise HemblipConfigError("--out is required")
         if self.mode not in MODES:
             raise HemblipConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
-                            ("--max-length", self.max_length), ("--log-every", self.log_every)):
+        for flag, value in (
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--max-length", self.max_length),
+            ("--log-every", self.log_every),
+        ):
             if value < 1:
                 raise HemblipConfigError(f"{flag} must be >= 1, got {value}")
         if self.max_length < 4:
@@ -112,12 +116,16 @@ class TrainConfig:
         self.aug_resolution_mpp = tuple(self.aug_resolution_mpp)
         self.aug_jpeg = tuple(self.aug_jpeg)
         self.augment_settings()  # range checks, messages naming the --aug-* flag
-        if not (isinstance(self.context, int | float) and math.isfinite(self.context)
-                and 1.0 <= self.context <= 2.0):
+        if not (
+            isinstance(self.context, int | float)
+            and math.isfinite(self.context)
+            and 1.0 <= self.context <= 2.0
+        ):
             raise HemblipConfigError(f"--context must be a number in [1, 2], got {self.context!r}")
         if self.balance not in BALANCES:
-            raise HemblipConfigError(f"--balance must be one of {', '.join(BALANCES)}, "
-                                     f"got {self.balance!r}")
+            raise HemblipConfigError(
+                f"--balance must be one of {', '.join(BALANCES)}, got {self.balance!r}"
+            )
         for source, k in self.oversample.items():
             if int(k) < 1:
                 raise HemblipConfigError(f"--oversample {source}={k}: factor must be >= 1")
@@ -129,9 +137,14 @@ class TrainConfig:
         """The :class:`hemblip.augment.AugmentSettings` of this run (kinds and ranges)."""
         from hemblip.augment import AugmentSettings
 
-        return AugmentSettings(kinds=self.augment or (), scale=self.aug_scale, hue=self.aug_hue,
-                               saturation=self.aug_saturation,
-                               resolution_mpp=self.aug_resolution_mpp, jpeg_quality=self.aug_jpeg)
+        return AugmentSettings(
+            kinds=self.augment or (),
+            scale=self.aug_scale,
+            hue=self.aug_hue,
+            saturation=self.aug_saturation,
+            resolution_mpp=self.aug_resolution_mpp,
+            jpeg_quality=self.aug_jpeg,
+        )
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -165,8 +178,14 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- data
 
-def load_splits(spec: str, val_spec: str | None = None, seed: int = 0,
-                val_fraction: float = 0.1, context: float = 1.0) -> dict[str, list]:
+
+def load_splits(
+    spec: str,
+    val_spec: str | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    context: float = 1.0,
+) -> dict[str, list]:
     """``{"train", "val", "test"}`` sample lists from a dataset spec (see ``hemblip.data``).
 
     Samples carrying a split keep it; the rest are split train/val by cell type. With
@@ -180,9 +199,11 @@ def load_splits(spec: str, val_spec: str | None = None, seed: int = 0,
 
     samples = load_dataset(spec)
     if val_spec is not None:
-        splits = {"train": [replace(s, split="train") for s in samples if s.split != "test"],
-                  "val": list(load_dataset(val_spec)),
-                  "test": [s for s in samples if s.split == "test"]}
+        splits = {
+            "train": [replace(s, split="train") for s in samples if s.split != "test"],
+            "val": list(load_dataset(val_spec)),
+            "test": [s for s in samples if s.split == "test"],
+        }
     else:
         splits = split_samples(samples, val_fraction=val_fraction, seed=seed)
     if context > 1.0:
@@ -220,8 +241,13 @@ def _widen(spec: str, train_samples: Sequence, context: float) -> list:
             continue
         side = s.image.shape[0]
         h, wd = s.image.shape[:2]
-        image = cell_crop(s.image, (wd / 2, h / 2), CROP_UM / side, crop_um=CROP_UM * context,
-                          crop_px=max(16, int(round(side * context))))
+        image = cell_crop(
+            s.image,
+            (wd / 2, h / 2),
+            CROP_UM / side,
+            crop_um=CROP_UM * context,
+            crop_px=max(16, int(round(side * context))),
+        )
         out.append(replace(s, image=image))
     return out
 
@@ -229,8 +255,17 @@ def _widen(spec: str, train_samples: Sequence, context: float) -> list:
 class _Batches:
     """Shuffled mini-batches of (pixel_values, input_ids, attention_mask, labels) tensors."""
 
-    def __init__(self, samples: Sequence, loaded, config: TrainConfig, augment: bool,
-                 rank: int = 0, world: int = 1, context: float = 1.0, balance: str = "none"):
+    def __init__(
+        self,
+        samples: Sequence,
+        loaded,
+        config: TrainConfig,
+        augment: bool,
+        rank: int = 0,
+        world: int = 1,
+        context: float = 1.0,
+        balance: str = "none",
+    ):
         samples = list(samples)
         if world > 1:
             # Equal shard sizes: DDP hangs if one rank runs a batch the others do not.
@@ -242,8 +277,9 @@ class _Batches:
         # epoch would cost more than the model step itself on a CPU.
         self.prep_px = int(math.ceil(max(size["height"], size["width"]) * 1.15))
         self.context = float(context)
-        self.images = [_shrink(s.image, int(math.ceil(self.prep_px * self.context)))
-                       for s in self.samples]
+        self.images = [
+            _shrink(s.image, int(math.ceil(self.prep_px * self.context))) for s in self.samples
+        ]
         self.loaded = loaded
         self.config = config
         self.settings = config.augment_settings() if augment else None
@@ -275,7 +311,9 @@ class _Batches:
         for g, members in enumerate(self.groups):
             n, start = len(members), (epoch - 1) * self.per_group
             for cycle in range(start // n, (start + self.per_group - 1) // n + 1):
-                perm = members[np.random.default_rng([self.config.seed, self.rank, g, cycle]).permutation(n)]
+                perm = members[
+                    np.random.default_rng([self.config.seed, self.rank, g, cycle]).permutation(n)
+                ]
                 lo, hi = max(start - cycle * n, 0), min(start + self.per_group - cycle * n, n)
                 idx.append(perm[lo:hi])
         order = np.concatenate(idx)
@@ -298,13 +336,16 @@ class _Batches:
         order = self.epoch_indices(epoch, rng, shuffle)
         bs = self.config.batch_size
         for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             items = [self.samples[i] for i in idx]
             images = [self._image(i, rng) for i in idx]
             pixels = self.loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            ids, mask, labels = encode_captions(self.loaded.tokenizer, [s.caption for s in items],
-                                                self.config.max_length,
-                                                open_ended=[_open_ended(s) for s in items])
+            ids, mask, labels = encode_captions(
+                self.loaded.tokenizer,
+                [s.caption for s in items],
+                self.config.max_length,
+                open_ended=[_open_ended(s) for s in items],
+            )
             yield pixels, ids, mask, labels
 
 
@@ -329,6 +370,7 @@ def _expand(samples: Sequence, oversample: dict[str, int]) -> list:
 
 
 # ----------------------------------------------------------------------------- the loop
+
 
 def _dist():
     import torch.distributed as dist
@@ -410,10 +452,15 @@ def _load_state(model, optimizer, scheduler, out: Path) -> dict:
     return json.loads((d / "state.json").read_text())
 
 
-def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *,
-          log: Callable[[str], None] = print,
-          report: Callable[[dict], None] | None = None,
-          wrap_model: Callable | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    train_samples: Sequence,
+    val_samples: Sequence,
+    *,
+    log: Callable[[str], None] = print,
+    report: Callable[[dict], None] | None = None,
+    wrap_model: Callable | None = None,
+) -> TrainResult:
     """Train on ``train_samples``, validate on ``val_samples`` (``CaptionSample`` lists).
 
     ``wrap_model``: applied to the model before optimisation (Ray Train passes its DDP
@@ -444,9 +491,16 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
     else:
         model = model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device = next(model.parameters()).device
-    train_b = _Batches(_expand(train_samples, config.oversample), loaded, config,
-                       bool(config.augment), rank, world, context=config.context,
-                       balance=config.balance)
+    train_b = _Batches(
+        _expand(train_samples, config.oversample),
+        loaded,
+        config,
+        bool(config.augment),
+        rank,
+        world,
+        context=config.context,
+        balance=config.balance,
+    )
     val_b = _Batches(val_samples, loaded, config, False, rank, world)
     steps_per_epoch = len(train_b)
     total_steps = steps_per_epoch * config.epochs
@@ -457,22 +511,36 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
     scheduler = get_cosine_schedule_with_warmup(
-        optimizer, int(round(config.warmup_fraction * total_steps)), total_steps)
+        optimizer, int(round(config.warmup_fraction * total_steps)), total_steps
+    )
 
-    state = {"epoch": 0, "step": 0, "best_val_loss": math.inf, "best_epoch": 0,
-             "bad_epochs": 0, "history": [], "config": config.to_json()}
+    state = {
+        "epoch": 0,
+        "step": 0,
+        "best_val_loss": math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "history": [],
+        "config": config.to_json(),
+    }
     if config.resume:
         state = _load_state(model, optimizer, scheduler, out)
         log(f"resumed from {out / '_resume'} after epoch {state['epoch']} (step {state['step']})")
     share = n_train / n_total if n_total else 0.0
     if rank == 0:
-        log(f"mode {config.mode}: {n_train:,} of {n_total:,} parameters trainable ({share:.2%}); "
+        log(
+            f"mode {config.mode}: {n_train:,} of {n_total:,} parameters trainable ({share:.2%}); "
             f"{len(train_samples)} train / {len(val_samples)} val samples, "
             f"augment {config.augment or 'none'}, balance {config.balance}, "
-            f"{steps_per_epoch} steps per epoch, {world} worker(s)")
+            f"{steps_per_epoch} steps per epoch, {world} worker(s)"
+        )
 
     epoch = state["epoch"]
     while epoch < config.epochs:
@@ -488,8 +556,9 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
             px, ids, mask, labels = (t.to(device) for t in batch)
             loss = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                           config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.grad_clip
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -497,8 +566,10 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
             loss_sum += float(loss.detach())
             n_batches += 1
             if rank == 0 and (i + 1) % config.log_every == 0:
-                log(f"epoch {epoch}/{config.epochs} step {i + 1}/{steps_per_epoch} "
-                    f"loss {loss_sum / n_batches:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+                log(
+                    f"epoch {epoch}/{config.epochs} step {i + 1}/{steps_per_epoch} "
+                    f"loss {loss_sum / n_batches:.4f} lr {scheduler.get_last_lr()[0]:.2e}"
+                )
             if config.max_steps is not None and state["step"] >= config.max_steps:
                 break
         model.eval()
@@ -507,16 +578,24 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
         with torch.no_grad():
             for batch in val_b.iterate(epoch, shuffle=False):
                 px, ids, mask, labels = (t.to(device) for t in batch)
-                loss = plain(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss = plain(
+                    pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels
+                ).loss
                 v_sum += float(loss) * len(ids)
                 v_n += len(ids)
         t_sum, t_n, v_sum, v_n = _all_reduce_sum([loss_sum, n_batches, v_sum, v_n])
         train_loss = t_sum / max(t_n, 1)
         val_loss = v_sum / max(v_n, 1)
         improved = val_loss < state["best_val_loss"]
-        row = {"epoch": epoch, "step": state["step"], "train_loss": round(train_loss, 5),
-               "val_loss": round(val_loss, 5), "lr": scheduler.get_last_lr()[0],
-               "seconds": round(time.time() - t0, 1), "best": improved}
+        row = {
+            "epoch": epoch,
+            "step": state["step"],
+            "train_loss": round(train_loss, 5),
+            "val_loss": round(val_loss, 5),
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(time.time() - t0, 1),
+            "best": improved,
+        }
         state["history"].append(row)
         if improved:
             state.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
@@ -524,8 +603,10 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         if rank == 0:
-            log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}  val loss "
-                f"{val_loss:.4f}{'  (best, saved)' if improved else ''}  [{row['seconds']} s]")
+            log(
+                f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}  val loss "
+                f"{val_loss:.4f}{'  (best, saved)' if improved else ''}  [{row['seconds']} s]"
+            )
             if improved:
                 _save_best(model, loaded, config, out)
             _save_state(model, optimizer, scheduler, state, out)
@@ -536,5 +617,13 @@ def train(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *
     stopped_early = state["bad_epochs"] >= config.patience and epoch < config.epochs
     if rank == 0 and stopped_early:
         log(f"early stop: validation loss did not improve for {config.patience} epochs")
-    return TrainResult(out, state["best_val_loss"], state["best_epoch"], state["epoch"],
-                       stopped_early, state["history"], n_train, n_total)
+    return TrainResult(
+        out,
+        state["best_val_loss"],
+        state["best_epoch"],
+        state["epoch"],
+        stopped_early,
+        state["history"],
+        n_train,
+        n_total,
+    )

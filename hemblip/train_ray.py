@@ -39,21 +39,37 @@ def _worker_loop(cfg: dict) -> None:
     val_samples = ray.get(cfg["val_ref"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    result = train(config, train_samples, val_samples,
-                   log=lambda m: print(f"[rank {rank}] {m}", flush=True),
-                   report=lambda row: ray.train.report(dict(row)),
-                   wrap_model=prepare_model)
+    result = train(
+        config,
+        train_samples,
+        val_samples,
+        log=lambda m: print(f"[rank {rank}] {m}", flush=True),
+        report=lambda row: ray.train.report(dict(row)),
+        wrap_model=prepare_model,
+    )
     if rank == 0:
-        summary = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
-                   "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
-                   "history": result.history, "trainable_params": result.trainable_params,
-                   "total_params": result.total_params, "world_size": ctx.get_world_size()}
+        summary = {
+            "best_val_loss": result.best_val_loss,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early,
+            "history": result.history,
+            "trainable_params": result.trainable_params,
+            "total_params": result.total_params,
+            "world_size": ctx.get_world_size(),
+        }
         (Path(config.out) / _RESULT_FILE).write_text(json.dumps(summary, indent=1))
 
 
-def train_distributed(config: TrainConfig, train_samples: Sequence, val_samples: Sequence, *,
-                      use_gpu: bool | None = None, cpus_per_worker: float = 0.25,
-                      threads_per_worker: int = 1) -> TrainResult:
+def train_distributed(
+    config: TrainConfig,
+    train_samples: Sequence,
+    val_samples: Sequence,
+    *,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float = 0.25,
+    threads_per_worker: int = 1,
+) -> TrainResult:
     """Run :func:`hemblip.train.train` on ``config.workers`` Ray Train workers (≥ 1).
 
     Connects to the running Ray cluster (or starts a local one). ``use_gpu``: None means "if the
@@ -69,8 +85,10 @@ def train_distributed(config: TrainConfig, train_samples: Sequence, val_samples:
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     scaling = ScalingConfig(
-        num_workers=workers, use_gpu=use_gpu,
-        resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker})
+        num_workers=workers,
+        use_gpu=use_gpu,
+        resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker},
+    )
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / _RESULT_FILE).unlink(missing_ok=True)
@@ -78,9 +96,12 @@ def train_distributed(config: TrainConfig, train_samples: Sequence, val_samples:
     worker_config = replace(config, out=str(out), workers=0)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": worker_config.to_json(), "threads": threads_per_worker,
-                           "train_ref": ray.put(list(train_samples)),
-                           "val_ref": ray.put(list(val_samples))},
+        train_loop_config={
+            "config": worker_config.to_json(),
+            "threads": threads_per_worker,
+            "train_ref": ray.put(list(train_samples)),
+            "val_ref": ray.put(list(val_samples)),
+        },
         scaling_config=scaling,
         run_config=RunConfig(name="hemblip-train", storage_path=str(out / "_ray")),
     )
@@ -91,5 +112,13 @@ def train_distributed(config: TrainConfig, train_samples: Sequence, val_samples:
     if not summary_path.is_file():
         raise HemblipError(f"distributed training finished without writing {summary_path}")
     s = json.loads(summary_path.read_text())
-    return TrainResult(out, s["best_val_loss"], s["best_epoch"], s["epochs_run"],
-                       s["stopped_early"], s["history"], s["trainable_params"], s["total_params"])
+    return TrainResult(
+        out,
+        s["best_val_loss"],
+        s["best_epoch"],
+        s["epochs_run"],
+        s["stopped_early"],
+        s["history"],
+        s["trainable_params"],
+        s["total_params"],
+    )

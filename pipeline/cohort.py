@@ -95,8 +95,10 @@ def newcombe_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float | None,
     l1, u1 = wilson_interval(k1, n1)
     l2, u2 = wilson_interval(k2, n2)
     d = p1 - p2
-    return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
-            d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+    return (
+        d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+        d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
+    )
 
 
 def benjamini_hochberg(pvalues: list[float | None]) -> list[float | None]:
@@ -145,10 +147,13 @@ def _mann_whitney(xa: list[float], xb: list[float]) -> tuple[float, str]:
         # scipy's "exact" method refuses ties and "auto" then falls back to the normal
         # approximation, which undercuts the exact minimum on small cohorts (4 vs 4 with tied
         # zeros: 0.013 instead of 0.029); the full permutation distribution handles ties exactly
-        res = stats.mannwhitneyu(xa, xb, alternative="two-sided",
-                                 method=stats.PermutationMethod(n_resamples=np.inf))
+        res = stats.mannwhitneyu(
+            xa, xb, alternative="two-sided", method=stats.PermutationMethod(n_resamples=np.inf)
+        )
         return float(res.pvalue), "exact"
-    return float(stats.mannwhitneyu(xa, xb, alternative="two-sided", method="asymptotic").pvalue), "asymptotic"
+    return float(
+        stats.mannwhitneyu(xa, xb, alternative="two-sided", method="asymptotic").pvalue
+    ), "asymptotic"
 
 
 @dataclass
@@ -162,13 +167,22 @@ class CohortResult:
     slides: pa.Table  # manifest rows matched to slides, with their cell counts
     units: pa.Table = field(default_factory=lambda: pa.table({}))  # per-patient proportions
     unit: str = "patient"  # what a unit is: "patient", "slide" or "patient or slide"
-    unmatched_manifest: list[str] = field(default_factory=list)  # manifest lines with no usable cells
-    unlisted_slides: list[str] = field(default_factory=list)  # slides with cells but not in the manifest
+    unmatched_manifest: list[str] = field(
+        default_factory=list
+    )  # manifest lines with no usable cells
+    unlisted_slides: list[str] = field(
+        default_factory=list
+    )  # slides with cells but not in the manifest
 
     def tables(self) -> dict[str, pa.Table]:
-        return {"differential": self.differential, "attributes": self.attributes,
-                "comparison": self.comparison, "unit_comparison": self.unit_comparison,
-                "units": self.units, "slides": self.slides}
+        return {
+            "differential": self.differential,
+            "attributes": self.attributes,
+            "comparison": self.comparison,
+            "unit_comparison": self.unit_comparison,
+            "units": self.units,
+            "slides": self.slides,
+        }
 
 
 def read_manifest(path: str | Path) -> pa.Table:
@@ -188,11 +202,17 @@ def read_manifest(path: str | Path) -> pa.Table:
     except OSError as exc:
         raise ConfigError(f"--manifest {path}: cannot read: {exc.strerror or exc}") from exc
     if not header:
-        raise ConfigError(f"--manifest {path}: empty file (expected a header with slide_id or slide_uri, and cohort)")
+        raise ConfigError(
+            f"--manifest {path}: empty file (expected a header with slide_id or slide_uri, and cohort)"
+        )
     if "cohort" not in header:
-        raise ConfigError(f"--manifest {path}: missing column 'cohort' (columns: {', '.join(header)})")
+        raise ConfigError(
+            f"--manifest {path}: missing column 'cohort' (columns: {', '.join(header)})"
+        )
     if "slide_id" not in header and "slide_uri" not in header:
-        raise ConfigError(f"--manifest {path}: needs a 'slide_id' or 'slide_uri' column (columns: {', '.join(header)})")
+        raise ConfigError(
+            f"--manifest {path}: needs a 'slide_id' or 'slide_uri' column (columns: {', '.join(header)})"
+        )
     if not rows:
         raise ConfigError(f"--manifest {path}: no rows")
     seen: dict[str, int] = {}
@@ -202,20 +222,28 @@ def read_manifest(path: str | Path) -> pa.Table:
     cols.setdefault("patient", [])
     lines = []
     for lineno, row in enumerate(rows, start=2):
-        row = {k: (v or "").strip() if isinstance(v, str) or v is None else v for k, v in row.items() if k is not None}
+        row = {
+            k: (v or "").strip() if isinstance(v, str) or v is None else v
+            for k, v in row.items()
+            if k is not None
+        }
         key = row.get("slide_id") or row.get("slide_uri")
         if not key:
             raise ConfigError(f"--manifest {path}:{lineno}: empty slide_id/slide_uri")
         if not row.get("cohort"):
             raise ConfigError(f"--manifest {path}:{lineno}: empty cohort for slide {key}")
         if key in seen:
-            raise ConfigError(f"--manifest {path}:{lineno}: slide {key} already listed on line {seen[key]}")
+            raise ConfigError(
+                f"--manifest {path}:{lineno}: slide {key} already listed on line {seen[key]}"
+            )
         seen[key] = lineno
         for h in cols:
             cols[h].append(row.get(h) or None)
         lines.append(lineno)
     cols["line"] = lines
-    return pa.table({k: pa.array(v, pa.int64() if k == "line" else pa.string()) for k, v in cols.items()})
+    return pa.table(
+        {k: pa.array(v, pa.int64() if k == "line" else pa.string()) for k, v in cols.items()}
+    )
 
 
 _DIFF_SQL = """
@@ -225,9 +253,15 @@ FROM current_cells c JOIN matched m ON c.slide_id = m.slide_id
 """
 
 
-def cohort_analysis(outputs: Outputs | str, manifest: str | Path | pa.Table, *,
-                    s3_endpoint: str | None = None, exclude_flagged: bool = False,
-                    allow_unknown: bool = False, storage_options=None) -> CohortResult:
+def cohort_analysis(
+    outputs: Outputs | str,
+    manifest: str | Path | pa.Table,
+    *,
+    s3_endpoint: str | None = None,
+    exclude_flagged: bool = False,
+    allow_unknown: bool = False,
+    storage_options=None,
+) -> CohortResult:
     """Run the analysis described in the module docstring.
 
     ``exclude_flagged`` drops cells with any QC flag. Manifest slides that are not in the outputs
@@ -252,19 +286,30 @@ def cohort_analysis(outputs: Outputs | str, manifest: str | Path | pa.Table, *,
     unknown = [f"line {ln}: {mid or muri}" for ln, mid, muri, sid, *_ in known if sid is None]
     if unknown and not allow_unknown:
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise ConfigError(f"--manifest {name}: {len(unknown)} slide(s) not found in the outputs: "
-                          f"{'; '.join(unknown[:5])}{more}")
-    unmatched = [f"line {ln}: {mid or muri}: not found in the outputs" for ln, mid, muri, sid, *_ in known if sid is None]
-    unmatched += [f"line {ln}: {mid or muri}: no successfully processed cells (last status {st}: {rs})"
-                  for ln, mid, muri, sid, _u, ok, st, rs in known if sid is not None and not ok]
-    pairs = pa.table({
-        "line": pa.array([r[0] for r in known if r[3] is not None], pa.int64()),
-        "resolved_slide_id": pa.array([r[3] for r in known if r[3] is not None], pa.string()),
-    })
+        raise ConfigError(
+            f"--manifest {name}: {len(unknown)} slide(s) not found in the outputs: "
+            f"{'; '.join(unknown[:5])}{more}"
+        )
+    unmatched = [
+        f"line {ln}: {mid or muri}: not found in the outputs"
+        for ln, mid, muri, sid, *_ in known
+        if sid is None
+    ]
+    unmatched += [
+        f"line {ln}: {mid or muri}: no successfully processed cells (last status {st}: {rs})"
+        for ln, mid, muri, sid, _u, ok, st, rs in known
+        if sid is not None and not ok
+    ]
+    pairs = pa.table(
+        {
+            "line": pa.array([r[0] for r in known if r[3] is not None], pa.int64()),
+            "resolved_slide_id": pa.array([r[3] for r in known if r[3] is not None], pa.string()),
+        }
+    )
     con.register("resolved", pairs)  # an in-memory Arrow table: no file access needed
     extra_cols = [c for c in src.column_names if c not in ("slide_id", "line")]
     con.execute(f"""CREATE VIEW matched AS SELECT r.resolved_slide_id AS slide_id,
-        {', '.join('m."' + c.replace('"', '""') + '"' for c in extra_cols)}
+        {", ".join('m."' + c.replace('"', '""') + '"' for c in extra_cols)}
         FROM manifest m JOIN resolved r ON m.line = r.line""")
     where = "WHERE len(c.qc_flags) = 0" if exclude_flagged else ""
 
@@ -274,9 +319,12 @@ def cohort_analysis(outputs: Outputs | str, manifest: str | Path | pa.Table, *,
             SELECT slide_id, count(*) AS cells, count(cell_type) AS typed
             FROM current_cells c {where} GROUP BY slide_id) n USING (slide_id)
         ORDER BY cohort, slide_id""").to_arrow_table()
-    unlisted = [r[0] for r in con.sql(
-        "SELECT DISTINCT slide_id FROM current_cells WHERE slide_id NOT IN (SELECT slide_id FROM matched) ORDER BY 1"
-    ).fetchall()]
+    unlisted = [
+        r[0]
+        for r in con.sql(
+            "SELECT DISTINCT slide_id FROM current_cells WHERE slide_id NOT IN (SELECT slide_id FROM matched) ORDER BY 1"
+        ).fetchall()
+    ]
 
     counts: dict[str, dict[str | None, int]] = {}
     for cohort, cell_type, k in con.sql(_DIFF_SQL.format(where=where)).fetchall():
@@ -300,33 +348,78 @@ def cohort_analysis(outputs: Outputs | str, manifest: str | Path | pa.Table, *,
         for t in types:
             k = c.get(t, 0)
             lo, hi = wilson_interval(k, n)
-            diff_rows.append({"cohort": cohort, "cell_type": t, "count": k, "typed_cells": n,
-                              "untyped_cells": c.get(None, 0), "slides": meta.get(cohort, {}).get("slides", 0),
-                              "patients": meta.get(cohort, {}).get("patients", 0),
-                              "proportion": k / n if n else None, "ci_low": lo, "ci_high": hi})
-    differential = pa.Table.from_pylist(diff_rows, schema=pa.schema([
-        ("cohort", pa.string()), ("cell_type", pa.string()), ("count", pa.int64()), ("typed_cells", pa.int64()),
-        ("untyped_cells", pa.int64()), ("slides", pa.int64()), ("patients", pa.int64()),
-        ("proportion", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64())]))
+            diff_rows.append(
+                {
+                    "cohort": cohort,
+                    "cell_type": t,
+                    "count": k,
+                    "typed_cells": n,
+                    "untyped_cells": c.get(None, 0),
+                    "slides": meta.get(cohort, {}).get("slides", 0),
+                    "patients": meta.get(cohort, {}).get("patients", 0),
+                    "proportion": k / n if n else None,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                }
+            )
+    differential = pa.Table.from_pylist(
+        diff_rows,
+        schema=pa.schema(
+            [
+                ("cohort", pa.string()),
+                ("cell_type", pa.string()),
+                ("count", pa.int64()),
+                ("typed_cells", pa.int64()),
+                ("untyped_cells", pa.int64()),
+                ("slides", pa.int64()),
+                ("patients", pa.int64()),
+                ("proportion", pa.float64()),
+                ("ci_low", pa.float64()),
+                ("ci_high", pa.float64()),
+            ]
+        ),
+    )
 
     attr_cols = ", ".join(f'"{a}"' for a in ATTRIBUTE_NAMES)
     attr_rows = con.sql(f"""
         WITH typed AS (
-            SELECT m.cohort, c.cell_type, {', '.join('c."' + a + '"' for a in ATTRIBUTE_NAMES)}
+            SELECT m.cohort, c.cell_type, {", ".join('c."' + a + '"' for a in ATTRIBUTE_NAMES)}
             FROM current_cells c JOIN matched m ON c.slide_id = m.slide_id
-            {where.replace('WHERE', 'WHERE c.cell_type IS NOT NULL AND') if where else 'WHERE c.cell_type IS NOT NULL'}
+            {where.replace("WHERE", "WHERE c.cell_type IS NOT NULL AND") if where else "WHERE c.cell_type IS NOT NULL"}
         ), long AS (UNPIVOT typed ON {attr_cols} INTO NAME attribute VALUE value)
         , grouped AS (SELECT cohort, cell_type, attribute, value, count(*) AS count
                       FROM long GROUP BY cohort, cell_type, attribute, value)
         SELECT *, sum(count) OVER (PARTITION BY cohort, cell_type, attribute) AS mentioned
         FROM grouped ORDER BY cohort, cell_type, attribute, value""").fetchall()
-    attributes = pa.Table.from_pylist([
-        {"cohort": co, "cell_type": t, "attribute": a, "value": v, "count": k, "mentioned": int(n),
-         "frequency": k / n, "ci_low": wilson_interval(k, int(n))[0], "ci_high": wilson_interval(k, int(n))[1]}
-        for co, t, a, v, k, n in attr_rows], schema=pa.schema([
-            ("cohort", pa.string()), ("cell_type", pa.string()), ("attribute", pa.string()), ("value", pa.string()),
-            ("count", pa.int64()), ("mentioned", pa.int64()), ("frequency", pa.float64()),
-            ("ci_low", pa.float64()), ("ci_high", pa.float64())]))
+    attributes = pa.Table.from_pylist(
+        [
+            {
+                "cohort": co,
+                "cell_type": t,
+                "attribute": a,
+                "value": v,
+                "count": k,
+                "mentioned": int(n),
+                "frequency": k / n,
+                "ci_low": wilson_interval(k, int(n))[0],
+                "ci_high": wilson_interval(k, int(n))[1],
+            }
+            for co, t, a, v, k, n in attr_rows
+        ],
+        schema=pa.schema(
+            [
+                ("cohort", pa.string()),
+                ("cell_type", pa.string()),
+                ("attribute", pa.string()),
+                ("value", pa.string()),
+                ("count", pa.int64()),
+                ("mentioned", pa.int64()),
+                ("frequency", pa.float64()),
+                ("ci_low", pa.float64()),
+                ("ci_high", pa.float64()),
+            ]
+        ),
+    )
 
     comp_rows = []
     for a, b in itertools.combinations(cohorts, 2):
@@ -336,32 +429,68 @@ def cohort_analysis(outputs: Outputs | str, manifest: str | Path | pa.Table, *,
             ka, kb = counts.get(a, {}).get(t, 0), counts.get(b, {}).get(t, 0)
             p = float(stats.fisher_exact([[ka, na - ka], [kb, nb - kb]])[1]) if na and nb else None
             lo, hi = newcombe_interval(ka, na, kb, nb)
-            comp_rows.append({"cohort_a": a, "cohort_b": b, "cell_type": t, "count_a": ka, "typed_a": na,
-                              "count_b": kb, "typed_b": nb, "proportion_a": ka / na if na else None,
-                              "proportion_b": kb / nb if nb else None,
-                              "difference": (ka / na - kb / nb) if na and nb else None,
-                              "diff_ci_low": lo, "diff_ci_high": hi, "test": "fisher_exact", "p_value": p,
-                              "scope": POOLED_SCOPE})
+            comp_rows.append(
+                {
+                    "cohort_a": a,
+                    "cohort_b": b,
+                    "cell_type": t,
+                    "count_a": ka,
+                    "typed_a": na,
+                    "count_b": kb,
+                    "typed_b": nb,
+                    "proportion_a": ka / na if na else None,
+                    "proportion_b": kb / nb if nb else None,
+                    "difference": (ka / na - kb / nb) if na and nb else None,
+                    "diff_ci_low": lo,
+                    "diff_ci_high": hi,
+                    "test": "fisher_exact",
+                    "p_value": p,
+                    "scope": POOLED_SCOPE,
+                }
+            )
     for r, q in zip(comp_rows, benjamini_hochberg([r["p_value"] for r in comp_rows])):
         r["q_value"] = q
-    comparison = pa.Table.from_pylist(comp_rows, schema=pa.schema([
-        ("cohort_a", pa.string()), ("cohort_b", pa.string()), ("cell_type", pa.string()),
-        ("count_a", pa.int64()), ("typed_a", pa.int64()), ("count_b", pa.int64()), ("typed_b", pa.int64()),
-        ("proportion_a", pa.float64()), ("proportion_b", pa.float64()), ("difference", pa.float64()),
-        ("diff_ci_low", pa.float64()), ("diff_ci_high", pa.float64()), ("test", pa.string()),
-        ("p_value", pa.float64()), ("scope", pa.string()), ("q_value", pa.float64())]))
+    comparison = pa.Table.from_pylist(
+        comp_rows,
+        schema=pa.schema(
+            [
+                ("cohort_a", pa.string()),
+                ("cohort_b", pa.string()),
+                ("cell_type", pa.string()),
+                ("count_a", pa.int64()),
+                ("typed_a", pa.int64()),
+                ("count_b", pa.int64()),
+                ("typed_b", pa.int64()),
+                ("proportion_a", pa.float64()),
+                ("proportion_b", pa.float64()),
+                ("difference", pa.float64()),
+                ("diff_ci_low", pa.float64()),
+                ("diff_ci_high", pa.float64()),
+                ("test", pa.string()),
+                ("p_value", pa.float64()),
+                ("scope", pa.string()),
+                ("q_value", pa.float64()),
+            ]
+        ),
+    )
 
     # unit level: patients when the manifest names them, else slides
     has_patient = "patient" in src.column_names
     unit_expr = "coalesce(m.patient, m.slide_id)" if has_patient else "m.slide_id"
     contributing = [r for r in slides.to_pylist() if r["typed_cells"]]
     named = sum(1 for r in contributing if r.get("patient"))
-    unit = "patient" if contributing and named == len(contributing) else "slide" if not named else "patient or slide"
+    unit = (
+        "patient"
+        if contributing and named == len(contributing)
+        else "slide"
+        if not named
+        else "patient or slide"
+    )
     unit_counts: dict[tuple[str, str], dict[str, int]] = {}
     for cohort, u, t, k in con.sql(f"""
             SELECT m.cohort, {unit_expr} AS unit, c.cell_type, count(*) FROM current_cells c
             JOIN matched m ON c.slide_id = m.slide_id
-            {where.replace('WHERE', 'WHERE c.cell_type IS NOT NULL AND') if where else 'WHERE c.cell_type IS NOT NULL'}
+            {where.replace("WHERE", "WHERE c.cell_type IS NOT NULL AND") if where else "WHERE c.cell_type IS NOT NULL"}
             GROUP BY ALL""").fetchall():
         unit_counts.setdefault((cohort, u), {})[t] = k
     props: dict[str, dict[str, list[float]]] = {}
@@ -370,38 +499,99 @@ def cohort_analysis(outputs: Outputs | str, manifest: str | Path | pa.Table, *,
         n = sum(c.values())
         for t in types:
             props.setdefault(cohort, {}).setdefault(t, []).append(c.get(t, 0) / n)
-            unit_rows.append({"cohort": cohort, "unit": u, "cell_type": t, "count": c.get(t, 0),
-                              "typed_cells": n, "proportion": c.get(t, 0) / n})
-    units = pa.Table.from_pylist(unit_rows, schema=pa.schema([
-        ("cohort", pa.string()), ("unit", pa.string()), ("cell_type", pa.string()), ("count", pa.int64()),
-        ("typed_cells", pa.int64()), ("proportion", pa.float64())]))
+            unit_rows.append(
+                {
+                    "cohort": cohort,
+                    "unit": u,
+                    "cell_type": t,
+                    "count": c.get(t, 0),
+                    "typed_cells": n,
+                    "proportion": c.get(t, 0) / n,
+                }
+            )
+    units = pa.Table.from_pylist(
+        unit_rows,
+        schema=pa.schema(
+            [
+                ("cohort", pa.string()),
+                ("unit", pa.string()),
+                ("cell_type", pa.string()),
+                ("count", pa.int64()),
+                ("typed_cells", pa.int64()),
+                ("proportion", pa.float64()),
+            ]
+        ),
+    )
     uc_rows = []
     for a, b in itertools.combinations(cohorts, 2):
-        na, nb = sum(1 for co, _ in unit_counts if co == a), sum(1 for co, _ in unit_counts if co == b)
+        na, nb = (
+            sum(1 for co, _ in unit_counts if co == a),
+            sum(1 for co, _ in unit_counts if co == b),
+        )
         testable = _testable(na, nb)
         note = None if testable else _too_small(a, na, b, nb, unit)
         for t in types:
             xa, xb = props.get(a, {}).get(t, []), props.get(b, {}).get(t, [])
             p, method = _mann_whitney(xa, xb) if testable else (None, None)
-            uc_rows.append({"cohort_a": a, "cohort_b": b, "cell_type": t, "unit": unit, "units_a": na, "units_b": nb,
-                            "median_a": float(np.median(xa)) if xa else None,
-                            "median_b": float(np.median(xb)) if xb else None,
-                            "test": "mann_whitney_u", "method": method, "min_attainable_p": min_attainable_p(na, nb),
-                            "testable": testable, "p_value": p, "note": note})
+            uc_rows.append(
+                {
+                    "cohort_a": a,
+                    "cohort_b": b,
+                    "cell_type": t,
+                    "unit": unit,
+                    "units_a": na,
+                    "units_b": nb,
+                    "median_a": float(np.median(xa)) if xa else None,
+                    "median_b": float(np.median(xb)) if xb else None,
+                    "test": "mann_whitney_u",
+                    "method": method,
+                    "min_attainable_p": min_attainable_p(na, nb),
+                    "testable": testable,
+                    "p_value": p,
+                    "note": note,
+                }
+            )
     for r, q in zip(uc_rows, benjamini_hochberg([r["p_value"] for r in uc_rows])):
         r["q_value"] = q
-    unit_comparison = pa.Table.from_pylist(uc_rows, schema=pa.schema([
-        ("cohort_a", pa.string()), ("cohort_b", pa.string()), ("cell_type", pa.string()), ("unit", pa.string()),
-        ("units_a", pa.int64()), ("units_b", pa.int64()), ("median_a", pa.float64()), ("median_b", pa.float64()),
-        ("test", pa.string()), ("method", pa.string()), ("min_attainable_p", pa.float64()), ("testable", pa.bool_()),
-        ("p_value", pa.float64()), ("q_value", pa.float64()), ("note", pa.string())]))
-    return CohortResult(differential=differential, attributes=attributes, comparison=comparison,
-                        unit_comparison=unit_comparison, slides=slides, units=units, unit=unit,
-                        unmatched_manifest=unmatched, unlisted_slides=unlisted)
+    unit_comparison = pa.Table.from_pylist(
+        uc_rows,
+        schema=pa.schema(
+            [
+                ("cohort_a", pa.string()),
+                ("cohort_b", pa.string()),
+                ("cell_type", pa.string()),
+                ("unit", pa.string()),
+                ("units_a", pa.int64()),
+                ("units_b", pa.int64()),
+                ("median_a", pa.float64()),
+                ("median_b", pa.float64()),
+                ("test", pa.string()),
+                ("method", pa.string()),
+                ("min_attainable_p", pa.float64()),
+                ("testable", pa.bool_()),
+                ("p_value", pa.float64()),
+                ("q_value", pa.float64()),
+                ("note", pa.string()),
+            ]
+        ),
+    )
+    return CohortResult(
+        differential=differential,
+        attributes=attributes,
+        comparison=comparison,
+        unit_comparison=unit_comparison,
+        slides=slides,
+        units=units,
+        unit=unit,
+        unmatched_manifest=unmatched,
+        unlisted_slides=unlisted,
+    )
 
 
 def _plural(unit: str) -> str:
-    return {"patient": "patients", "slide": "slides"}.get(unit, "patients (or slides where no patient is named)")
+    return {"patient": "patients", "slide": "slides"}.get(
+        unit, "patients (or slides where no patient is named)"
+    )
 
 
 def _too_small(a: str, na: int, b: str, nb: int, unit: str, alpha: float = ALPHA) -> str:
@@ -409,10 +599,12 @@ def _too_small(a: str, na: int, b: str, nb: int, unit: str, alpha: float = ALPHA
     if not na or not nb:
         return f"too few {_plural(unit)}: {a} {na} vs {b} {nb}; a cohort without typed cells cannot be compared"
     n = _units_needed(alpha)
-    return (f"too few {_plural(unit)}: {a} {na} vs {b} {nb}; with {na} vs {nb} an exact two-sided Mann–Whitney U "
-            f"test cannot give p below {min_attainable_p(na, nb):.3g}, and a test needs at least "
-            f"{MIN_UNITS_PER_COHORT} {_plural(unit)} per cohort and a smallest attainable p <= {alpha:g} "
-            f"(e.g. {n} vs {n}: {min_attainable_p(n, n):.2g})")
+    return (
+        f"too few {_plural(unit)}: {a} {na} vs {b} {nb}; with {na} vs {nb} an exact two-sided Mann–Whitney U "
+        f"test cannot give p below {min_attainable_p(na, nb):.3g}, and a test needs at least "
+        f"{MIN_UNITS_PER_COHORT} {_plural(unit)} per cohort and a smallest attainable p <= {alpha:g} "
+        f"(e.g. {n} vs {n}: {min_attainable_p(n, n):.2g})"
+    )
 
 
 def summarize(result: CohortResult, alpha: float = ALPHA) -> dict:
@@ -429,49 +621,100 @@ def summarize(result: CohortResult, alpha: float = ALPHA) -> dict:
     per_unit = result.units.to_pylist() if result.units.num_columns else []
     cohorts = {}
     for r in d:
-        cohorts.setdefault(r["cohort"], {"units": len({u["unit"] for u in per_unit if u["cohort"] == r["cohort"]}),
-                                         "slides": r["slides"], "typed_cells": r["typed_cells"]})
+        cohorts.setdefault(
+            r["cohort"],
+            {
+                "units": len({u["unit"] for u in per_unit if u["cohort"] == r["cohort"]}),
+                "slides": r["slides"],
+                "typed_cells": r["typed_cells"],
+            },
+        )
     pairs: dict[tuple[str, str], dict] = {}
     for r in uc:
-        pairs.setdefault((r["cohort_a"], r["cohort_b"]), {
-            "cohort_a": r["cohort_a"], "cohort_b": r["cohort_b"], "units_a": r["units_a"], "units_b": r["units_b"],
-            "min_attainable_p": r["min_attainable_p"], "testable": bool(r["testable"]), "reason": r["note"]})
+        pairs.setdefault(
+            (r["cohort_a"], r["cohort_b"]),
+            {
+                "cohort_a": r["cohort_a"],
+                "cohort_b": r["cohort_b"],
+                "units_a": r["units_a"],
+                "units_b": r["units_b"],
+                "min_attainable_p": r["min_attainable_p"],
+                "testable": bool(r["testable"]),
+                "reason": r["note"],
+            },
+        )
     tested = [r for r in uc if r["p_value"] is not None]
-    significant = [{k: r[k] for k in ("cohort_a", "cohort_b", "cell_type", "median_a", "median_b", "p_value", "q_value")}
-                   for r in tested if r["q_value"] is not None and r["q_value"] < alpha]
+    significant = [
+        {
+            k: r[k]
+            for k in (
+                "cohort_a",
+                "cohort_b",
+                "cell_type",
+                "median_a",
+                "median_b",
+                "p_value",
+                "q_value",
+            )
+        }
+        for r in tested
+        if r["q_value"] is not None and r["q_value"] < alpha
+    ]
     untestable = [p for p in pairs.values() if not p["testable"]]
     if len(cohorts) < 2:
         headline = f"One cohort only ({', '.join(cohorts) or 'none with typed cells'}): nothing to compare."
     elif not tested and len(untestable) == 1:
         headline = f"No between-cohort test is possible: {untestable[0]['reason']}. Per-{unit} proportions are descriptive only."
     elif not tested:
-        headline = ("No between-cohort test is possible in any pair of cohorts: "
-                    + "; ".join(p["reason"] for p in untestable) + f". Per-{unit} proportions are descriptive only.")
+        headline = (
+            "No between-cohort test is possible in any pair of cohorts: "
+            + "; ".join(p["reason"] for p in untestable)
+            + f". Per-{unit} proportions are descriptive only."
+        )
     else:
-        headline = (f"{len(significant)} of {len(tested)} cell-type comparisons differ between cohorts at BH q < {alpha:g} "
-                    f"({unit}-level two-sided Mann–Whitney U on per-{unit} proportions of typed cells)")
+        headline = (
+            f"{len(significant)} of {len(tested)} cell-type comparisons differ between cohorts at BH q < {alpha:g} "
+            f"({unit}-level two-sided Mann–Whitney U on per-{unit} proportions of typed cells)"
+        )
         if significant:
             headline += ": " + ", ".join(
                 f"{r['cell_type']} ({r['cohort_a']} vs {r['cohort_b']}, median {100 * r['median_a']:.1f}% vs "
-                f"{100 * r['median_b']:.1f}%, q {r['q_value']:.2g})" for r in significant[:5])
+                f"{100 * r['median_b']:.1f}%, q {r['q_value']:.2g})"
+                for r in significant[:5]
+            )
             if len(significant) > 5:
                 headline += f" and {len(significant) - 5} more"
         if untestable:
-            headline += "; not tested, " + "; ".join(f"{p['cohort_a']} vs {p['cohort_b']}: {p['reason']}" for p in untestable)
+            headline += "; not tested, " + "; ".join(
+                f"{p['cohort_a']} vs {p['cohort_b']}: {p['reason']}" for p in untestable
+            )
         headline += "."
     return {
-        "headline": headline, "unit": unit, "alpha": alpha, "min_units_per_cohort": MIN_UNITS_PER_COHORT,
-        "tests_possible": bool(tested), "cohorts": cohorts, "pairs": list(pairs.values()), "significant": significant,
+        "headline": headline,
+        "unit": unit,
+        "alpha": alpha,
+        "min_units_per_cohort": MIN_UNITS_PER_COHORT,
+        "tests_possible": bool(tested),
+        "cohorts": cohorts,
+        "pairs": list(pairs.values()),
+        "significant": significant,
         "patient_level": {
-            "table": "unit_comparison", "per_unit_table": "units", "unit": unit,
-            "test": (f"two-sided Mann–Whitney U on per-{unit} proportions of typed cells; exact permutation "
-                     f"distribution (ties allowed) up to {EXACT_MAX_ARRANGEMENTS:,} arrangements, else the normal "
-                     f"approximation; Benjamini–Hochberg q over all tested cohort pairs and cell types; tested "
-                     f"only with >= {MIN_UNITS_PER_COHORT} {plural} per cohort and a smallest attainable p <= {alpha:g}")},
+            "table": "unit_comparison",
+            "per_unit_table": "units",
+            "unit": unit,
+            "test": (
+                f"two-sided Mann–Whitney U on per-{unit} proportions of typed cells; exact permutation "
+                f"distribution (ties allowed) up to {EXACT_MAX_ARRANGEMENTS:,} arrangements, else the normal "
+                f"approximation; Benjamini–Hochberg q over all tested cohort pairs and cell types; tested "
+                f"only with >= {MIN_UNITS_PER_COHORT} {plural} per cohort and a smallest attainable p <= {alpha:g}"
+            ),
+        },
         "cell_level": {
-            "table": "comparison", "scope": POOLED_SCOPE,
+            "table": "comparison",
+            "scope": POOLED_SCOPE,
             "test": "Fisher's exact test on the pooled 2x2 table (type vs other typed cells), Newcombe interval, BH q; "
-                    "treats every cell as an independent sample, so its p-values overstate the evidence"},
+            "treats every cell as an independent sample, so its p-values overstate the evidence",
+        },
     }
 
 
@@ -491,6 +734,8 @@ def write_results(result: CohortResult, out_dir: str | Path) -> list[Path]:
         w.writerows([("manifest", m) for m in result.unmatched_manifest])
         w.writerows([("slide_not_in_manifest", s) for s in result.unlisted_slides])
     written.append(out / "unmatched.csv")
-    (out / "summary.json").write_text(json.dumps(summarize(result), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(
+        json.dumps(summarize(result), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     written.append(out / "summary.json")
     return written

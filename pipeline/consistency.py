@@ -138,8 +138,17 @@ def check_consistency(row: Mapping) -> tuple[bool | None, list[str]]:
     return not bad, bad
 
 
-_NEEDED = ("slide_id", "cell_type", "cell_size", "nuclear_cytoplasmic_ratio", "nucleus_shape",
-           "cell_diameter_um", "nc_ratio", "nucleus_lobes", "nucleus_circularity")
+_NEEDED = (
+    "slide_id",
+    "cell_type",
+    "cell_size",
+    "nuclear_cytoplasmic_ratio",
+    "nucleus_shape",
+    "cell_diameter_um",
+    "nc_ratio",
+    "nucleus_lobes",
+    "nucleus_circularity",
+)
 
 
 def _rows(cells: pa.Table | Iterable[Mapping]) -> Iterable[Mapping]:
@@ -173,17 +182,23 @@ def consistency_summary(cells: pa.Table | Iterable[Mapping]) -> dict[str, pa.Tab
             attrs[a][0] += 1
             attrs[a][1] += not ok
     rate = lambda bad, n: (bad / n) if n else None  # noqa: E731
-    per_slide = pa.table({
-        "slide_id": pa.array(list(slides), pa.string()),
-        "cells": pa.array([v[0] for v in slides.values()], pa.int64()),
-        "checked": pa.array([v[1] for v in slides.values()], pa.int64()),
-        "inconsistent": pa.array([v[2] for v in slides.values()], pa.int64()),
-        "inconsistent_rate": pa.array([rate(v[2], v[1]) for v in slides.values()], pa.float64()),
-    })
-    per_attribute = pa.table({
-        "attribute": pa.array(list(attrs), pa.string()),
-        "comparable": pa.array([v[0] for v in attrs.values()], pa.int64()),
-        "inconsistent": pa.array([v[1] for v in attrs.values()], pa.int64()),
-        "inconsistent_rate": pa.array([rate(v[1], v[0]) for v in attrs.values()], pa.float64()),
-    })
+    per_slide = pa.table(
+        {
+            "slide_id": pa.array(list(slides), pa.string()),
+            "cells": pa.array([v[0] for v in slides.values()], pa.int64()),
+            "checked": pa.array([v[1] for v in slides.values()], pa.int64()),
+            "inconsistent": pa.array([v[2] for v in slides.values()], pa.int64()),
+            "inconsistent_rate": pa.array(
+                [rate(v[2], v[1]) for v in slides.values()], pa.float64()
+            ),
+        }
+    )
+    per_attribute = pa.table(
+        {
+            "attribute": pa.array(list(attrs), pa.string()),
+            "comparable": pa.array([v[0] for v in attrs.values()], pa.int64()),
+            "inconsistent": pa.array([v[1] for v in attrs.values()], pa.int64()),
+            "inconsistent_rate": pa.array([rate(v[1], v[0]) for v in attrs.values()], pa.float64()),
+        }
+    )
     return {"per_slide": per_slide, "per_attribute": per_attribute}

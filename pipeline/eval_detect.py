@@ -101,7 +101,12 @@ def _read_yolo(path: Path, width: int, height: int) -> list[tuple[float, float, 
         if cls != 0:
             continue
         boxes.append(
-            ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
+            (
+                (cx - w / 2) * width,
+                (cy - h / 2) * height,
+                (cx + w / 2) * width,
+                (cy + h / 2) * height,
+            )
         )
     return boxes
 
@@ -150,9 +155,13 @@ def read_source_map(path: str | Path) -> dict[str, str]:
     if not rows:
         raise ConfigError(f"--source-map {p}: empty")
     cols = rows[0].keys()
-    key = next((k for k in ("uuid", "image", "filename", "file", "name", "stem") if k in cols), None)
+    key = next(
+        (k for k in ("uuid", "image", "filename", "file", "name", "stem") if k in cols), None
+    )
     if key is None or "source" not in cols:
-        raise ConfigError(f"--source-map {p}: needs a 'source' column and an id column (uuid/image/filename)")
+        raise ConfigError(
+            f"--source-map {p}: needs a 'source' column and an id column (uuid/image/filename)"
+        )
     return {Path(r[key]).stem: r["source"] for r in rows if r.get(key)}
 
 
@@ -261,9 +270,13 @@ def evaluate_detection(
     ):
         raise ConfigError(f"--detect-mpp: must be a number of µm/px in (0, 5], got {detect_mpp!r}")
     if jpeg_quality is not None and (
-        isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100
+        isinstance(jpeg_quality, bool)
+        or not isinstance(jpeg_quality, int)
+        or not 1 <= jpeg_quality <= 100
     ):
-        raise ConfigError(f"--detect-jpeg: must be a JPEG quality in [1, 100], got {jpeg_quality!r}")
+        raise ConfigError(
+            f"--detect-jpeg: must be a JPEG quality in [1, 100], got {jpeg_quality!r}"
+        )
     smap = read_source_map(source_map) if isinstance(source_map, str | Path) else (source_map or {})
     fallback = default_source or _default_source(images_dir)
     paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -285,16 +298,24 @@ def evaluate_detection(
             errors.append({"image": str(path), "source": src, "reason": f"bad label file: {exc}"})
             continue
         if gt is None:
-            errors.append({"image": str(path), "source": src, "reason": "no label file (.txt or .xml)"})
+            errors.append(
+                {"image": str(path), "source": src, "reason": "no label file (.txt or .xml)"}
+            )
             continue
         m, m_src = (float(mpp), "given") if mpp is not None else (estimate_mpp(img), "estimated")
         if m is None:
             errors.append(
-                {"image": str(path), "source": src, "reason": "mpp could not be estimated (too few red cells); its cells count as missed"}
+                {
+                    "image": str(path),
+                    "source": src,
+                    "reason": "mpp could not be estimated (too few red cells); its cells count as missed",
+                }
             )
             dets = []
         else:
-            dets = detect_at(img, m, None if detect_mpp is None else float(detect_mpp), config, jpeg_quality)
+            dets = detect_at(
+                img, m, None if detect_mpp is None else float(detect_mpp), config, jpeg_quality
+            )
         matches = match_detections([d.centroid for d in dets], gt)
         tp = len(matches)
         per_image.append(
@@ -314,7 +335,9 @@ def evaluate_detection(
     seconds = time.perf_counter() - t0
 
     def agg(rows: list[dict]) -> dict:
-        out = prf(sum(r["tp"] for r in rows), sum(r["fp"] for r in rows), sum(r["fn"] for r in rows))
+        out = prf(
+            sum(r["tp"] for r in rows), sum(r["fp"] for r in rows), sum(r["fn"] for r in rows)
+        )
         out["n_images"] = len(rows)
         return out
 
@@ -333,7 +356,9 @@ def evaluate_detection(
 
 def format_table(result: dict) -> str:
     """Plain-text table: one row per source, then overall."""
-    lines = [f"{'source':<16}{'images':>7}{'gt':>6}{'tp':>6}{'fp':>6}{'fn':>6}{'prec':>8}{'recall':>8}{'f1':>8}"]
+    lines = [
+        f"{'source':<16}{'images':>7}{'gt':>6}{'tp':>6}{'fp':>6}{'fn':>6}{'prec':>8}{'recall':>8}{'f1':>8}"
+    ]
 
     def row(name: str, r: dict) -> str:
         return (
@@ -398,7 +423,9 @@ def evaluate_segmentation(root: str | Path, limit: int | None = None) -> dict:
                 continue
             mk = masks.get(mp)
             if mk is None or mk.shape != img.shape[:2]:
-                out["errors"].append({"image": str(ip), "reason": "mask missing or of another size"})
+                out["errors"].append(
+                    {"image": str(ip), "reason": "mask missing or of another size"}
+                )
                 continue
             morph = segment_cell(img, mpp)
             nd.append(_dice(morph.nucleus_mask, mk > 192))

@@ -37,7 +37,11 @@ __all__ = ["TABLES", "PARTITION_FIELD", "Outputs", "open_outputs", "table_schema
 
 #: table name -> schema of its Parquet files (without the partition column)
 TABLES: dict[str, pa.Schema] = {"cells": CELL_SCHEMA, "slides": SLIDE_SCHEMA, "runs": RUN_SCHEMA}
-PARTITION_FIELD = pa.field("run_date", pa.date32(), metadata={"unit": "", "description": "hive partition: UTC date of the run"})
+PARTITION_FIELD = pa.field(
+    "run_date",
+    pa.date32(),
+    metadata={"unit": "", "description": "hive partition: UTC date of the run"},
+)
 
 
 def table_schema(table: str) -> pa.Schema:
@@ -67,18 +71,28 @@ def _settings(s3_endpoint: str | None, storage_options: StorageOptions):
     settings = as_s3_settings(storage_options)
     if s3_endpoint is not None:
         if settings.endpoint is not None and settings.endpoint != s3_endpoint:
-            raise ConfigError(f"--s3-endpoint {s3_endpoint!r} contradicts the storage options' endpoint")
-        settings = S3Settings(s3_endpoint, settings.max_attempts, settings.transfer_concurrency,
-                              settings.transfer_chunk_mb, settings.region)
+            raise ConfigError(
+                f"--s3-endpoint {s3_endpoint!r} contradicts the storage options' endpoint"
+            )
+        settings = S3Settings(
+            s3_endpoint,
+            settings.max_attempts,
+            settings.transfer_concurrency,
+            settings.transfer_chunk_mb,
+            settings.region,
+        )
     return settings
 
 
-def _filesystem(location: str, s3_endpoint: str | None,
-                storage_options: StorageOptions = None) -> tuple[pafs.FileSystem, str]:
+def _filesystem(
+    location: str, s3_endpoint: str | None, storage_options: StorageOptions = None
+) -> tuple[pafs.FileSystem, str]:
     if location.startswith("s3://"):
         parsed = urlparse(location)
         if not parsed.netloc:
-            raise ConfigError(f"--output {location!r}: missing bucket name (expected s3://bucket/prefix)")
+            raise ConfigError(
+                f"--output {location!r}: missing bucket name (expected s3://bucket/prefix)"
+            )
         # Endpoint checks (no credentials in it, http(s)://host[:port]) are S3Settings'.
         settings = _settings(s3_endpoint, storage_options)
         kwargs: dict[str, object] = {
@@ -107,7 +121,9 @@ def _filesystem(location: str, s3_endpoint: str | None,
             raise StorageError(f"{location}: cannot open S3 filesystem: {exc}") from exc
         return fs, f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
     if "://" in location:
-        raise ConfigError(f"--output {location!r}: only local directories and s3:// locations are supported")
+        raise ConfigError(
+            f"--output {location!r}: only local directories and s3:// locations are supported"
+        )
     path = os.path.abspath(os.path.expanduser(location))
     if not os.path.isdir(path):
         raise ConfigError(f"--output {location}: no such directory")
@@ -127,21 +143,29 @@ def _open_table(fs: pafs.FileSystem, base: str, name: str, location: str) -> ds.
     except Exception as exc:  # noqa: BLE001
         raise StorageError(f"{location.rstrip('/')}/{name}: cannot list: {exc}") from exc
     files = sorted(
-        i.path for i in infos
-        if i.type == pafs.FileType.File and _committed(i.path[len(root) + 1:])
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and _committed(i.path[len(root) + 1 :])
     )
     partitioning = ds.partitioning(pa.schema([PARTITION_FIELD]), flavor="hive")
     try:
         return ds.dataset(
-            files, schema=schema, format="parquet", filesystem=fs,
-            partitioning=partitioning, partition_base_dir=root,
+            files,
+            schema=schema,
+            format="parquet",
+            filesystem=fs,
+            partitioning=partitioning,
+            partition_base_dir=root,
         )
     except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"{location.rstrip('/')}/{name}: cannot open Parquet files: {exc}") from exc
+        raise StorageError(
+            f"{location.rstrip('/')}/{name}: cannot open Parquet files: {exc}"
+        ) from exc
 
 
-def open_outputs(location: str, s3_endpoint: str | None = None, *,
-                 storage_options: StorageOptions = None) -> Outputs:
+def open_outputs(
+    location: str, s3_endpoint: str | None = None, *, storage_options: StorageOptions = None
+) -> Outputs:
     """Open ``location``'s ``cells``, ``slides`` and ``runs`` tables.
 
     ``storage_options``: how to reach S3, the job's :class:`~pipeline.job.storage.S3Settings` or

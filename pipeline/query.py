@@ -28,7 +28,16 @@ from pipeline.outputs import TABLES, Outputs, open_outputs
 if TYPE_CHECKING:
     from pipeline.job.storage import StorageOptions
 
-__all__ = ["QueryError", "CURRENT_CELLS_SQL", "CURRENT_SLIDES_SQL", "connect", "query", "query_arrow", "open_outputs", "Outputs"]
+__all__ = [
+    "QueryError",
+    "CURRENT_CELLS_SQL",
+    "CURRENT_SLIDES_SQL",
+    "connect",
+    "query",
+    "query_arrow",
+    "open_outputs",
+    "Outputs",
+]
 
 
 class QueryError(PipelineError, ValueError):
@@ -63,9 +72,13 @@ QUALIFY row_number() OVER (
 """
 
 
-def connect(outputs: Outputs | str, s3_endpoint: str | None = None,
-            extra: dict[str, pa.Table] | None = None, *,
-            storage_options: StorageOptions = None) -> duckdb.DuckDBPyConnection:
+def connect(
+    outputs: Outputs | str,
+    s3_endpoint: str | None = None,
+    extra: dict[str, pa.Table] | None = None,
+    *,
+    storage_options: StorageOptions = None,
+) -> duckdb.DuckDBPyConnection:
     """A locked-down in-memory DuckDB connection over the outputs.
 
     Views: ``cells``, ``slides``, ``runs`` (every committed row, column ``run_date`` from the
@@ -102,8 +115,13 @@ def _check_sql(sql: str) -> str:
     return sql.strip().rstrip(";")
 
 
-def query(location: Outputs | str, sql: str, s3_endpoint: str | None = None, *,
-          storage_options: StorageOptions = None) -> duckdb.DuckDBPyRelation:
+def query(
+    location: Outputs | str,
+    sql: str,
+    s3_endpoint: str | None = None,
+    *,
+    storage_options: StorageOptions = None,
+) -> duckdb.DuckDBPyRelation:
     """Run one SELECT over the outputs; returns a lazy DuckDB relation (``.df()``, ``.arrow()``, ...).
 
     Raises :class:`QueryError` for anything but a single SELECT, or when DuckDB rejects it (e.g. a
@@ -117,12 +135,16 @@ def query(location: Outputs | str, sql: str, s3_endpoint: str | None = None, *,
         raise QueryError(f"query failed: {str(exc).splitlines()[0]}") from exc
 
 
-def query_arrow(location: Outputs | str, sql: str, s3_endpoint: str | None = None, *,
-                storage_options: StorageOptions = None) -> pa.Table:
+def query_arrow(
+    location: Outputs | str,
+    sql: str,
+    s3_endpoint: str | None = None,
+    *,
+    storage_options: StorageOptions = None,
+) -> pa.Table:
     """Like :func:`query`, materialised as an Arrow table."""
     rel = query(location, sql, s3_endpoint=s3_endpoint, storage_options=storage_options)
     try:
         return rel.to_arrow_table()
     except duckdb.Error as exc:
         raise QueryError(f"query failed: {str(exc).splitlines()[0]}") from exc
-

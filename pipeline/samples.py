@@ -19,7 +19,15 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-__all__ = ["SampleSlide", "build_sample_slides", "pyramid", "write_pyramid", "SAMPLE_DATA_DIR", "BCCD_MPP", "read_voc_boxes"]
+__all__ = [
+    "SampleSlide",
+    "build_sample_slides",
+    "pyramid",
+    "write_pyramid",
+    "SAMPLE_DATA_DIR",
+    "BCCD_MPP",
+    "read_voc_boxes",
+]
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"
 _BCCD = SAMPLE_DATA_DIR / "bccd"
@@ -61,7 +69,9 @@ def read_voc_boxes(xml_path: Path, name: str = "WBC") -> list[tuple[int, int, in
         if obj.findtext("name") != name:
             continue
         b = obj.find("bndbox")
-        xmin, ymin, xmax, ymax = (int(round(float(b.findtext(k)))) for k in ("xmin", "ymin", "xmax", "ymax"))
+        xmin, ymin, xmax, ymax = (
+            int(round(float(b.findtext(k)))) for k in ("xmin", "ymin", "xmax", "ymax")
+        )
         out.append((max(xmin - 1, 0), max(ymin - 1, 0), xmax, ymax))
     return out
 
@@ -84,7 +94,9 @@ def _compose(fields: list[Path], cols: int, rows: int):
         img = np.asarray(Image.open(f).convert("RGB"))
         h, w = img.shape[:2]
         canvas[y : y + h, x : x + w] = img
-        placed.append({"image": f"bccd/JPEGImages/{f.name}", "x": x, "y": y, "width": w, "height": h})
+        placed.append(
+            {"image": f"bccd/JPEGImages/{f.name}", "x": x, "y": y, "width": w, "height": h}
+        )
         for x0, y0, x1, y1 in read_voc_boxes(_BCCD / "Annotations" / f"{f.stem}.xml"):
             boxes.append([x + x0, y + y0, x + min(x1, w), y + min(y1, h)])
     return canvas, boxes, placed

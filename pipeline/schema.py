@@ -97,16 +97,35 @@ CELL_COLUMNS: list[tuple[str, pa.DataType, str, str]] = (
     + DETECT_COLUMNS
     + [
         ("caption", pa.string(), "", "HemBLIP generated caption"),
-        ("caption_logprob", pa.float64(), "nats/token", "mean token log-probability of the caption"),
+        (
+            "caption_logprob",
+            pa.float64(),
+            "nats/token",
+            "mean token log-probability of the caption",
+        ),
         ("cell_type", pa.string(), "", "cell type parsed from the caption (null if not mentioned)"),
-        ("cell_type_confidence", pa.float64(), "probability (0-1)",
-         "calibrated probability that cell_type is right (model's calibration.json; null when no cell_type)"),
+        (
+            "cell_type_confidence",
+            pa.float64(),
+            "probability (0-1)",
+            "calibrated probability that cell_type is right (model's calibration.json; null when no cell_type)",
+        ),
         ("case", pa.string(), "", "case context parsed from the caption (healthy, ALL, AML, ...)"),
     ]
     + _ATTRIBUTE_COLUMNS
     + [
-        ("consistent", pa.bool_(), "", "caption agrees with morphometry (null: nothing comparable)"),
-        ("inconsistent_attributes", pa.list_(pa.string()), "", "attributes whose caption value disagrees with the measurement"),
+        (
+            "consistent",
+            pa.bool_(),
+            "",
+            "caption agrees with morphometry (null: nothing comparable)",
+        ),
+        (
+            "inconsistent_attributes",
+            pa.list_(pa.string()),
+            "",
+            "attributes whose caption value disagrees with the measurement",
+        ),
         ("thumbnail_jpeg", pa.binary(), "", "JPEG of the crop (optional; null when disabled)"),
         ("run_id", pa.string(), "", "id of the run that wrote the row"),
         ("model_id", pa.string(), "", "model location as configured"),
@@ -123,7 +142,12 @@ SLIDE_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
     ("slide_bytes", pa.int64(), "bytes", "size of the slide object(s)"),
     ("status", pa.string(), "", "ok | failed | skipped"),
     ("reason", pa.string(), "", "why it failed or was skipped (null when ok)"),
-    ("failure_class", pa.string(), "", "slide | storage | config | internal | worker_died (null unless failed)"),
+    (
+        "failure_class",
+        pa.string(),
+        "",
+        "slide | storage | config | internal | worker_died (null unless failed)",
+    ),
     ("cell_count", pa.int64(), "", "cells written for this slide"),
     ("mpp", pa.float64(), "µm/px", "level-0 scale used"),
     ("mpp_source", pa.string(), "", "metadata | user | estimated"),

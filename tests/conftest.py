@@ -79,7 +79,10 @@ def s3_server():
     else:
         proc.kill()
         raise RuntimeError("moto server did not start within 60 s")
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     os.environ["AWS_ACCESS_KEY_ID"] = "testing-key-id"
     os.environ["AWS_SECRET_ACCESS_KEY"] = "testing-secret-key"
     os.environ["AWS_DEFAULT_REGION"] = "us-east-1"

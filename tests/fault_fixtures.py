@@ -91,9 +91,20 @@ def write_small_slide(path, field_index: int = 0, mpp: float | None = SMALL_MPP)
             kw = {}
             if mpp is not None:
                 ds = img.shape[1] / lvl.shape[1]
-                kw = dict(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
-            tw.write(lvl, tile=(256, 256), compression="jpeg", compressionargs={"level": 90},
-                     photometric="rgb", subfiletype=1 if i else 0, metadata=None, software=False, **kw)
+                kw = dict(
+                    resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER"
+                )
+            tw.write(
+                lvl,
+                tile=(256, 256),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                subfiletype=1 if i else 0,
+                metadata=None,
+                software=False,
+                **kw,
+            )
     return len(read_voc_boxes(SAMPLE_DATA_DIR / "bccd" / "Annotations" / f"{f.stem}.xml"))
 
 
@@ -132,7 +143,9 @@ def upload(endpoint: str, bucket: str, objects: dict) -> None:
 
     def put(item):
         key, body = item
-        s3.put_object(Bucket=bucket, Key=key, Body=Path(body).read_bytes() if isinstance(body, Path) else body)
+        s3.put_object(
+            Bucket=bucket, Key=key, Body=Path(body).read_bytes() if isinstance(body, Path) else body
+        )
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(put, objects.items()))
@@ -178,7 +191,7 @@ def visible_parquet_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
     keys = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix):].strip("/").split("/")
+            rel = obj["Key"][len(prefix) :].strip("/").split("/")
             if rel[-1].endswith(".parquet") and not any(p.startswith(("_", ".")) for p in rel):
                 keys.append(obj["Key"])
     return sorted(keys)
@@ -202,18 +215,24 @@ def assert_outputs_consistent(output: str, endpoint: str | None = None) -> None:
     ids = cells.column("cell_id").to_pylist()
     dups = [k for k, v in Counter(ids).items() if v > 1]
     assert not dups, f"{len(dups)} cells written more than once, e.g. {dups[:3]}"
-    per_slide = Counter(zip(cells.column("run_id").to_pylist(), cells.column("slide_id").to_pylist()))
+    per_slide = Counter(
+        zip(cells.column("run_id").to_pylist(), cells.column("slide_id").to_pylist())
+    )
     ok = {}
     for row in slides.to_pylist():
         if row["status"] == "ok":
             key = (row["run_id"], row["slide_id"])
-            assert key not in ok, f"slide {row['slide_uri']} recorded ok twice in run {row['run_id']}"
+            assert key not in ok, (
+                f"slide {row['slide_uri']} recorded ok twice in run {row['run_id']}"
+            )
             ok[key] = row["cell_count"]
     for key, n in per_slide.items():
         assert key in ok, f"cells of slide {key[1]} (run {key[0]}) have no ok row in slides/"
         assert ok[key] == n, f"slide {key[1]}: slides/ says {ok[key]} cells, cells/ holds {n}"
     for key, n in ok.items():
-        assert per_slide.get(key, 0) == n, f"slide {key[1]}: {n} cells expected, {per_slide.get(key, 0)} present"
+        assert per_slide.get(key, 0) == n, (
+            f"slide {key[1]}: {n} cells expected, {per_slide.get(key, 0)} present"
+        )
 
 
 _BASELINES: dict = {}
@@ -237,8 +256,9 @@ def baseline_archive(endpoint: str, tmp_root, n_slides: int = 6):
     keys = {f"archive/{p.name}": p for p in paths}
     upload(endpoint, bucket, keys)
     out = f"s3://{bucket}/baseline-out/"
-    res = run_job_collect(input=f"s3://{bucket}/archive/", output=out, s3_endpoint=endpoint,
-                          chunk_slides=2)
+    res = run_job_collect(
+        input=f"s3://{bucket}/archive/", output=out, s3_endpoint=endpoint, chunk_slides=2
+    )
     assert res.exit_code == 0 and res.ok == n_slides, (res.status, res.slides)
     cells = read_table(out, "cells", endpoint)
     info = {
@@ -270,15 +290,31 @@ def write_bomb_tiff(path, side: int = 200_000, tiled: bool = False, mpp: float =
         tile = 65536
         n = ((side + tile - 1) // tile) ** 2
         payload = zlib.compress(b"\xff" * 4096)
-        layout = [(259, 3, 1, 8), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, n, "offs"), (325, 4, n, "counts")]
+        layout = [
+            (259, 3, 1, 8),
+            (322, 4, 1, tile),
+            (323, 4, 1, tile),
+            (324, 4, n, "offs"),
+            (325, 4, n, "counts"),
+        ]
     else:
         n = 1
         payload = b"\xff" * 768
         layout = [(259, 3, 1, 1), (273, 4, 1, "data"), (278, 4, 1, side), (279, 4, 1, len(payload))]
-    entries = sorted([
-        (256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, "bps"), (262, 3, 1, 2), (277, 3, 1, 3),
-        (282, 5, 1, "xres"), (283, 5, 1, "yres"), (284, 3, 1, 1), (296, 3, 1, 3), *layout,
-    ])
+    entries = sorted(
+        [
+            (256, 4, 1, side),
+            (257, 4, 1, side),
+            (258, 3, 3, "bps"),
+            (262, 3, 1, 2),
+            (277, 3, 1, 3),
+            (282, 5, 1, "xres"),
+            (283, 5, 1, "yres"),
+            (284, 3, 1, 1),
+            (296, 3, 1, 3),
+            *layout,
+        ]
+    )
     at = 8 + 2 + 12 * len(entries) + 4
     where = {"bps": at, "xres": at + 6, "yres": at + 14, "offs": at + 22, "counts": at + 22 + 4 * n}
     data_at = at + 22 + (8 * n if tiled else 0)
@@ -297,7 +333,9 @@ def write_bomb_tiff(path, side: int = 200_000, tiled: bool = False, mpp: float =
     out += struct.pack("<I", 0)
     out += struct.pack("<HHH", 8, 8, 8) + struct.pack("<IIII", res, 1, res, 1)
     if tiled:
-        out += struct.pack(f"<{n}I", *([data_at] * n)) + struct.pack(f"<{n}I", *([len(payload)] * n))
+        out += struct.pack(f"<{n}I", *([data_at] * n)) + struct.pack(
+            f"<{n}I", *([len(payload)] * n)
+        )
     assert len(out) == data_at
     out += payload
     with open(path, "wb") as fh:
@@ -400,8 +438,13 @@ def load_run(endpoint: str, n_slides: int, workdir, chunk_slides: int = 16) -> d
     tiny_model(workdir)
     t0 = time.perf_counter()
     with RssSampler() as rss:
-        res = run_job_collect(lines, input=f"s3://{bucket}/archive/", output=out, s3_endpoint=endpoint,
-                              chunk_slides=chunk_slides)
+        res = run_job_collect(
+            lines,
+            input=f"s3://{bucket}/archive/",
+            output=out,
+            s3_endpoint=endpoint,
+            chunk_slides=chunk_slides,
+        )
     seconds = time.perf_counter() - t0
     mib = 1024 * 1024
     return {

@@ -250,7 +250,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault in _ERRORS:
             self._send_error(rule, path)
             return
-        status, reason, headers, payload = proxy._forward(self.command, self.path, self.headers, body)
+        status, reason, headers, payload = proxy._forward(
+            self.command, self.path, self.headers, body
+        )
         self.send_response(status, reason)
         for k, v in headers:
             if k.lower() not in _HOP:
@@ -339,7 +341,10 @@ class FaultProxy:
         server.proxy = self
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="faultproxy", daemon=True
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="faultproxy",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -395,7 +400,9 @@ class FaultProxy:
         with self._lock:
             return {
                 "requests": dict(self.requests),
-                "rules": {r.name: {"matched": r.matched, "injected": r.injected} for r in self._rules},
+                "rules": {
+                    r.name: {"matched": r.matched, "injected": r.injected} for r in self._rules
+                },
             }
 
     def _pick(self, method: str, path: str, op: str) -> FaultRule | None:

@@ -20,8 +20,20 @@ from pipeline.job.listing import list_slides
 from pipeline.job.storage import S3Settings, storage_for
 from pipeline.job.writer import set_fault_hook, visible_parquet
 
-__all__ = ["new_bucket", "put", "job_config", "read_table", "visible_files", "expected_cell_ids", "CORRUPT",
-           "chunk_rows", "visible_cell_ids", "InjectedFault", "injected_fault", "FAULT_POINTS"]
+__all__ = [
+    "new_bucket",
+    "put",
+    "job_config",
+    "read_table",
+    "visible_files",
+    "expected_cell_ids",
+    "CORRUPT",
+    "chunk_rows",
+    "visible_cell_ids",
+    "InjectedFault",
+    "injected_fault",
+    "FAULT_POINTS",
+]
 
 CORRUPT = b"not a slide: random bytes with a slide suffix\n" * 50
 # Only the default (non-secret) variables: the session Ray cluster starts after the S3 fixture set
@@ -46,14 +58,21 @@ def put(endpoint: str, bucket: str, key: str, data: bytes | Path) -> None:
     client(endpoint).put_object(Bucket=bucket, Key=key, Body=body)
 
 
-def job_config(endpoint: str, bucket: str, output: str | None = None, input: str | None = None, **kw) -> JobConfig:
+def job_config(
+    endpoint: str, bucket: str, output: str | None = None, input: str | None = None, **kw
+) -> JobConfig:
     kw.setdefault("caption_batch_size", 8)
     kw.setdefault("chunk_slides", 2)
     kw.setdefault("thumbnail_px", 48)
     # The bundled demo checkpoint unless JOB_TEST_MODEL names another checkpoint directory.
     kw.setdefault("model", os.environ.get("JOB_TEST_MODEL") or None)
-    return JobConfig(input=input or f"s3://{bucket}/slides/", output=output or f"s3://{bucket}/out/",
-                     s3_endpoint=endpoint, forward_env=_FORWARD, **kw)
+    return JobConfig(
+        input=input or f"s3://{bucket}/slides/",
+        output=output or f"s3://{bucket}/out/",
+        s3_endpoint=endpoint,
+        forward_env=_FORWARD,
+        **kw,
+    )
 
 
 def visible_files(cfg: JobConfig, table: str) -> list[str]:
@@ -77,8 +96,12 @@ def expected_cell_ids(cfg: JobConfig, local: dict[str, Path]) -> dict[str, set[s
     for ref in list_slides(st, cfg.input, cfg.extensions).slides:
         name = ref.uri.rsplit("/", 1)[-1]
         if name in local:
-            res = detect_slide(local[name], DetectConfig(crop_um=cfg.crop_um, crop_px=cfg.crop_px, mpp=cfg.mpp))
-            out[ref.uri] = {cell_id(ref.slide_id, r["centroid_x"], r["centroid_y"]) for r in res.records}
+            res = detect_slide(
+                local[name], DetectConfig(crop_um=cfg.crop_um, crop_px=cfg.crop_px, mpp=cfg.mpp)
+            )
+            out[ref.uri] = {
+                cell_id(ref.slide_id, r["centroid_x"], r["centroid_y"]) for r in res.records
+            }
     return out
 
 
@@ -86,8 +109,16 @@ def chunk_rows(ids, cells_per=2):
     """(cell rows, slide rows) of a chunk whose slides ``ids`` are ``ok`` with ``cells_per`` cells."""
     slides, cells = [], []
     for sid in ids:
-        slides.append({"slide_id": sid, "slide_uri": f"s3://b/{sid}.svs", "status": "ok", "cell_count": cells_per,
-                       "model_version": "v1", "run_id": "r1"})
+        slides.append(
+            {
+                "slide_id": sid,
+                "slide_uri": f"s3://b/{sid}.svs",
+                "status": "ok",
+                "cell_count": cells_per,
+                "model_version": "v1",
+                "run_id": "r1",
+            }
+        )
         for k in range(cells_per):
             cells.append({"cell_id": f"{sid}-{k}", "slide_id": sid, "cell_index": k})
     return cells, slides
@@ -128,7 +159,9 @@ def injected_fault(after_chunks: int, point: str = "after_commit"):
         due = number == after_chunks if at == "after_commit" else number == after_chunks + 1
         if at == point and due:
             dead.add(id(writer))
-            raise InjectedFault(f"injected fault at {point} of chunk {number} (after {after_chunks} chunks)")
+            raise InjectedFault(
+                f"injected fault at {point} of chunk {number} (after {after_chunks} chunks)"
+            )
 
     previous = set_fault_hook(hook)
     try:

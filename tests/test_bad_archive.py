@@ -40,7 +40,10 @@ EXPECTED = {
     "empty.tiff": ("failed", r"SlideOpenError: .*: empty file \(0 bytes\)"),
     "truncated.svs": ("failed", r"Slide(Open|Read)Error: .*(truncated|corrupt)"),
     "bomb.tiff": ("failed", r"SlideTooLargeError: .*declared dimensions 200000x200000"),
-    "bomb tiled.tif": ("failed", r"SlideTooLargeError: .*(declared dimensions 1048577x1048577|1048577|65536x65536 px tiles.*decode budget)"),
+    "bomb tiled.tif": (
+        "failed",
+        r"SlideTooLargeError: .*(declared dimensions 1048577x1048577|1048577|65536x65536 px tiles.*decode budget)",
+    ),
     "blank no mpp.tiff": ("failed", r"ScaleError: .*no mpp in metadata"),
 }
 IGNORED = ("notes.txt", "slide named.jpg", ".partial.tiff", "sub/README")
@@ -84,14 +87,30 @@ def bad_run(s3_server, ray_cluster, tmp_path_factory):
     out = f"s3://{bucket}/out/"
     lines: list[str] = []
     scratch = tmp / "scratch"
-    res = run_job_collect(lines, input=f"s3://{bucket}/archive/", output=out, s3_endpoint=s3_server,
-                          model=tiny_model(tmp), chunk_slides=4, scratch_dir=str(scratch))
-    return {"bucket": bucket, "out": out, "result": res, "lines": lines, "tmp": tmp, "scratch": scratch}
+    res = run_job_collect(
+        lines,
+        input=f"s3://{bucket}/archive/",
+        output=out,
+        s3_endpoint=s3_server,
+        model=tiny_model(tmp),
+        chunk_slides=4,
+        scratch_dir=str(scratch),
+    )
+    return {
+        "bucket": bucket,
+        "out": out,
+        "result": res,
+        "lines": lines,
+        "tmp": tmp,
+        "scratch": scratch,
+    }
 
 
 def test_every_bad_object_recorded_with_its_reason(bad_run, s3_server):
     res, b = bad_run["result"], bad_run["bucket"]
-    slides = {r["slide_uri"]: r for r in read_table(bad_run["out"], "slides", s3_server).to_pylist()}
+    slides = {
+        r["slide_uri"]: r for r in read_table(bad_run["out"], "slides", s3_server).to_pylist()
+    }
     assert res.listed == len(EXPECTED) == len(slides), sorted(slides)
     for key, (status, detail) in EXPECTED.items():
         uri = f"s3://{b}/archive/{key}"
@@ -134,7 +153,8 @@ def test_failed_fraction_over_threshold_sets_exit_code(bad_run, s3_server):
     assert res.status == "threshold_exceeded" and res.exit_code == 1  # 6/11 failed > 0.1
     run = read_table(bad_run["out"], "runs", s3_server).to_pylist()
     assert [(r["status"], r["slides_failed"], r["slides_ok"]) for r in run] == [
-        ("threshold_exceeded", n_failed, len(EXPECTED) - n_failed)]
+        ("threshold_exceeded", n_failed, len(EXPECTED) - n_failed)
+    ]
 
 
 def test_rerun_skips_everything_settled(bad_run, s3_server):
@@ -142,8 +162,12 @@ def test_rerun_skips_everything_settled(bad_run, s3_server):
     nightly run does not retry them (nor the ok ones) and writes no new cells."""
     b = bad_run["bucket"]
     before = read_table(bad_run["out"], "cells", s3_server).num_rows
-    res = run_job_collect(input=f"s3://{b}/archive/", output=bad_run["out"], s3_endpoint=s3_server,
-                          model=tiny_model(bad_run["tmp"]))
+    res = run_job_collect(
+        input=f"s3://{b}/archive/",
+        output=bad_run["out"],
+        s3_endpoint=s3_server,
+        model=tiny_model(bad_run["tmp"]),
+    )
     assert (res.ok, res.failed, res.skipped) == (0, 0, len(EXPECTED))
     assert read_table(bad_run["out"], "cells", s3_server).num_rows == before
 
@@ -197,8 +221,13 @@ def big_archive(s3_server, tmp_path_factory):  # s3_server: sets the dummy crede
     for i in range(3):
         write_small_slide(tmp / f"s{i}.tiff", i)
         paths.append(str(tmp / f"s{i}.tiff"))
-    proc = subprocess.Popen([sys.executable, "-c", _SEEDED_SERVER, *paths], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SEEDED_SERVER, *paths],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         endpoint = proc.stdout.readline().strip()
         assert endpoint.startswith("http://"), "seeded moto server did not start"
@@ -217,8 +246,13 @@ def test_listing_10000_objects_paginates_through_faults(big_archive):
     with FaultProxy(endpoint) as proxy:
         rule = proxy.add("reset", op="list", every=4, limit=2)
         throttle = proxy.add("503", op="list", every=7, limit=1)
-        res = run_job_collect(input="s3://big/archive/", output=str(tmp / "out"), s3_endpoint=proxy.url,
-                              model=tiny_model(tmp), dry_run=True)
+        res = run_job_collect(
+            input="s3://big/archive/",
+            output=str(tmp / "out"),
+            s3_endpoint=proxy.url,
+            model=tiny_model(tmp),
+            dry_run=True,
+        )
         stats = proxy.stats()
     assert res.listed == 3 and len(res.ignored) == 10_000
     assert sorted(res.would_process) == [f"s3://big/archive/slides/s{i}.tiff" for i in range(3)]
@@ -251,18 +285,28 @@ def _model_variant(tmp_path: Path, kind: str) -> Path:
     return d
 
 
-@pytest.mark.parametrize(("kind", "pattern"), [
-    ("noweights", r"missing model\.safetensors"),
-    ("pickle", r"pickle"),
-])
-def test_unusable_model_fails_before_any_work(s3_server, small_input, fault_proxy, tmp_path, kind, pattern):
+@pytest.mark.parametrize(
+    ("kind", "pattern"),
+    [
+        ("noweights", r"missing model\.safetensors"),
+        ("pickle", r"pickle"),
+    ],
+)
+def test_unusable_model_fails_before_any_work(
+    s3_server, small_input, fault_proxy, tmp_path, kind, pattern
+):
     from pipeline.errors import ConfigError
 
     model = _model_variant(tmp_path, kind)
     lines: list[str] = []
     with pytest.raises(ConfigError) as err:
-        run_job_collect(lines, input=f"s3://{small_input}/archive/", output=f"s3://{small_input}/out/",
-                        s3_endpoint=fault_proxy.url, model=str(model))
+        run_job_collect(
+            lines,
+            input=f"s3://{small_input}/archive/",
+            output=f"s3://{small_input}/out/",
+            s3_endpoint=fault_proxy.url,
+            model=str(model),
+        )
     msg = str(err.value)
     assert "--model" in msg and str(model) in msg and re.search(pattern, msg) and "\n" not in msg
     assert fault_proxy.stats()["requests"].get("get", 0) == 0  # no slide was fetched
@@ -273,20 +317,40 @@ def test_unusable_model_cli_exit_code(small_input, s3_server, tmp_path, capsys):
     from pipeline.__main__ import main
 
     model = _model_variant(tmp_path, "pickle")
-    rc = main(["run", "--input", f"s3://{small_input}/archive/", "--output", str(tmp_path / "out"),
-               "--s3-endpoint", s3_server, "--model", str(model)])
+    rc = main(
+        [
+            "run",
+            "--input",
+            f"s3://{small_input}/archive/",
+            "--output",
+            str(tmp_path / "out"),
+            "--s3-endpoint",
+            s3_server,
+            "--model",
+            str(model),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --model") and "pickle" in err[0]
 
 
-@pytest.mark.parametrize(("text", "pattern"), [
-    ("input: [unclosed\noutput: x\n", r"--config .*bad\.yaml: line \d+ not valid YAML"),
-    ("- just\n- a list\n", r"--config .*bad\.yaml: expected a mapping"),
-    ("input: s3://a/b\noutput: /tmp/x\ncaption_batch: 4\n", r"unknown key 'caption_batch'"),
-    ("input: s3://a/b\noutput: /tmp/x\ncaption_batch_size: many\n", r"--caption-batch-size .* must be an integer"),
-    ("input: s3://a/b\noutput: /tmp/x\nmax_failed_fraction: 2\n", r"--max-failed-fraction .* must be in \[0, 1\]"),
-    ("input: ftp://a/b\noutput: /tmp/x\n", r"--input .*only s3:// URIs and local paths"),
-])
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("input: [unclosed\noutput: x\n", r"--config .*bad\.yaml: line \d+ not valid YAML"),
+        ("- just\n- a list\n", r"--config .*bad\.yaml: expected a mapping"),
+        ("input: s3://a/b\noutput: /tmp/x\ncaption_batch: 4\n", r"unknown key 'caption_batch'"),
+        (
+            "input: s3://a/b\noutput: /tmp/x\ncaption_batch_size: many\n",
+            r"--caption-batch-size .* must be an integer",
+        ),
+        (
+            "input: s3://a/b\noutput: /tmp/x\nmax_failed_fraction: 2\n",
+            r"--max-failed-fraction .* must be in \[0, 1\]",
+        ),
+        ("input: ftp://a/b\noutput: /tmp/x\n", r"--input .*only s3:// URIs and local paths"),
+    ],
+)
 def test_malformed_config_file_is_a_one_line_error(tmp_path, capsys, text, pattern):
     from pipeline.__main__ import main
 

@@ -43,10 +43,17 @@ def _png_header(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares width x height (the data is a few bytes)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _pyramid(path, w=512, h=384):
@@ -54,8 +61,16 @@ def _pyramid(path, w=512, h=384):
     with tifffile.TiffWriter(path) as tw:
         for i in range(3):
             r = 1e4 / (0.1 * 2**i)
-            tw.write(rgb[:: 2**i, :: 2**i].copy(), tile=(64, 64), photometric="rgb", compression="jpeg",
-                     resolution=(r, r), resolutionunit="CENTIMETER", metadata=None, subfiletype=int(i > 0))
+            tw.write(
+                rgb[:: 2**i, :: 2**i].copy(),
+                tile=(64, 64),
+                photometric="rgb",
+                compression="jpeg",
+                resolution=(r, r),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+                subfiletype=int(i > 0),
+            )
     return path
 
 
@@ -91,7 +106,9 @@ def test_truncated_pyramid(tmp_path, keep):
     p = tmp_path / "cut.tiff"
     data = full.read_bytes()
     p.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises((SlideOpenError, SlideReadError)) as ei:  # open or tile read, by where the cut is
+    with pytest.raises(
+        (SlideOpenError, SlideReadError)
+    ) as ei:  # open or tile read, by where the cut is
         detect_slide(p)
     msg = str(ei.value)
     assert msg.startswith(f"{p}: ") and "\n" not in msg
@@ -121,10 +138,17 @@ def test_decompression_bomb_plain_image(tmp_path):
 
 def test_decompression_bomb_pyramid(tmp_path):
     p = tmp_path / "bomb.tiff"
-    tifffile.imwrite(p, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb", metadata=None)
+    tifffile.imwrite(
+        p, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb", metadata=None
+    )
     with tifffile.TiffFile(p, mode="r+") as tf:  # declare 4M x 4M px in 4 huge tiles
         tags = tf.pages[0].tags
-        for name, v in (("ImageWidth", 1 << 22), ("ImageLength", 1 << 22), ("TileWidth", 1 << 21), ("TileLength", 1 << 21)):
+        for name, v in (
+            ("ImageWidth", 1 << 22),
+            ("ImageLength", 1 << 22),
+            ("TileWidth", 1 << 21),
+            ("TileLength", 1 << 21),
+        ):
             tags[name].overwrite(v)
     _expect(SlideTooLargeError, p, "side limit")
 
@@ -137,7 +161,11 @@ def test_detection_level_over_the_limit(tmp_path):
 def test_no_mpp_and_no_red_cells(tmp_path):
     p = tmp_path / "blank glass.png"
     Image.fromarray(np.full((300, 400, 3), 238, np.uint8)).save(p)
-    _expect(ScaleError, p, "no mpp in metadata, none given (--mpp), and no red cells to estimate it from")
+    _expect(
+        ScaleError,
+        p,
+        "no mpp in metadata, none given (--mpp), and no red cells to estimate it from",
+    )
     # With --mpp it is simply a slide without cells.
     assert detect_slide(p, DetectConfig(mpp=0.1)).records == []
 

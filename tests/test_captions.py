@@ -22,14 +22,23 @@ from hemblip.ontology import ATTRIBUTE_NAMES, ATTRIBUTES, CASES, CELL_TYPES
 pytestmark = pytest.mark.unit
 
 EOSINOPHIL = {
-    "cell_size": "small", "cell_shape": "round", "nucleus_shape": "segmented-bilobed",
-    "nuclear_cytoplasmic_ratio": "low", "chromatin_density": "densely",
-    "cytoplasm_texture": "clear", "cytoplasm_colour": "light blue", "granule_type": "round",
+    "cell_size": "small",
+    "cell_shape": "round",
+    "nucleus_shape": "segmented-bilobed",
+    "nuclear_cytoplasmic_ratio": "low",
+    "chromatin_density": "densely",
+    "cytoplasm_texture": "clear",
+    "cytoplasm_colour": "light blue",
+    "granule_type": "round",
     "granule_colour": "red",
 }
 CML_NEUTROPHIL = {
-    "leukemic_cell_size": "medium", "nuclear_shape": "regular", "nuclear_chromatin": "open",
-    "nucleolus": "inconspicuous", "cytoplasm": "abundant", "cytoplasmic_basophilia": "slight",
+    "leukemic_cell_size": "medium",
+    "nuclear_shape": "regular",
+    "nuclear_chromatin": "open",
+    "nucleolus": "inconspicuous",
+    "cytoplasm": "abundant",
+    "cytoplasmic_basophilia": "slight",
 }
 
 
@@ -41,30 +50,44 @@ def test_paper_examples_render_exactly():
     assert render_caption("eosinophil", "healthy", EOSINOPHIL) == (
         "This is an eosinophil from a healthy case, noted for its small size, round overall shape, "
         "segmented-bilobed nucleus, low nuclear-to-cytoplasmic ratio, dense chromatin, clear "
-        "cytoplasmic texture, light blue cytoplasm, round red granules.")
+        "cytoplasmic texture, light blue cytoplasm, round red granules."
+    )
     assert render_caption("neutrophil", "CML", CML_NEUTROPHIL) == (
         "Neutrophil observed in a case of chronic myeloid leukemia. Notable features include "
         "medium size, regular nuclear shape, open nuclear chromatin, inconspicuous nucleolus, "
-        "abundant cytoplasm, slight basophilia.")
+        "abundant cytoplasm, slight basophilia."
+    )
 
 
 def test_minimal_captions():
     assert render_caption("lymphocyte", None, {}) == "This is a lymphocyte."
     assert render_caption(None, None, {}) == "This is a white blood cell."
     assert render_caption("atypical lymphocyte", "CLL", None) == (
-        "This is an atypical lymphocyte from a case of chronic lymphocytic leukemia.")
+        "This is an atypical lymphocyte from a case of chronic lymphocytic leukemia."
+    )
     p = parse_caption("This is a white blood cell.")
     assert p.cell_type is None and p.case is None and p.mentioned == {}
 
 
 def test_nil_granules_and_dropped_attributes_are_expressible():
-    c = render_caption("lymphocyte", "healthy", {
-        "granule_type": "nil", "granule_colour": "nil", "granularity": "no",
-        "cytoplasm_vacuole": "yes"})
+    c = render_caption(
+        "lymphocyte",
+        "healthy",
+        {
+            "granule_type": "nil",
+            "granule_colour": "nil",
+            "granularity": "no",
+            "cytoplasm_vacuole": "yes",
+        },
+    )
     assert "no granules" in c and "no granularity" in c and "vacuolated cytoplasm" in c
     p = parse_caption(c)
-    assert p.mentioned == {"granule_type": "nil", "granule_colour": "nil", "granularity": "no",
-                           "cytoplasm_vacuole": "yes"}
+    assert p.mentioned == {
+        "granule_type": "nil",
+        "granule_colour": "nil",
+        "granularity": "no",
+        "cytoplasm_vacuole": "yes",
+    }
     c = render_caption(None, "AML", {"cytoplasmic_vacuoles": "prominent"})
     assert parse_caption(c).mentioned == {"cytoplasmic_vacuoles": "prominent"}
 
@@ -80,12 +103,16 @@ def test_every_value_of_every_attribute_round_trips():
 
 
 _attr_strategy = st.fixed_dictionaries(
-    {}, optional={n: st.sampled_from(a.values) for n, a in ATTRIBUTES.items()})
+    {}, optional={n: st.sampled_from(a.values) for n, a in ATTRIBUTES.items()}
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(cell_type=st.none() | st.sampled_from(CELL_TYPES), case=st.none() | st.sampled_from(CASES),
-       attrs=_attr_strategy)
+@given(
+    cell_type=st.none() | st.sampled_from(CELL_TYPES),
+    case=st.none() | st.sampled_from(CASES),
+    attrs=_attr_strategy,
+)
 def test_render_parse_identity(cell_type, case, attrs):
     c = render_caption(cell_type, case, attrs)
     p = parse_caption(c)
@@ -110,28 +137,56 @@ def test_attribute_order_does_not_matter(attrs, seed):
     assert parse_caption(shuffled).attributes == parse_caption(c).attributes
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Large cell, bilobed nucleus, N:C ratio high, vacuoles present.",
-     {"cell_size": "big", "nucleus_shape": "segmented-bilobed", "nuclear_cytoplasmic_ratio": "high",
-      "cytoplasm_vacuole": "yes"}),
-    ("big cell with densely condensed chromatin and purple-blue cytoplasm",
-     {"cell_size": "big", "chromatin_density": "densely", "cytoplasm_colour": "purple blue"}),
-    ("noted for its segmented bilobed nucleus, unsegmented round nucleus",  # contradiction
-     {}),
-    ("Blast with prominent nucleoli, scant cytoplasm and moderate cytoplasmic basophilia.",
-     {"nucleolus": "prominent", "cytoplasm": "scanty", "cytoplasmic_basophilia": "moderate"}),
-    ("red round granules, purple blue cytoplasm", {"granule_type": "round", "granule_colour": "red",
-                                                  "cytoplasm_colour": "purple blue"}),
-    ("purple granules and blue cytoplasm", {"granule_colour": "purple", "cytoplasm_colour": "blue"}),
-    ("irregular overall shape, irregular nuclear shape",
-     {"cell_shape": "irregular", "nuclear_shape": "irregular"}),
-    ("Notable features include irregular nucleus, large size.",
-     {"nuclear_shape": "irregular", "leukemic_cell_size": "large"}),
-    ("noted for its irregular nucleus, large size.",
-     {"nucleus_shape": "irregular", "cell_size": "big"}),
-    ("no visible nucleolus, coarse chromatin, coarse granules",
-     {"nucleolus": "inconspicuous", "nuclear_chromatin": "coarse", "granule_type": "coarse"}),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "Large cell, bilobed nucleus, N:C ratio high, vacuoles present.",
+            {
+                "cell_size": "big",
+                "nucleus_shape": "segmented-bilobed",
+                "nuclear_cytoplasmic_ratio": "high",
+                "cytoplasm_vacuole": "yes",
+            },
+        ),
+        (
+            "big cell with densely condensed chromatin and purple-blue cytoplasm",
+            {"cell_size": "big", "chromatin_density": "densely", "cytoplasm_colour": "purple blue"},
+        ),
+        (
+            "noted for its segmented bilobed nucleus, unsegmented round nucleus",  # contradiction
+            {},
+        ),
+        (
+            "Blast with prominent nucleoli, scant cytoplasm and moderate cytoplasmic basophilia.",
+            {"nucleolus": "prominent", "cytoplasm": "scanty", "cytoplasmic_basophilia": "moderate"},
+        ),
+        (
+            "red round granules, purple blue cytoplasm",
+            {"granule_type": "round", "granule_colour": "red", "cytoplasm_colour": "purple blue"},
+        ),
+        (
+            "purple granules and blue cytoplasm",
+            {"granule_colour": "purple", "cytoplasm_colour": "blue"},
+        ),
+        (
+            "irregular overall shape, irregular nuclear shape",
+            {"cell_shape": "irregular", "nuclear_shape": "irregular"},
+        ),
+        (
+            "Notable features include irregular nucleus, large size.",
+            {"nuclear_shape": "irregular", "leukemic_cell_size": "large"},
+        ),
+        (
+            "noted for its irregular nucleus, large size.",
+            {"nucleus_shape": "irregular", "cell_size": "big"},
+        ),
+        (
+            "no visible nucleolus, coarse chromatin, coarse granules",
+            {"nucleolus": "inconspicuous", "nuclear_chromatin": "coarse", "granule_type": "coarse"},
+        ),
+    ],
+)
 def test_synonyms_and_shared_words(text, expected):
     assert parse_caption(text).mentioned == expected
 
@@ -147,11 +202,19 @@ def test_ambiguous_size_without_context_is_not_guessed():
     assert p.attributes["cell_size"] is None and p.attributes["leukemic_cell_size"] is None
 
 
-@pytest.mark.parametrize("text", [
-    "", "the the the", "size small the granules round", "nucleus nucleus cytoplasm shape",
-    "blue", "leukemia cell observed with features", "all of them are small",
-    "this is a a from from noted for its , , .",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "the the the",
+        "size small the granules round",
+        "nucleus nucleus cytoplasm shape",
+        "blue",
+        "leukemia cell observed with features",
+        "all of them are small",
+        "this is a a from from noted for its , , .",
+    ],
+)
 def test_garbled_text_gives_none(text):
     p = parse_caption(text)
     assert p.mentioned == {} and p.case is None and p.cell_type is None
@@ -162,7 +225,8 @@ def test_cell_type_and_case_recognition():
     assert parse_caption("Neutrophils seen in AML").case == "AML"
     assert parse_caption("an atypical lymphocyte").cell_type == "atypical lymphocyte"
     assert parse_caption("a promyelocyte, acute promyelocytic leukaemia").cell_type == (
-        "abnormal promyelocyte")
+        "abnormal promyelocyte"
+    )
     assert parse_caption("case of acute promyelocytic leukaemia").case == "APML"
     assert parse_caption("a case of ALL").case == "ALL"
     assert parse_caption("a case of all sorts").case is None  # English "all" is not the code
@@ -183,13 +247,33 @@ def test_bad_values_are_rejected_with_names():
 
 def test_tokenize_words():
     assert tokenize_words("Segmented-bilobed nucleus, N:C ratio.") == [
-        "segmented", "-", "bilobed", "nucleus", ",", "n", ":", "c", "ratio", "."]
+        "segmented",
+        "-",
+        "bilobed",
+        "nucleus",
+        ",",
+        "n",
+        ":",
+        "c",
+        "ratio",
+        ".",
+    ]
     vocab = caption_vocabulary()
     assert vocab == sorted(set(vocab)) and all(w == w.lower() for w in vocab)
     assert {",", ".", "-", "granules", "nil"} & set(vocab) == {",", ".", "-", "granules"}
 
 
-_VOCAB = caption_vocabulary() + ["big", "bilobed", "n", ":", "c", "aml", "ALL", "vacuoles", "present"]
+_VOCAB = caption_vocabulary() + [
+    "big",
+    "bilobed",
+    "n",
+    ":",
+    "c",
+    "aml",
+    "ALL",
+    "vacuoles",
+    "present",
+]
 
 
 @settings(max_examples=300, deadline=None)
@@ -201,4 +285,3 @@ def test_parser_never_fails_and_returns_only_ontology_values(words):
         assert value is None or value in ATTRIBUTES[name].values
     assert p.cell_type is None or p.cell_type in CELL_TYPES
     assert p.case is None or p.case in CASES
-

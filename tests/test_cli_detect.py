@@ -26,7 +26,14 @@ def sample_dir(tmp_path_factory):
 
 def test_make_samples_writes_slides_and_truth(sample_dir, capsys):
     names = sorted(p.name for p in sample_dir.iterdir())
-    assert names == ["sample_1.json", "sample_1.tiff", "sample_2.json", "sample_2.svs", "sample_3.json", "sample_3.tiff"]
+    assert names == [
+        "sample_1.json",
+        "sample_1.tiff",
+        "sample_2.json",
+        "sample_2.svs",
+        "sample_3.json",
+        "sample_3.tiff",
+    ]
 
 
 def test_detect_batch_with_a_bad_file(sample_dir, tmp_path, capsys, shared_data):
@@ -36,7 +43,20 @@ def test_detect_batch_with_a_bad_file(sample_dir, tmp_path, capsys, shared_data)
     empty.write_bytes(b"")
     out = tmp_path / "out" / "cells.parquet"
     crops = tmp_path / "crops"
-    rc = main(["detect", str(bad), str(good), str(empty), "--out", str(out), "--crops-dir", str(crops), "--crop-um", "30"])
+    rc = main(
+        [
+            "detect",
+            str(bad),
+            str(good),
+            str(empty),
+            "--out",
+            str(out),
+            "--crops-dir",
+            str(crops),
+            "--crop-um",
+            "30",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 1
     err_lines = cap.err.strip().splitlines()
@@ -81,7 +101,10 @@ def test_runs_as_a_module(tmp_path, shared_data):
     bad = shared_data / "openslide_fixtures" / "unopenable.tiff"
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "detect", str(bad), "--out", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == (

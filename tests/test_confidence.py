@@ -326,7 +326,9 @@ def test_caption_stage_and_cell_row_carry_the_confidence(crops):
     out = stage(batch)
     assert set(OUTPUT_KEYS) <= set(out)
     assert math.isnan(out["cell_type_confidence"][1])  # the slide row
-    base = dict.fromkeys(("run_id", "model_id", "model_version", "pipeline_version", "schema_version"), "r")
+    base = dict.fromkeys(
+        ("run_id", "model_id", "model_version", "pipeline_version", "schema_version"), "r"
+    )
     table = cells_table(out, np.array([0, 2]), base)
     confs = table.column("cell_type_confidence").to_pylist()
     for i, conf, cell_type in zip((0, 2), confs, table.column("cell_type").to_pylist()):
@@ -339,4 +341,6 @@ def test_caption_stage_and_cell_row_carry_the_confidence(crops):
     assert table.schema == CELL_SCHEMA
     # NaN in the batch (no type named) becomes null in the table, never NaN
     out["cell_type_confidence"][0] = np.nan
-    assert cells_table(out, np.array([0]), base).column("cell_type_confidence").to_pylist() == [None]
+    assert cells_table(out, np.array([0]), base).column("cell_type_confidence").to_pylist() == [
+        None
+    ]

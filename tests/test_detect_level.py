@@ -43,7 +43,13 @@ def _grey_pyramid(path, mpp0, factor=4, side=1024, n=3):
     levels = [rng.integers(150, 250, (side, side, 3), dtype=np.uint8)]
     for _ in range(n - 1):
         prev = levels[-1]
-        levels.append(cv2.resize(prev, (prev.shape[1] // factor, prev.shape[0] // factor), interpolation=cv2.INTER_AREA))
+        levels.append(
+            cv2.resize(
+                prev,
+                (prev.shape[1] // factor, prev.shape[0] // factor),
+                interpolation=cv2.INTER_AREA,
+            )
+        )
     return _write_pyramid(path, levels, mpp0, compression="zlib")
 
 
@@ -87,10 +93,14 @@ def test_job_config_passes_max_detect_mpp(tmp_path):
     from pipeline.job.config import load_config
     from pipeline.job.stage_detect import DetectSettings
 
-    cfg = load_config(None, {"input": str(tmp_path), "output": str(tmp_path / "o"), "max_detect_mpp": "0.75"})
+    cfg = load_config(
+        None, {"input": str(tmp_path), "output": str(tmp_path / "o"), "max_detect_mpp": "0.75"}
+    )
     assert cfg.max_detect_mpp == 0.75
     assert load_config(None, {"input": "a", "output": "b"}).max_detect_mpp is None
-    with pytest.raises(ConfigError, match=r"--max-detect-mpp \(config key max_detect_mpp\).*working_mpp"):
+    with pytest.raises(
+        ConfigError, match=r"--max-detect-mpp \(config key max_detect_mpp\).*working_mpp"
+    ):
         load_config(None, {"input": "a", "output": "b", "max_detect_mpp": 0.2})
     assert DetectSettings(s3=None).max_detect_mpp is None
 
@@ -111,7 +121,9 @@ def slide_40x(tmp_path_factory):
     levels = [cv2.resize(level0, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)]
     for _ in range(2):
         p = levels[-1]
-        levels.append(cv2.resize(p, (p.shape[1] // 4, p.shape[0] // 4), interpolation=cv2.INTER_AREA))
+        levels.append(
+            cv2.resize(p, (p.shape[1] // 4, p.shape[0] // 4), interpolation=cv2.INTER_AREA)
+        )
     # lossless: this test is about the level rule and the coordinates, not JPEG (see the docs)
     return sample, _write_pyramid(d / "sample_3_40x.tiff", levels, 0.25, compression="zlib")
 
@@ -137,7 +149,17 @@ def test_coarse_level_finds_the_same_cells_and_measures_them_alike(slide_40x):
     pairs = []
     free = list(range(len(new.records)))
     for i, r in enumerate(old.records):
-        d = [(math.hypot(r["centroid_x"] - new.records[j]["centroid_x"], r["centroid_y"] - new.records[j]["centroid_y"]) * mpp, j) for j in free]
+        d = [
+            (
+                math.hypot(
+                    r["centroid_x"] - new.records[j]["centroid_x"],
+                    r["centroid_y"] - new.records[j]["centroid_y"],
+                )
+                * mpp,
+                j,
+            )
+            for j in free
+        ]
         if d and min(d)[0] <= 3.0:
             dist, j = min(d)
             free.remove(j)
@@ -147,19 +169,29 @@ def test_coarse_level_finds_the_same_cells_and_measures_them_alike(slide_40x):
     assert np.median([p[2] for p in pairs]) <= 1.0
     # morphometry is measured on the level-0 crop: the nucleus barely moves, the whole-cell
     # outline (pale cytoplasm against red cells) may shift with the crop centre
-    for key, med_tol in (("nucleus_area_um2", 0.03), ("cell_diameter_um", 0.05), ("cell_area_um2", 0.1)):
+    for key, med_tol in (
+        ("nucleus_area_um2", 0.03),
+        ("cell_diameter_um", 0.05),
+        ("cell_area_um2", 0.1),
+    ):
         rel = [
             abs(new.records[j][key] - old.records[i][key]) / abs(old.records[i][key])
             for i, j, _ in pairs
             if old.records[i][key] and new.records[j][key] is not None
         ]
         assert np.median(rel) <= med_tol, key
-    same_lobes = sum(old.records[i]["nucleus_lobes"] == new.records[j]["nucleus_lobes"] for i, j, _ in pairs)
+    same_lobes = sum(
+        old.records[i]["nucleus_lobes"] == new.records[j]["nucleus_lobes"] for i, j, _ in pairs
+    )
     assert same_lobes >= 0.8 * len(pairs)
     # boxes map back into the level-0 frame; the detector's whole-cell extent (a watershed
     # against red cells) sometimes stops at another red-cell border on the coarser level
     edges = np.array(
-        [abs(old.records[i][k] - new.records[j][k]) * mpp for i, j, _ in pairs for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")]
+        [
+            abs(old.records[i][k] - new.records[j][k]) * mpp
+            for i, j, _ in pairs
+            for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+        ]
     )
     assert np.median(edges) <= 1.0
     assert (edges <= 2.5).mean() >= 0.8
@@ -190,7 +222,9 @@ def test_job_detect_stage_uses_max_detect_mpp(slide_40x):
 
     _, path = slide_40x
     size = path.stat().st_size
-    ref = SlideRef("s1", str(path), "e", size, (SlidePart(str(path), path.name, size, "e"),), path.name)
+    ref = SlideRef(
+        "s1", str(path), "e", size, (SlidePart(str(path), path.name, size, "e"),), path.name
+    )
 
     def centroids(**kw):
         batches = list(process_slide(ref, DetectSettings(s3=None, thumbnails=False, **kw)))

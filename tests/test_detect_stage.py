@@ -60,7 +60,10 @@ def test_records_crops_info_overview(svs_cells):
         assert r["cell_index"] == i and r["source"] == "s3://bucket/sample.svs"
         assert r["mpp_source"] == "metadata" and r["mpp"] == pytest.approx(BCCD_MPP)
         assert r["crop_size_um"] == 36.0
-        assert r["bbox_x0"] < r["centroid_x"] < r["bbox_x1"] and r["bbox_y0"] < r["centroid_y"] < r["bbox_y1"]
+        assert (
+            r["bbox_x0"] < r["centroid_x"] < r["bbox_x1"]
+            and r["bbox_y0"] < r["centroid_y"] < r["bbox_y1"]
+        )
         assert set(r["qc_flags"]) <= set(QC_FLAGS)
         assert 5 < r["cell_diameter_um"] < 40
     ys = [r["centroid_y"] for r in res.records]
@@ -71,7 +74,11 @@ def test_records_crops_info_overview(svs_cells):
     assert info["format"] == "openslide:aperio" and info["level_count"] == 4
     assert info["detect_level"] > 0  # detection never ran on the full-resolution level
     assert info["detect_mpp"] == pytest.approx(BCCD_MPP * 8)
-    assert res.overview.ndim == 3 and max(res.overview.shape[:2]) <= 1024 and res.overview.dtype == np.uint8
+    assert (
+        res.overview.ndim == 3
+        and max(res.overview.shape[:2]) <= 1024
+        and res.overview.dtype == np.uint8
+    )
     # Records convert to the Arrow schema without loss.
     import pyarrow as pa
 
@@ -105,7 +112,11 @@ def test_tiling_keeps_each_cell_once(samples, svs_cells):
     # Cells found on one tile are found, at the same level-0 place, with tiles (the detector
     # sees less context on a 115-µm tile, so allow it to miss one).
     found = [
-        any(abs(r["centroid_x"] - t["centroid_x"]) < 40 and abs(r["centroid_y"] - t["centroid_y"]) < 40 for t in tiled.records)
+        any(
+            abs(r["centroid_x"] - t["centroid_x"]) < 40
+            and abs(r["centroid_y"] - t["centroid_y"]) < 40
+            for t in tiled.records
+        )
         for r in whole.records
     ]
     assert sum(found) >= len(found) - 1
@@ -169,7 +180,9 @@ def test_qc_clumped_when_boxes_overlap(tmp_path):
     can[:] = (235, 225, 220)
     can[:480, :640] = rgb
     x0, y0, x1, y1 = FIELD_WBC
-    can[y0 + 180 : y1 + 180, x0 + 200 : x1 + 200] = rgb[y0:y1, x0:x1]  # a second WBC, corners overlapping
+    can[y0 + 180 : y1 + 180, x0 + 200 : x1 + 200] = rgb[
+        y0:y1, x0:x1
+    ]  # a second WBC, corners overlapping
     res = detect_slide(_field(tmp_path, can), DetectConfig(mpp=BCCD_MPP))
     assert len(res.records) == 2
     assert all("clumped" in r["qc_flags"] for r in res.records)
@@ -178,7 +191,11 @@ def test_qc_clumped_when_boxes_overlap(tmp_path):
 def test_qc_thresholds_come_from_the_detector_config(tmp_path):
     p = _field(tmp_path)
     base = detect_slide(p, DetectConfig(mpp=BCCD_MPP)).records
-    assert base and "out_of_focus" not in base[0]["qc_flags"] and "implausible_size" not in base[0]["qc_flags"]
+    assert (
+        base
+        and "out_of_focus" not in base[0]["qc_flags"]
+        and "implausible_size" not in base[0]["qc_flags"]
+    )
     strict = DetectorConfig(min_focus=1e9, min_cell_diameter_um=2.0, max_cell_diameter_um=8.0)
     flagged = detect_slide(p, DetectConfig(mpp=BCCD_MPP, detector=strict)).records
     assert len(flagged) == len(base)  # flagged, never dropped
@@ -216,19 +233,29 @@ def test_pyramid_without_mpp_is_estimated_from_level0_windows(tmp_path):
     # One field repeated 16x gives the estimator a single field's red cells to judge from.
     fields = sorted((SAMPLE_DATA_DIR / "bccd" / "JPEGImages").glob("*.jpg"))[:4]
     f = [np.asarray(Image.open(x).convert("RGB")) for x in fields]
-    base = np.tile(np.concatenate([np.concatenate(f[:2], axis=1), np.concatenate(f[2:], axis=1)]), (2, 2, 1))
+    base = np.tile(
+        np.concatenate([np.concatenate(f[:2], axis=1), np.concatenate(f[2:], axis=1)]), (2, 2, 1)
+    )
     p = tmp_path / "noscale.tiff"
     with tifffile.TiffWriter(p) as tw:
         for i in range(3):
-            tw.write(np.ascontiguousarray(base[:: 2**i, :: 2**i]), tile=(256, 256), photometric="rgb",
-                     compression="jpeg", metadata=None, subfiletype=int(i > 0))
+            tw.write(
+                np.ascontiguousarray(base[:: 2**i, :: 2**i]),
+                tile=(256, 256),
+                photometric="rgb",
+                compression="jpeg",
+                metadata=None,
+                subfiletype=int(i > 0),
+            )
     res = detect_slide(p)
     assert res.info["format"] == "openslide:generic-tiff" and res.info["mpp_source"] == "estimated"
     assert 0.5 * BCCD_MPP < res.info["mpp"] < 1.6 * BCCD_MPP
     assert res.records and all(r["mpp_source"] == "estimated" for r in res.records)
     # The estimate only sets the scale: given as --mpp, it yields the same cells.
     user = detect_slide(p, DetectConfig(mpp=res.info["mpp"]))
-    assert [(r["bbox_x0"], r["bbox_y0"]) for r in user.records] == [(r["bbox_x0"], r["bbox_y0"]) for r in res.records]
+    assert [(r["bbox_x0"], r["bbox_y0"]) for r in user.records] == [
+        (r["bbox_x0"], r["bbox_y0"]) for r in res.records
+    ]
 
 
 def test_tiny_real_fixtures_run_without_cells(shared_data):

@@ -48,7 +48,13 @@ def smear(mpp: float, size_um: float = 120.0, seed: int = 0, wbcs=("round", "lob
         _disc(img, x, y, r, CYTO)
         if kind == "lobed":
             for ang in (0.0, 2.1, 4.2):
-                _disc(img, x + 2.9 * px * math.cos(ang), y + 2.9 * px * math.sin(ang), 1.9 * px, NUCLEUS)
+                _disc(
+                    img,
+                    x + 2.9 * px * math.cos(ang),
+                    y + 2.9 * px * math.sin(ang),
+                    1.9 * px,
+                    NUCLEUS,
+                )
         else:
             _disc(img, x, y, 3.6 * px, NUCLEUS)
         boxes.append((x - r, y - r, x + r, y + r))
@@ -96,7 +102,9 @@ def test_synthetic_field_finds_each_white_cell_once(mpp):
         assert 0.0 <= d.score <= 1.0
         assert not d.clumped
     for p in plates:  # platelets are not white cells
-        assert not any(math.hypot(d.centroid[0] - p[0], d.centroid[1] - p[1]) < 2 / mpp for d in dets)
+        assert not any(
+            math.hypot(d.centroid[0] - p[0], d.centroid[1] - p[1]) < 2 / mpp for d in dets
+        )
 
 
 def test_colour_score_without_the_verifier():
@@ -246,7 +254,10 @@ def test_verifier_training_sees_each_storage_condition():
         assert q == q2 and np.array_equal(view, view2)  # deterministic in (seed, image, condition)
         want_mpp = 0.25 if target is None else target
         assert vmpp == want_mpp
-        assert view.shape[1] == round(rgb.shape[1] * 0.25 / want_mpp) and sx == view.shape[1] / rgb.shape[1]
+        assert (
+            view.shape[1] == round(rgb.shape[1] * 0.25 / want_mpp)
+            and sx == view.shape[1] / rgb.shape[1]
+        )
         assert sy == view.shape[0] / rgb.shape[0]
         if qualities is None:
             assert q is None
@@ -254,7 +265,11 @@ def test_verifier_training_sees_each_storage_condition():
                 assert view is rgb
         else:
             assert q in qualities
-            clean = rgb if target is None else cv2.resize(rgb, view.shape[1::-1], interpolation=cv2.INTER_AREA)
+            clean = (
+                rgb
+                if target is None
+                else cv2.resize(rgb, view.shape[1::-1], interpolation=cv2.INTER_AREA)
+            )
             assert not np.array_equal(view, clean), name  # really re-encoded
 
     X, y, c = image_rows(rgb, boxes, index=7, cfg=DetectorConfig(use_verifier=False, min_score=0.0))

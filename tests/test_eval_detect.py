@@ -109,14 +109,21 @@ def _write_set(tmp_path):
     images.mkdir()
     labels.mkdir()
     # a: two white cells, YOLO; b: one white cell, VOC; a ghost label box with no cell in c
-    for name, cells, fmt in (("a", [(100, 100), (280, 300)], "yolo"), ("b", [(200, 200)], "voc"), ("c", [(120, 300)], "yolo")):
+    for name, cells, fmt in (
+        ("a", [(100, 100), (280, 300)], "yolo"),
+        ("b", [(200, 200)], "voc"),
+        ("c", [(120, 300)], "yolo"),
+    ):
         rgb, boxes = _field(0.25, cells)
         cv2.imwrite(str(images / f"{name}.png"), rgb[:, :, ::-1])
         if name == "c":
             boxes = [*boxes, (300, 40, 360, 100)]  # nothing there: a miss
         if fmt == "yolo":
             (labels / f"{name}.txt").write_text(
-                "".join(f"0 {(b[0] + b[2]) / 800} {(b[1] + b[3]) / 800} {(b[2] - b[0]) / 400} {(b[3] - b[1]) / 400}\n" for b in boxes)
+                "".join(
+                    f"0 {(b[0] + b[2]) / 800} {(b[1] + b[3]) / 800} {(b[2] - b[0]) / 400} {(b[3] - b[1]) / 400}\n"
+                    for b in boxes
+                )
             )
         else:
             _voc(labels / f"{name}.xml", [tuple(int(v) for v in b) for b in boxes])
@@ -160,7 +167,21 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
 
     images, labels, smap = _write_set(tmp_path)
     out = tmp_path / "r.json"
-    rc = main(["eval-detect", "--images", str(images), "--labels", str(labels), "--source-map", str(smap), "--json", str(out), "--mpp", "0.25"])
+    rc = main(
+        [
+            "eval-detect",
+            "--images",
+            str(images),
+            "--labels",
+            str(labels),
+            "--source-map",
+            str(smap),
+            "--json",
+            str(out),
+            "--mpp",
+            "0.25",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "overall" in text and "s1" in text and "broken.jpg" in text
@@ -183,7 +204,13 @@ def test_detect_at_maps_coarse_detections_back():
     assert detect_at(rgb, 0.25, None) == fine  # None: today's behaviour, unchanged
     coarse = detect_at(rgb, 0.25, 1.0)  # the image is 100 px wide at 1.0 µm/px
     assert len(coarse) == len(fine) == 3
-    for d, f, (x, y), b in zip(coarse, fine, sorted(cells, key=lambda c: (c[1], c[0])), sorted(boxes, key=lambda b: (b[1], b[0])), strict=True):
+    for d, f, (x, y), b in zip(
+        coarse,
+        fine,
+        sorted(cells, key=lambda c: (c[1], c[0])),
+        sorted(boxes, key=lambda b: (b[1], b[0])),
+        strict=True,
+    ):
         # centroid back in px of rgb: within 1 µm (4 px) of the cell's centre and the fine one
         assert math.hypot(d.centroid[0] - x, d.centroid[1] - y) <= 4.0
         assert math.hypot(d.centroid[0] - f.centroid[0], d.centroid[1] - f.centroid[1]) <= 4.0
@@ -205,14 +232,18 @@ def test_detect_at_leaves_coarser_images_alone_and_jpeg_reencodes():
     assert detect_at(rgb, 1.0, 1.0) == detect_wbc(rgb, 1.0)
     fine, _ = _field(0.25, [(200, 200)])
     dets = detect_at(fine, 0.25, 1.0)
-    assert len(dets) == 1 and math.hypot(dets[0].centroid[0] - 200, dets[0].centroid[1] - 200) <= 4.0
+    assert (
+        len(dets) == 1 and math.hypot(dets[0].centroid[0] - 200, dets[0].centroid[1] - 200) <= 4.0
+    )
     # --detect-jpeg re-encodes the reduced image (4:2:0 JPEG) before detection
     small = cv2.resize(fine, (100, 100), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", small[:, :, ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, 90])
     want = detect_wbc(cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1].copy(), 1.0)
     got = detect_at(fine, 0.25, 1.0, jpeg_quality=90)
     assert [d.score for d in got] == [d.score for d in want]
-    assert [d.centroid for d in got] == [((d.centroid[0] + 0.5) * 4 - 0.5, (d.centroid[1] + 0.5) * 4 - 0.5) for d in want]
+    assert [d.centroid for d in got] == [
+        ((d.centroid[0] + 0.5) * 4 - 0.5, (d.centroid[1] + 0.5) * 4 - 0.5) for d in want
+    ]
 
 
 def test_evaluate_detection_at_a_coarser_mpp(tmp_path):
@@ -241,7 +272,23 @@ def test_cli_detect_mpp(tmp_path, capsys):
 
     images, labels, smap = _write_set(tmp_path)
     out = tmp_path / "r.json"
-    rc = main(["eval-detect", "--images", str(images), "--labels", str(labels), "--mpp", "0.25", "--detect-mpp", "1.0", "--detect-jpeg", "90", "--json", str(out)])
+    rc = main(
+        [
+            "eval-detect",
+            "--images",
+            str(images),
+            "--labels",
+            str(labels),
+            "--mpp",
+            "0.25",
+            "--detect-mpp",
+            "1.0",
+            "--detect-jpeg",
+            "90",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "detection at 1.0 µm/px" in text and "JPEG quality 90" in text
@@ -249,5 +296,10 @@ def test_cli_detect_mpp(tmp_path, capsys):
     assert data["detect_mpp"] == 1.0 and data["jpeg_quality"] == 90
     api = evaluate_detection(images, labels, mpp=0.25, detect_mpp=1.0, jpeg_quality=90)
     assert data["overall"] == json.loads(json.dumps(api["overall"], default=float))
-    assert main(["eval-detect", "--images", str(images), "--labels", str(labels), "--detect-mpp", "-1"]) == 2
+    assert (
+        main(
+            ["eval-detect", "--images", str(images), "--labels", str(labels), "--detect-mpp", "-1"]
+        )
+        == 2
+    )
     assert "--detect-mpp" in capsys.readouterr().err

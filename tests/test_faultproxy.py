@@ -34,7 +34,9 @@ def test_passthrough_counts_operations(fault_proxy, bucket):
     s3 = make_s3_client(fault_proxy.url)
     s3.put_object(Bucket=bucket, Key="a/b c/ü.txt", Body=b"hello")
     assert s3.get_object(Bucket=bucket, Key="a/b c/ü.txt")["Body"].read() == b"hello"
-    assert s3.get_object(Bucket=bucket, Key="a/b c/ü.txt", Range="bytes=1-2")["Body"].read() == b"el"
+    assert (
+        s3.get_object(Bucket=bucket, Key="a/b c/ü.txt", Range="bytes=1-2")["Body"].read() == b"el"
+    )
     assert s3.head_object(Bucket=bucket, Key="a/b c/ü.txt")["ContentLength"] == 5
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == ["a/b c/ü.txt"]
@@ -55,7 +57,9 @@ def test_resets_on_listing_are_retried(fault_proxy, bucket):
 def test_reset_without_retries_is_a_connection_error(fault_proxy, bucket):
     s3 = make_s3_client(fault_proxy.url, max_attempts=1)
     fault_proxy.add("reset", op="list")
-    with pytest.raises((botocore.exceptions.ConnectionClosedError, botocore.exceptions.EndpointConnectionError)):
+    with pytest.raises(
+        (botocore.exceptions.ConnectionClosedError, botocore.exceptions.EndpointConnectionError)
+    ):
         s3.list_objects_v2(Bucket=bucket)
 
 
@@ -105,7 +109,9 @@ def test_truncated_body_fails_a_read_and_managed_download_retries(fault_proxy, b
     data = bytes(range(256)) * 400
     s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
     fault_proxy.add("truncate", op="get", first=1, truncate_fraction=0.3)
-    with pytest.raises((botocore.exceptions.IncompleteReadError, botocore.exceptions.ResponseStreamingError)):
+    with pytest.raises(
+        (botocore.exceptions.IncompleteReadError, botocore.exceptions.ResponseStreamingError)
+    ):
         s3.get_object(Bucket=bucket, Key="big.bin")["Body"].read()
     rule = fault_proxy.add("truncate", op=("get", "ranged_get"), first=2, truncate_fraction=0.5)
     dest = tmp_path / "big.bin"
@@ -132,11 +138,15 @@ def test_multipart_upload_survives_part_faults(fault_proxy, bucket, tmp_path):
     data = (b"0123456789abcdef" * 65536) * 11  # 11 MiB -> 3 parts of 5 MiB
     src.write_bytes(data)
     rule = fault_proxy.add("reset", op="multipart", method="PUT", every=2)
-    cfg = TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20, max_concurrency=2)
+    cfg = TransferConfig(
+        multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20, max_concurrency=2
+    )
     s3.upload_file(str(src), bucket, "multi.bin", Config=cfg)
     assert s3.get_object(Bucket=bucket, Key="multi.bin")["Body"].read() == data
     assert rule.injected >= 1
-    assert fault_proxy.stats()["requests"]["multipart"] >= 5  # create + 3 parts (+ retries) + complete
+    assert (
+        fault_proxy.stats()["requests"]["multipart"] >= 5
+    )  # create + 3 parts (+ retries) + complete
     # The managed download of the same object: parallel ranged GETs, some failing or cut short.
     slow = fault_proxy.add("503", op="ranged_get", every=2, name="ranged 503")
     cut = fault_proxy.add("truncate", op="ranged_get", first=1, name="ranged truncated")

@@ -41,11 +41,33 @@ def base(s3_server, ray_cluster, tmp_path_factory):
 def _driver(base, s3_server, out: str, ray_address: str) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", base["input"], "--output", out,
-           "--s3-endpoint", s3_server, "--model", tiny_model(), "--chunk-slides", "2",
-           "--ray-address", ray_address]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        base["input"],
+        "--output",
+        out,
+        "--s3-endpoint",
+        s3_server,
+        "--model",
+        tiny_model(),
+        "--chunk-slides",
+        "2",
+        "--ray-address",
+        ray_address,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _kill_after(proc: subprocess.Popen, marker: str, timeout: float) -> tuple[list[str], bool]:
@@ -101,9 +123,12 @@ def test_driver_sigkill_then_rerun_is_exactly_once(base, s3_server, ray_cluster)
     assert set(ids) == base["cells"], "cells lost or invented"
     assert_outputs_consistent(out, s3_server)
     # The done index (_index/) stays on purpose; staging and journals must not.
-    leftovers = [k for k in all_keys(s3_server, b, "out-driver-kill/")
-                 if any(p.startswith(("_", ".")) for p in k[len("out-driver-kill/"):].split("/"))
-                 and not k[len("out-driver-kill/"):].startswith("_index/")]
+    leftovers = [
+        k
+        for k in all_keys(s3_server, b, "out-driver-kill/")
+        if any(p.startswith(("_", ".")) for p in k[len("out-driver-kill/") :].split("/"))
+        and not k[len("out-driver-kill/") :].startswith("_index/")
+    ]
     assert leftovers == [], f"staging/journal objects left behind: {leftovers}"
     # The killed run left no runs/ row; the restart wrote exactly one.
     assert len(read_table(out, "runs", s3_server)) == 1

@@ -73,7 +73,9 @@ def _run_with_killer(base, s3_server, out_name: str, killer: Killer):
     lines: list[str] = []
     killer.start()
     try:
-        res = run_job_collect(lines, input=base["input"], output=out, s3_endpoint=s3_server, chunk_slides=2)
+        res = run_job_collect(
+            lines, input=base["input"], output=out, s3_endpoint=s3_server, chunk_slides=2
+        )
     finally:
         killer.stop()
     return out, res, lines
@@ -86,7 +88,9 @@ def _assert_exactly_once(base, s3_server, out: str, res) -> None:
     assert len(ids) == len(set(ids)), "a cell was written twice"
     assert set(ids) == base["cells"], "cells lost or invented"
     slides = read_table(out, "slides", s3_server).to_pylist()
-    assert sorted(s["slide_uri"] for s in slides) == sorted(f"s3://{base['bucket']}/{k}" for k in base["keys"])
+    assert sorted(s["slide_uri"] for s in slides) == sorted(
+        f"s3://{base['bucket']}/{k}" for k in base["keys"]
+    )
     assert_outputs_consistent(out, s3_server)
 
 
@@ -94,7 +98,9 @@ def test_caption_actor_killed_mid_run(base, s3_server, ray_cluster):
     killer = Killer(ACTOR_BUSY_TITLE, nth=1)
     out, res, _ = _run_with_killer(base, s3_server, "out-kill-actor", killer)
     assert killer.killed, f"no busy caption actor was seen to kill (seen {killer.seen})"
-    print(f"\ncaption actor pid {killer.killed[0][0]} SIGKILLed {killer.killed[0][1]:.1f} s into the run")
+    print(
+        f"\ncaption actor pid {killer.killed[0][0]} SIGKILLed {killer.killed[0][1]:.1f} s into the run"
+    )
     _assert_exactly_once(base, s3_server, out, res)
 
 
@@ -102,5 +108,7 @@ def test_detect_task_worker_killed_mid_slide(base, s3_server, ray_cluster):
     killer = Killer(DETECT_TITLE, nth=2)  # the 2nd detect task: after the run is under way
     out, res, _ = _run_with_killer(base, s3_server, "out-kill-task", killer)
     assert killer.killed, f"no detect task was seen to kill (seen {killer.seen})"
-    print(f"\ndetect worker pid {killer.killed[0][0]} SIGKILLed {killer.killed[0][1]:.1f} s into the run")
+    print(
+        f"\ndetect worker pid {killer.killed[0][0]} SIGKILLed {killer.killed[0][1]:.1f} s into the run"
+    )
     _assert_exactly_once(base, s3_server, out, res)

@@ -29,7 +29,6 @@ from fault_fixtures import (
 pytestmark = pytest.mark.integration
 
 
-
 def _print_stats(name: str, stats: dict) -> None:
     """What a scenario injected (visible with ``pytest -s``; figures in docs/reliability.md)."""
     print(f"\n{name}: requests {dict(sorted(stats['requests'].items()))}")
@@ -89,20 +88,48 @@ def test_transient_faults_everywhere_are_retried(s3_server, ray_cluster, base, f
         fault_proxy.add("reset", op="list", first=2, name="list reset"),
         fault_proxy.add("503", op="list", every=3, limit=3, name="list 503 SlowDown"),
         fault_proxy.add("500", op="head", path=arch, first=2, name="slide HEAD 500"),
-        fault_proxy.add("truncate", op=("get", "ranged_get"), path=arch, first=2, name="slide GET truncated"),
-        fault_proxy.add("503", op=("get", "ranged_get"), path=arch, every=2, name="slide GET 503 SlowDown"),
-        fault_proxy.add("reset", op=("get", "ranged_get"), path=arch, every=5, name="slide GET reset"),
-        fault_proxy.add("delay", op=("get", "ranged_get"), path=arch, probability=0.3, seed=3,
-                        delay_s=0.3, name="slide GET slow 0.3 s"),
+        fault_proxy.add(
+            "truncate", op=("get", "ranged_get"), path=arch, first=2, name="slide GET truncated"
+        ),
+        fault_proxy.add(
+            "503", op=("get", "ranged_get"), path=arch, every=2, name="slide GET 503 SlowDown"
+        ),
+        fault_proxy.add(
+            "reset", op=("get", "ranged_get"), path=arch, every=5, name="slide GET reset"
+        ),
+        fault_proxy.add(
+            "delay",
+            op=("get", "ranged_get"),
+            path=arch,
+            probability=0.3,
+            seed=3,
+            delay_s=0.3,
+            name="slide GET slow 0.3 s",
+        ),
         fault_proxy.add("500", op=("put", "multipart"), path=outp, first=2, name="output PUT 500"),
-        fault_proxy.add("throttle", op=("put", "multipart"), path=outp, every=3, status=429,
-                        retry_after=0, name="output PUT 429 throttle"),
-        fault_proxy.add("reset", op=("put", "multipart", "delete"), path=outp, every=4, limit=3,
-                        name="output PUT/DELETE reset"),
+        fault_proxy.add(
+            "throttle",
+            op=("put", "multipart"),
+            path=outp,
+            every=3,
+            status=429,
+            retry_after=0,
+            name="output PUT 429 throttle",
+        ),
+        fault_proxy.add(
+            "reset",
+            op=("put", "multipart", "delete"),
+            path=outp,
+            every=4,
+            limit=3,
+            name="output PUT/DELETE reset",
+        ),
     ]
     out = _out(b, "out-transient")
     lines: list[str] = []
-    res = run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2)
+    res = run_job_collect(
+        lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2
+    )
     _record("transient", res, lines, out=out)
     _print_stats("transient faults", fault_proxy.stats())
     assert res.exit_code == 0, res.slides
@@ -120,15 +147,24 @@ def test_transient_faults_everywhere_are_retried(s3_server, ray_cluster, base, f
     assert_outputs_consistent(out, s3_server)
 
 
-def test_persistent_slide_fault_is_recorded_and_retried_next_run(s3_server, ray_cluster, base, fault_proxy):
+def test_persistent_slide_fault_is_recorded_and_retried_next_run(
+    s3_server, ray_cluster, base, fault_proxy
+):
     b = base["bucket"]
     bad_key = base["keys"][1]
     bad_uri = f"s3://{b}/{bad_key}"
     rule = fault_proxy.add("500", op=("get", "ranged_get"), path=rf"^/{b}/{re.escape(bad_key)}$")
     out = _out(b, "out-persistent")
     lines: list[str] = []
-    res = run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url,
-                          chunk_slides=2, s3_max_attempts=2, max_failed_fraction=0.5)
+    res = run_job_collect(
+        lines,
+        input=base["input"],
+        output=out,
+        s3_endpoint=fault_proxy.url,
+        chunk_slides=2,
+        s3_max_attempts=2,
+        max_failed_fraction=0.5,
+    )
     _record("persistent slide fault", res, lines, out=out)
     _print_stats("persistent slide fault", fault_proxy.stats())
     assert res.exit_code == 0 and res.failed == 1 and res.ok == len(base["keys"]) - 1
@@ -148,14 +184,17 @@ def test_persistent_slide_fault_is_recorded_and_retried_next_run(s3_server, ray_
     # The failure was transient for the archive (storage, not the slide's bytes): the next run
     # retries exactly that slide and the outputs then hold every cell once.
     fault_proxy.clear()
-    res2 = run_job_collect(input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2)
+    res2 = run_job_collect(
+        input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2
+    )
     assert res2.exit_code == 0 and res2.ok == 1 and res2.skipped == len(base["keys"]) - 1
     ids = cell_ids(out, s3_server)
     assert len(ids) == len(set(ids)) and set(ids) == expected
 
 
 def test_persistent_output_write_failure_fails_the_run_and_rerun_completes(
-        s3_server, ray_cluster, base, fault_proxy):
+    s3_server, ray_cluster, base, fault_proxy
+):
     from pipeline.errors import StorageError
 
     b = base["bucket"]
@@ -163,15 +202,25 @@ def test_persistent_output_write_failure_fails_the_run_and_rerun_completes(
     rule = fault_proxy.add("503", op=("put", "multipart"), path=rf"^/{b}/out-unwritable-later/")
     lines: list[str] = []
     with pytest.raises(StorageError) as err:
-        run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2,
-                        s3_max_attempts=2)
+        run_job_collect(
+            lines,
+            input=base["input"],
+            output=out,
+            s3_endpoint=fault_proxy.url,
+            chunk_slides=2,
+            s3_max_attempts=2,
+        )
     _record("unwritable output", lines=lines, exc=err.value, out=out)
     msg = str(err.value)
-    assert msg.startswith(f"s3://{b}/out-unwritable-later/") and "SlowDown" in msg and "\n" not in msg
+    assert (
+        msg.startswith(f"s3://{b}/out-unwritable-later/") and "SlowDown" in msg and "\n" not in msg
+    )
     assert rule.injected >= 2
     assert visible_parquet_keys(s3_server, b, "out-unwritable-later/") == []
     fault_proxy.clear()
-    res = run_job_collect(input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2)
+    res = run_job_collect(
+        input=base["input"], output=out, s3_endpoint=fault_proxy.url, chunk_slides=2
+    )
     assert res.exit_code == 0 and res.ok == len(base["keys"])
     ids = cell_ids(out, s3_server)
     assert len(ids) == len(set(ids)) and set(ids) == base["cells"]
@@ -179,13 +228,17 @@ def test_persistent_output_write_failure_fails_the_run_and_rerun_completes(
     assert [k for k in all_keys(s3_server, b, "out-unwritable-later/") if "/_" in k] == []
 
 
-def test_missing_output_bucket_is_a_clear_error_before_any_work(s3_server, ray_cluster, base, fault_proxy):
+def test_missing_output_bucket_is_a_clear_error_before_any_work(
+    s3_server, ray_cluster, base, fault_proxy
+):
     from pipeline.errors import PipelineError
 
     lines: list[str] = []
     out = "s3://no-such-bucket-g0/out/"
     with pytest.raises(PipelineError) as err:
-        run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url, s3_max_attempts=1)
+        run_job_collect(
+            lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url, s3_max_attempts=1
+        )
     _record("missing output bucket", lines=lines, exc=err.value)
     assert "no-such-bucket-g0" in str(err.value) and "\n" not in str(err.value)
     # No slide was read: the error came before any work.
@@ -197,8 +250,12 @@ def test_missing_input_bucket_is_a_clear_error(s3_server, fault_proxy, tmp_path)
     from pipeline.errors import PipelineError
 
     with pytest.raises(PipelineError) as err:
-        run_job_collect(input="s3://no-such-bucket-g1/archive/", output=str(tmp_path / "out"),
-                        s3_endpoint=fault_proxy.url, s3_max_attempts=1)
+        run_job_collect(
+            input="s3://no-such-bucket-g1/archive/",
+            output=str(tmp_path / "out"),
+            s3_endpoint=fault_proxy.url,
+            s3_max_attempts=1,
+        )
     _record("missing input bucket", exc=err.value)
     assert "s3://no-such-bucket-g1/archive/" in str(err.value) and "NoSuchBucket" in str(err.value)
 
@@ -206,7 +263,9 @@ def test_missing_input_bucket_is_a_clear_error(s3_server, fault_proxy, tmp_path)
 # --------------------------------------------------------------------------- security (needs a run)
 
 
-def test_credentials_never_leak(s3_server, ray_cluster, base, fault_proxy, leak_credentials, tmp_path, capfd):
+def test_credentials_never_leak(
+    s3_server, ray_cluster, base, fault_proxy, leak_credentials, tmp_path, capfd
+):
     """Scan everything this module's runs produced (progress lines, results, errors, every object
     they wrote: Parquet incl. ``runs/config_json``, journals), plus a bad-model run, the HTML
     report, a query's output, stdout/stderr and every Ray log of the session."""
@@ -215,16 +274,30 @@ def test_credentials_never_leak(s3_server, ray_cluster, base, fault_proxy, leak_
 
     if not OUTPUTS:  # run alone: produce something first (retries and a failing slide)
         b = base["bucket"]
-        fault_proxy.add("500", op=("get", "ranged_get"), path=rf"^/{b}/{re.escape(base['keys'][0])}$")
+        fault_proxy.add(
+            "500", op=("get", "ranged_get"), path=rf"^/{b}/{re.escape(base['keys'][0])}$"
+        )
         fault_proxy.add("503", op="list", first=1)
         out = _out(b, "out-leakcheck")
         lines: list[str] = []
-        res = run_job_collect(lines, input=base["input"], output=out, s3_endpoint=fault_proxy.url,
-                              chunk_slides=3, s3_max_attempts=2, max_failed_fraction=0.5)
+        res = run_job_collect(
+            lines,
+            input=base["input"],
+            output=out,
+            s3_endpoint=fault_proxy.url,
+            chunk_slides=3,
+            s3_max_attempts=2,
+            max_failed_fraction=0.5,
+        )
         _record("leakcheck", res, lines, out=out)
     try:
-        run_job_collect(input=base["input"], output=OUTPUTS[0], s3_endpoint=fault_proxy.url,
-                        s3_max_attempts=1, model=str(tmp_path / "no-model"))
+        run_job_collect(
+            input=base["input"],
+            output=OUTPUTS[0],
+            s3_endpoint=fault_proxy.url,
+            s3_max_attempts=1,
+            model=str(tmp_path / "no-model"),
+        )
     except PipelineError as exc:
         _record("bad model", exc=exc)
     texts = dict(PRODUCED)
@@ -232,8 +305,21 @@ def test_credentials_never_leak(s3_server, ray_cluster, base, fault_proxy, leak_
     report = tmp_path / "report.html"
     assert main(["report", "--output", out, "--out", str(report), "--s3-endpoint", s3_server]) == 0
     texts["report"] = report.read_text(errors="replace")
-    assert main(["query", "SELECT * FROM runs", "--output", out, "--s3-endpoint", s3_server,
-                 "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "SELECT * FROM runs",
+                "--output",
+                out,
+                "--s3-endpoint",
+                s3_server,
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     captured = capfd.readouterr()
     texts["stdout/stderr"] = captured.out + captured.err
     for o in OUTPUTS:
@@ -246,7 +332,9 @@ def test_credentials_never_leak(s3_server, ray_cluster, base, fault_proxy, leak_
     b = base["bucket"]
     for key in all_keys(s3_server, b):
         if not key.startswith("archive/"):
-            texts[f"object {key}"] = s3.get_object(Bucket=b, Key=key)["Body"].read().decode("latin-1")
+            texts[f"object {key}"] = (
+                s3.get_object(Bucket=b, Key=key)["Body"].read().decode("latin-1")
+            )
     import ray
 
     log_dir = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
@@ -257,7 +345,9 @@ def test_credentials_never_leak(s3_server, ray_cluster, base, fault_proxy, leak_
     found = {k: v for k, v in found.items() if v}
     assert not found, f"credentials leaked into: {found}"
     assert len(texts) > 10 and any(k.startswith("object ") and "/runs/" in k for k in texts)
-    print(f"\ncredential scan: {len(texts)} texts, {sum(map(len, texts.values())) / 1e6:.1f} MB, no leak")
+    print(
+        f"\ncredential scan: {len(texts)} texts, {sum(map(len, texts.values())) / 1e6:.1f} MB, no leak"
+    )
 
 
 def test_writes_confined_to_output_prefix(s3_server, base):
@@ -268,4 +358,3 @@ def test_writes_confined_to_output_prefix(s3_server, base):
     outside = [k for k in keys if not k.startswith(("archive/", "baseline-out/", "out-"))]
     assert outside == []
     assert sorted(k for k in keys if k.startswith("archive/")) == base["keys"]
-

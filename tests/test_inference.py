@@ -39,7 +39,9 @@ def test_demo_checkpoint_is_committed_and_small():
     assert weights.is_file() and weights.stat().st_size <= 20 * 2**20
     for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "MODEL_CARD.md"):
         assert (DEMO_CHECKPOINT / name).is_file(), name
-    assert not [p for p in DEMO_CHECKPOINT.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    assert not [
+        p for p in DEMO_CHECKPOINT.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
+    ]
     card = (DEMO_CHECKPOINT / "MODEL_CARD.md").read_text()
     assert "not for clinical use" in card and "GPL-3.0" in card
 
@@ -72,7 +74,9 @@ def test_batching_does_not_change_results(captioner, real_crops):
 def test_beam_decoding(real_crops):
     _, crops = real_crops
     cap = Captioner(decoding="beam", max_new_tokens=40)
-    assert cap.generate_kwargs["num_beams"] == 4 and cap.generate_kwargs["no_repeat_ngram_size"] == 3
+    assert (
+        cap.generate_kwargs["num_beams"] == 4 and cap.generate_kwargs["no_repeat_ngram_size"] == 3
+    )
     results = cap.caption(crops[:2])
     assert len(results) == 2 and all(r.caption for r in results)
     assert all(math.isfinite(r.mean_logprob) for r in results)
@@ -141,11 +145,16 @@ def bccd_crops():
 
     side, crops = 360, []
     for f in sorted((SAMPLE_DATA_DIR / "bccd" / "JPEGImages").glob("*.jpg")):
-        img = np.pad(np.asarray(Image.open(f).convert("RGB")), ((side, side), (side, side), (0, 0)),
-                     constant_values=255)
-        for x0, y0, x1, y1 in read_voc_boxes(SAMPLE_DATA_DIR / "bccd" / "Annotations" / f"{f.stem}.xml"):
+        img = np.pad(
+            np.asarray(Image.open(f).convert("RGB")),
+            ((side, side), (side, side), (0, 0)),
+            constant_values=255,
+        )
+        for x0, y0, x1, y1 in read_voc_boxes(
+            SAMPLE_DATA_DIR / "bccd" / "Annotations" / f"{f.stem}.xml"
+        ):
             cx, cy = (x0 + x1) // 2 + side, (y0 + y1) // 2 + side
-            c = img[cy - side // 2:cy + side // 2, cx - side // 2:cx + side // 2]
+            c = img[cy - side // 2 : cy + side // 2, cx - side // 2 : cx + side // 2]
             crops.append(np.asarray(Image.fromarray(c).resize((224, 224), Image.BICUBIC)))
     assert len(crops) >= 40
     return np.stack(crops)
@@ -163,7 +172,9 @@ def _processor(size, **kwargs):
     return BlipImageProcessorPil(size=size, **kwargs)
 
 
-@pytest.mark.parametrize("float_kernel", [False, True], ids=["uint8-kernel", "float-kernel-as-cuda"])
+@pytest.mark.parametrize(
+    "float_kernel", [False, True], ids=["uint8-kernel", "float-kernel-as-cuda"]
+)
 @pytest.mark.parametrize("size", [None, 384], ids=["demo-112", "blip-base-384"])
 def test_device_preprocess_matches_processor(captioner, bccd_crops, size, float_kernel):
     from dataclasses import replace
@@ -217,13 +228,16 @@ def test_device_and_processor_captions_agree(bccd_crops):
     assert max(abs(x.mean_logprob - y.mean_logprob) for x, y in zip(a, b)) < 1e-3
 
 
-@pytest.mark.parametrize("change, reason", [  # one setting each that the device path lacks
-    ({"do_center_crop": True, "crop_size": {"height": 100, "width": 100}}, "do_center_crop"),
-    ({"do_pad": True}, "do_pad"),
-    ({"resample": 0}, "resample"),
-    ({"size": {"shortest_edge": 112}}, "size"),
-    ({"reducing_gap": 2.0}, "reducing_gap"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [  # one setting each that the device path lacks
+        ({"do_center_crop": True, "crop_size": {"height": 100, "width": 100}}, "do_center_crop"),
+        ({"do_pad": True}, "do_pad"),
+        ({"resample": 0}, "resample"),
+        ({"size": {"shortest_edge": 112}}, "size"),
+        ({"reducing_gap": 2.0}, "reducing_gap"),
+    ],
+)
 def test_unreproducible_processor_falls_back(captioner, bccd_crops, change, reason):
     from hemblip.model import LoadedModel
     from hemblip.preprocess import plan_for
@@ -255,10 +269,12 @@ def test_preprocess_flag_and_bad_crops_on_device_path(captioner):
     with pytest.raises(HemblipConfigError, match="--preprocess"):
         Captioner(preprocess="gpu")
     assert captioner.preprocess == "device"
-    for bad, where in [(np.zeros((2, 8, 8, 3), np.float32), "crop 0"),
-                       (np.zeros((2, 8, 8, 4), np.uint8), "crop 0"),
-                       (np.zeros((8, 8, 3), np.uint8), "crops"),
-                       ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.int16)], "crop 1")]:
+    for bad, where in [
+        (np.zeros((2, 8, 8, 3), np.float32), "crop 0"),
+        (np.zeros((2, 8, 8, 4), np.uint8), "crop 0"),
+        (np.zeros((8, 8, 3), np.uint8), "crops"),
+        ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.int16)], "crop 1"),
+    ]:
         with pytest.raises(DatasetError, match=where) as info:
             captioner.caption(bad)
         assert "\n" not in str(info.value)

@@ -14,7 +14,9 @@ pytestmark = pytest.mark.integration
 def test_demo_runs_twice_and_second_run_is_empty(ray_cluster, tmp_path):
     lines: list[str] = []
     out = tmp_path / "demo_output"
-    result = run_demo(out, say=lines.append, caption_batch_size=8, model=os.environ.get("JOB_TEST_MODEL") or None)
+    result = run_demo(
+        out, say=lines.append, caption_batch_size=8, model=os.environ.get("JOB_TEST_MODEL") or None
+    )
     first, second = result.first, result.second
     assert (first.listed, first.ok, first.failed, first.exit_code) == (4, 3, 1, 0)
     assert first.cells_written > 0

@@ -89,7 +89,11 @@ def test_full_run_failures_and_incremental_reruns(s3_server, ray_cluster, sample
         assert {u: sorted(v) for u, v in got.items()} == {u: sorted(v) for u, v in good.items()}
         assert first.cells_written == cells.num_rows == sum(len(v) for v in good.values()) > 0
         row = cells.slice(0, 1).to_pylist()[0]
-        assert row["caption"] and row["run_id"] == first.run_id and row["model_version"] == first.model_version
+        assert (
+            row["caption"]
+            and row["run_id"] == first.run_id
+            and row["model_version"] == first.model_version
+        )
         assert row["thumbnail_jpeg"][:2] == b"\xff\xd8"
         assert row["schema_version"] and row["pipeline_version"]
         slides = read_table(cfg, "slides")
@@ -109,10 +113,18 @@ def test_full_run_failures_and_incremental_reruns(s3_server, ray_cluster, sample
         assert len(all_ids) == len(set(all_ids))
 
         # Third run: nothing new (no cells/slides files); only its own runs/ row.
-        before = (visible_files(cfg, "cells"), visible_files(cfg, "slides"), visible_files(cfg, "runs"))
+        before = (
+            visible_files(cfg, "cells"),
+            visible_files(cfg, "slides"),
+            visible_files(cfg, "runs"),
+        )
         third = run_job(cfg)
         assert (third.ok, third.failed, third.skipped, third.cells_written) == (0, 0, 4, 0)
-        after = (visible_files(cfg, "cells"), visible_files(cfg, "slides"), visible_files(cfg, "runs"))
+        after = (
+            visible_files(cfg, "cells"),
+            visible_files(cfg, "slides"),
+            visible_files(cfg, "runs"),
+        )
         assert after[:2] == before[:2] and len(after[2]) == len(before[2]) + 1
         dry = run_job(job_config(proxy.url, bucket, dry_run=True))
         assert dry.would_process == [] and dry.status == "dry_run"
@@ -152,7 +164,13 @@ def test_empty_archive(s3_server):
     bucket = new_bucket(s3_server)
     cfg = job_config(s3_server, bucket)
     result = run_job(cfg)
-    assert (result.listed, result.ok, result.failed, result.exit_code, result.status) == (0, 0, 0, 0, "ok")
+    assert (result.listed, result.ok, result.failed, result.exit_code, result.status) == (
+        0,
+        0,
+        0,
+        0,
+        "ok",
+    )
     assert read_table(cfg, "cells") is None and read_table(cfg, "slides") is None
     assert read_table(cfg, "runs").column("slides_listed").to_pylist() == [0]
 
@@ -165,5 +183,9 @@ def test_archive_of_non_slide_objects(s3_server):
     cfg = job_config(s3_server, bucket)
     result = run_job(cfg)
     assert (result.listed, result.exit_code) == (0, 0)
-    assert sorted(u.rsplit("/", 1)[-1] for u in result.ignored) == [".upload.svs", "labels.json", "notes.txt"]
+    assert sorted(u.rsplit("/", 1)[-1] for u in result.ignored) == [
+        ".upload.svs",
+        "labels.json",
+        "notes.txt",
+    ]
     assert read_table(cfg, "cells") is None

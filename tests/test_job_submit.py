@@ -72,22 +72,58 @@ def _stop_head(temp_dir: str) -> None:
 
 @pytest.fixture
 def ray_head(s3_server):
-    temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")  # short: Ray's socket paths are length-limited
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HEMBLIP_CACHE=os.path.join(temp_dir, "model-cache"))
-    for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # the job gets --s3-endpoint
+    temp_dir = tempfile.mkdtemp(
+        prefix="rjs", dir="/tmp"
+    )  # short: Ray's socket paths are length-limited
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        RAY_USAGE_STATS_ENABLED="0",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HEMBLIP_CACHE=os.path.join(temp_dir, "model-cache"),
+    )
+    for key in (
+        "RAY_ADDRESS",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+    ):  # the job gets --s3-endpoint
         env.pop(key, None)
     dash = _free_port()
     # Every port of the head is chosen free: the defaults (e.g. the dashboard agent's 52365) are
     # taken when the session's in-process Ray cluster or another one already runs here.
-    ports = {flag: str(_free_port()) for flag in (
-        "--port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
-        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-        "--metrics-export-port")}
-    cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1",
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-           "--temp-dir", temp_dir, "--disable-usage-stats", "--include-dashboard", "true"]
+    ports = {
+        flag: str(_free_port())
+        for flag in (
+            "--port",
+            "--ray-client-server-port",
+            "--node-manager-port",
+            "--object-manager-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+        )
+    }
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+        "--include-dashboard",
+        "true",
+    ]
     for flag, port in ports.items():
         cmd += [flag, port]
     try:
@@ -112,15 +148,49 @@ def test_ray_job_submit_runs_the_job(s3_server, ray_head, tmp_path_factory):
     model_dir = Path(os.environ.get("JOB_TEST_MODEL") or DEMO_CHECKPOINT)
     for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         put(s3_server, bucket, "models/demo/" + f.relative_to(model_dir).as_posix(), f)
-    excludes = [".venv", ".git", "demo_output", "*.egg-info", "tests", "bench", "docs", "cluster",
-                "__pycache__", ".pytest_cache", ".ruff_cache"]
-    submit = [RAY, "job", "submit", "--address", address, "--submission-id", f"hemblip-test-{bucket}",
-              "--working-dir", str(REPO),
-              "--runtime-env-json", json.dumps({"excludes": excludes}), "--",
-              sys.executable, "-m", "pipeline", "run", "--input", f"s3://{bucket}/slides/",
-              "--output", f"s3://{bucket}/out/", "--s3-endpoint", s3_server,
-              "--model", f"s3://{bucket}/models/demo/",
-              "--caption-batch-size", "8", "--thumbnail-px", "48"]
+    excludes = [
+        ".venv",
+        ".git",
+        "demo_output",
+        "*.egg-info",
+        "tests",
+        "bench",
+        "docs",
+        "cluster",
+        "__pycache__",
+        ".pytest_cache",
+        ".ruff_cache",
+    ]
+    submit = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        f"hemblip-test-{bucket}",
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": excludes}),
+        "--",
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        f"s3://{bucket}/slides/",
+        "--output",
+        f"s3://{bucket}/out/",
+        "--s3-endpoint",
+        s3_server,
+        "--model",
+        f"s3://{bucket}/models/demo/",
+        "--caption-batch-size",
+        "8",
+        "--thumbnail-px",
+        "48",
+    ]
     for _ in range(12):
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
         log = done.stdout[-4000:] + done.stderr[-4000:]
@@ -135,6 +205,10 @@ def test_ray_job_submit_runs_the_job(s3_server, ray_head, tmp_path_factory):
     cells = read_table(cfg, "cells")
     runs = read_table(cfg, "runs")
     assert cells is not None and cells.num_rows > 0
-    assert set(cells.column("slide_uri").to_pylist()) == {f"s3://{bucket}/slides/{s.path.name}" for s in samples}
-    assert runs.column("status").to_pylist() == ["ok"] and runs.column("slides_ok").to_pylist() == [2]
+    assert set(cells.column("slide_uri").to_pylist()) == {
+        f"s3://{bucket}/slides/{s.path.name}" for s in samples
+    }
+    assert runs.column("status").to_pylist() == ["ok"] and runs.column("slides_ok").to_pylist() == [
+        2
+    ]
     assert runs.column("model_id").to_pylist() == [f"s3://{bucket}/models/demo/"]

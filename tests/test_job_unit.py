@@ -54,16 +54,25 @@ def test_config_rejects_other_schemes():
 
 
 def test_fractional_gpus_and_extension_normalisation():
-    cfg = JobConfig(input="in", output="out", caption_gpus_per_actor=0.25, extensions=("SVS", ".Tiff"))
+    cfg = JobConfig(
+        input="in", output="out", caption_gpus_per_actor=0.25, extensions=("SVS", ".Tiff")
+    )
     assert cfg.caption_gpus_per_actor == 0.25
     assert cfg.extensions == (".svs", ".tiff")
 
 
 def test_yaml_then_cli_override(tmp_path):
     y = tmp_path / "job.yaml"
-    y.write_text("input: s3://archive/slides/\noutput: s3://out/x/\ncaption-batch-size: 8\nchunk_slides: 4\n")
+    y.write_text(
+        "input: s3://archive/slides/\noutput: s3://out/x/\ncaption-batch-size: 8\nchunk_slides: 4\n"
+    )
     cfg = load_config(y, {"chunk_slides": 2, "model": None})
-    assert (cfg.input, cfg.caption_batch_size, cfg.chunk_slides, cfg.model) == ("s3://archive/slides/", 8, 2, None)
+    assert (cfg.input, cfg.caption_batch_size, cfg.chunk_slides, cfg.model) == (
+        "s3://archive/slides/",
+        8,
+        2,
+        None,
+    )
 
 
 def test_yaml_unknown_key_and_bad_yaml(tmp_path):
@@ -87,7 +96,9 @@ def test_identity_is_deterministic_and_sensitive():
     assert a != slide_id("s3://b/y.svs", "e1", 10)
     assert cell_id(a, 100.4, 200.6) == cell_id(a, 100.0, 201.0)
     assert cell_id(a, 100.0, 200.0) != cell_id(a, 101.0, 200.0)
-    assert chunk_name(["b", "a"], "v1") == chunk_name(["a", "b"], "v1") != chunk_name(["a", "b"], "v2")
+    assert (
+        chunk_name(["b", "a"], "v1") == chunk_name(["a", "b"], "v1") != chunk_name(["a", "b"], "v2")
+    )
 
 
 # -- listing --------------------------------------------------------------------------------
@@ -98,15 +109,31 @@ def _touch(root: Path, rel: str, data: bytes = b"x") -> None:
 
 
 def test_listing_groups_multi_file_slides(tmp_path):
-    for rel in ["a.svs", "B.TIFF", "readme.txt", "truth.json", ".partial.svs",
-                "m/slide1.mrxs", "m/slide1/Slidedat.ini", "m/slide1/Data0000.dat",
-                "dicom/s1/f0.dcm", "dicom/s1/f1.dcm", "dicom/s2/only.dcm"]:
+    for rel in [
+        "a.svs",
+        "B.TIFF",
+        "readme.txt",
+        "truth.json",
+        ".partial.svs",
+        "m/slide1.mrxs",
+        "m/slide1/Slidedat.ini",
+        "m/slide1/Data0000.dat",
+        "dicom/s1/f0.dcm",
+        "dicom/s1/f1.dcm",
+        "dicom/s2/only.dcm",
+    ]:
         _touch(tmp_path, rel)
-    lst = list_slides(storage_for(str(tmp_path)), str(tmp_path), JobConfig(input="i", output="o").extensions)
+    lst = list_slides(
+        storage_for(str(tmp_path)), str(tmp_path), JobConfig(input="i", output="o").extensions
+    )
     by_name = {Path(s.uri).name or s.uri: s for s in lst.slides}
     assert len(lst.slides) == 5, [s.uri for s in lst.slides]
     mrxs = next(s for s in lst.slides if s.uri.endswith("slide1.mrxs"))
-    assert sorted(p.rel for p in mrxs.parts) == ["slide1.mrxs", "slide1/Data0000.dat", "slide1/Slidedat.ini"]
+    assert sorted(p.rel for p in mrxs.parts) == [
+        "slide1.mrxs",
+        "slide1/Data0000.dat",
+        "slide1/Slidedat.ini",
+    ]
     assert mrxs.open_rel == "slide1.mrxs" and mrxs.size == 3
     s1 = next(s for s in lst.slides if s.uri.replace("\\", "/").endswith("dicom/s1/"))
     assert [p.rel for p in s1.parts] == ["f0.dcm", "f1.dcm"] and s1.open_rel == "f0.dcm"
@@ -129,7 +156,9 @@ def test_listing_missing_directory(tmp_path):
 
 
 # -- scratch confinement ----------------------------------------------------------------------
-@pytest.mark.parametrize("key", ["../../etc/passwd", "a/../../b.svs", "/abs/x.svs", "..", "./a/./b.svs", "a\\..\\..\\c"])
+@pytest.mark.parametrize(
+    "key", ["../../etc/passwd", "a/../../b.svs", "/abs/x.svs", "..", "./a/./b.svs", "a\\..\\..\\c"]
+)
 def test_confined_path_never_escapes(tmp_path, key):
     root = tmp_path / "scratch"
     root.mkdir()
@@ -142,7 +171,10 @@ def test_confined_path_never_escapes(tmp_path, key):
 
 
 def test_confined_path_keeps_layout(tmp_path):
-    assert confined_path(tmp_path, "slide1/Data0000.dat") == (tmp_path / "slide1" / "Data0000.dat").resolve()
+    assert (
+        confined_path(tmp_path, "slide1/Data0000.dat")
+        == (tmp_path / "slide1" / "Data0000.dat").resolve()
+    )
 
 
 # -- writer ---------------------------------------------------------------------------------
@@ -225,7 +257,9 @@ def test_permanent_failures_are_settled_transient_ones_retried(tmp_path):
     w = OutputWriter(storage_for(str(out)), str(out), "r1", "2026-01-02", "v1")
     cells, slides = _rows(["bad", "flaky"], cells_per=0)
     slides[0].update(status="failed", reason="SlideOpenError: s3://b/bad.svs: not a slide")
-    slides[1].update(status="failed", reason="StorageError: s3://b/flaky.svs: download failed (503)")
+    slides[1].update(
+        status="failed", reason="StorageError: s3://b/flaky.svs: download failed (503)"
+    )
     w.commit_chunk(cells, slides)
     assert w.done_slides("v1") == {"bad"}
     assert w.done_slides("v1", retry_failed=True) == set()
@@ -245,7 +279,9 @@ def test_skipped_rows_never_replace_chunks_nor_make_slides_done(tmp_path):
     slides[0]["status"] = "failed"
     slides[0]["reason"] = "StorageError: s3://b/s1.svs: download failed (503)"
     c = w.commit_chunk(cells, slides)
-    w.write_skipped([{"slide_id": "s1", "status": "skipped", "model_version": "v1", "run_id": "r1"}])
+    w.write_skipped(
+        [{"slide_id": "s1", "status": "skipped", "model_version": "v1", "run_id": "r1"}]
+    )
     assert len(visible_parquet(storage_for(str(out)), str(out), "slides")) == 2
     assert (out / "slides" / "run_date=2026-01-02" / f"part-{c.name}.parquet").is_file()
     assert w.done_slides("v1") == set()
@@ -295,7 +331,9 @@ def test_model_identity_leaves_the_process_environment_as_it_was(tmp_path, monke
     assert {key: os.environ.get(key) for key in keys} == before
 
 
-@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MY_API_TOKEN"])
+@pytest.mark.parametrize(
+    "name", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MY_API_TOKEN"]
+)
 def test_forwarding_a_secret_is_refused(name):
     from pipeline.errors import ConfigError
     from pipeline.job.config import JobConfig
@@ -316,6 +354,11 @@ def test_s3_client_is_built_once_per_process_and_configuration(monkeypatch):
     s = S3Settings(endpoint="http://127.0.0.1:9")
     a = storage_for("s3://bucket-a/x.svs", s).client
     assert storage_for("s3://bucket-b/y.svs", S3Settings(endpoint="http://127.0.0.1:9")).client is a
-    assert storage_for("s3://bucket-a/x.svs", S3Settings(endpoint="http://127.0.0.1:9", max_attempts=2)).client is not a
+    assert (
+        storage_for(
+            "s3://bucket-a/x.svs", S3Settings(endpoint="http://127.0.0.1:9", max_attempts=2)
+        ).client
+        is not a
+    )
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unit-key-b")
     assert storage_for("s3://bucket-a/x.svs", s).client is not a

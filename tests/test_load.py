@@ -21,10 +21,12 @@ WORKER_MAX_MIB = 3072
 def test_40_slides_one_run(s3_server, ray_cluster, tmp_path):
     m = load_run(s3_server, N_SLIDES, tmp_path, chunk_slides=8)
     res = m["result"]
-    print(f"\n{N_SLIDES} slides: {m['seconds']:.1f} s, {m['slides_per_hour']:.0f} slides/h, "
-          f"{m['cells_per_s']:.2f} cells/s, {m['cells']} cells; peak RSS driver "
-          f"{m['driver_peak_mib']:.0f} MiB, largest worker {m['worker_peak_mib']:.0f} MiB, "
-          f"all workers {m['workers_total_peak_mib']:.0f} MiB ({m['workers_seen']} worker processes)")
+    print(
+        f"\n{N_SLIDES} slides: {m['seconds']:.1f} s, {m['slides_per_hour']:.0f} slides/h, "
+        f"{m['cells_per_s']:.2f} cells/s, {m['cells']} cells; peak RSS driver "
+        f"{m['driver_peak_mib']:.0f} MiB, largest worker {m['worker_peak_mib']:.0f} MiB, "
+        f"all workers {m['workers_total_peak_mib']:.0f} MiB ({m['workers_seen']} worker processes)"
+    )
     assert res.exit_code == 0 and res.ok == N_SLIDES and res.failed == 0
     ids = cell_ids(m["output"], s3_server)
     assert len(ids) == len(set(ids)) == res.cells_written >= N_SLIDES

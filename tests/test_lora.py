@@ -46,8 +46,14 @@ def test_lora_targets_and_frozen_parts(base):
         assert any(f"crossattention.{part}.lora_A" in n for n in lora), part
     assert not any("vision_model" in n for n in trainable)
     full = {n for n in trainable if "modules_to_save" in n}
-    for part in ("embeddings.word_embeddings", "embeddings.position_embeddings",
-                 "embeddings.LayerNorm", "text_decoder.cls", "encoder.layer.1.", "encoder.layer.2."):
+    for part in (
+        "embeddings.word_embeddings",
+        "embeddings.position_embeddings",
+        "embeddings.LayerNorm",
+        "text_decoder.cls",
+        "encoder.layer.1.",
+        "encoder.layer.2.",
+    ):
         assert any(part in n for n in full), part
     assert not any("encoder.layer.0." in n for n in full)
     # Self-attention of the adapted layer stays frozen.
@@ -56,8 +62,10 @@ def test_lora_targets_and_frozen_parts(base):
     assert 0 < t < total and 0.0 < share < 1.0
     # The LM head stays tied to the word embeddings inside the trained copies.
     dec = pm.base_model.model.text_decoder
-    assert (dec.cls.modules_to_save["default"].predictions.decoder.weight
-            is dec.bert.embeddings.word_embeddings.modules_to_save["default"].weight)
+    assert (
+        dec.cls.modules_to_save["default"].predictions.decoder.weight
+        is dec.bert.embeddings.word_embeddings.modules_to_save["default"].weight
+    )
 
 
 def test_trainable_share_blip_base_architecture():
@@ -84,7 +92,9 @@ def test_adapter_save_load_merge_equivalence(base, tmp_path):
     loaded, base_dir = base
     px, ids, mask = _inputs(loaded.tokenizer)
     with torch.no_grad():
-        ref = loaded.model.eval()(pixel_values=px, input_ids=ids, attention_mask=mask).logits.clone()
+        ref = loaded.model.eval()(
+            pixel_values=px, input_ids=ids, attention_mask=mask
+        ).logits.clone()
     pm = apply_lora(loaded.model)
     # Make the adapters and a fully trained module non-trivial (B starts at zero).
     g = torch.Generator().manual_seed(1)

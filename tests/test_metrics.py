@@ -51,7 +51,9 @@ def test_bleu_is_nltk_sentence_bleu_method4():
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
     ref, hyp = "a b c d e f", "a b c x e f"
-    expected = sentence_bleu([ref.split()], hyp.split(), smoothing_function=SmoothingFunction().method4)
+    expected = sentence_bleu(
+        [ref.split()], hyp.split(), smoothing_function=SmoothingFunction().method4
+    )
     assert bleu([ref], [hyp]) == pytest.approx(expected) and 0 < expected < 1
 
 
@@ -64,14 +66,20 @@ def test_attribute_metrics_hand_computed():
     assert m["accuracy_mentioned"] == pytest.approx(1 / 3)
     assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 0 / 1) / 2)
     none = attribute_metrics(refs, preds, names=["nucleolus"])["nucleolus"]
-    assert none["n_mentioned"] == 0 and none["accuracy_mentioned"] is None and none["accuracy_all"] == 1.0
+    assert (
+        none["n_mentioned"] == 0
+        and none["accuracy_mentioned"] is None
+        and none["accuracy_all"] == 1.0
+    )
 
 
 def test_exact_match_and_cell_types():
     refs = [{"a": "x", "b": "y"}, {"a": "x", "b": None}, {"a": None, "b": None}]
     preds = [{"a": "x", "b": "z"}, {"a": "x", "b": "q"}, {"a": "w"}]
     assert exact_match(refs, preds) == (0.5, 2)
-    m = cell_type_metrics(["neutrophil", "neutrophil", "basophil", None], ["neutrophil", None, "monocyte", "x"])
+    m = cell_type_metrics(
+        ["neutrophil", "neutrophil", "basophil", None], ["neutrophil", None, "monocyte", "x"]
+    )
     assert m["accuracy"] == pytest.approx(1 / 3) and m["n"] == 3
     assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 0) / 2)
     conf = m["confusion"]
@@ -81,34 +89,57 @@ def test_exact_match_and_cell_types():
 
 
 def _s(i, ct, attrs, split=None, case="healthy"):
-    return CaptionSample(np.zeros((4, 4, 3), np.uint8), render_caption(ct, case, attrs), ct, case,
-                         attrs, f"c{i}", "t", split)
+    return CaptionSample(
+        np.zeros((4, 4, 3), np.uint8),
+        render_caption(ct, case, attrs),
+        ct,
+        case,
+        attrs,
+        f"c{i}",
+        "t",
+        split,
+    )
 
 
 def _cells():
     return [
-        _s(0, "neutrophil", {"cell_size": "big", "granule_type": "small", "granule_colour": "pink"}),
-        _s(1, "neutrophil", {"cell_size": "big", "granule_type": "small", "granule_colour": "pink"}),
+        _s(
+            0, "neutrophil", {"cell_size": "big", "granule_type": "small", "granule_colour": "pink"}
+        ),
+        _s(
+            1, "neutrophil", {"cell_size": "big", "granule_type": "small", "granule_colour": "pink"}
+        ),
         _s(2, "lymphocyte", {"cell_size": "small", "granule_type": "nil", "granule_colour": "nil"}),
-        _s(3, "basophil", {"cell_size": "big", "granule_type": "coarse", "granule_colour": "purple"}),
+        _s(
+            3,
+            "basophil",
+            {"cell_size": "big", "granule_type": "coarse", "granule_colour": "purple"},
+        ),
         _s(4, "monocyte", {}, case=None),
     ]
 
 
 def test_majority_baseline_caption():
     cells = _cells()
-    m = majority_labels([{"cell_type": c.cell_type, "case": c.case, "attributes": c.attributes} for c in cells])
+    m = majority_labels(
+        [{"cell_type": c.cell_type, "case": c.case, "attributes": c.attributes} for c in cells]
+    )
     assert m["cell_type"] == "neutrophil" and m["case"] == "healthy"
     assert m["attributes"]["cell_size"] == "big" and m["attributes"]["nucleolus"] is None
-    assert baseline_caption([{"cell_type": c.cell_type, "case": c.case, "attributes": c.attributes}
-                             for c in cells]) == (
-        "This is a neutrophil from a healthy case, noted for its big size, small pink granules.")
+    assert baseline_caption(
+        [{"cell_type": c.cell_type, "case": c.case, "attributes": c.attributes} for c in cells]
+    ) == ("This is a neutrophil from a healthy case, noted for its big size, small pink granules.")
 
 
 def test_evaluate_captions_report_and_markdown():
     cells = _cells()
-    perfect = evaluate_captions(cells, [c.caption for c in cells], train_samples=cells[:2],
-                                model_name="oracle", with_bertscore=False)
+    perfect = evaluate_captions(
+        cells,
+        [c.caption for c in cells],
+        train_samples=cells[:2],
+        model_name="oracle",
+        with_bertscore=False,
+    )
     model, base = perfect["rows"]
     assert model["name"] == "oracle" and base["name"] == "majority baseline"
     assert model["bleu"] == pytest.approx(1.0) and model["rouge_l"] == pytest.approx(1.0)
@@ -167,8 +198,20 @@ def test_evaluate_cli_with_real_captioner(tmp_path):
     from hemblip.__main__ import main
 
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
-    rc = main(["evaluate", "--data", str(FIXTURE / "annotations.json"), "--no-bertscore",
-               "--json", str(out_json), "--markdown", str(out_md), "--batch-size", "2"])
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            str(FIXTURE / "annotations.json"),
+            "--no-bertscore",
+            "--json",
+            str(out_json),
+            "--markdown",
+            str(out_md),
+            "--batch-size",
+            "2",
+        ]
+    )
     assert rc == 0
     report = json.loads(out_json.read_text())
     assert report["n_samples"] == 3 and report["rows"][0]["name"] == report["model"]["id"]
@@ -181,28 +224,51 @@ def test_evaluate_cli_bad_input_is_one_line_error(tmp_path, capsys):
 
     assert main(["evaluate", "--data", str(tmp_path / "missing.csv")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "missing.csv: dataset file not found" in err and "\n" not in err
+    assert (
+        err.startswith("error: ")
+        and "missing.csv: dataset file not found" in err
+        and "\n" not in err
+    )
     assert main(["evaluate", "--data", str(tmp_path), "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().err
 
 
 def test_evaluate_with_a_real_untrained_tiny_model(tmp_path):
     model_mod = pytest.importorskip("hemblip.model")
-    if not hasattr(model_mod, "build_model") or importlib.util.find_spec("hemblip.inference") is None:
+    if (
+        not hasattr(model_mod, "build_model")
+        or importlib.util.find_spec("hemblip.inference") is None
+    ):
         pytest.skip("model building / Captioner not in this tree yet")
     from hemblip.__main__ import main
 
     loaded = model_mod.build_model("tiny", seed=0)
     model_mod.save_model(loaded.model, loaded.image_processor, loaded.tokenizer, tmp_path / "tiny")
     out_json = tmp_path / "r.json"
-    rc = main(["evaluate", "--model", str(tmp_path / "tiny"), "--data", str(FIXTURE / "annotations.json"),
-               "--no-bertscore", "--json", str(out_json), "--batch-size", "3", "--max-new-tokens", "6"])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "tiny"),
+            "--data",
+            str(FIXTURE / "annotations.json"),
+            "--no-bertscore",
+            "--json",
+            str(out_json),
+            "--batch-size",
+            "3",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
     assert rc == 0
     report = json.loads(out_json.read_text())
     model_row, base_row = report["rows"]
     assert report["n_samples"] == 3 and model_row["name"] == str(tmp_path / "tiny")
     assert report["model"]["version"] and len(report["model"]["version"]) == 16
     assert 0.0 <= model_row["bleu"] <= 1.0 and model_row["mean_logprob"] < 0
-    assert len(report["examples"]) == 3 and all(isinstance(e["prediction"], str) for e in report["examples"])
+    assert len(report["examples"]) == 3 and all(
+        isinstance(e["prediction"], str) for e in report["examples"]
+    )
     # the baseline row is computed from the same references, independent of the model
     assert base_row["n"] == 3 and report["baseline"]["source"].startswith("evaluated set")

@@ -15,11 +15,23 @@ from hemblip.tokenizer import detokenize, encode_captions  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
-CAPTION = render_caption("eosinophil", "healthy", {
-    "cell_size": "small", "cell_shape": "round", "nucleus_shape": "segmented-bilobed",
-    "nuclear_cytoplasmic_ratio": "low", "chromatin_density": "densely",
-    "cytoplasm_texture": "clear", "cytoplasm_colour": "light blue", "granule_type": "round",
-    "granule_colour": "red", "granularity": "yes", "cytoplasm_vacuole": "no"})
+CAPTION = render_caption(
+    "eosinophil",
+    "healthy",
+    {
+        "cell_size": "small",
+        "cell_shape": "round",
+        "nucleus_shape": "segmented-bilobed",
+        "nuclear_cytoplasmic_ratio": "low",
+        "chromatin_density": "densely",
+        "cytoplasm_texture": "clear",
+        "cytoplasm_colour": "light blue",
+        "granule_type": "round",
+        "granule_colour": "red",
+        "granularity": "yes",
+        "cytoplasm_vacuole": "no",
+    },
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +59,7 @@ def test_tokenizer_frames_captions_like_generate(tiny):
     assert (ids[:, 0] == tok.bos_token_id).all()
     n = mask.sum(dim=1)
     assert ids[0, n[0] - 1] == tok.sep_token_id and ids[1, n[1] - 1] == tok.sep_token_id
-    assert (labels[1, n[1]:] == -100).all() and (labels[mask == 1] == ids[mask == 1]).all()
+    assert (labels[1, n[1] :] == -100).all() and (labels[mask == 1] == ids[mask == 1]).all()
     assert tok.unk_token_id not in ids.tolist()[0]  # every caption word is in the vocabulary
     # ids -> text gives back the rendered caption exactly (the parser sees reference form)
     assert detokenize(tok, ids[0].tolist()) == CAPTION
@@ -99,7 +111,11 @@ def test_dir_without_weights_lists_missing(tiny_dir, tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_model(d)
     msg = str(exc.value)
-    assert str(d) in msg and "model.safetensors" in msg and "config.json" not in msg.split("missing")[1]
+    assert (
+        str(d) in msg
+        and "model.safetensors" in msg
+        and "config.json" not in msg.split("missing")[1]
+    )
 
 
 def test_empty_dir_lists_everything(tmp_path):
@@ -130,8 +146,11 @@ def test_pickle_weights_refused_unless_allowed(tiny, tiny_dir, tmp_path):
         load_model(d)
     loaded = load_model(d, allow_pickle=True)
     px = torch.randn(1, 3, 64, 64)
-    assert torch.allclose(_logits(tiny.model, tiny.tokenizer, px),
-                          _logits(loaded.model, loaded.tokenizer, px), atol=1e-6)
+    assert torch.allclose(
+        _logits(tiny.model, tiny.tokenizer, px),
+        _logits(loaded.model, loaded.tokenizer, px),
+        atol=1e-6,
+    )
     assert loaded.weights_files == [d / "pytorch_model.bin"]
 
 

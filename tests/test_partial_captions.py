@@ -36,8 +36,22 @@ def test_open_ended_means_no_case_and_no_attribute():
     import numpy as np
 
     img = np.zeros((4, 4, 3), np.uint8)
-    typed = CaptionSample(image=img, caption="This is a neutrophil.", cell_type="neutrophil",
-                          case=None, attributes={}, sample_id="a", source="bccd")
-    described = CaptionSample(image=img, caption="x", cell_type="neutrophil", case="healthy",
-                              attributes={"cell_size": "big"}, sample_id="b", source="pbc")
+    typed = CaptionSample(
+        image=img,
+        caption="This is a neutrophil.",
+        cell_type="neutrophil",
+        case=None,
+        attributes={},
+        sample_id="a",
+        source="bccd",
+    )
+    described = CaptionSample(
+        image=img,
+        caption="x",
+        cell_type="neutrophil",
+        case="healthy",
+        attributes={"cell_size": "big"},
+        sample_id="b",
+        source="pbc",
+    )
     assert _open_ended(typed) and not _open_ended(described)

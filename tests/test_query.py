@@ -52,17 +52,27 @@ def test_views_partitions_and_only_committed_files(fx):
     out = open_outputs(str(fx.root))
     assert all("/_" not in f and "/." not in f for f in out.cells.files + out.slides.files)
     assert len(out.cells.files) == 2 and len(out.slides.files) == 2 and len(out.runs.files) == 2
-    t = query_arrow(fx.root.as_posix(), "SELECT run_date, count(*) AS n FROM cells GROUP BY 1 ORDER BY 1")
+    t = query_arrow(
+        fx.root.as_posix(), "SELECT run_date, count(*) AS n FROM cells GROUP BY 1 ORDER BY 1"
+    )
     assert [str(d) for d in t.column("run_date").to_pylist()] == [DATE1, DATE2]
     per_run = Counter(c["run_id"] for c in fx.cells)
     assert t.column("n").to_pylist() == [per_run["run-20261127-000001"], per_run[RUN2]]
-    assert query_arrow(str(fx.root), "SELECT count(*) FROM slides").column(0)[0].as_py() == len(fx.slides)
+    assert query_arrow(str(fx.root), "SELECT count(*) FROM slides").column(0)[0].as_py() == len(
+        fx.slides
+    )
     assert query_arrow(str(fx.root), "SELECT count(*) FROM runs").column(0)[0].as_py() == 2
 
 
 def test_readme_examples_cover_the_issue(fx):
-    assert set(_examples()) >= {"cells_per_slide", "differential_per_slide", "abnormal_fraction",
-                                "attribute_by_cell_type", "qc_flagged", "current_failures"}
+    assert set(_examples()) >= {
+        "cells_per_slide",
+        "differential_per_slide",
+        "abnormal_fraction",
+        "attribute_by_cell_type",
+        "qc_flagged",
+        "current_failures",
+    }
 
 
 def test_example_cells_per_slide(fx):
@@ -95,13 +105,19 @@ def test_example_abnormal_fraction(fx):
     expected = sorted(((u, f) for u, f in fractions.items() if f > 0.10), key=lambda x: -x[1])
     assert [r["slide_uri"] for r in rows] == [u for u, _ in expected]
     assert [r["fraction"] for r in rows] == pytest.approx([round(f, 3) for _, f in expected])
-    assert [r["slide_uri"].rsplit("/", 1)[1] for r in rows] == ["aml-01.svs", "cll-01.svs"]  # 45%, 14%
+    assert [r["slide_uri"].rsplit("/", 1)[1] for r in rows] == [
+        "aml-01.svs",
+        "cll-01.svs",
+    ]  # 45%, 14%
 
 
 def test_example_attribute_by_cell_type(fx):
     rows = query_arrow(str(fx.root), _examples()["attribute_by_cell_type"]).to_pylist()
-    expected = Counter((c["cell_type"], c["nucleus_shape"]) for c in _current(fx)
-                       if c["cell_type"] and c["nucleus_shape"])
+    expected = Counter(
+        (c["cell_type"], c["nucleus_shape"])
+        for c in _current(fx)
+        if c["cell_type"] and c["nucleus_shape"]
+    )
     assert {(r["cell_type"], r["nucleus_shape"]): r["n"] for r in rows} == dict(expected)
     assert len(rows) > 3
 
@@ -118,11 +134,21 @@ def test_example_current_failures(fx):
     run that skipped everything, and after the slide is fixed)."""
     rows = query_arrow(str(fx.root), _examples()["current_failures"]).to_pylist()
     latest: dict[str, dict] = {}
-    for s in sorted((s for s in fx.slides if s["status"] != "skipped"), key=lambda s: s["finished_at"]):
+    for s in sorted(
+        (s for s in fx.slides if s["status"] != "skipped"), key=lambda s: s["finished_at"]
+    ):
         latest[s["slide_uri"]] = s
-    expected = sorted((s["slide_uri"], s["reason"], s["run_id"]) for s in latest.values() if s["status"] == "failed")
+    expected = sorted(
+        (s["slide_uri"], s["reason"], s["run_id"])
+        for s in latest.values()
+        if s["status"] == "failed"
+    )
     assert [(r["slide_uri"], r["reason"], r["run_id"]) for r in rows] == expected
-    assert len(rows) == 2 and "SlideReadError" in rows[1]["reason"] and rows[0]["slide_uri"].endswith("broken-01.svs")
+    assert (
+        len(rows) == 2
+        and "SlideReadError" in rows[1]["reason"]
+        and rows[0]["slide_uri"].endswith("broken-01.svs")
+    )
 
 
 def test_example_inconsistent_per_slide(fx):
@@ -137,37 +163,58 @@ def test_current_cells_picks_latest_ok_run(tmp_path):
     """A slide processed twice (new model) is counted once, from its latest ok run."""
     fx = build_outputs(tmp_path)
     # re-commit aml-01's cells under run 2 as if re-processed, with one cell fewer
-    aml = [dict(c, run_id=RUN2, model_version="fedcba9876543210") for c in fx.cells if c["slide_uri"].endswith("aml-01.svs")][1:]
+    aml = [
+        dict(c, run_id=RUN2, model_version="fedcba9876543210")
+        for c in fx.cells
+        if c["slide_uri"].endswith("aml-01.svs")
+    ][1:]
     slide = dict(next(s for s in fx.slides if s["slide_uri"].endswith("aml-01.svs")), run_id=RUN2)
     slide["finished_at"] = slide["finished_at"].replace(day=28)
     import pyarrow as pa
 
     from pipeline.schema import CELL_SCHEMA, SLIDE_SCHEMA
-    pq.write_table(pa.Table.from_pylist(aml, schema=CELL_SCHEMA), tmp_path / f"cells/run_date={DATE2}/rerun.parquet")
-    pq.write_table(pa.Table.from_pylist([slide], schema=SLIDE_SCHEMA), tmp_path / f"slides/run_date={DATE2}/rerun.parquet")
-    all_rows = query_arrow(str(tmp_path), "SELECT count(*) FROM cells WHERE slide_uri LIKE '%aml-01.svs'").column(0)[0].as_py()
-    cur = query_arrow(str(tmp_path), "SELECT count(*), any_value(run_id) FROM current_cells WHERE slide_uri LIKE '%aml-01.svs'").to_pylist()[0]
+
+    pq.write_table(
+        pa.Table.from_pylist(aml, schema=CELL_SCHEMA),
+        tmp_path / f"cells/run_date={DATE2}/rerun.parquet",
+    )
+    pq.write_table(
+        pa.Table.from_pylist([slide], schema=SLIDE_SCHEMA),
+        tmp_path / f"slides/run_date={DATE2}/rerun.parquet",
+    )
+    all_rows = (
+        query_arrow(str(tmp_path), "SELECT count(*) FROM cells WHERE slide_uri LIKE '%aml-01.svs'")
+        .column(0)[0]
+        .as_py()
+    )
+    cur = query_arrow(
+        str(tmp_path),
+        "SELECT count(*), any_value(run_id) FROM current_cells WHERE slide_uri LIKE '%aml-01.svs'",
+    ).to_pylist()[0]
     assert all_rows == 22 + 21
     assert list(cur.values()) == [21, RUN2]
 
 
-@pytest.mark.parametrize("sql", [
-    "COPY (SELECT * FROM cells) TO '{tmp}/leak.csv'",
-    "SELECT * FROM read_csv('{tmp}/secret.csv')",
-    "SELECT * FROM '{tmp}/secret.csv'",
-    "SELECT * FROM read_parquet('{root}/cells/run_date=2026-11-27/part-run-20261127-000001.parquet')",
-    "SELECT * FROM read_parquet('{root}/_staging/cells/run_date=2026-11-29/part-x.parquet')",
-    "ATTACH '{tmp}/other.duckdb' AS other",
-    "INSTALL httpfs",
-    "LOAD httpfs",
-    "CREATE TABLE t AS SELECT 1",
-    "INSERT INTO cells SELECT * FROM cells",
-    "SET enable_external_access = true",
-    "PRAGMA database_list",
-    "SELECT 1; SELECT 2",
-    "DROP VIEW cells",
-    "EXPORT DATABASE '{tmp}/dump'",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY (SELECT * FROM cells) TO '{tmp}/leak.csv'",
+        "SELECT * FROM read_csv('{tmp}/secret.csv')",
+        "SELECT * FROM '{tmp}/secret.csv'",
+        "SELECT * FROM read_parquet('{root}/cells/run_date=2026-11-27/part-run-20261127-000001.parquet')",
+        "SELECT * FROM read_parquet('{root}/_staging/cells/run_date=2026-11-29/part-x.parquet')",
+        "ATTACH '{tmp}/other.duckdb' AS other",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "CREATE TABLE t AS SELECT 1",
+        "INSERT INTO cells SELECT * FROM cells",
+        "SET enable_external_access = true",
+        "PRAGMA database_list",
+        "SELECT 1; SELECT 2",
+        "DROP VIEW cells",
+        "EXPORT DATABASE '{tmp}/dump'",
+    ],
+)
 def test_refuses_anything_but_reading_the_views(fx, tmp_path, sql):
     (tmp_path / "secret.csv").write_text("a,b\n1,2\n")
     with pytest.raises(QueryError):
@@ -176,7 +223,9 @@ def test_refuses_anything_but_reading_the_views(fx, tmp_path, sql):
 
 
 def test_query_relation_api_and_errors(fx, tmp_path):
-    rel = query(str(fx.root), "WITH t AS (SELECT cell_type FROM current_cells) FROM t SELECT count(*) AS n")
+    rel = query(
+        str(fx.root), "WITH t AS (SELECT cell_type FROM current_cells) FROM t SELECT count(*) AS n"
+    )
     assert rel.fetchall() == [(len(fx.cells),)]
     with pytest.raises(QueryError, match="parse|failed"):
         query_arrow(str(fx.root), "SELEC nonsense")
@@ -198,11 +247,27 @@ def test_cli_formats(fx, tmp_path, capsys):
     assert "healthy-01.svs" in text and "(3 rows)" in text
     assert cli(["query", sql, "--output", str(fx.root), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [int(r["n"]) for r in rows] == [22, 28, 30] and "myeloblast" in json.loads(rows[0]["types"])
+    assert [int(r["n"]) for r in rows] == [22, 28, 30] and "myeloblast" in json.loads(
+        rows[0]["types"]
+    )
     assert cli(["query", sql, "--output", str(fx.root), "--format", "json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["n"] for x in lines] == [22, 28, 30]
-    assert cli(["query", sql, "--output", str(fx.root), "--format", "parquet", "--out", str(tmp_path / "r.parquet")]) == 0
+    assert (
+        cli(
+            [
+                "query",
+                sql,
+                "--output",
+                str(fx.root),
+                "--format",
+                "parquet",
+                "--out",
+                str(tmp_path / "r.parquet"),
+            ]
+        )
+        == 0
+    )
     assert pq.read_table(tmp_path / "r.parquet").column("n").to_pylist() == [22, 28, 30]
     assert cli(["query", "SELECT thumbnail_jpeg FROM cells LIMIT 1", "--output", str(fx.root)]) == 0
     assert "bytes>" in capsys.readouterr().out

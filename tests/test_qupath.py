@@ -26,7 +26,10 @@ def fx(tmp_path_factory):
 def test_geojson_structure(fx, tmp_path):
     sid = fx.slide_ids["aml-01"]
     out = tmp_path / "aml.geojson"
-    assert cli(["export-qupath", "--output", str(fx.root), "--slide", sid[:10], "--out", str(out)]) == 0
+    assert (
+        cli(["export-qupath", "--output", str(fx.root), "--slide", sid[:10], "--out", str(out)])
+        == 0
+    )
     doc = json.loads(out.read_text())
     cells = sorted((c for c in fx.cells if c["slide_id"] == sid), key=lambda c: c["cell_index"])
     assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(cells) == 22
@@ -37,12 +40,19 @@ def test_geojson_structure(fx, tmp_path):
         assert ring[0] == [c["bbox_x0"], c["bbox_y0"]] and ring[2] == [c["bbox_x1"], c["bbox_y1"]]
         p = f["properties"]
         assert p["objectType"] == "detection"
-        assert p["classification"]["name"] == c["cell_type"] and len(p["classification"]["color"]) == 3
+        assert (
+            p["classification"]["name"] == c["cell_type"] and len(p["classification"]["color"]) == 3
+        )
         assert p["caption"] == c["caption"] and p["qc_flags"] == c["qc_flags"]
         assert p["measurements"]["Cell: Diameter µm"] == pytest.approx(c["cell_diameter_um"])
         assert set(p["measurements"]) == set(MEASUREMENTS.values())
         assert all(isinstance(v, float) for v in p["measurements"].values())
-    assert {f["properties"]["classification"]["name"] for f in doc["features"]} == {"myeloblast", "neutrophil", "lymphocyte", "monocyte"}
+    assert {f["properties"]["classification"]["name"] for f in doc["features"]} == {
+        "myeloblast",
+        "neutrophil",
+        "lymphocyte",
+        "monocyte",
+    }
 
 
 def test_untyped_cells_have_no_classification(fx, tmp_path):
@@ -56,7 +66,9 @@ def test_untyped_cells_have_no_classification(fx, tmp_path):
 def test_errors(fx, tmp_path):
     with pytest.raises(ConfigError, match="no such slide"):
         export_qupath(str(fx.root), "ffffffffffff", tmp_path / "x.geojson")
-    with pytest.raises(ConfigError, match="no successfully processed cells .*failed: SlideOpenError"):
+    with pytest.raises(
+        ConfigError, match="no successfully processed cells .*failed: SlideOpenError"
+    ):
         export_qupath(str(fx.root), "s3://smears/archive/broken-01.svs", tmp_path / "x.geojson")
     with pytest.raises(ConfigError, match="ambiguous"):
         export_qupath(str(fx.root), "", tmp_path / "x.geojson")

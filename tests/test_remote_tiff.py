@@ -60,7 +60,9 @@ def _assert_same_pixels(a: np.ndarray, b: np.ndarray, what: str) -> None:
     assert a.shape == b.shape, what
     # Both sides use libjpeg-turbo here (equal in practice); allow decoder rounding elsewhere.
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    assert diff.max() <= 2 and diff.mean() < 0.05, f"{what}: max {diff.max()}, mean {diff.mean():.4f}"
+    assert diff.max() <= 2 and diff.mean() < 0.05, (
+        f"{what}: max {diff.max()}, mean {diff.mean():.4f}"
+    )
 
 
 def _compare(local_path: Path, s3, key: str, integer_levels_only_boxes: bool = False) -> None:
@@ -72,18 +74,24 @@ def _compare(local_path: Path, s3, key: str, integer_levels_only_boxes: bool = F
         assert rem.mpp == loc.mpp and rem.mpp_source == loc.mpp_source
         assert rem.path == f"s3://{bucket}/{key}"
         for lv, (w, h) in enumerate(loc.level_dimensions):
-            _assert_same_pixels(rem.read(lv, (0, 0, w, h)), loc.read(lv, (0, 0, w, h)), f"{key} level {lv}")
+            _assert_same_pixels(
+                rem.read(lv, (0, 0, w, h)), loc.read(lv, (0, 0, w, h)), f"{key} level {lv}"
+            )
             # OpenSlide addresses a level through level-0 coordinates: at a level whose
             # downsample is not an integer it resamples a sub-pixel shift, so only boxes at
             # integer-downsample levels are comparable off the origin.
-            if integer_levels_only_boxes and rem.level_downsamples[lv] != int(rem.level_downsamples[lv]):
+            if integer_levels_only_boxes and rem.level_downsamples[lv] != int(
+                rem.level_downsamples[lv]
+            ):
                 continue
             for box in (
                 (w // 3, h // 5, w // 3 + w // 2 + 3, h // 5 + h // 3 + 1),  # unaligned to tiles
                 (w - 7, h - 5, w + 20, h + 9),  # over the right/bottom border: white padding
                 (-11, -3, 13, 17),  # over the left/top border
             ):
-                _assert_same_pixels(rem.read(lv, box), loc.read(lv, box), f"{key} level {lv} box {box}")
+                _assert_same_pixels(
+                    rem.read(lv, box), loc.read(lv, box), f"{key} level {lv} box {box}"
+                )
 
 
 def test_sample_slides_read_like_openslide(samples, s3):
@@ -205,7 +213,7 @@ def test_concurrent_range_fetch_returns_every_range_in_order(s3):
     f = S3RangeFile(client, bucket, "blob-concurrent.bin", merge_gap=0)
     ranges = [(o, 777) for o in range(400_000, 0, -20_000)] + [(0, 0)]
     got = f.fetch_ranges(ranges, workers=8)
-    assert got == [data[o:o + n] for o, n in ranges]
+    assert got == [data[o : o + n] for o, n in ranges]
     assert f.requests == 20 and f.bytes_fetched == 20 * 777
     with pytest.raises(SlideReadError, match="past the object"):
         f.fetch_ranges([(0, 10), (len(data) - 5, 10)], workers=8)
@@ -245,7 +253,10 @@ def test_unusable_objects_raise_open_errors_naming_the_object(s3, samples, key, 
         body = full[:2000]  # first IFD survives, its tiles and the IFD chain do not
     if body is not None:
         _put(s3, key, body)
-    with pytest.raises(SlideOpenError, match=match) as info, open_remote_slide(client, bucket, key) as rem:
+    with (
+        pytest.raises(SlideOpenError, match=match) as info,
+        open_remote_slide(client, bucket, key) as rem,
+    ):
         rem.read(0, (0, 0, 64, 64))
     assert str(info.value).startswith(f"s3://{bucket}/{key}: ")
     assert "\n" not in str(info.value)
@@ -265,7 +276,13 @@ def test_formats_needing_the_whole_file_are_refused_for_staging(s3, fixtures, tm
         open_remote_slide(client, bucket, "fixtures/unopenable.tiff")
     # Separate colour planes.
     planar = tmp_path / "planar.tiff"
-    tifffile.imwrite(planar, np.zeros((3, 256, 256), np.uint8), tile=(128, 128), photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(
+        planar,
+        np.zeros((3, 256, 256), np.uint8),
+        tile=(128, 128),
+        photometric="rgb",
+        planarconfig="separate",
+    )
     client.upload_file(str(planar), bucket, "planar.tiff")
     with pytest.raises(SlideOpenError, match="interleaved"):
         open_remote_slide(client, bucket, "planar.tiff")
@@ -300,7 +317,9 @@ def test_job_detect_stage_reads_tiff_in_place_and_stages_the_rest(s3_server, s3,
     client.upload_file(str(plain), bucket, "job/plain.tif")
     key, svs = next((k, p) for k, p in samples.items() if k.endswith(".svs"))
     client.upload_file(str(svs), bucket, "job/" + svs.name)
-    settings = stage.DetectSettings(s3=S3Settings(endpoint=s3_server), mpp=0.5, scratch_dir=str(tmp_path / "scratch"))
+    settings = stage.DetectSettings(
+        s3=S3Settings(endpoint=s3_server), mpp=0.5, scratch_dir=str(tmp_path / "scratch")
+    )
     prefix = f"s3://{bucket}/job/"
     refs = list_slides(storage_for(prefix, settings.s3), prefix, (".svs", ".tif")).slides
     outcomes = {}

@@ -57,9 +57,11 @@ def test_every_torch_load_is_restricted():
     for path in _source_files((".py",)):
         text = path.read_text(encoding="utf-8", errors="replace")
         for m in re.finditer(r"torch\.load\(", text):
-            call = text[m.start(): text.find(")", m.start()) + 1]
+            call = text[m.start() : text.find(")", m.start()) + 1]
             if "weights_only=True" not in call:
-                bad.append(f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}: {call}")
+                bad.append(
+                    f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}: {call}"
+                )
     assert not bad, "\n".join(bad)
 
 

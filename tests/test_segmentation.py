@@ -29,7 +29,13 @@ def cell_crop(mpp=0.16, size_um=36.0, cell_um=12.0, nucleus_um=7.0, lobes=1, nei
     if neighbours:  # red cells around, touching the white cell
         for ang in (0.3, 2.0, 3.9):
             d = (cell_um / 2 + 3.75) * px
-            cv2.circle(img, (int(c + d * math.cos(ang)), int(c + d * math.sin(ang))), int(3.75 * px), RBC, -1)
+            cv2.circle(
+                img,
+                (int(c + d * math.cos(ang)), int(c + d * math.sin(ang))),
+                int(3.75 * px),
+                RBC,
+                -1,
+            )
     cell = np.zeros((n, n), np.uint8)
     cv2.circle(cell, (int(round(c)), int(round(c))), int(round(cell_um / 2 * px)), 1, -1)
     nuc = np.zeros((n, n), np.uint8)
@@ -38,7 +44,13 @@ def cell_crop(mpp=0.16, size_um=36.0, cell_um=12.0, nucleus_um=7.0, lobes=1, nei
     else:
         for k in range(lobes):
             a = 2 * math.pi * k / lobes
-            cv2.circle(nuc, (int(c + 2.6 * px * math.cos(a)), int(c + 2.6 * px * math.sin(a))), int(1.6 * px), 1, -1)
+            cv2.circle(
+                nuc,
+                (int(c + 2.6 * px * math.cos(a)), int(c + 2.6 * px * math.sin(a))),
+                int(1.6 * px),
+                1,
+                -1,
+            )
     img[cell > 0] = CYTO
     img[nuc > 0] = NUCLEUS
     img = cv2.GaussianBlur(img, (0, 0), 0.8)

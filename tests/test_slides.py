@@ -15,9 +15,9 @@ pytestmark = pytest.mark.unit
 
 def _gradient(w: int, h: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), np.full_like(xx, 90)], -1).astype(
-        np.uint8
-    )
+    return np.stack(
+        [(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), np.full_like(xx, 90)], -1
+    ).astype(np.uint8)
 
 
 def _write_pyramid(path, base: np.ndarray, n_levels: int, mpp: float | None, compression=None):
@@ -28,8 +28,15 @@ def _write_pyramid(path, base: np.ndarray, n_levels: int, mpp: float | None, com
             if mpp is not None:
                 r = 1e4 / (mpp * 2**i)
                 kw = {"resolution": (r, r), "resolutionunit": "CENTIMETER"}
-            tw.write(img, tile=(64, 64), photometric="rgb", compression=compression, metadata=None,
-                     subfiletype=0 if i == 0 else 1, **kw)
+            tw.write(
+                img,
+                tile=(64, 64),
+                photometric="rgb",
+                compression=compression,
+                metadata=None,
+                subfiletype=0 if i == 0 else 1,
+                **kw,
+            )
             img = img[::2, ::2].copy()
 
 

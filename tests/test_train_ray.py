@@ -22,18 +22,37 @@ def _samples(n: int, split: str) -> list[CaptionSample]:
     for i in range(n):
         cell_type = ("neutrophil", "basophil")[i % 2]
         colour = (200, 120, 160) if cell_type == "neutrophil" else (70, 40, 120)
-        img = np.clip(np.full((40, 40, 3), colour, np.float32) + rng.normal(0, 8, (40, 40, 3)), 0, 255)
-        out.append(CaptionSample(image=img.astype(np.uint8), caption=render_caption(cell_type, None, {}),
-                                 cell_type=cell_type, case=None, attributes={},
-                                 sample_id=f"{split}{i}", source="synthetic", split=split))
+        img = np.clip(
+            np.full((40, 40, 3), colour, np.float32) + rng.normal(0, 8, (40, 40, 3)), 0, 255
+        )
+        out.append(
+            CaptionSample(
+                image=img.astype(np.uint8),
+                caption=render_caption(cell_type, None, {}),
+                cell_type=cell_type,
+                case=None,
+                attributes={},
+                sample_id=f"{split}{i}",
+                source="synthetic",
+                split=split,
+            )
+        )
     return out
 
 
 def test_two_workers_train_tiny_model(ray_cluster, tmp_path):
     from hemblip.train_ray import train_distributed
 
-    config = TrainConfig(out=str(tmp_path / "ddp"), base="tiny", epochs=2, batch_size=4, lr=3e-3,
-                         workers=2, augment=False, seed=0)
+    config = TrainConfig(
+        out=str(tmp_path / "ddp"),
+        base="tiny",
+        epochs=2,
+        batch_size=4,
+        lr=3e-3,
+        workers=2,
+        augment=False,
+        seed=0,
+    )
     result = train_distributed(config, _samples(16, "train"), _samples(4, "val"), use_gpu=False)
     assert result.epochs_run == 2 and len(result.history) == 2
     # 16 samples over 2 workers in batches of 4: 2 steps per worker per epoch.

@@ -56,7 +56,9 @@ class DetectorConfig:
             v = getattr(self, f.name)
             if f.type in ("float", float):
                 if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                    raise ConfigError(f"DetectorConfig.{f.name}: must be a finite number, got {v!r}")
+                    raise ConfigError(
+                        f"DetectorConfig.{f.name}: must be a finite number, got {v!r}"
+                    )
             elif f.type in ("bool", bool) and not isinstance(v, bool):
                 raise ConfigError(f"DetectorConfig.{f.name}: must be true or false, got {v!r}")
         positive = (
@@ -70,7 +72,9 @@ class DetectorConfig:
         )
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"DetectorConfig.{name}: must be > 0, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"DetectorConfig.{name}: must be > 0, got {getattr(self, name)!r}"
+                )
         if self.working_mpp > 5.0:
             raise ConfigError(
                 f"DetectorConfig.working_mpp: {self.working_mpp} µm/px is too coarse to see a "
@@ -101,6 +105,10 @@ class DetectorConfig:
         if self.min_focus < 0:
             raise ConfigError(f"DetectorConfig.min_focus: must be ≥ 0, got {self.min_focus!r}")
         if self.lobe_merge_um < 0:
-            raise ConfigError(f"DetectorConfig.lobe_merge_um: must be ≥ 0, got {self.lobe_merge_um!r}")
+            raise ConfigError(
+                f"DetectorConfig.lobe_merge_um: must be ≥ 0, got {self.lobe_merge_um!r}"
+            )
         if not 0.0 <= self.min_score <= 1.0:
-            raise ConfigError(f"DetectorConfig.min_score: must be in [0, 1], got {self.min_score!r}")
+            raise ConfigError(
+                f"DetectorConfig.min_score: must be in [0, 1], got {self.min_score!r}"
+            )

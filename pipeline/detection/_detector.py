@@ -63,7 +63,12 @@ class _Candidate:
 
 
 def _check_mpp(mpp: object) -> float:
-    if isinstance(mpp, bool) or not isinstance(mpp, int | float) or not np.isfinite(mpp) or mpp <= 0:
+    if (
+        isinstance(mpp, bool)
+        or not isinstance(mpp, int | float)
+        or not np.isfinite(mpp)
+        or mpp <= 0
+    ):
         raise ConfigError(f"mpp: must be a positive number of µm per pixel, got {mpp!r}")
     return float(mpp)
 
@@ -146,8 +151,10 @@ def nucleus_candidates(
                 "n_frag": nfrag,
                 "bg_sum": float(bg.sum()),
                 "border": float(
-                    sl[0].start == 0 or sl[1].start == 0
-                    or sl[0].stop == labels.shape[0] or sl[1].stop == labels.shape[1]
+                    sl[0].start == 0
+                    or sl[1].start == 0
+                    or sl[0].stop == labels.shape[0]
+                    or sl[1].stop == labels.shape[1]
                 ),
                 "cy": float(sl[0].start + ys.mean()),
                 "cx": float(sl[1].start + xs.mean()),
@@ -245,7 +252,9 @@ def _candidates(rgb: np.ndarray, mpp: float, cfg: DetectorConfig):
     return scale, px_um, od, labels, cand
 
 
-def candidate_features(rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None) -> list[dict]:
+def candidate_features(
+    rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None
+) -> list[dict]:
     """Feature dicts of every size-plausible nucleus candidate (``x``, ``y`` in px of ``rgb``);
     what the verifier scores. Used to train it."""
     check_rgb(rgb)
@@ -253,7 +262,9 @@ def candidate_features(rgb: np.ndarray, mpp: float, config: DetectorConfig | Non
     return [fe for _, fe in _candidates(rgb, _check_mpp(mpp), cfg)[4]]
 
 
-def detect_wbc(rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None) -> list[Detection]:
+def detect_wbc(
+    rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None
+) -> list[Detection]:
     """White blood cells in ``rgb`` ((H, W, 3) uint8 at ``mpp`` µm/px).
 
     Returns one :class:`Detection` per nucleated cell (a multi-lobed nucleus is one cell), in
@@ -289,7 +300,12 @@ def detect_wbc(rgb: np.ndarray, mpp: float, config: DetectorConfig | None = None
     for k in keep:
         (sy, sx), m = regions[k]
         ys, xs = np.nonzero(m)
-        wboxes[k] = (sx.start + xs.min(), sy.start + ys.min(), sx.start + xs.max() + 1, sy.start + ys.max() + 1)
+        wboxes[k] = (
+            sx.start + xs.min(),
+            sy.start + ys.min(),
+            sx.start + xs.max() + 1,
+            sy.start + ys.max() + 1,
+        )
     dets = []
     for k in keep:
         fe = feats[k]

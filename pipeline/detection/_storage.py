@@ -35,7 +35,9 @@ def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
     OpenCV's default chroma subsampling is 4:2:0, as in scanners' YCbCr JPEG tiles (Aperio SVS):
     colour is stored at half the resolution in each direction.
     """
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    ok, buf = cv2.imencode(
+        ".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    )
     if not ok:
         raise ValueError("JPEG encoding failed")
     return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1])

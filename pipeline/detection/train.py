@@ -113,7 +113,9 @@ def label_candidates(cands: list[dict], boxes) -> np.ndarray:
     return labels
 
 
-def image_rows(rgb: np.ndarray, boxes, index: int, cfg: DetectorConfig, seed: int = 0, conditions=CONDITIONS):
+def image_rows(
+    rgb: np.ndarray, boxes, index: int, cfg: DetectorConfig, seed: int = 0, conditions=CONDITIONS
+):
     """(X (N, F), y (N,), condition (N,)) of one image's candidates over all storage conditions;
     None when its mpp cannot be estimated (the image is skipped, as before)."""
     mpp = estimate_mpp(rgb)
@@ -129,7 +131,11 @@ def image_rows(rgb: np.ndarray, boxes, index: int, cfg: DetectorConfig, seed: in
             X.append(feature_vector(fe))
             y.append(lab)
             c.append(ci)
-    return (np.array(X).reshape(-1, len(FEATURE_NAMES)), np.array(y, dtype=np.float64), np.array(c, dtype=np.int8))
+    return (
+        np.array(X).reshape(-1, len(FEATURE_NAMES)),
+        np.array(y, dtype=np.float64),
+        np.array(c, dtype=np.int8),
+    )
 
 
 def _one(job):
@@ -139,13 +145,26 @@ def _one(job):
     return n, image_rows(rgb, _yolo_wbc(lab_path, w, h), n, cfg, seed)
 
 
-def collect(data: Path, split: str, cfg: DetectorConfig, limit: int | None = None, jobs: int = 1, seed: int = 0):
+def collect(
+    data: Path,
+    split: str,
+    cfg: DetectorConfig,
+    limit: int | None = None,
+    jobs: int = 1,
+    seed: int = 0,
+):
     """(X (N, F), y (N,), groups (N,) image index, condition (N,) index into CONDITIONS)
     over the split's images."""
     rows = list(csv.DictReader((data / "source_map.csv").open()))
     rows = [r for r in rows if r["txl_split"] == split][:limit]
     work = [
-        (n, data / "images" / split / f"{r['uuid']}.jpg", data / "labels" / split / f"{r['uuid']}.txt", cfg, seed)
+        (
+            n,
+            data / "images" / split / f"{r['uuid']}.jpg",
+            data / "labels" / split / f"{r['uuid']}.txt",
+            cfg,
+            seed,
+        )
         for n, r in enumerate(rows)
     ]
     X, y, g, c = [], [], [], []
@@ -164,7 +183,10 @@ def collect(data: Path, split: str, cfg: DetectorConfig, limit: int | None = Non
                 c.append(res[2])
                 g.append(np.full(len(res[1]), n))
             if n % 100 == 0:
-                print(f"  {n}/{len(rows)} images, {sum(len(v) for v in y)} candidates", file=sys.stderr)
+                print(
+                    f"  {n}/{len(rows)} images, {sum(len(v) for v in y)} candidates",
+                    file=sys.stderr,
+                )
     finally:
         if pool is not None:
             pool.close()
@@ -224,15 +246,25 @@ def predict(w: dict, X: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True, help="txl_pbc root (source_map.csv, images/, labels/)")
+    ap.add_argument(
+        "--data", type=Path, required=True, help="txl_pbc root (source_map.csv, images/, labels/)"
+    )
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--cache", type=Path, default=None, help="npz cache of the collected features")
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--jobs", type=int, default=2, help="processes generating candidates (results do not depend on it)")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the JPEG qualities and the MLP initialisation")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="processes generating candidates (results do not depend on it)",
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seeds the JPEG qualities and the MLP initialisation"
+    )
     names = [n for n, _, _, _ in CONDITIONS]
     ap.add_argument(
-        "--conditions", default=",".join(names),
+        "--conditions",
+        default=",".join(names),
         help=f"comma-separated storage conditions to train on (default all: {','.join(names)})",
     )
     args = ap.parse_args(argv)
@@ -255,18 +287,24 @@ def main(argv: list[str] | None = None) -> int:
             np.savez(args.cache, X=X, y=y, g=g, c=c, conditions=np.array(names), seed=args.seed)
     sel = np.isin(c, [names.index(s) for s in use])
     X, y, g, c = X[sel], y[sel], g[sel], c[sel]
-    print(f"{len(y)} candidates, {int(y.sum())} positive, {len(np.unique(g))} images, "
-          f"conditions {','.join(use)} ({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"{len(y)} candidates, {int(y.sum())} positive, {len(np.unique(g))} images, "
+        f"conditions {','.join(use)} ({time.perf_counter() - t0:.0f} s)"
+    )
     w = fit(X, y, seed=args.seed, sample_weight=np.array([CONDITIONS[i][3] for i in c]))
     p = predict(w, X)
     min_score = DetectorConfig().min_score
     for ci in np.unique(c):
         pos, neg = (c == ci) & (y > 0), (c == ci) & (y == 0)
-        print(f"  {names[ci]:<9} {int(pos.sum()):>6} positive {int(neg.sum()):>6} negative candidates; at score ≥ "
-              f"{min_score} kept {(p[pos] >= min_score).mean() if pos.any() else np.nan:.4f} / "
-              f"{(p[neg] >= min_score).mean() if neg.any() else np.nan:.4f}")
-    np.savez(args.out, features=np.array(FEATURE_NAMES), **{k: np.asarray(v, np.float32) for k, v in w.items()})
+        print(
+            f"  {names[ci]:<9} {int(pos.sum()):>6} positive {int(neg.sum()):>6} negative candidates; at score ≥ "
+            f"{min_score} kept {(p[pos] >= min_score).mean() if pos.any() else np.nan:.4f} / "
+            f"{(p[neg] >= min_score).mean() if neg.any() else np.nan:.4f}"
+        )
+    np.savez(
+        args.out,
+        features=np.array(FEATURE_NAMES),
+        **{k: np.asarray(v, np.float32) for k, v in w.items()},
+    )
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
     return 0
-
-

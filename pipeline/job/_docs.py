@@ -13,7 +13,11 @@ from pipeline.schema import CELL_COLUMNS, RUN_COLUMNS, SLIDE_COLUMNS
 
 
 def _type(t: pa.DataType) -> str:
-    return str(t).replace("timestamp[us, tz=UTC]", "timestamp (µs, UTC)").replace("list<item: string>", "list<string>")
+    return (
+        str(t)
+        .replace("timestamp[us, tz=UTC]", "timestamp (µs, UTC)")
+        .replace("list<item: string>", "list<string>")
+    )
 
 
 def table_markdown(columns) -> str:
@@ -25,8 +29,14 @@ def table_markdown(columns) -> str:
 
 def render() -> str:
     parts = []
-    for title, cols in (("cells/", CELL_COLUMNS), ("slides/", SLIDE_COLUMNS), ("runs/", RUN_COLUMNS)):
-        parts.append(f"#### `{title}` ({len(cols)} columns + `run_date` partition)\n\n{table_markdown(cols)}")
+    for title, cols in (
+        ("cells/", CELL_COLUMNS),
+        ("slides/", SLIDE_COLUMNS),
+        ("runs/", RUN_COLUMNS),
+    ):
+        parts.append(
+            f"#### `{title}` ({len(cols)} columns + `run_date` partition)\n\n{table_markdown(cols)}"
+        )
     return "\n\n".join(parts) + "\n"
 
 

@@ -112,7 +112,9 @@ class LocalStorage(Storage):
             d.parent.mkdir(parents=True, exist_ok=True)
             os.replace(s, d)
         except OSError as exc:
-            raise StorageError(f"{dst}: cannot publish from {src} ({exc.strerror or exc})") from None
+            raise StorageError(
+                f"{dst}: cannot publish from {src} ({exc.strerror or exc})"
+            ) from None
 
     # -- conditional writes ------------------------------------------------------------------
     # A file has no version the OS would compare for us, so the compare-and-replace steps hold an

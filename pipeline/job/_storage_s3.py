@@ -36,7 +36,9 @@ def _status(exc: BaseException) -> tuple[int | None, str]:
     resp = getattr(exc, "response", None)
     if not isinstance(resp, dict):
         return None, ""
-    return resp.get("ResponseMetadata", {}).get("HTTPStatusCode"), str(resp.get("Error", {}).get("Code", ""))
+    return resp.get("ResponseMetadata", {}).get("HTTPStatusCode"), str(
+        resp.get("Error", {}).get("Code", "")
+    )
 
 
 def _no_such_key(exc: BaseException) -> bool:
@@ -53,9 +55,20 @@ def _condition_failed(exc: BaseException) -> bool:
 
 
 # Environment that decides which credentials and region a new client resolves.
-_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-               "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-               "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+_CLIENT_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
@@ -81,8 +94,9 @@ def shared_client(settings: S3Settings):
                 # S3-compatible stores on a custom endpoint rarely resolve virtual-host buckets.
                 s3={"addressing_style": "path" if endpoint else "auto"},
             )
-            client = boto3.session.Session().client("s3", endpoint_url=settings.endpoint,
-                                                    region_name=settings.region, config=cfg)
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=settings.endpoint, region_name=settings.region, config=cfg
+            )
             _clients[key] = client
         return client
 
@@ -111,7 +125,11 @@ class S3Storage(Storage):
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
             for page in pages:
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj.get("ETag", "").strip('"'))
+                    yield ObjectInfo(
+                        f"s3://{bucket}/{obj['Key']}",
+                        int(obj["Size"]),
+                        obj.get("ETag", "").strip('"'),
+                    )
         except Exception as exc:  # noqa: BLE001 - botocore raises many types; one message
             raise StorageError(f"{prefix}: cannot list ({_cause(exc)})") from None
 
@@ -166,11 +184,15 @@ class S3Storage(Storage):
         bucket, key = split_s3(uri)
         try:
             try:
-                resp = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{int(max_bytes)}")
+                resp = self.client.get_object(
+                    Bucket=bucket, Key=key, Range=f"bytes=0-{int(max_bytes)}"
+                )
             except Exception as exc:  # noqa: BLE001
                 if _status(exc)[0] != 416:
                     raise
-                resp = self.client.get_object(Bucket=bucket, Key=key)  # an empty object has no byte 0
+                resp = self.client.get_object(
+                    Bucket=bucket, Key=key
+                )  # an empty object has no byte 0
             return resp["Body"].read(max_bytes + 1), resp.get("ETag", "").strip('"')
         except Exception as exc:  # noqa: BLE001
             if _no_such_key(exc):
@@ -212,8 +234,12 @@ class S3Storage(Storage):
 
         bucket, key = split_s3(uri)
         chunk = self.settings.transfer_chunk_mb * 1024 * 1024
-        tcfg = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
-                              max_concurrency=self.settings.transfer_concurrency, use_threads=True)
+        tcfg = TransferConfig(
+            multipart_threshold=chunk,
+            multipart_chunksize=chunk,
+            max_concurrency=self.settings.transfer_concurrency,
+            use_threads=True,
+        )
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             if etag:
@@ -221,7 +247,9 @@ class S3Storage(Storage):
                 # that ETag with the listed one makes the staged bytes those of the slide's identity.
                 current = self.client.head_object(Bucket=bucket, Key=key).get("ETag", "").strip('"')
                 if current != etag:
-                    raise StorageError(f"{uri}: object changed since it was listed (ETag {current} != {etag})")
+                    raise StorageError(
+                        f"{uri}: object changed since it was listed (ETag {current} != {etag})"
+                    )
             self.client.download_file(bucket, key, str(dest), Config=tcfg)
         except StorageError:
             raise

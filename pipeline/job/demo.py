@@ -22,8 +22,15 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, PipelineError
 
-__all__ = ["DemoResult", "run_demo", "MotoServer", "seed_archive", "use_local_test_environment",
-           "DEMO_BUCKET", "DEMO_PREFIX"]
+__all__ = [
+    "DemoResult",
+    "run_demo",
+    "MotoServer",
+    "seed_archive",
+    "use_local_test_environment",
+    "DEMO_BUCKET",
+    "DEMO_PREFIX",
+]
 
 DEMO_BUCKET = "demo-archive"
 DEMO_PREFIX = "slides/"
@@ -44,7 +51,8 @@ class MotoServer:
     def __enter__(self) -> MotoServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
@@ -53,10 +61,14 @@ class MotoServer:
                     return self
             except OSError:
                 if self.proc.poll() is not None:
-                    raise PipelineError(f"moto S3 server on port {self.port} exited at start-up (is moto[server] installed?)") from None
+                    raise PipelineError(
+                        f"moto S3 server on port {self.port} exited at start-up (is moto[server] installed?)"
+                    ) from None
                 time.sleep(0.2)
         self.__exit__(None, None, None)
-        raise PipelineError(f"moto S3 server did not answer on 127.0.0.1:{self.port} within {self.timeout:.0f} s")
+        raise PipelineError(
+            f"moto S3 server did not answer on 127.0.0.1:{self.port} within {self.timeout:.0f} s"
+        )
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -75,8 +87,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def seed_archive(endpoint: str, bucket: str = DEMO_BUCKET, prefix: str = DEMO_PREFIX,
-                 work_dir: Path | None = None, corrupt: bool = True, extras: bool = True) -> list[str]:
+def seed_archive(
+    endpoint: str,
+    bucket: str = DEMO_BUCKET,
+    prefix: str = DEMO_PREFIX,
+    work_dir: Path | None = None,
+    corrupt: bool = True,
+    extras: bool = True,
+) -> list[str]:
     """Create ``bucket`` and upload the sample slides under ``prefix``; returns the slide keys.
 
     With ``corrupt``: also ``corrupt.svs`` (not an image). With ``extras``: the slides' JSON
@@ -86,7 +104,11 @@ def seed_archive(endpoint: str, bucket: str = DEMO_BUCKET, prefix: str = DEMO_PR
     from pipeline.samples import build_sample_slides
 
     # moto needs some region; the environment's wins, as for every other client.
-    region = None if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") else "us-east-1"
+    region = (
+        None
+        if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        else "us-east-1"
+    )
     client = s3_client(S3Settings(endpoint=endpoint, region=region))
     client.create_bucket(Bucket=bucket)
     tmp = Path(tempfile.mkdtemp(prefix="hemblip-demo-slides-", dir=work_dir))
@@ -104,7 +126,9 @@ def seed_archive(endpoint: str, bucket: str = DEMO_BUCKET, prefix: str = DEMO_PR
         client.put_object(Bucket=bucket, Key=prefix + "corrupt.svs", Body=CORRUPT_BYTES)
         keys.append(prefix + "corrupt.svs")
     if extras:
-        client.put_object(Bucket=bucket, Key=prefix + "README.txt", Body=b"sample archive of the HemBLIP demo\n")
+        client.put_object(
+            Bucket=bucket, Key=prefix + "README.txt", Body=b"sample archive of the HemBLIP demo\n"
+        )
     return keys
 
 
@@ -136,14 +160,23 @@ def use_local_test_environment(name: str) -> None:
 def _prepare_output(out: Path) -> None:
     if out.exists():
         if not (out / _MARKER).exists() and any(out.iterdir()):
-            raise ConfigError(f"--output {out}: exists and was not written by the demo; choose another directory")
+            raise ConfigError(
+                f"--output {out}: exists and was not written by the demo; choose another directory"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / _MARKER).write_text("written by `python -m pipeline demo`; deleted by the next demo run\n")
+    (out / _MARKER).write_text(
+        "written by `python -m pipeline demo`; deleted by the next demo run\n"
+    )
 
 
-def run_demo(output: str | Path = "demo_output", say: Callable[[str], None] | None = None,
-             caption_batch_size: int = 16, rerun: bool = True, model: str | None = None) -> DemoResult:
+def run_demo(
+    output: str | Path = "demo_output",
+    say: Callable[[str], None] | None = None,
+    caption_batch_size: int = 16,
+    rerun: bool = True,
+    model: str | None = None,
+) -> DemoResult:
     """Run the demo end to end (see the module doc). ``output``: local directory, recreated;
     ``model``: a checkpoint directory instead of the bundled demo checkpoint."""
     from pipeline.job.config import DEFAULT_FORWARD_ENV, JobConfig
@@ -159,17 +192,29 @@ def run_demo(output: str | Path = "demo_output", say: Callable[[str], None] | No
     with MotoServer() as s3:
         say(f"S3 endpoint (moto) at {s3.url}")
         keys = seed_archive(s3.url)
-        say(f"seeded s3://{DEMO_BUCKET}/{DEMO_PREFIX} with {len(keys)} slide objects "
-            f"(one corrupt) and non-slide objects")
+        say(
+            f"seeded s3://{DEMO_BUCKET}/{DEMO_PREFIX} with {len(keys)} slide objects "
+            f"(one corrupt) and non-slide objects"
+        )
         started_ray = not ray.is_initialized()
         if started_ray:
-            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+            ray.init(
+                num_cpus=max(2, os.cpu_count() or 2),
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+            )
         try:
-            cfg = JobConfig(input=f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}", output=str(out), model=model,
-                            s3_endpoint=s3.url, caption_batch_size=caption_batch_size,
-                            max_failed_fraction=0.5, chunk_slides=2,
-                            forward_env=DEFAULT_FORWARD_ENV)
+            cfg = JobConfig(
+                input=f"s3://{DEMO_BUCKET}/{DEMO_PREFIX}",
+                output=str(out),
+                model=model,
+                s3_endpoint=s3.url,
+                caption_batch_size=caption_batch_size,
+                max_failed_fraction=0.5,
+                chunk_slides=2,
+                forward_env=DEFAULT_FORWARD_ENV,
+            )
             say("== first run ==")
             first = run_job(cfg, say)
             say(format_summary(first, str(out)))
@@ -178,13 +223,17 @@ def run_demo(output: str | Path = "demo_output", say: Callable[[str], None] | No
                 say("== second run (same archive, same model) ==")
                 second = run_job(cfg, say)
                 say(format_summary(second, str(out)))
-                say(f"second run: {second.ok + second.failed} slides processed, {second.cells_written} cells written "
+                say(
+                    f"second run: {second.ok + second.failed} slides processed, {second.cells_written} cells written "
                     f"(one runs/ row records the run); {second.skipped} slides skipped: done, or failed for a reason "
-                    f"of their own bytes (retried with --retry-failed)")
+                    f"of their own bytes (retried with --retry-failed)"
+                )
         finally:
             if started_ray:
                 ray.shutdown()
     secs = time.perf_counter() - t0
     query = "SELECT cell_type, count(*) AS n FROM cells GROUP BY 1 ORDER BY n DESC"
-    say(f"demo finished in {secs:.0f} s; query the outputs, e.g.: python -m pipeline query '{query}' --output {out}")
+    say(
+        f"demo finished in {secs:.0f} s; query the outputs, e.g.: python -m pipeline query '{query}' --output {out}"
+    )
     return DemoResult(first, second, out, secs)

@@ -19,7 +19,9 @@ def slide_id(uri: str, etag: str, size: int) -> str:
 
 def cell_id(slide: str, centroid_x: float, centroid_y: float) -> str:
     """sha256 of the slide id and the centroid rounded to whole level-0 px, first 32 hex chars."""
-    return hashlib.sha256(f"{slide}\n{round(float(centroid_x))}\n{round(float(centroid_y))}".encode()).hexdigest()[:32]
+    return hashlib.sha256(
+        f"{slide}\n{round(float(centroid_x))}\n{round(float(centroid_y))}".encode()
+    ).hexdigest()[:32]
 
 
 def combined_etag(parts: Iterable[tuple[str, str, int]]) -> str:

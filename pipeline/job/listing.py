@@ -63,11 +63,15 @@ def _ext(name: str) -> str:
 def _single(obj: ObjectInfo) -> SlideRef:
     _, name = _split(obj.uri)
     part = SlidePart(obj.uri, name, obj.size, obj.etag)
-    return SlideRef(slide_id(obj.uri, obj.etag, obj.size), obj.uri, obj.etag, obj.size, (part,), name)
+    return SlideRef(
+        slide_id(obj.uri, obj.etag, obj.size), obj.uri, obj.etag, obj.size, (part,), name
+    )
 
 
 def _group(uri: str, base: str, objs: list[ObjectInfo], open_name: str) -> SlideRef:
-    parts = tuple(SlidePart(o.uri, o.uri.replace("\\", "/")[len(base) + 1:], o.size, o.etag) for o in objs)
+    parts = tuple(
+        SlidePart(o.uri, o.uri.replace("\\", "/")[len(base) + 1 :], o.size, o.etag) for o in objs
+    )
     etag = combined_etag((p.rel, p.etag, p.size) for p in parts)
     size = sum(p.size for p in parts)
     return SlideRef(slide_id(uri, etag, size), uri, etag, size, parts, open_name)
@@ -117,4 +121,3 @@ def list_slides(storage: Storage, prefix: str, extensions: tuple[str, ...]) -> L
             ignored.append(o.uri)
     slides.sort(key=lambda s: s.uri)
     return Listing(tuple(slides), tuple(ignored))
-

@@ -54,13 +54,25 @@ from pipeline.job.storage import S3Settings
 from pipeline.schema import DETECT_COLUMNS, QC_FLAGS
 from pipeline.slides import confined_path, open_slide
 
-__all__ = ["DetectSettings", "AttemptLedger", "confined_path", "detect_batch", "failure_class", "ref_to_json",
-           "ref_from_json", "records", "BATCH_KEYS", "CELL_FIELDS"]
+__all__ = [
+    "DetectSettings",
+    "AttemptLedger",
+    "confined_path",
+    "detect_batch",
+    "failure_class",
+    "ref_to_json",
+    "ref_from_json",
+    "records",
+    "BATCH_KEYS",
+    "CELL_FIELDS",
+]
 
 _NP_TYPES = {"int32": np.int32, "int64": np.int64, "double": np.float64, "string": object}
 #: (name, numpy dtype) of the typed per-cell columns a detect batch carries (see the module doc).
 CELL_FIELDS: tuple[tuple[str, object], ...] = (
-    ("cell_id", object), ("slide_uri", object), ("slide_etag", object),
+    ("cell_id", object),
+    ("slide_uri", object),
+    ("slide_etag", object),
     *((name, _NP_TYPES[str(typ)]) for name, typ, *_ in DETECT_COLUMNS if name != "qc_flags"),
     ("qc_mask", np.int32),
 )
@@ -130,8 +142,20 @@ def _reason(exc: BaseException, local: Path | None, uri: str) -> str:
 # errno values that point at the worker's environment (permissions, a full or read-only disk,
 # limits of the local file system or of the process) rather than at storage or the slide.
 _CONFIG_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENAMETOOLONG", "EMFILE",
-                                      "ENFILE", "EXDEV") if hasattr(errno, name))
+    getattr(errno, name)
+    for name in (
+        "EACCES",
+        "EPERM",
+        "EROFS",
+        "ENOSPC",
+        "EDQUOT",
+        "ENAMETOOLONG",
+        "EMFILE",
+        "ENFILE",
+        "EXDEV",
+    )
+    if hasattr(errno, name)
+)
 
 
 def failure_class(exc: BaseException) -> str:
@@ -175,7 +199,9 @@ def _qc_mask(flags) -> int:
     return mask
 
 
-def _cell_batch(sid: str, ref: SlideRef, crops: np.ndarray, records: list[dict], thumbs: list[bytes]) -> dict[str, np.ndarray]:
+def _cell_batch(
+    sid: str, ref: SlideRef, crops: np.ndarray, records: list[dict], thumbs: list[bytes]
+) -> dict[str, np.ndarray]:
     n = len(records)
     out: dict[str, np.ndarray] = {
         "kind": np.full(n, "cell", dtype=object),
@@ -205,10 +231,21 @@ def _cell_batch(sid: str, ref: SlideRef, crops: np.ndarray, records: list[dict],
 
 def _new_outcome(ref: SlideRef) -> dict:
     return {
-        "slide_id": ref.slide_id, "slide_uri": ref.uri, "slide_etag": ref.etag,
-        "slide_bytes": ref.size, "status": "failed", "reason": None, "failure_class": None, "cell_count": 0,
-        "mpp": None, "mpp_source": None, "width": None, "height": None, "bytes_read": None,
-        "stage_seconds": None, "detect_seconds": None,
+        "slide_id": ref.slide_id,
+        "slide_uri": ref.uri,
+        "slide_etag": ref.etag,
+        "slide_bytes": ref.size,
+        "status": "failed",
+        "reason": None,
+        "failure_class": None,
+        "cell_count": 0,
+        "mpp": None,
+        "mpp_source": None,
+        "width": None,
+        "height": None,
+        "bytes_read": None,
+        "stage_seconds": None,
+        "detect_seconds": None,
     }
 
 
@@ -256,14 +293,25 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
     P = settings.crop_px
     t0 = time.perf_counter()
     try:
-        cfg = DetectConfig(crop_um=settings.crop_um, crop_px=P, mpp=settings.mpp,
-                           max_decode_mb=settings.max_decode_mb,
-                           detector=DetectorConfig(max_detect_mpp=settings.max_detect_mpp))
+        cfg = DetectConfig(
+            crop_um=settings.crop_um,
+            crop_px=P,
+            mpp=settings.mpp,
+            max_decode_mb=settings.max_decode_mb,
+            detector=DetectorConfig(max_detect_mpp=settings.max_detect_mpp),
+        )
         # The factory reads a single-object SVS/tiled TIFF on S3 in place and stages anything
         # else to scratch (removed when the slide is closed, or when opening fails).
-        slide = open_slide(ref.uri, mpp=settings.mpp, max_pixels=cfg.max_pixels,
-                           max_decode_mb=settings.max_decode_mb, storage_options=settings.s3,
-                           scratch_dir=settings.scratch_dir, parts=ref.parts, open_rel=ref.open_rel)
+        slide = open_slide(
+            ref.uri,
+            mpp=settings.mpp,
+            max_pixels=cfg.max_pixels,
+            max_decode_mb=settings.max_decode_mb,
+            storage_options=settings.s3,
+            scratch_dir=settings.scratch_dir,
+            parts=ref.parts,
+            open_rel=ref.open_rel,
+        )
         t1 = time.perf_counter()
         outcome["stage_seconds"] = t1 - t0  # in place: opening (header and IFDs) only
         with slide:
@@ -280,13 +328,22 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
         yield _slide_batch(ref, settings, outcome)
         return
     info = result.info
-    outcome.update(status="ok", cell_count=len(result.records), mpp=info.get("mpp"),
-                   mpp_source=info.get("mpp_source"), width=info.get("width"), height=info.get("height"))
+    outcome.update(
+        status="ok",
+        cell_count=len(result.records),
+        mpp=info.get("mpp"),
+        mpp_source=info.get("mpp_source"),
+        width=info.get("width"),
+        height=info.get("height"),
+    )
     crops = np.ascontiguousarray(result.crops, dtype=np.uint8)
     n = len(result.records)
     for start in range(0, n, _PIECE):
         stop = min(n, start + _PIECE)
-        thumbs = [_jpeg(crops[i], settings.thumbnail_px) if settings.thumbnails else b"" for i in range(start, stop)]
+        thumbs = [
+            _jpeg(crops[i], settings.thumbnail_px) if settings.thumbnails else b""
+            for i in range(start, stop)
+        ]
         yield _cell_batch(ref.slide_id, ref, crops[start:stop], result.records[start:stop], thumbs)
     yield _slide_batch(ref, settings, outcome)
 
@@ -344,7 +401,11 @@ def _death_cause(worker_id: str) -> str:
         kind = common_pb2.WorkerExitType.Name(info.exit_type)
     except Exception:  # noqa: BLE001 - an internal API; the count alone is still the answer
         return "cause unknown"
-    mem = f", {info.memory_used_bytes_at_death / 2**20:.0f} MiB in use" if info.memory_used_bytes_at_death else ""
+    mem = (
+        f", {info.memory_used_bytes_at_death / 2**20:.0f} MiB in use"
+        if info.memory_used_bytes_at_death
+        else ""
+    )
     if kind == "NODE_OUT_OF_MEMORY":
         return f"out of memory: killed by Ray's memory monitor{mem}"
     if kind == "SYSTEM_ERROR":
@@ -359,13 +420,19 @@ def _attempt_refused(ledger, ref: SlideRef, max_attempts: int) -> WorkerDiedErro
     import ray
 
     try:
-        n, cause = ray.get(ledger.begin.remote(ref.slide_id, ray.get_runtime_context().get_worker_id(),
-                                               max_attempts), timeout=120)
+        n, cause = ray.get(
+            ledger.begin.remote(
+                ref.slide_id, ray.get_runtime_context().get_worker_id(), max_attempts
+            ),
+            timeout=120,
+        )
     except Exception:  # noqa: BLE001 - the ledger is an aid; Ray's max_retries still bounds the attempts
         return None
     if n <= max_attempts:
         return None
-    return WorkerDiedError(ref.uri, f"worker process died {n - 1} times while processing this slide (last: {cause})")
+    return WorkerDiedError(
+        ref.uri, f"worker process died {n - 1} times while processing this slide (last: {cause})"
+    )
 
 
 def detect_batch(batch: dict[str, np.ndarray], settings: DetectSettings, ledger=None):
@@ -381,5 +448,3 @@ def detect_batch(batch: dict[str, np.ndarray], settings: DetectSettings, ledger=
         outcome = _new_outcome(ref)
         outcome.update(reason=_reason(died, None, ref.uri), failure_class=failure_class(died))
         yield _slide_batch(ref, settings, outcome)
-
-

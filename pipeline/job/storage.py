@@ -25,8 +25,18 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
 
-__all__ = ["ObjectInfo", "Storage", "S3Settings", "StorageOptions", "as_s3_settings", "s3_client", "storage_for",
-           "is_s3", "split_s3", "join_uri"]
+__all__ = [
+    "ObjectInfo",
+    "Storage",
+    "S3Settings",
+    "StorageOptions",
+    "as_s3_settings",
+    "s3_client",
+    "storage_for",
+    "is_s3",
+    "split_s3",
+    "join_uri",
+]
 
 
 @dataclass(frozen=True)
@@ -41,9 +51,15 @@ class ObjectInfo:
 # Upper bounds as the job's settings have them (pipeline/job/config.py): a value above is a typo.
 _S3_INT_LIMITS = {"max_attempts": 100, "transfer_concurrency": 1024, "transfer_chunk_mb": 5120}
 # Keys of a storage-options mapping (fsspec/botocore spellings accepted) -> field.
-_OPTION_KEYS = {"endpoint": "endpoint", "endpoint_url": "endpoint", "region": "region", "region_name": "region",
-                "max_attempts": "max_attempts", "transfer_concurrency": "transfer_concurrency",
-                "transfer_chunk_mb": "transfer_chunk_mb"}
+_OPTION_KEYS = {
+    "endpoint": "endpoint",
+    "endpoint_url": "endpoint",
+    "region": "region",
+    "region_name": "region",
+    "max_attempts": "max_attempts",
+    "transfer_concurrency": "transfer_concurrency",
+    "transfer_chunk_mb": "transfer_chunk_mb",
+}
 
 
 @dataclass(frozen=True)
@@ -68,22 +84,36 @@ class S3Settings:
         for name, top in _S3_INT_LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
-                raise ConfigError(f"S3 setting {name} must be an integer in 1..{top}, got {value!r}")
+                raise ConfigError(
+                    f"S3 setting {name} must be an integer in 1..{top}, got {value!r}"
+                )
         if self.endpoint is not None:
             _check_endpoint(self.endpoint)
-        if self.region is not None and (not isinstance(self.region, str)
-                                        or not re.fullmatch(r"[a-z0-9-]{1,64}", self.region)):
-            raise ConfigError(f"S3 setting region must be a region name like us-east-1, got {self.region!r}")
+        if self.region is not None and (
+            not isinstance(self.region, str) or not re.fullmatch(r"[a-z0-9-]{1,64}", self.region)
+        ):
+            raise ConfigError(
+                f"S3 setting region must be a region name like us-east-1, got {self.region!r}"
+            )
 
     @property
     def resolved_endpoint(self) -> str | None:
         """The endpoint requests go to: ``endpoint``, else the environment's, else None (AWS)."""
-        return (self.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                or None)
+        return (
+            self.endpoint
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
 
     @property
     def resolved_region(self) -> str | None:
-        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+        return (
+            self.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or None
+        )
 
     def storage_options(self) -> dict[str, str | int]:
         """These settings as a plain mapping (``endpoint_url``, ``region_name``, ``max_attempts``),
@@ -105,9 +135,13 @@ class S3Settings:
         for key, value in options.items():
             name = _OPTION_KEYS.get(key) if isinstance(key, str) else None
             if name is None:
-                raise ConfigError(f"storage option {key!r} is not known; expected one of {', '.join(_OPTION_KEYS)}")
+                raise ConfigError(
+                    f"storage option {key!r} is not known; expected one of {', '.join(_OPTION_KEYS)}"
+                )
             if name in kwargs and kwargs[name] != value:
-                raise ConfigError(f"storage option {key!r} contradicts another spelling of {name!r}")
+                raise ConfigError(
+                    f"storage option {key!r} contradicts another spelling of {name!r}"
+                )
             kwargs[name] = value
         return cls(**kwargs)
 
@@ -125,7 +159,9 @@ def as_s3_settings(options: StorageOptions) -> S3Settings:
         return options
     if isinstance(options, Mapping):
         return S3Settings.from_options(options)
-    raise ConfigError(f"storage options must be S3Settings or a mapping, got {type(options).__name__}")
+    raise ConfigError(
+        f"storage options must be S3Settings or a mapping, got {type(options).__name__}"
+    )
 
 
 _HOST = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
@@ -141,11 +177,15 @@ def _check_endpoint(url: object) -> None:
     if has_credentials(url) or "@" in authority:
         # S3 clients sign with the credential chain and ignore an endpoint's userinfo, so these
         # credentials are never used, and they would be recorded with the settings.
-        raise ConfigError(f"--s3-endpoint {redact_url(url)!r}: credentials in the endpoint URL are not used by "
-                          "S3 clients; remove them and use the standard AWS credential chain")
+        raise ConfigError(
+            f"--s3-endpoint {redact_url(url)!r}: credentials in the endpoint URL are not used by "
+            "S3 clients; remove them and use the standard AWS credential chain"
+        )
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or "?" in url or "#" in url:
-        raise ConfigError(f"--s3-endpoint {redact_url(url)!r}: expected http(s)://host[:port] without query or fragment")
+        raise ConfigError(
+            f"--s3-endpoint {redact_url(url)!r}: expected http(s)://host[:port] without query or fragment"
+        )
     try:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError:
@@ -172,7 +212,7 @@ def is_s3(uri: str) -> bool:
 
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
-    rest = str(uri)[len("s3://"):]
+    rest = str(uri)[len("s3://") :]
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise ConfigError(f"{uri!r}: missing bucket name (expected s3://bucket/prefix)")

@@ -122,7 +122,10 @@ class ImageSlide(Slide):
             need = decode_cost(im)
             if need > max_decode_bytes:
                 raise over_budget(
-                    path, f"declared dimensions {w}x{h} ({im.format} {im.mode})", need, max_decode_bytes
+                    path,
+                    f"declared dimensions {w}x{h} ({im.format} {im.mode})",
+                    need,
+                    max_decode_bytes,
                 )
         except BaseException:
             im.close()
@@ -151,13 +154,17 @@ class ImageSlide(Slide):
                 im.load()
                 rgb = _to_rgb(im)
             except (OSError, ValueError, SyntaxError) as exc:
-                raise SlideReadError(self.path, f"truncated or corrupt image data: {_why(exc)}") from exc
+                raise SlideReadError(
+                    self.path, f"truncated or corrupt image data: {_why(exc)}"
+                ) from exc
             self._im.close()
             del im
             if self._orientation != 1:
                 rgb = np.ascontiguousarray(_ORIENT[self._orientation](rgb))
             if rgb.shape[:2] != (self.dimensions[1], self.dimensions[0]):
-                raise SlideReadError(self.path, f"decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from header")
+                raise SlideReadError(
+                    self.path, f"decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from header"
+                )
             self._rgb = rgb
         return self._rgb
 

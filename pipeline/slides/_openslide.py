@@ -43,7 +43,9 @@ class OpenSlideSlide(Slide):
         try:
             self._osr = openslide.OpenSlide(str(path))
         except openslide.OpenSlideError as exc:  # includes OpenSlideUnsupportedFormatError
-            raise SlideOpenError(path, f"OpenSlide cannot open this {vendor} file: {_why(exc)}") from exc
+            raise SlideOpenError(
+                path, f"OpenSlide cannot open this {vendor} file: {_why(exc)}"
+            ) from exc
         self.format = f"openslide:{vendor}"
         props = self._osr.properties
         mpp = None
@@ -85,7 +87,9 @@ class OpenSlideSlide(Slide):
                 continue
             need = tw * th * 4
             if need > budget:
-                raise over_budget(path, f"level {lv} declares {tw}x{th} px tiles, each", need, budget)
+                raise over_budget(
+                    path, f"level {lv} declares {tw}x{th} px tiles, each", need, budget
+                )
 
     @property
     def properties(self) -> dict[str, str]:
@@ -99,7 +103,9 @@ class OpenSlideSlide(Slide):
         try:
             img = self._osr.read_region(loc, level, (x1 - x0, y1 - y0))
         except openslide.OpenSlideError as exc:
-            raise SlideReadError(self.path, f"tile read failed at level {level}: {_why(exc)}") from exc
+            raise SlideReadError(
+                self.path, f"tile read failed at level {level}: {_why(exc)}"
+            ) from exc
         rgba = np.asarray(img)
         del img
         alpha = rgba[..., 3]

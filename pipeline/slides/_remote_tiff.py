@@ -97,7 +97,9 @@ def open_remote_slide(
     mpp = check_open_args(mpp, max_pixels, max_decode_mb)
     reader = S3RangeFile(s3_client, bucket, key, size=size, etag=etag)
     try:
-        return RemoteTiffSlide(reader, mpp, max_pixels, max_decode_bytes=decode_budget_bytes(max_decode_mb))
+        return RemoteTiffSlide(
+            reader, mpp, max_pixels, max_decode_bytes=decode_budget_bytes(max_decode_mb)
+        )
     except SlideOpenError as exc:
         exc.bytes_fetched = reader.bytes_fetched
         reader.close()
@@ -127,7 +129,11 @@ class RemoteTiffSlide(Slide):
         max_decode_bytes: int | None = None,
     ):
         uri = reader.uri
-        budget = decode_budget_bytes(DEFAULT_MAX_DECODE_MB) if max_decode_bytes is None else int(max_decode_bytes)
+        budget = (
+            decode_budget_bytes(DEFAULT_MAX_DECODE_MB)
+            if max_decode_bytes is None
+            else int(max_decode_bytes)
+        )
         self._reader = reader
         head = reader.read(4)
         reader.seek(0)
@@ -145,7 +151,9 @@ class RemoteTiffSlide(Slide):
         try:
             vendor, pages = _select_levels(tf, uri)
             levels = [_level(p, uri, reader.size, budget) for p in pages]
-            metadata_mpp = _aperio_mpp(pages[0]) if vendor == "aperio" else _resolution_mpp(pages[0])
+            metadata_mpp = (
+                _aperio_mpp(pages[0]) if vendor == "aperio" else _resolution_mpp(pages[0])
+            )
         except SlideReadError as exc:
             tf.close()
             raise SlideOpenError(uri, exc.cause) from exc
@@ -219,7 +227,9 @@ class RemoteTiffSlide(Slide):
                 for tx in range(x0 // lv.tile_w, (x1 - 1) // lv.tile_w + 1):
                     wanted[ty * lv.tiles_across + tx] = None
         with self._lock:
-            index = [i for i in wanted if (level, i) not in self._cache and (level, i) not in self._ahead]
+            index = [
+                i for i in wanted if (level, i) not in self._cache and (level, i) not in self._ahead
+            ]
         if not index:
             return
         try:
@@ -236,13 +246,19 @@ class RemoteTiffSlide(Slide):
                 _, old = self._ahead.popitem(last=False)
                 self._ahead_bytes -= len(old)
 
-    def _fetch_tiles(self, level: int, lv: _Level, index: list[int], workers: int = 1) -> list[bytes]:
+    def _fetch_tiles(
+        self, level: int, lv: _Level, index: list[int], workers: int = 1
+    ) -> list[bytes]:
         """Compressed bytes of tiles ``index`` of ``level`` (``b""`` for a skipped tile)."""
         for i in index:
             if i >= len(lv.offsets):
-                raise SlideReadError(self.path, f"level {level} has no tile {i} (TileOffsets too short)")
+                raise SlideReadError(
+                    self.path, f"level {level} has no tile {i} (TileOffsets too short)"
+                )
             if lv.counts[i] > _MAX_TILE_BYTES:
-                raise SlideReadError(self.path, f"level {level} tile {i} declares {lv.counts[i]} bytes")
+                raise SlideReadError(
+                    self.path, f"level {level} tile {i} declares {lv.counts[i]} bytes"
+                )
         # A zero byte count is a tile the scanner skipped (no tissue): OpenSlide draws it
         # transparent, which the base contract renders white.
         ranges = [(lv.offsets[i], lv.counts[i]) if lv.counts[i] > 0 else (0, 0) for i in index]
@@ -313,12 +329,16 @@ class RemoteTiffSlide(Slide):
             else:
                 tile = lv.decode(data, index)[0]
         except Exception as exc:  # noqa: BLE001 - codec errors have no common base
-            raise SlideReadError(self.path, f"level {level} tile {index} cannot be decoded: {_why(exc)}") from exc
+            raise SlideReadError(
+                self.path, f"level {level} tile {index} cannot be decoded: {_why(exc)}"
+            ) from exc
         tile = np.asarray(tile)
         if tile.ndim == 4:  # tifffile's (depth, length, width, samples)
             tile = tile[0]
         if tile.dtype != np.uint8 or tile.ndim != 3 or tile.shape[2] != 3:
-            raise SlideReadError(self.path, f"level {level} tile {index} decoded to {tile.shape} {tile.dtype}")
+            raise SlideReadError(
+                self.path, f"level {level} tile {index} decoded to {tile.shape} {tile.dtype}"
+            )
         if tile.shape[0] < lv.tile_h or tile.shape[1] < lv.tile_w:
             raise SlideReadError(
                 self.path,
@@ -387,12 +407,16 @@ def _level(page, uri: str, size: int, budget: int) -> _Level:
     if int(page.planarconfig) != 1 or int(page.samplesperpixel) != 3 or page.extrasamples:
         raise SlideOpenError(uri, f"{where}: only interleaved 3-sample RGB is read remotely")
     if int(page.bitspersample) != 8:
-        raise SlideOpenError(uri, f"{where}: {page.bitspersample}-bit samples are not read remotely")
+        raise SlideOpenError(
+            uri, f"{where}: {page.bitspersample}-bit samples are not read remotely"
+        )
     photometric = int(page.photometric)
     if photometric not in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR) or (
         photometric == _PHOTOMETRIC_YCBCR and comp != 7
     ):
-        raise SlideOpenError(uri, f"{where}: photometric {photometric} with compression {comp} is not read remotely")
+        raise SlideOpenError(
+            uri, f"{where}: photometric {photometric} with compression {comp} is not read remotely"
+        )
     if int(page.imagedepth) != 1:
         raise SlideOpenError(uri, f"{where}: volumetric tiles are not read remotely")
     tw, th = int(page.tilewidth), int(page.tilelength)
@@ -408,12 +432,14 @@ def _level(page, uri: str, size: int, budget: int) -> _Level:
     counts = tuple(int(v) for v in page.databytecounts)
     if len(offsets) != len(counts) or len(offsets) < across * -(-h // th):
         raise SlideOpenError(
-            uri, f"{where}: {len(offsets)} tile offsets for a {w}x{h} image of {tw}x{th} tiles (truncated?)"
+            uri,
+            f"{where}: {len(offsets)} tile offsets for a {w}x{h} image of {tw}x{th} tiles (truncated?)",
         )
     end = max((o + n for o, n in zip(offsets, counts) if n > 0), default=0)
     if end > size:
         raise SlideOpenError(
-            uri, f"{where}: tile data ends at byte {end}, past the object's {size} bytes (truncated)"
+            uri,
+            f"{where}: tile data ends at byte {end}, past the object's {size} bytes (truncated)",
         )
     tables = page.jpegtables if comp == 7 else None
     tables = bytes(tables) if tables is not None else None

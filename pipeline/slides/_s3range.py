@@ -147,7 +147,8 @@ class S3RangeFile(io.RawIOBase):
                 out[i] = b""
             elif o < 0 or o + n > self.size:
                 raise SlideReadError(
-                    self.uri, f"bytes {o}-{o + n - 1} lie past the object's {self.size} bytes (truncated)"
+                    self.uri,
+                    f"bytes {o}-{o + n - 1} lie past the object's {self.size} bytes (truncated)",
                 )
         groups: list[tuple[int, int, list[tuple[int, int, int]]]] = []  # (start, stop, members)
         k = 0
@@ -251,7 +252,8 @@ class S3RangeFile(io.RawIOBase):
             self.bytes_fetched += len(data)
         if len(data) != stop - start:
             raise SlideReadError(
-                self.uri, f"short ranged read: asked bytes {start}-{stop - 1}, got {len(data)} bytes"
+                self.uri,
+                f"short ranged read: asked bytes {start}-{stop - 1}, got {len(data)} bytes",
             )
         return data
 

@@ -60,7 +60,6 @@ def plausible_mpp(value: float | None) -> float | None:
     return float(f"{v:.10g}")  # drop binary noise of resolution rationals (0.07200000000000001)
 
 
-
 def check_open_args(
     mpp: object, max_pixels: object, max_decode_mb: object = DEFAULT_MAX_DECODE_MB
 ) -> float | None:
@@ -141,7 +140,9 @@ class Slide:
         self.level_downsamples = tuple(float(d) for d in level_downsamples)
         self.max_pixels = int(max_pixels)
         self.max_decode_bytes = (
-            decode_budget_bytes(DEFAULT_MAX_DECODE_MB) if max_decode_bytes is None else int(max_decode_bytes)
+            decode_budget_bytes(DEFAULT_MAX_DECODE_MB)
+            if max_decode_bytes is None
+            else int(max_decode_bytes)
         )
         for w, h in self.level_dimensions:
             if w <= 0 or h <= 0:
@@ -192,12 +193,17 @@ class Slide:
             raise ValueError(f"{self.path}: empty box {box}")
         if (x1 - x0) * (y1 - y0) > self.max_pixels:
             raise SlideTooLargeError(
-                self.path, f"a read of {x1 - x0}x{y1 - y0} px exceeds the {self.max_pixels} px limit"
+                self.path,
+                f"a read of {x1 - x0}x{y1 - y0} px exceeds the {self.max_pixels} px limit",
             )
         need = (x1 - x0) * (y1 - y0) * self._read_bytes_per_px
         if need > self.max_decode_bytes:
-            raise over_budget(self.path, f"a read of {x1 - x0}x{y1 - y0} px at level {level}", need,
-                              self.max_decode_bytes)
+            raise over_budget(
+                self.path,
+                f"a read of {x1 - x0}x{y1 - y0} px at level {level}",
+                need,
+                self.max_decode_bytes,
+            )
         w, h = self.level_dimensions[level]
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
         if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
@@ -221,7 +227,9 @@ class Slide:
         except SlideReadError:
             raise
         except (OSError, ValueError, SyntaxError, MemoryError) as exc:
-            raise SlideReadError(self.path, f"cannot decode pixels at level {level}: {_why(exc)}") from exc
+            raise SlideReadError(
+                self.path, f"cannot decode pixels at level {level}: {_why(exc)}"
+            ) from exc
         if arr.shape != (y1 - y0, x1 - x0, 3) or arr.dtype != np.uint8:  # backend contract
             raise SlideReadError(self.path, f"backend returned {arr.shape} {arr.dtype}")
         return arr
