@@ -215,7 +215,10 @@ def _consume_replay(args, cfg) -> dict:
         kw["compactor"] = compactor
         pool.submit(int).result()  # start the helper before the clock
     writer = OutputWriter(storage_for(out), out, "replay", "2026-01-01", "v1", **kw)
-    chunker = run_mod._Chunker(writer, cfg, "replay", "v1", lambda line: None)
+    # the old code (a git archive of the previous commit) named it _Chunker
+    chunker = (run_mod.Chunker if new else run_mod._Chunker)(
+        writer, cfg, "replay", "v1", lambda line: None
+    )
     t0 = time.process_time()
     if new:
         run_mod.consume(iter(batches), refs, "replay", "v1", chunker, lambda line: None)

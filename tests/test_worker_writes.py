@@ -111,11 +111,11 @@ def _stage(out: Path):
 
 
 def _consume(out: Path, batches: list[dict], todo: list[SlideRef], lines: list[str] | None = None):
-    from pipeline.job.run import _Chunker, consume
+    from pipeline.job.run import Chunker, consume
 
     writer = OutputWriter(storage_for(str(out)), str(out), "r1", DAY, "v1")
     cfg = SimpleNamespace(chunk_slides=16, chunk_cells=20000)
-    chunker = _Chunker(writer, cfg, "r1", "v1", (lines if lines is not None else []).append)
+    chunker = Chunker(writer, cfg, "r1", "v1", (lines if lines is not None else []).append)
     consume(batches, todo, "r1", "v1", chunker, (lines if lines is not None else []).append)
     return writer, chunker
 

@@ -38,7 +38,15 @@ from pipeline.job.storage import S3Settings, storage_for
 from pipeline.job.writer import OutputWriter, Recovery, StagedCells
 from pipeline.schema import SCHEMA_VERSION
 
-__all__ = ["RunResult", "run_job", "model_identity", "format_summary", "consume", "choose_cover"]
+__all__ = [
+    "RunResult",
+    "run_job",
+    "model_identity",
+    "format_summary",
+    "consume",
+    "Chunker",
+    "choose_cover",
+]
 
 
 @dataclass
@@ -95,7 +103,7 @@ def _new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-class _Chunker:
+class Chunker:
     """Collects finished slides and commits them in chunks (``chunk_slides`` / ``chunk_cells``).
 
     Commits run one at a time, in order, on a background thread (``background``), so the stream
@@ -257,7 +265,7 @@ def _stream(
     model_id: str,
     model_version: str,
     run_id: str,
-    chunker: _Chunker,
+    chunker: Chunker,
     env: dict[str, str],
     say,
     caption_stage: type | None = None,
@@ -322,7 +330,7 @@ def consume(
     todo: list[SlideRef],
     run_id: str,
     model_version: str,
-    chunker: _Chunker,
+    chunker: Chunker,
     say,
 ) -> None:
     """Turn the write stage's metadata rows (``stage_write.OUTPUT_KEYS``) into slide rows and
@@ -498,7 +506,7 @@ def run_job(
         )
         todo = [r for r in listing.slides if r.slide_id not in done]
         result.skipped = len(listing.slides) - len(todo)
-        chunker = _Chunker(writer, cfg, run_id, model_version, say)
+        chunker = Chunker(writer, cfg, run_id, model_version, say)
         say(f"{len(todo)} slides to process, {result.skipped} already done")
         try:
             if todo:
@@ -558,7 +566,7 @@ def run_job(
 
 def _finish(
     result: RunResult,
-    chunker: _Chunker,
+    chunker: Chunker,
     writer: OutputWriter,
     cfg: JobConfig,
     started: datetime,
