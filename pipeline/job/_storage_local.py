@@ -11,14 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import StorageError
-from pipeline.job.storage import ObjectInfo, Storage
+from pipeline.job.storage import ObjectInfo, Storage, local_etag
 
 __all__ = ["LocalStorage", "local_etag"]
-
-
-def local_etag(st: os.stat_result) -> str:
-    """Stand-in for an ETag: changes when the file's size or modification time changes."""
-    return hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
 class LocalStorage(Storage):

@@ -36,7 +36,15 @@ __all__ = [
     "is_s3",
     "split_s3",
     "join_uri",
+    "local_etag",
 ]
+
+
+def local_etag(st: os.stat_result) -> str:
+    """Stand-in for an ETag of a local file: changes when its size or modification time changes."""
+    import hashlib
+
+    return hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

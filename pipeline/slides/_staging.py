@@ -97,7 +97,7 @@ _FILE_KINDS = {
 def _listed_as_link(path: Path, etag: str) -> bool:
     """Whether the listing saw ``path`` as the symlink itself (its target unreachable there too):
     the listing falls back to the link's own ``lstat`` identity exactly then."""
-    from pipeline.job._storage_local import local_etag
+    from pipeline.job.storage import local_etag
 
     try:
         return local_etag(os.lstat(path)) == etag
