@@ -110,7 +110,8 @@ def run() -> list[dict]:
             sm = build_whole_smear(tmp, spec, name=f"cpu{int(f * 100)}")
             if f == 0.1:
                 _detect_cpu(sm.path)  # warm-up: imports, verifier load
-            zc, c, a, n, planned = _detect_cpu(sm.path)
+            # CPU-s of one process vary ±20 % on a shared machine: the least of three runs.
+            zc, c, a, n, planned = min((_detect_cpu(sm.path) for _ in range(3)), key=lambda r: r[1])
             cpu[f], zone_cpu[f], area[f] = c, zc, a
             print(
                 f"{smear_gigapixels(spec):.2f} GP, monolayer {f:.0%}: {a:.2f} mm² mapped, {n} cells, "

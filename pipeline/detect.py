@@ -52,7 +52,10 @@ __all__ = [
     "plan_smear",
     "split_regions",
     "detect_region",
+    "describe_region",
+    "DescribedRegion",
     "merge_regions",
+    "merge_described",
     "measure_cells",
 ]
 
@@ -226,8 +229,18 @@ def detect_slide(
             plan = plan_smear(slide, cfg, zone_settings=None if zones is True or zm else zones,
                               zone_map=zm, select=select, mpp=mpp)
             stats: dict = {}
-            found = [detect_region(slide, task, cfg, stats) for task in plan.tasks]
-            merged = merge_regions(plan, found, max_cells=max_cells, seed=seed)
+            described = None
+            if max_cells is None:
+                # Crops read box by box, while the detection tiles are cached (describe_region).
+                parts = [
+                    describe_region(slide, t, plan, cfg, mpp_source=mpp_source, source=src, stats=stats)
+                    for t in plan.tasks
+                ]
+                merged, *described = merge_described(plan, parts, cfg.crop_px)
+            else:
+                # The budget's sample needs every cell first; only the sampled ones are cropped.
+                found = [detect_region(slide, task, cfg, stats) for task in plan.tasks]
+                merged = merge_regions(plan, found, max_cells=max_cells, seed=seed)
             cells, cell_zones = merged.cells, merged.cell_zones
             overview = _read_overview(slide) if _overview_level(slide) is not None else _overview_windows(slide)
             n_tiles = plan.tiles
@@ -251,7 +264,10 @@ def detect_slide(
                 total = len(cells)
                 cells = _budget(cells, max_cells, seed)
                 extra = {"cells_total": total, "sampled": len(cells) < total, "max_cells": max_cells}
-        records, crops = _measure(slide, cells, level, mpp, mpp_source, cfg, src)
+        if use_zones and described is not None:
+            records, crops = described
+        else:
+            records, crops = _measure(slide, cells, level, mpp, mpp_source, cfg, src)
         info = {
             "width": slide.dimensions[0],
             "height": slide.dimensions[1],
@@ -297,8 +313,19 @@ def _budget(cells: list[RegionCell], max_cells: int | None, seed: int) -> list[R
 
 
 # -- whole smears: zones, region tasks, merge ----------------------------------------------------
-#: Side of the level-0 grid cells region boxes are made of, µm (a 40x scan: 1024 px).
-REGION_UM = 256.0
+#: Side of the level-0 grid cells region boxes are made of, µm (a 40x scan: 256 px, one
+#: scanner tile): a thin or ragged zone is covered tightly. Grid cells are then grouped into
+#: blocks of one detection tile each (:func:`split_regions`).
+REGION_UM = 32.0
+#: The chosen zones' outline is grown by this much (µm, about one white-cell diameter) before
+#: grid cells are picked: a cell whose centroid lies just outside the coarse zone raster is still
+#: seen (and then zoned by its ring, :func:`cell_zone`). Detection reads half a tile overlap
+#: (a cell's size) beyond the boxes on top of it, so every cell centred in a box is seen whole.
+REGION_MARGIN_UM = 10.0
+#: Blocks are processed in vertical stripes this many blocks wide, row by row, so that the tiles
+#: a block shares with the block above (its top margin) are still in a remote slide's decoded-tile
+#: cache (64 MiB: ~340 tiles of 256 px) when read again: no tile is fetched twice.
+_STRIPE_BLOCKS = 3
 #: Largest level-0 area of one region task, px (a 40x scan: ~16 mm²).
 MAX_TASK_PX = 256 * 2**20
 #: Longest run of grid cells read as one rectangle, in grid cells.
@@ -378,6 +405,11 @@ class RegionTask:
     boxes: tuple[tuple[int, int, int, int], ...]
     level: int
     mpp: float
+    #: None: each box is read as one window (box plus half a tile overlap). A level-0 size: the
+    #: boxes are grid cells, and consecutive ones in the same ``block_px`` square of a grid from
+    #: the origin are one detection window (their bounding box plus the pad), of which only the
+    #: boxes plus the pad are read (the rest is left white and costs no detection work).
+    block_px: int | None = None
 
     @property
     def area_px(self) -> int:
@@ -439,12 +471,17 @@ def plan_smear(
     level = _detect_level(slide, mpp, cfg.detector)
     ds = slide.level_downsamples[level]
     # Grid cells a whole number of 256-px tiles (a scanner's tile size) and of level px.
-    unit = int(256 * max(1, math.ceil(ds)))
+    unit = int(128 * max(1, math.ceil(ds)))
     grid = max(unit, int(round(region_um / mpp / unit)) * unit)
-    boxes = zm.region_boxes(select, tile_px=grid, margin_um=CELL_RING_UM)
-    region_tasks = split_regions(boxes, level=level, mpp=mpp, max_task_px=max_task_px, tasks=tasks)
+    boxes = zm.region_boxes(select, tile_px=grid, margin_um=REGION_MARGIN_UM)
     tile, overlap = _tile_geometry(slide, level, mpp, cfg)
-    n_tiles = sum(len(_rect_tiles(slide, level, b, tile, overlap)[0]) for t in region_tasks for b in t.boxes)
+    # One block = one detection tile: its boxes' bounding rectangle plus the half-overlap pad
+    # on each side (_rect_tiles) fits one tile, so each level-0 px is decoded about once.
+    block = max(grid, int((tile - 2 * (overlap // 2 + 1)) * ds) // grid * grid)
+    region_tasks = split_regions(
+        boxes, level=level, mpp=mpp, max_task_px=max_task_px, tasks=tasks, block_px=block
+    )
+    n_tiles = sum(len(_rect_tiles(slide, level, b, tile, overlap)[0]) for t in region_tasks for b, _ in _task_windows(t, (overlap // 2 + 1) * ds))
     w, h = slide.dimensions
     frac = sum(t.area_px for t in region_tasks) / float(w * h)
     return SmearPlan(zm, select, level, mpp, region_tasks, n_tiles, frac)
@@ -457,16 +494,27 @@ def split_regions(
     mpp: float = 1.0,
     max_task_px: int = MAX_TASK_PX,
     tasks: int | None = None,
+    block_px: int | None = None,
 ) -> list[RegionTask]:
     """Group grid ``boxes`` (level-0 ``(x0, y0, x1, y1)``, from
-    :meth:`~pipeline.zones.ZoneMap.region_boxes`) into region tasks: horizontal runs of adjacent
-    boxes (at most 8 boxes long) become one rectangle, and rectangles in reading order fill tasks
-    of at most ``max_task_px`` level-0 px each (``tasks``: aim at that many tasks of equal area
-    instead, never over ``max_task_px``). Tasks are spatially compact (consecutive rows)."""
+    :meth:`~pipeline.zones.ZoneMap.region_boxes`) into region tasks of rectangles, and the
+    rectangles, in order, into tasks of at most ``max_task_px`` level-0 px each (``tasks``: aim
+    at that many tasks of equal area instead, never over ``max_task_px``).
+
+    ``block_px`` None: horizontal runs of adjacent boxes (at most 8 boxes long) are the
+    rectangles, in reading order. ``block_px`` (level-0 px, a multiple of the boxes' grid): the
+    bounding rectangle of the boxes in each ``block_px`` square of a grid from the origin is one
+    rectangle; rectangles go in vertical stripes of 3 blocks, top to bottom, stripe after stripe
+    (a block's neighbours above and to the left were read just before it). Tasks are spatially
+    compact either way."""
     if isinstance(max_task_px, bool) or not isinstance(max_task_px, int) or max_task_px < 1:
         raise ConfigError(f"max_task_px must be a positive integer, got {max_task_px!r}")
     if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1):
         raise ConfigError(f"tasks must be a positive integer, got {tasks!r}")
+    if block_px is not None and (isinstance(block_px, bool) or not isinstance(block_px, int) or block_px < 1):
+        raise ConfigError(f"block_px must be a positive integer, got {block_px!r}")
+    if block_px is not None:
+        return _split_blocks(boxes, level, mpp, max_task_px, tasks, block_px)
     rects: list[tuple[int, int, int, int]] = []
     run = 0
     for b in sorted((tuple(int(v) for v in b) for b in boxes), key=lambda b: (b[1], b[0])):
@@ -489,6 +537,73 @@ def split_regions(
         out[-1].append(r)
         area += a
     return [RegionTask(i, tuple(bs), level, float(mpp)) for i, bs in enumerate(out)]
+
+
+def _split_blocks(boxes, level: int, mpp: float, max_task_px: int, tasks: int | None, block_px: int):
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    for b in sorted((tuple(int(v) for v in b) for b in boxes), key=lambda b: (b[1], b[0])):
+        groups.setdefault((b[0] // block_px, b[1] // block_px), []).append(b)
+    order = sorted(groups, key=lambda k: (k[0] // _STRIPE_BLOCKS, k[1], k[0]))
+    area_of = {k: sum((b[2] - b[0]) * (b[3] - b[1]) for b in groups[k]) for k in order}
+    total = sum(area_of.values())
+    cap = max_task_px if tasks is None else min(max_task_px, max(1, math.ceil(total / tasks)))
+    out: list[list[tuple[int, int, int, int]]] = []
+    area = 0
+    for k in order:
+        if not out or (area and area + area_of[k] > cap):
+            out.append([])
+            area = 0
+        out[-1].extend(groups[k])
+        area += area_of[k]
+    return [RegionTask(i, tuple(bs), level, float(mpp), block_px) for i, bs in enumerate(out)]
+
+
+def _task_windows(task: RegionTask, pad0: float = 0.0) -> list[tuple[tuple[int, int, int, int], list]]:
+    """``(bounding box, boxes)`` of each detection window of ``task``, in order. ``pad0`` (the
+    read margin, level-0 px) is unused: splitting thin blocks into smaller windows was measured
+    and did not pay (each window's pad costs as much as the glass it saves)."""
+    if task.block_px is None:
+        return [(tuple(b), [tuple(b)]) for b in task.boxes]
+    groups: list = []
+    key = None
+    for b in task.boxes:
+        k = (b[0] // task.block_px, b[1] // task.block_px)
+        if k != key:
+            groups.append([b])
+            key = k
+        else:
+            groups[-1].append(b)
+    return [
+        ((min(b[0] for b in g), min(b[1] for b in g), max(b[2] for b in g), max(b[3] for b in g)), g) for g in groups
+    ]
+
+
+def _read_needed(slide: Slide, level: int, window, rects, band: int = 256) -> np.ndarray:
+    """``window`` (level px) of ``slide``, reading only ``rects`` (level px, inside it) in bands
+    of ``band`` rows; the rest is the glass colour."""
+    wx0, wy0, wx1, wy1 = window
+    if len(rects) == 1 and tuple(rects[0]) == tuple(window):
+        slide.prefetch(level, [window])
+        return slide.read(level, window)
+    need = np.zeros((wy1 - wy0, wx1 - wx0), bool)
+    for x0, y0, x1, y1 in rects:
+        need[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] = True
+    spans = []
+    for y in range(wy0 - wy0 % band, wy1, band):
+        y0, y1 = max(y, wy0), min(y + band, wy1)
+        cols = np.flatnonzero(np.diff(np.r_[0, need[y0 - wy0 : y1 - wy0].any(axis=0).astype(np.int8), 0]))
+        spans += [(wx0 + a, y0, wx0 + b, y1) for a, b in zip(cols[::2], cols[1::2])]
+    slide.prefetch(level, spans)
+    parts = [slide.read(level, b) for b in spans]
+    # The rest is painted the glass colour of what was read (its brightest percent), not white:
+    # the detector's colour statistics are the tile's, and a white field would skew them.
+    px = np.concatenate([p[::8, ::8].reshape(-1, 3) for p in parts] + [np.zeros((0, 3), np.uint8)])
+    glass = np.round(np.percentile(px, 99, axis=0)) if len(px) else np.full(3, 255.0)
+    out = np.empty((wy1 - wy0, wx1 - wx0, 3), np.uint8)
+    out[...] = glass.astype(np.uint8)
+    for (x0, y0, x1, y1), p in zip(spans, parts):
+        out[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] = p
+    return out
 
 
 def _tile_geometry(slide: Slide, level: int, mpp: float, cfg: DetectConfig) -> tuple[int, int]:
@@ -529,23 +644,46 @@ def detect_region(
     Candidates whose darkest part has the red cells' colour (:data:`NUCLEUS_CHROMA`) are not cells; their
     number is added to ``stats["no_nucleus"]`` when ``stats`` is given. Cells are not yet
     deduplicated across boxes (:func:`merge_regions` does)."""
+    return [c for _, cells in _region_boxes_cells(slide, task, config, stats) for c in cells]
+
+
+def _region_boxes_cells(slide: Slide, task: RegionTask, config: DetectConfig | None, stats: dict | None):
+    """Yield ``(box, cells centred in it)`` for each of ``task``'s boxes in order (see
+    :func:`detect_region`): a caller can read the box's crops while its tiles are cached."""
     cfg = config if config is not None else DetectConfig()
     level, mpp = task.level, task.mpp
     ds = slide.level_downsamples[level]
     lmpp = mpp * ds
     tile, overlap = _tile_geometry(slide, level, mpp, cfg)
     stride = tile - overlap
-    lw, lh = slide.level_dimensions[level]
-    out: list[RegionCell] = []
-    for box in task.boxes:
+    pad = overlap // 2 + 1
+    for box, parts in _task_windows(task, pad * ds):
+        out: list[RegionCell] = []
         _, (rx0, ry0, rx1, ry1), xs, ys = _rect_tiles(slide, level, box, tile, overlap)
+        # Each part grown by the pad, in level px: what detection needs to see.
+        need = [
+            (
+                max(rx0, int(math.floor(b[0] / ds)) - pad),
+                max(ry0, int(math.floor(b[1] / ds)) - pad),
+                min(rx1, int(math.ceil(b[2] / ds)) + pad),
+                min(ry1, int(math.ceil(b[3] / ds)) + pad),
+            )
+            for b in parts
+        ]
         for j, ty in enumerate(ys):
-            slide.prefetch(level, [(tx, ty, min(tx + tile, rx1), min(ty + tile, ry1)) for tx in xs])
             for i, tx in enumerate(xs):
                 x1, y1 = min(tx + tile, rx1), min(ty + tile, ry1)
                 if x1 - tx < 2 or y1 - ty < 2:
                     continue
-                rgb = slide.read(level, (tx, ty, x1, y1))
+                win = (tx, ty, x1, y1)
+                sub = [
+                    (max(a, tx), max(b, ty), min(c, x1), min(d, y1))
+                    for a, b, c, d in need
+                    if a < x1 and c > tx and b < y1 and d > ty
+                ]
+                if not sub:
+                    continue
+                rgb = _read_needed(slide, level, win, sub)
                 ref, red_chroma = _tile_stain(rgb)
                 # Cores partition the grown window as in the whole-slide path.
                 cx0 = rx0 + i * stride + overlap / 2 if i > 0 else -math.inf
@@ -557,7 +695,7 @@ def detect_region(
                     if not (cx0 <= gx < cx1 and cy0 <= gy < cy1):
                         continue
                     c0 = (gx * ds, gy * ds)
-                    if not (box[0] <= c0[0] < box[2] and box[1] <= c0[1] < box[3]):
+                    if not any(b[0] <= c0[0] < b[2] and b[1] <= c0[1] < b[3] for b in parts):
                         continue  # another box's cell (or outside the chosen grid)
                     if not _has_nucleus(rgb, d.bbox, ref, red_chroma):
                         if stats is not None:
@@ -573,8 +711,91 @@ def detect_region(
                             diameter_um=math.sqrt(4.0 * float(d.area_px) / math.pi) * lmpp,
                         )
                     )
-            del rgb
+                del rgb
+        yield box, out
+
+
+@dataclass
+class DescribedRegion:
+    """:func:`describe_region`'s result, one entry per detected cell of the task (every zone):
+    ``cells``, ``cell_zones`` (:func:`cell_zone`), and for cells of the chosen zones their
+    ``records`` (``DETECT_COLUMNS``; ``cell_index`` and the overlap part of ``clumped`` are set
+    by :func:`merge_described`) and ``crops`` (``(crop_px, crop_px, 3)`` uint8); None for the
+    others."""
+
+    cells: list[RegionCell]
+    cell_zones: list[dict]
+    records: list[dict | None]
+    crops: list[np.ndarray | None]
+
+
+def describe_region(
+    slide: Slide,
+    task: RegionTask,
+    plan: SmearPlan,
+    config: DetectConfig | None = None,
+    *,
+    mpp_source: str = "metadata",
+    source: str = "",
+    stats: dict | None = None,
+) -> DescribedRegion:
+    """:func:`detect_region` and the level-0 crops and morphometry of the task's chosen-zone
+    cells, box by box: a box's crops are read right after its detection tile, while the tiles
+    they share are still in a remote slide's decoded-tile cache (no level-0 tile fetched twice;
+    the crop's margin beyond the box is fetched then, once). Cells outside ``plan.select`` are
+    zoned, not measured. Join tasks with :func:`merge_described`."""
+    cfg = config if config is not None else DetectConfig()
+    mpp, tol = task.mpp, slide.level_downsamples[task.level]
+    mg = int(math.ceil(MAX_CENTRE_SHIFT_UM / mpp)) + 1
+    out = DescribedRegion([], [], [], [])
+    for _, cells in _region_boxes_cells(slide, task, cfg, stats):
+        zones = [cell_zone(plan.zone_map, *c.centroid) for c in cells]
+        chosen = [k for k, z in enumerate(zones) if z["smear_zone"] in plan.select]
+        crop_boxes = {k: crop_box(cells[k].centroid, mpp, cfg.crop_um) for k in chosen}
+        slide.prefetch(0, [(b[0] - mg, b[1] - mg, b[2] + mg, b[3] + mg) for b in crop_boxes.values()])
+        for k, (c, z) in enumerate(zip(cells, zones)):
+            rec = crop = None
+            if k in crop_boxes:
+                one = np.empty((1, cfg.crop_px, cfg.crop_px, 3), np.uint8)
+                rec = _measure_one(slide, [c], 0, crop_boxes[k], None, one, mpp, mpp_source, cfg, source, tol)
+                crop = one[0]
+            out.cells.append(c)
+            out.cell_zones.append(z)
+            out.records.append(rec)
+            out.crops.append(crop)
     return out
+
+
+def merge_described(plan: SmearPlan, parts: list[DescribedRegion], crop_px: int = 224):
+    """Join :func:`describe_region` results as :func:`merge_regions` joins cells (each cell once,
+    outside-zone cells counted): ``(MergedCells, records, crops)`` with records numbered in
+    reading order and ``clumped`` set where a described cell's box overlaps another's."""
+    by_id = {}
+    for part in parts:
+        for c, z, r, cr in zip(part.cells, part.cell_zones, part.records, part.crops):
+            by_id[id(c)] = (c, z, r, cr)
+    outside = {z: 0 for z in ZONE_NAMES if z not in plan.select}
+    kept = []
+    for c in _dedup([v[0] for v in by_id.values()]):
+        entry = by_id[id(c)]
+        if entry[2] is None:
+            outside[entry[1]["smear_zone"]] += 1
+        else:
+            kept.append(entry)
+    boxes = np.array([c.box for c, *_ in kept], dtype=np.float64).reshape(-1, 4)
+    records = []
+    crops = np.empty((len(kept), crop_px, crop_px, 3), np.uint8)
+    for i, (_, _, rec, crop) in enumerate(kept):
+        rec = dict(rec, cell_index=i)
+        if "clumped" not in rec["qc_flags"] and _overlaps_other(boxes, i):
+            rec["qc_flags"] = sorted(rec["qc_flags"] + ["clumped"], key=_QC_ORDER.index)
+        records.append(rec)
+        crops[i] = crop
+    merged = MergedCells([e[0] for e in kept], [e[1] for e in kept], outside, len(kept), False)
+    return merged, records, crops
+
+
+_QC_ORDER = ["slide_edge", "out_of_focus", "clumped", "implausible_size", "crop_incomplete"]
 
 
 def merge_regions(
@@ -833,7 +1054,7 @@ def _measure_one(slide: Slide, cells: list[_Cell], idx: int, box: tuple[int, int
         flags.append("slide_edge")
     if not (m.focus_score >= det.min_focus):
         flags.append("out_of_focus")
-    if c.clumped or _overlaps_other(boxes, idx):
+    if c.clumped or (boxes is not None and _overlaps_other(boxes, idx)):
         flags.append("clumped")
     diam = m.cell_diameter_um if _finite(m.cell_diameter_um) and m.cell_diameter_um > 0 else c.diameter_um
     if not det.min_cell_diameter_um <= diam <= det.max_cell_diameter_um:

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from pipeline.detect import (
+    DetectConfig,
     RegionTask,
     _check_select,
+    _task_windows,
     detect_region,
     detect_slide,
+    measure_cells,
     merge_regions,
     plan_smear,
     split_regions,
@@ -158,10 +161,19 @@ def test_region_tasks_in_any_split_give_the_same_cells(smear):
     with open_slide(smear.path) as slide:
         plan = plan_smear(slide)
         whole = merge_regions(plan, [detect_region(slide, t) for t in plan.tasks])
-        boxes = [b for t in plan.tasks for b in t.boxes]
-        # One task per box, in reverse order: borders everywhere, cells still counted once.
-        tasks = [RegionTask(i, (b,), plan.level, plan.mpp) for i, b in enumerate(reversed(boxes))]
+        windows = [g for t in plan.tasks for _, g in _task_windows(t)]
+        assert len(windows) > 1
+        # One task per detection window, in reverse order: task borders everywhere, each cell
+        # still found once and the same (a job may split a plan's tasks any way at windows).
+        bp = plan.tasks[0].block_px
+        tasks = [
+            RegionTask(i, tuple(g), plan.level, plan.mpp, bp)
+            for i, g in enumerate(reversed(windows))
+        ]
         split = merge_regions(plan, [detect_region(slide, t) for t in tasks])
+        assert (
+            len(split_regions([b for t in plan.tasks for b in t.boxes], block_px=bp, tasks=3)) >= 2
+        )
     key = lambda m: sorted((round(c.centroid[0]), round(c.centroid[1])) for c in m.cells)  # noqa: E731
     a, b = key(whole), key(split)
     assert len(a) == len(b) and a == b
@@ -182,3 +194,21 @@ def test_budget_samples_spatially_and_records_the_total(smear):
     # Not the first cells in reading order.
     first = [(r["centroid_x"], r["centroid_y"]) for r in full.records[: len(pts)]]
     assert pts != first
+
+
+@_DATA
+def test_crops_read_box_by_box_equal_crops_read_after_the_merge(smear):
+    # detect_slide reads each window's crops right after detecting it (tiles still cached);
+    # the records and crops must be those of detecting everything first and cropping after.
+    with open_slide(smear.path) as slide:
+        res = detect_slide(slide, zones=True)
+        plan = plan_smear(slide)
+        merged = merge_regions(plan, [detect_region(slide, t) for t in plan.tasks])
+        recs, crops = measure_cells(
+            slide, merged.cells, plan.level, plan.mpp, slide.mpp_source, DetectConfig(), slide.path
+        )
+    assert len(res.records) == len(recs) > 0
+    assert [r["qc_flags"] for r in res.records] == [r["qc_flags"] for r in recs]
+    assert res.records == [dict(r, source=res.records[0]["source"]) for r in recs]
+    assert np.array_equal(res.crops, crops)
+    assert res.cell_zones == merged.cell_zones
