@@ -2,7 +2,9 @@
 
 Sections: run summary (runs, slides failing now: each slide's latest outcome), caption ⇄ morphometry consistency, optional
 cohort tables, per slide (differential count with 95% Wilson intervals, attribute distributions,
-where cells were found drawn over the slide extent, QC flags), and a cell gallery grouped by cell
+where cells were found drawn over the slide extent, QC flags; for a whole smear read by zone, the
+stored zone map with the described cells on it, each zone's area and the cells seen outside the
+chosen zones, and the per-slide budget's sample), and a cell gallery grouped by cell
 type with filters (slide, type, QC flag, consistency) kept in the URL hash, e.g.
 ``report.html#type=lymphocyte&flag=out_of_focus``. Cell data travel as one JSON blob and the
 gallery renders pages of ``page_size`` cells, so thousands of cells stay responsive.
@@ -179,6 +181,7 @@ def _env() -> jinja2.Environment:
         urlpart=lambda s: quote(str(s), safe=""),
         f0=lambda x: f"{float(x):.0f}",
         f1=lambda x: f"{float(x):.1f}",
+        f2=lambda x: f"{float(x):.2f}",
         f4=lambda x: f"{float(x):.4f}",
     )
     return env
@@ -249,6 +252,79 @@ def _attributes(cells: list[dict]) -> list[dict]:
     return rows
 
 
+#: Largest stored zone-map PNG the report shows (bytes, pixels a side): the job writes at most
+#: 512 px; anything bigger is not ours and is left out rather than decoded.
+_ZONE_PNG_MAX_BYTES = 2 * 2**20
+_ZONE_PNG_MAX_SIDE = 1024
+
+
+def _zone_png_uri(data: object) -> str | None:
+    """A ``data:image/png;base64,...`` URI of a stored zone map, or None when it is missing or
+    not a small PNG. The stored bytes are anyone's: they are decoded within a pixel budget and
+    re-encoded, so only pixels reach the page (no text chunks, no other format)."""
+    if not isinstance(data, bytes | bytearray) or not data or len(data) > _ZONE_PNG_MAX_BYTES:
+        return None
+    if bytes(data[:8]) != b"\x89PNG\r\n\x1a\n":
+        return None
+    try:
+        img = Image.open(io.BytesIO(bytes(data)), formats=["PNG"])
+        if max(img.size) > _ZONE_PNG_MAX_SIDE:
+            return None
+        img = img.convert("RGB")
+        buf = io.BytesIO()
+        img.save(buf, "PNG", optimize=True)
+    except Exception:  # noqa: BLE001 - a corrupt map must not sink the report; the block says so
+        return None
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _pairs(value: object) -> dict[str, float]:
+    """A stored map column (DuckDB gives ``[(key, value)]``; a dict also works) as a dict with
+    finite numbers only."""
+    items = value.items() if isinstance(value, dict) else value or []
+    out: dict[str, float] = {}
+    for item in items:
+        try:
+            k, v = item
+        except (TypeError, ValueError):
+            continue
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[str(k)] = v
+    return out
+
+
+def _zones_view(info: dict) -> dict | None:
+    """The slide's smear-zone panel: the zone-map image (described cells as dots), each zone's
+    area (mm²) and cells seen there but not described, and the cell budget; None for a slide
+    read whole without a budget (or written before the zone columns existed)."""
+    selected = [str(z) for z in info.get("zones_selected") or []]
+    if not selected and not info.get("sampled"):
+        return None
+    areas = _pairs(info.get("zone_areas_mm2"))
+    outside = _pairs(info.get("cells_outside_zones"))
+    from pipeline.zones import ZONE_NAMES
+
+    names = [z for z in ZONE_NAMES if z in areas or z in outside] + sorted(
+        (set(areas) | set(outside)) - set(ZONE_NAMES)
+    )
+    return {
+        "selected": selected,
+        "png": _zone_png_uri(info.get("zone_map_png")),
+        "rows": [
+            {
+                "zone": z,
+                "area": areas.get(z),
+                "selected": z in selected,
+                "outside": None if z in selected else outside.get(z),
+            }
+            for z in names
+        ],
+        "cells_total": info.get("cells_total"),
+        "cell_count": info.get("cell_count"),
+        "sampled": bool(info.get("sampled")),
+    }
+
+
 def _slide_view(sid: str, cells: list[dict], info: dict) -> dict:
     counts: dict[str | None, int] = {}
     flags: dict[str, int] = {}
@@ -270,6 +346,7 @@ def _slide_view(sid: str, cells: list[dict], info: dict) -> dict:
         "differential": _differential(counts),
         "positions": _positions(cells, info.get("width"), info.get("height")),
         "attributes": _attributes(cells),
+        "zones": _zones_view(info),
     }
 
 

@@ -65,7 +65,10 @@ class ReportData:
     and cell index; each carries the :data:`GALLERY_COLUMNS`, ``slide_uri`` and
     ``thumbnail_jpeg`` (stored bytes or ``None``). ``by_slide`` groups them per slide id in that
     order. ``ok_slides`` maps a slide id to its latest successful processing (``run_id``,
-    ``width``/``height`` in level-0 px, ``mpp`` in µm/px, ...). ``failures`` are the slides whose
+    ``width``/``height`` in level-0 px, ``mpp`` in µm/px, ..., and the whole-smear columns:
+    ``zones_selected``, ``zone_areas_mm2`` and ``cells_outside_zones`` as ``[(zone, value)]``,
+    ``cells_total``, ``sampled``, ``zone_map_png`` stored bytes; null for slides read whole or
+    written before schema version 2). ``failures`` are the slides whose
     latest outcome is a failure, with ``attempts`` (failed rows of that slide).
     """
 
@@ -147,11 +150,13 @@ def load_report_data(
         for r in _rows(
             con,
             f"""
-        SELECT slide_id, arg_max(slide_uri, finished_at) AS slide_uri, arg_max(run_id, finished_at) AS run_id,
-               arg_max(width, finished_at) AS width, arg_max(height, finished_at) AS height,
-               arg_max(mpp, finished_at) AS mpp, arg_max(mpp_source, finished_at) AS mpp_source,
-               arg_max(model_version, finished_at) AS model_version, max(finished_at) AS finished_at
-        FROM slides WHERE status = 'ok' {and_where} GROUP BY slide_id""",
+        SELECT slide_id, slide_uri, run_id, width, height, mpp, mpp_source, model_version,
+               finished_at, cell_count, zones_selected, zone_areas_mm2, cells_outside_zones,
+               cells_total, sampled, zone_map_png
+        FROM slides WHERE status = 'ok' {and_where}
+        -- one whole row, the latest: a later run read whole leaves no stale zone map behind
+        QUALIFY row_number() OVER (
+            PARTITION BY slide_id ORDER BY finished_at DESC NULLS LAST, run_id DESC NULLS LAST) = 1""",
             params,
         )
     }

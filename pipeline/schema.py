@@ -2,7 +2,11 @@
 
 One place defines them so that the detect CLI, the nightly job's ``cells/``/``slides/``/``runs/``
 tables, the query views and the README agree. Coordinates are level-0 pixels; lengths µm;
-areas µm². ``SCHEMA_VERSION`` is bumped on any incompatible change.
+areas µm². ``SCHEMA_VERSION`` is bumped on any change of the columns. Version 2 added the smear-zone
+columns (:data:`ZONE_CELL_COLUMNS` on ``cells``, the ``zones_selected`` ... ``zone_map_png`` columns
+on ``slides``); the change is additive, so files written under version 1 stay readable: the readers
+(:mod:`pipeline.outputs`) open every file with the current schema and a column a file lacks reads
+as null.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from hemblip.ontology import ATTRIBUTE_NAMES
 __all__ = [
     "SCHEMA_VERSION",
     "DETECT_COLUMNS",
+    "ZONE_CELL_COLUMNS",
     "CELL_COLUMNS",
     "SLIDE_COLUMNS",
     "RUN_COLUMNS",
@@ -28,7 +33,7 @@ __all__ = [
     "RUN_SCHEMA",
 ]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 #: Every QC flag a cell may carry (a cell is flagged, never dropped).
 QC_FLAGS: tuple[str, ...] = (
@@ -82,6 +87,24 @@ DETECT_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
     ("qc_flags", pa.list_(pa.string()), "", f"subset of {', '.join(QC_FLAGS)}"),
 ]
 
+#: Per-cell smear-zone columns, from the slide's zone map (``--zones``); null when zones are off.
+#: Not in :data:`DETECT_COLUMNS`: the detector's records do not carry them (``SlideCells.cell_zones``).
+ZONE_CELL_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
+    (
+        "smear_zone",
+        pa.string(),
+        "",
+        "smear zone of the cell: glass | thick | monolayer | feathered (null: zones off)",
+    ),
+    (
+        "rbc_density",
+        pa.float64(),
+        "red-cell layers (1 = touching monolayer)",
+        "local red-cell coverage around the cell, the zone rule's quantity: area covered by red "
+        "cells in single-cell layers, median on a ring around the cell (null: zones off)",
+    ),
+]
+
 _ATTRIBUTE_COLUMNS = [
     (name, pa.string(), "", "parsed from the caption; null when the caption does not mention it")
     for name in ATTRIBUTE_NAMES
@@ -95,6 +118,7 @@ CELL_COLUMNS: list[tuple[str, pa.DataType, str, str]] = (
         ("slide_etag", pa.string(), "", "ETag of the slide object (local: size+mtime hash)"),
     ]
     + DETECT_COLUMNS
+    + ZONE_CELL_COLUMNS
     + [
         ("caption", pa.string(), "", "HemBLIP generated caption"),
         (
@@ -157,6 +181,43 @@ SLIDE_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
     ("stage_seconds", pa.float64(), "s", "time to stage the slide locally"),
     ("detect_seconds", pa.float64(), "s", "time to open, detect, crop and measure"),
     ("caption_seconds", pa.float64(), "s", "caption time attributed to this slide's cells"),
+    (
+        "zones_selected",
+        pa.list_(pa.string()),
+        "",
+        "smear zones whose cells were described (--zones); null: the whole slide, no zone map",
+    ),
+    (
+        "zone_areas_mm2",
+        pa.map_(pa.string(), pa.float64()),
+        "mm²",
+        "area of each smear zone (glass, thick, monolayer, feathered) from the zone map (null: zones off)",
+    ),
+    (
+        "cells_outside_zones",
+        pa.map_(pa.string(), pa.int64()),
+        "",
+        "white cells seen in zones not selected (in the margins read around the chosen zones), per "
+        "zone: counted, not described (null: zones off)",
+    ),
+    (
+        "cells_total",
+        pa.int64(),
+        "",
+        "white cells found in the selected zones (whole slide: all) before the per-slide budget",
+    ),
+    (
+        "sampled",
+        pa.bool_(),
+        "",
+        "true when --max-cells-per-slide kept a spatially uniform sample of cells_total",
+    ),
+    (
+        "zone_map_png",
+        pa.binary(),
+        "",
+        "PNG of the zone map (at most 512 px a side) with the described cells as dots (null: zones off)",
+    ),
     ("run_id", pa.string(), "", "run that processed the slide"),
     ("model_version", pa.string(), "", "sha256 prefix of the model weights"),
     ("finished_at", pa.timestamp("us", tz="UTC"), "", "when the slide's outcome was committed"),

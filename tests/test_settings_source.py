@@ -89,7 +89,8 @@ def _sample(s: Setting):
     if s.kind == "bool":
         return None, not s.default
     if s.kind == "list":
-        return ".svs,.ndpi" if s.name == "extensions" else "AWS_REGION,HF_HUB_OFFLINE", None
+        lists = {"extensions": ".svs,.ndpi", "zones": "monolayer,feathered"}
+        return lists.get(s.name, "AWS_REGION,HF_HUB_OFFLINE"), None
     if s.kind == "int":
         v = s.le if s.le is not None and s.le < 10_000 else (s.ge or 0) + 3
         return str(int(v)), int(v)
@@ -337,6 +338,8 @@ def test_stage_settings_are_built_by_keyword():
         max_detect_mpp=1.1,
         max_slide_attempts=2,
         max_decode_mb=512.0,
+        zones=("monolayer", "feathered"),
+        max_cells_per_slide=200,
         caption_batch_size=9,
         caption_min_actors=2,
         caption_max_actors=5,
@@ -363,6 +366,8 @@ def test_stage_settings_are_built_by_keyword():
         max_detect_mpp=1.1,
         max_slide_attempts=2,
         max_decode_mb=512.0,
+        zones=("monolayer", "feathered"),
+        max_cells=200,
     )
     caption = cfg.caption_settings("v1", gpus_per_actor=0.5)
     assert caption == CaptionSettings(

@@ -382,6 +382,25 @@ class JobConfig:
         ge=1,
         le=100,
     )
+    zones: tuple[str, ...] = setting(
+        (),
+        "whole smears: zone the slide at ~4 µm/px first (glass, thick, monolayer, feathered) and "
+        "describe only the cells of these zones, reading level 0 only inside them; cells seen in "
+        "other zones are counted per zone in slides/ (comma-separated or repeated, e.g. monolayer)",
+        group="detection",
+        metavar="ZONE[,ZONE]",
+        default_text="none: the whole slide, no zone map (fields, small images)",
+    )
+    max_cells_per_slide: int | None = setting(
+        None,
+        "describe at most this many cells per slide: a spatially uniform sample of the (chosen "
+        "zones') cells, the way a 100/200-cell manual differential is read; slides/ records "
+        "sampled and cells_total",
+        group="detection",
+        metavar="N",
+        ge=1,
+        default_text="all cells",
+    )
     # -- caption stage (actor pool)
     caption_batch_size: int = setting(
         32,
@@ -594,6 +613,17 @@ class JobConfig:
                 )
         if not self.extensions:
             raise ConfigError(f"{flag_of('extensions')} must list at least one suffix")
+        if self.zones:
+            from pipeline.zones import ZONE_NAMES
+
+            self.zones = tuple(z.lower() for z in self.zones)
+            for zone in self.zones:
+                if zone not in ZONE_NAMES:
+                    raise ConfigError(
+                        f"{flag_of('zones')} {_show(zone)}: not a smear zone; choose from "
+                        f"{', '.join(ZONE_NAMES)}"
+                    )
+            self.zones = tuple(dict.fromkeys(self.zones))  # a zone named twice is one zone
         from pipeline.detect import DetectConfig
 
         # The detection stage's own checks first: their messages say why (e.g. working_mpp).
@@ -664,6 +694,8 @@ class JobConfig:
             max_detect_mpp=self.max_detect_mpp,
             max_slide_attempts=self.max_slide_attempts,
             max_decode_mb=self.max_decode_mb,
+            zones=self.zones,
+            max_cells=self.max_cells_per_slide,
         )
 
     def caption_settings(self, model_version: str | None, gpus_per_actor: float | None = None):
@@ -700,6 +732,7 @@ class JobConfig:
         out = dataclasses.asdict(self)
         out["extensions"] = list(self.extensions)
         out["forward_env"] = list(self.forward_env)
+        out["zones"] = list(self.zones)
         return {
             k: [redact_urls_in(x) for x in v]
             if isinstance(v, list)

@@ -613,6 +613,22 @@ def _finish(
     result.seconds = time.perf_counter() - t0
 
 
+def _zone_note(row: dict) -> str:
+    """`` [zones monolayer; 200 of 1,234 cells sampled; seen outside: thick 12]`` for a slide
+    read by zone or under a cell budget, else ``""``."""
+    parts = []
+    if row.get("zones_selected"):
+        parts.append("zones " + ",".join(_shown(z) for z in row["zones_selected"]))
+    if row.get("sampled"):
+        parts.append(f"{row['cell_count']} of {row.get('cells_total')} cells sampled")
+    outside = {k: v for k, v in (row.get("cells_outside_zones") or {}).items() if v}
+    if outside:
+        parts.append(
+            "seen outside: " + ", ".join(f"{_shown(k)} {v}" for k, v in sorted(outside.items()))
+        )
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
 def format_summary(result: RunResult, output: str) -> str:
     """Human summary: one line per processed slide (cells, cell-type counts, failure reason)."""
     lines = [
@@ -628,7 +644,9 @@ def format_summary(result: RunResult, output: str) -> str:
                 for k, v in sorted(r.get("cell_types", {}).items(), key=lambda kv: (-kv[1], kv[0]))
             )
             lines.append(
-                f"  ok      {uri}: {r['cell_count']} cells" + (f" ({types})" if types else "")
+                f"  ok      {uri}: {r['cell_count']} cells"
+                + (f" ({types})" if types else "")
+                + _zone_note(r)
             )
         else:
             lines.append(f"  {r['status']:<7} {uri}: {_shown(r['reason'])}")

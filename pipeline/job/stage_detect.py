@@ -21,16 +21,27 @@ typed (no JSON per cell), so the write stage builds Arrow columns from them with
 ``crop``        (N, P, P, 3) uint8   the cell crop (zeros on the slide row); P = ``crop_px``
 ``thumbnail``   (N,) object   JPEG bytes of the crop (``b""`` when disabled / slide row)
 ``cell_id``, ``slide_uri``, ``slide_etag``  (N,) object str (``""`` on the slide row)
-every :data:`pipeline.schema.DETECT_COLUMNS` name but ``qc_flags``, with its Arrow type as numpy
+every :data:`pipeline.schema.DETECT_COLUMNS` name but ``qc_flags``, then the
+:data:`pipeline.schema.ZONE_CELL_COLUMNS` (``smear_zone``, ``rbc_density``: ``""``/NaN when
+zones are off), with its Arrow type as numpy
                 dtype: int32/int64 (0 on the slide row), float64 (NaN = null: not measured, and on
                 the slide row), object str (``""`` on the slide row)
 ``qc_mask``     (N,) int32    bit ``i`` set when the cell carries ``QC_FLAGS[i]``
 ``outcome``     (N,) object   the slide's outcome row as JSON on the slide row (one per slide:
-                a heterogeneous dict the driver needs as a dict), ``""`` on cell rows
+                a heterogeneous dict the driver needs as a dict), ``""`` on cell rows; its keys
+                are :data:`pipeline.schema.SLIDE_COLUMNS` names, ``zone_map_png`` as base64 text
+                (JSON has no bytes; the writer decodes it)
+
+Whole smears (``DetectSettings.zones``): the slide is zoned first and only the chosen zones'
+cells are described (:func:`pipeline.detect.detect_slide`); the outcome carries the zone areas,
+the cells counted outside the chosen zones, ``cells_total``/``sampled`` of the per-slide budget
+(``max_cells``, a spatially uniform sample seeded by the slide id, so a re-executed task picks the
+same cells) and the zone-map PNG.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
@@ -51,8 +62,9 @@ from pipeline.errors import (
 from pipeline.job.identity import cell_id
 from pipeline.job.listing import SlidePart, SlideRef
 from pipeline.job.storage import S3Settings
-from pipeline.schema import DETECT_COLUMNS, QC_FLAGS
+from pipeline.schema import DETECT_COLUMNS, QC_FLAGS, ZONE_CELL_COLUMNS
 from pipeline.slides import confined_path, open_slide
+from pipeline.zones import ZoneError
 
 __all__ = [
     "DetectSettings",
@@ -74,6 +86,7 @@ CELL_FIELDS: tuple[tuple[str, object], ...] = (
     ("slide_uri", object),
     ("slide_etag", object),
     *((name, _NP_TYPES[str(typ)]) for name, typ, *_ in DETECT_COLUMNS if name != "qc_flags"),
+    *((name, _NP_TYPES[str(typ)]) for name, typ, *_ in ZONE_CELL_COLUMNS),
     ("qc_mask", np.int32),
 )
 BATCH_KEYS = ("kind", "slide_id", "crop", "thumbnail", *(n for n, _ in CELL_FIELDS), "outcome")
@@ -94,6 +107,8 @@ class DetectSettings:
     max_detect_mpp: float | None = None  # None: DetectorConfig's default
     max_slide_attempts: int = 3  # worker deaths on one slide before it is recorded worker_died
     max_decode_mb: float = 1024.0  # decode budget of one read / whole-image decode, MiB
+    zones: tuple[str, ...] = ()  # smear zones to describe; () = whole slide, no zone map
+    max_cells: int | None = None  # per-slide cell budget (spatially uniform sample); None = all
 
 
 def ref_to_json(ref: SlideRef) -> str:
@@ -163,7 +178,8 @@ def failure_class(exc: BaseException) -> str:
     from the exception's type, never its text.
 
     ``slide``: the slide's bytes (:class:`~pipeline.errors.SlideError` subclasses: unreadable,
-    truncated, too large, no scale); permanent for that identity. ``config``: settings or the
+    truncated, too large, no scale; :class:`~pipeline.zones.ZoneError`: nothing stained to zone);
+    permanent for that identity. ``config``: settings or the
     worker's environment (:class:`~pipeline.errors.ConfigError`,
     :class:`~pipeline.errors.WorkerEnvironmentError`, an ``OSError`` for permissions, space or
     name limits, ``MemoryError``: this worker's memory at this concurrency, the bomb guard being
@@ -175,7 +191,7 @@ def failure_class(exc: BaseException) -> str:
         return "worker_died"
     if isinstance(exc, ConfigError | WorkerEnvironmentError | MemoryError):
         return "config"
-    if isinstance(exc, SlideError):
+    if isinstance(exc, SlideError | ZoneError):
         return "slide"
     if isinstance(exc, StorageError):
         return "storage"
@@ -199,10 +215,23 @@ def _qc_mask(flags) -> int:
     return mask
 
 
+#: ``cell_zones`` key (:class:`pipeline.detect.SlideCells`) of each zone column.
+_ZONE_KEYS = {"smear_zone": "smear_zone", "rbc_density": "rbc_coverage"}
+
+
 def _cell_batch(
-    sid: str, ref: SlideRef, crops: np.ndarray, records: list[dict], thumbs: list[bytes]
+    sid: str,
+    ref: SlideRef,
+    crops: np.ndarray,
+    records: list[dict],
+    thumbs: list[bytes],
+    zones: list[dict] | None = None,
 ) -> dict[str, np.ndarray]:
+    """``zones``: per record its ``SlideCells.cell_zones`` entry, or None (zones off: the zone
+    columns are ``""``/NaN, i.e. null)."""
     n = len(records)
+    if zones is not None and len(zones) != n:
+        raise ValueError(f"{len(zones)} cell zones for {n} cells")
     out: dict[str, np.ndarray] = {
         "kind": np.full(n, "cell", dtype=object),
         "slide_id": np.full(n, sid, dtype=object),
@@ -218,6 +247,14 @@ def _cell_batch(
             col = [ref.etag] * n
         elif name == "qc_mask":
             col = [_qc_mask(r.get("qc_flags")) for r in records]
+        elif name in _ZONE_KEYS:
+            key = _ZONE_KEYS[name]
+            got = [None] * n if zones is None else [z.get(key) for z in zones]
+            col = (
+                [np.nan if v is None else float(v) for v in got]
+                if dtype is np.float64
+                else ["" if v is None else str(v) for v in got]
+            )
         elif dtype is np.float64:
             col = [np.nan if r.get(name) is None else float(r[name]) for r in records]
         else:
@@ -246,7 +283,42 @@ def _new_outcome(ref: SlideRef) -> dict:
         "bytes_read": None,
         "stage_seconds": None,
         "detect_seconds": None,
+        "zones_selected": None,
+        "zone_areas_mm2": None,
+        "cells_outside_zones": None,
+        "cells_total": None,
+        "sampled": None,
+        "zone_map_png": None,
     }
+
+
+def _zone_outcome(info: dict, n_cells: int, zoned: bool) -> dict:
+    """The outcome's zone and budget keys from ``detect_slide``'s ``info`` (see the module doc)."""
+    total = info.get("cells_total")
+    total = n_cells if total is None else int(total)
+    out = {"cells_total": total, "sampled": bool(info.get("sampled", total > n_cells))}
+    if not zoned:
+        return out
+    png = info.get("zone_map_png")
+    return {
+        **out,
+        "zones_selected": [str(z) for z in info.get("select") or ()],
+        "zone_areas_mm2": {
+            str(k): float(v) for k, v in (info.get("zones") or {}).get("areas_mm2", {}).items()
+        },
+        "cells_outside_zones": {
+            str(k): int(v) for k, v in (info.get("cells_outside_zones") or {}).items()
+        },
+        "zone_map_png": base64.b64encode(png).decode("ascii") if png else None,
+    }
+
+
+def _seed(slide_id: str) -> int:
+    """The budget's sampling seed: from the slide identity, so every attempt samples alike."""
+    try:
+        return int(slide_id[:15], 16)
+    except ValueError:
+        return 0
 
 
 def records(batch: dict[str, np.ndarray]) -> list[dict]:
@@ -316,7 +388,24 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
         outcome["stage_seconds"] = t1 - t0  # in place: opening (header and IFDs) only
         with slide:
             try:
-                result = detect_slide(slide, cfg, source=ref.uri)
+                if settings.zones:
+                    result = detect_slide(
+                        slide,
+                        cfg,
+                        source=ref.uri,
+                        zones=True,
+                        select=tuple(settings.zones),
+                        max_cells=settings.max_cells,
+                        seed=_seed(ref.slide_id),
+                    )
+                else:
+                    result = detect_slide(
+                        slide,
+                        cfg,
+                        source=ref.uri,
+                        max_cells=settings.max_cells,
+                        seed=_seed(ref.slide_id),
+                    )
             finally:
                 outcome["bytes_read"] = slide.bytes_fetched  # None for a local file
         outcome["detect_seconds"] = time.perf_counter() - t1
@@ -335,16 +424,25 @@ def process_slide(ref: SlideRef, settings: DetectSettings):
         mpp_source=info.get("mpp_source"),
         width=info.get("width"),
         height=info.get("height"),
+        **_zone_outcome(info, len(result.records), bool(settings.zones)),
     )
     crops = np.ascontiguousarray(result.crops, dtype=np.uint8)
     n = len(result.records)
+    zones = result.cell_zones if settings.zones else None
     for start in range(0, n, _PIECE):
         stop = min(n, start + _PIECE)
         thumbs = [
             _jpeg(crops[i], settings.thumbnail_px) if settings.thumbnails else b""
             for i in range(start, stop)
         ]
-        yield _cell_batch(ref.slide_id, ref, crops[start:stop], result.records[start:stop], thumbs)
+        yield _cell_batch(
+            ref.slide_id,
+            ref,
+            crops[start:stop],
+            result.records[start:stop],
+            thumbs,
+            None if zones is None else zones[start:stop],
+        )
     yield _slide_batch(ref, settings, outcome)
 
 

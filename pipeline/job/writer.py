@@ -69,6 +69,7 @@ it): it is called with ``(writer, point, chunk_number)`` at ``after_journal``, `
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -222,6 +223,19 @@ def visible_parquet(storage: Storage, root: str, table: str) -> list[str]:
         rel = _rel_parts(root, obj.uri)
         if rel and rel[-1].endswith(".parquet") and not any(p.startswith(("_", ".")) for p in rel):
             out.append(obj.uri)
+    return out
+
+
+def slide_rows_for_parquet(rows: list[dict]) -> list[dict]:
+    """``slides`` rows as the detect stage's outcome JSON carries them, ready for
+    :data:`SLIDE_SCHEMA`: ``zone_map_png`` arrives as base64 text (JSON has no bytes) and is
+    stored as the PNG's bytes; zone maps stay ``{zone: value}`` dicts (Arrow maps)."""
+    out = []
+    for row in rows:
+        png = row.get("zone_map_png")
+        if isinstance(png, str):
+            row = {**row, "zone_map_png": base64.b64decode(png.encode("ascii"), validate=True)}
+        out.append(row)
     return out
 
 
@@ -538,7 +552,7 @@ class OutputWriter:
                 for sources, dest in jobs:
                     compact_files(self.storage, sources, dest)
         src = self._uri(*stage, "slides.parquet")
-        self.storage.write_bytes(src, _to_parquet(slide_rows, SLIDE_SCHEMA))
+        self.storage.write_bytes(src, _to_parquet(slide_rows_for_parquet(slide_rows), SLIDE_SCHEMA))
         moves.append((src, self._uri("slides", part, f"part-{name}.parquet")))
         number = len(self.committed) + 1
         journal = self._uri("_journal", f"{name}.json")
@@ -602,4 +616,5 @@ class OutputWriter:
 def read_table(storage: Storage, uris: Iterable[str]) -> pa.Table | None:
     """Concatenate Parquet files (used by the summary and tests); ``None`` when there are none."""
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in uris]
-    return pa.concat_tables(tables) if tables else None
+    # Files of an older schema version lack the newer columns: they read as null.
+    return pa.concat_tables(tables, promote_options="default") if tables else None
