@@ -97,24 +97,44 @@ class DetectConfig:
 
         if not _finite_pos(self.crop_um) or self.crop_um > 500:
             raise bad("crop_um", "--crop-um", "must be a number of µm in (0, 500]", self.crop_um)
-        if not isinstance(self.crop_px, int) or isinstance(self.crop_px, bool) or not 16 <= self.crop_px <= 4096:
+        if (
+            not isinstance(self.crop_px, int)
+            or isinstance(self.crop_px, bool)
+            or not 16 <= self.crop_px <= 4096
+        ):
             raise bad("crop_px", "--crop-px", "must be an integer in [16, 4096]", self.crop_px)
         if self.mpp is not None and (not _finite_pos(self.mpp) or self.mpp > 50):
             raise bad("mpp", "--mpp", "must be a positive µm-per-pixel value ≤ 50", self.mpp)
-        if not isinstance(self.tile_px, int) or isinstance(self.tile_px, bool) or self.tile_px < 128:
+        if (
+            not isinstance(self.tile_px, int)
+            or isinstance(self.tile_px, bool)
+            or self.tile_px < 128
+        ):
             raise bad("tile_px", "--tile-px", "must be an integer ≥ 128", self.tile_px)
         if self.overlap_px is not None and (
             not isinstance(self.overlap_px, int) or not 0 <= self.overlap_px <= self.tile_px // 2
         ):
-            raise bad("overlap_px", "--overlap-px", f"must be an integer in [0, {self.tile_px // 2}]", self.overlap_px)
+            raise bad(
+                "overlap_px",
+                "--overlap-px",
+                f"must be an integer in [0, {self.tile_px // 2}]",
+                self.overlap_px,
+            )
         if not isinstance(self.detector, DetectorConfig):
-            raise bad("detector", "detector", "must be a DetectorConfig", type(self.detector).__name__)
+            raise bad(
+                "detector", "detector", "must be a DetectorConfig", type(self.detector).__name__
+            )
         for name in ("max_pixels", "max_detect_pixels"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(name, name, "must be a positive integer", v)
         if not _finite_pos(self.max_decode_mb):
-            raise bad("max_decode_mb", "--max-decode-mb", "must be a positive number of MiB", self.max_decode_mb)
+            raise bad(
+                "max_decode_mb",
+                "--max-decode-mb",
+                "must be a positive number of MiB",
+                self.max_decode_mb,
+            )
 
 
 def _finite_pos(v: object) -> bool:
@@ -197,12 +217,16 @@ def detect_slide(
     if use_zones:
         select = _check_select(select)
         if not (zones is True or isinstance(zones, ZoneSettings | ZoneMap)):
-            raise ConfigError(f"zones must be None, True, ZoneSettings or ZoneMap, got {type(zones).__name__}")
+            raise ConfigError(
+                f"zones must be None, True, ZoneSettings or ZoneMap, got {type(zones).__name__}"
+            )
     t0 = time.perf_counter()
     if isinstance(path, Slide):
         opened = contextlib.nullcontext(path)  # borrowed: the caller closes it
     else:
-        opened = open_slide(path, mpp=cfg.mpp, max_pixels=cfg.max_pixels, max_decode_mb=cfg.max_decode_mb)
+        opened = open_slide(
+            path, mpp=cfg.mpp, max_pixels=cfg.max_pixels, max_decode_mb=cfg.max_decode_mb
+        )
     with opened as slide:
         mpp, mpp_source = slide.mpp, slide.mpp_source
         if mpp is None and cfg.mpp is not None:
@@ -211,7 +235,8 @@ def detect_slide(
             mpp = _estimate_scale(slide)
             if mpp is None:
                 raise ScaleError(
-                    slide.path, "no mpp in metadata, none given (--mpp), and no red cells to estimate it from"
+                    slide.path,
+                    "no mpp in metadata, none given (--mpp), and no red cells to estimate it from",
                 )
             mpp_source = "estimated"
         level = _detect_level(slide, mpp, cfg.detector)
@@ -226,14 +251,22 @@ def detect_slide(
         cell_zones: list[dict] = []
         if use_zones:
             zm = zones if isinstance(zones, ZoneMap) else None
-            plan = plan_smear(slide, cfg, zone_settings=None if zones is True or zm else zones,
-                              zone_map=zm, select=select, mpp=mpp)
+            plan = plan_smear(
+                slide,
+                cfg,
+                zone_settings=None if zones is True or zm else zones,
+                zone_map=zm,
+                select=select,
+                mpp=mpp,
+            )
             stats: dict = {}
             described = None
             if max_cells is None:
                 # Crops read box by box, while the detection tiles are cached (describe_region).
                 parts = [
-                    describe_region(slide, t, plan, cfg, mpp_source=mpp_source, source=src, stats=stats)
+                    describe_region(
+                        slide, t, plan, cfg, mpp_source=mpp_source, source=src, stats=stats
+                    )
                     for t in plan.tasks
                 ]
                 merged, *described = merge_described(plan, parts, cfg.crop_px)
@@ -242,7 +275,11 @@ def detect_slide(
                 found = [detect_region(slide, task, cfg, stats) for task in plan.tasks]
                 merged = merge_regions(plan, found, max_cells=max_cells, seed=seed)
             cells, cell_zones = merged.cells, merged.cell_zones
-            overview = _read_overview(slide) if _overview_level(slide) is not None else _overview_windows(slide)
+            overview = (
+                _read_overview(slide)
+                if _overview_level(slide) is not None
+                else _overview_windows(slide)
+            )
             n_tiles = plan.tiles
             extra = {
                 "zones": plan.zone_map.summary(),
@@ -263,7 +300,11 @@ def detect_slide(
             if max_cells is not None:
                 total = len(cells)
                 cells = _budget(cells, max_cells, seed)
-                extra = {"cells_total": total, "sampled": len(cells) < total, "max_cells": max_cells}
+                extra = {
+                    "cells_total": total,
+                    "sampled": len(cells) < total,
+                    "max_cells": max_cells,
+                }
         if use_zones and described is not None:
             records, crops = described
         else:
@@ -281,12 +322,18 @@ def detect_slide(
             **extra,
             "seconds": time.perf_counter() - t0,
         }
-    return SlideCells(records=records, crops=crops, info=info, overview=overview, cell_zones=cell_zones)
+    return SlideCells(
+        records=records, crops=crops, info=info, overview=overview, cell_zones=cell_zones
+    )
 
 
 def _check_budget(max_cells: object, seed: object) -> None:
-    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1):
-        raise ConfigError(f"max cells per slide (--max-cells-per-slide) must be an integer >= 1, got {max_cells!r}")
+    if max_cells is not None and (
+        isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1
+    ):
+        raise ConfigError(
+            f"max cells per slide (--max-cells-per-slide) must be an integer >= 1, got {max_cells!r}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ConfigError(f"sampling seed must be an integer in [0, 2**63), got {seed!r}")
 
@@ -308,7 +355,9 @@ def _budget(cells: list[RegionCell], max_cells: int | None, seed: int) -> list[R
     """At most ``max_cells`` of ``cells`` (reading order kept), spatially balanced."""
     if max_cells is None or len(cells) <= max_cells:
         return cells
-    idx = spatial_sample(np.array([c.centroid for c in cells], np.float64).reshape(-1, 2), max_cells, seed)
+    idx = spatial_sample(
+        np.array([c.centroid for c in cells], np.float64).reshape(-1, 2), max_cells, seed
+    )
     return [cells[i] for i in idx]
 
 
@@ -481,7 +530,11 @@ def plan_smear(
     region_tasks = split_regions(
         boxes, level=level, mpp=mpp, max_task_px=max_task_px, tasks=tasks, block_px=block
     )
-    n_tiles = sum(len(_rect_tiles(slide, level, b, tile, overlap)[0]) for t in region_tasks for b, _ in _task_windows(t, (overlap // 2 + 1) * ds))
+    n_tiles = sum(
+        len(_rect_tiles(slide, level, b, tile, overlap)[0])
+        for t in region_tasks
+        for b, _ in _task_windows(t, (overlap // 2 + 1) * ds)
+    )
     w, h = slide.dimensions
     frac = sum(t.area_px for t in region_tasks) / float(w * h)
     return SmearPlan(zm, select, level, mpp, region_tasks, n_tiles, frac)
@@ -511,7 +564,9 @@ def split_regions(
         raise ConfigError(f"max_task_px must be a positive integer, got {max_task_px!r}")
     if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1):
         raise ConfigError(f"tasks must be a positive integer, got {tasks!r}")
-    if block_px is not None and (isinstance(block_px, bool) or not isinstance(block_px, int) or block_px < 1):
+    if block_px is not None and (
+        isinstance(block_px, bool) or not isinstance(block_px, int) or block_px < 1
+    ):
         raise ConfigError(f"block_px must be a positive integer, got {block_px!r}")
     if block_px is not None:
         return _split_blocks(boxes, level, mpp, max_task_px, tasks, block_px)
@@ -519,7 +574,13 @@ def split_regions(
     run = 0
     for b in sorted((tuple(int(v) for v in b) for b in boxes), key=lambda b: (b[1], b[0])):
         last = rects[-1] if rects else None
-        if last and last[1] == b[1] and last[3] == b[3] and last[2] == b[0] and run < _MAX_RUN_CELLS:
+        if (
+            last
+            and last[1] == b[1]
+            and last[3] == b[3]
+            and last[2] == b[0]
+            and run < _MAX_RUN_CELLS
+        ):
             rects[-1] = (last[0], last[1], b[2], b[3])
             run += 1
         else:
@@ -539,7 +600,9 @@ def split_regions(
     return [RegionTask(i, tuple(bs), level, float(mpp)) for i, bs in enumerate(out)]
 
 
-def _split_blocks(boxes, level: int, mpp: float, max_task_px: int, tasks: int | None, block_px: int):
+def _split_blocks(
+    boxes, level: int, mpp: float, max_task_px: int, tasks: int | None, block_px: int
+):
     groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
     for b in sorted((tuple(int(v) for v in b) for b in boxes), key=lambda b: (b[1], b[0])):
         groups.setdefault((b[0] // block_px, b[1] // block_px), []).append(b)
@@ -558,7 +621,9 @@ def _split_blocks(boxes, level: int, mpp: float, max_task_px: int, tasks: int | 
     return [RegionTask(i, tuple(bs), level, float(mpp), block_px) for i, bs in enumerate(out)]
 
 
-def _task_windows(task: RegionTask, pad0: float = 0.0) -> list[tuple[tuple[int, int, int, int], list]]:
+def _task_windows(
+    task: RegionTask, pad0: float = 0.0
+) -> list[tuple[tuple[int, int, int, int], list]]:
     """``(bounding box, boxes)`` of each detection window of ``task``, in order. ``pad0`` (the
     read margin, level-0 px) is unused: splitting thin blocks into smaller windows was measured
     and did not pay (each window's pad costs as much as the glass it saves)."""
@@ -574,7 +639,16 @@ def _task_windows(task: RegionTask, pad0: float = 0.0) -> list[tuple[tuple[int, 
         else:
             groups[-1].append(b)
     return [
-        ((min(b[0] for b in g), min(b[1] for b in g), max(b[2] for b in g), max(b[3] for b in g)), g) for g in groups
+        (
+            (
+                min(b[0] for b in g),
+                min(b[1] for b in g),
+                max(b[2] for b in g),
+                max(b[3] for b in g),
+            ),
+            g,
+        )
+        for g in groups
     ]
 
 
@@ -591,7 +665,9 @@ def _read_needed(slide: Slide, level: int, window, rects, band: int = 256) -> np
     spans = []
     for y in range(wy0 - wy0 % band, wy1, band):
         y0, y1 = max(y, wy0), min(y + band, wy1)
-        cols = np.flatnonzero(np.diff(np.r_[0, need[y0 - wy0 : y1 - wy0].any(axis=0).astype(np.int8), 0]))
+        cols = np.flatnonzero(
+            np.diff(np.r_[0, need[y0 - wy0 : y1 - wy0].any(axis=0).astype(np.int8), 0])
+        )
         spans += [(wx0 + a, y0, wx0 + b, y1) for a, b in zip(cols[::2], cols[1::2])]
     slide.prefetch(level, spans)
     parts = [slide.read(level, b) for b in spans]
@@ -647,7 +723,9 @@ def detect_region(
     return [c for _, cells in _region_boxes_cells(slide, task, config, stats) for c in cells]
 
 
-def _region_boxes_cells(slide: Slide, task: RegionTask, config: DetectConfig | None, stats: dict | None):
+def _region_boxes_cells(
+    slide: Slide, task: RegionTask, config: DetectConfig | None, stats: dict | None
+):
     """Yield ``(box, cells centred in it)`` for each of ``task``'s boxes in order (see
     :func:`detect_region`): a caller can read the box's crops while its tiles are cached."""
     cfg = config if config is not None else DetectConfig()
@@ -704,7 +782,12 @@ def _region_boxes_cells(slide: Slide, task: RegionTask, config: DetectConfig | N
                     bx0, by0, bx1, by1 = d.bbox
                     out.append(
                         RegionCell(
-                            box=((tx + bx0) * ds, (ty + by0) * ds, (tx + bx1) * ds, (ty + by1) * ds),
+                            box=(
+                                (tx + bx0) * ds,
+                                (ty + by0) * ds,
+                                (tx + bx1) * ds,
+                                (ty + by1) * ds,
+                            ),
                             centroid=c0,
                             score=float(d.score),
                             clumped=bool(d.clumped),
@@ -752,12 +835,16 @@ def describe_region(
         zones = [cell_zone(plan.zone_map, *c.centroid) for c in cells]
         chosen = [k for k, z in enumerate(zones) if z["smear_zone"] in plan.select]
         crop_boxes = {k: crop_box(cells[k].centroid, mpp, cfg.crop_um) for k in chosen}
-        slide.prefetch(0, [(b[0] - mg, b[1] - mg, b[2] + mg, b[3] + mg) for b in crop_boxes.values()])
+        slide.prefetch(
+            0, [(b[0] - mg, b[1] - mg, b[2] + mg, b[3] + mg) for b in crop_boxes.values()]
+        )
         for k, (c, z) in enumerate(zip(cells, zones)):
             rec = crop = None
             if k in crop_boxes:
                 one = np.empty((1, cfg.crop_px, cfg.crop_px, 3), np.uint8)
-                rec = _measure_one(slide, [c], 0, crop_boxes[k], None, one, mpp, mpp_source, cfg, source, tol)
+                rec = _measure_one(
+                    slide, [c], 0, crop_boxes[k], None, one, mpp, mpp_source, cfg, source, tol
+                )
                 crop = one[0]
             out.cells.append(c)
             out.cell_zones.append(z)
@@ -820,11 +907,19 @@ def merge_regions(
     if max_cells is not None and total > max_cells:
         idx = spatial_sample(np.array([c.centroid for c, _ in kept], np.float64), max_cells, seed)
         kept = [kept[i] for i in idx]
-    return MergedCells([c for c, _ in kept], [z for _, z in kept], outside, total, len(kept) < total)
+    return MergedCells(
+        [c for c, _ in kept], [z for _, z in kept], outside, total, len(kept) < total
+    )
 
 
 def measure_cells(
-    slide: Slide, cells: list[RegionCell], level: int, mpp: float, mpp_source: str, config: DetectConfig, source: str
+    slide: Slide,
+    cells: list[RegionCell],
+    level: int,
+    mpp: float,
+    mpp_source: str,
+    config: DetectConfig,
+    source: str,
 ) -> tuple[list[dict], np.ndarray]:
     """Records (``DETECT_COLUMNS``) and ``(N, crop_px, crop_px, 3)`` crops of ``cells`` (level-0
     crops read in chunks of 128 cells). ``level``: the level the cells were detected on."""
@@ -946,7 +1041,9 @@ def _dedup(cells: list[_Cell]) -> list[_Cell]:
         x, y = c.centroid
         gx, gy = int(x // g), int(y // g)
         # A box holding c's centroid has its own centroid within one box side (≤ g) of it.
-        near = (o for dx in (-1, 0, 1) for dy in (-1, 0, 1) for o in grid.get((gx + dx, gy + dy), ()))
+        near = (
+            o for dx in (-1, 0, 1) for dy in (-1, 0, 1) for o in grid.get((gx + dx, gy + dy), ())
+        )
         if any(_holds(o.box, c.centroid) and _holds(c.box, o.centroid) for o in near):
             continue
         kept.append(c)
@@ -978,7 +1075,9 @@ def _read_overview(slide: Slide) -> np.ndarray:
     side = max(w, h)
     if side > OVERVIEW_MAX_SIDE:
         f = side / OVERVIEW_MAX_SIDE
-        img = cv2.resize(img, (max(1, int(w / f)), max(1, int(h / f))), interpolation=cv2.INTER_AREA)
+        img = cv2.resize(
+            img, (max(1, int(w / f)), max(1, int(h / f))), interpolation=cv2.INTER_AREA
+        )
     return img
 
 
@@ -999,7 +1098,15 @@ def _paste_overview(ov: np.ndarray, rgb: np.ndarray, tx: int, ty: int, f: float,
 
 
 # -- crops, morphometry, QC ----------------------------------------------------------------------
-def _measure(slide: Slide, cells: list[_Cell], level: int, mpp: float, mpp_source: str, cfg: DetectConfig, source: str):
+def _measure(
+    slide: Slide,
+    cells: list[_Cell],
+    level: int,
+    mpp: float,
+    mpp_source: str,
+    cfg: DetectConfig,
+    source: str,
+):
     # Coordinates come from a coarser level: a box within one level px of the border touches it.
     tol = slide.level_downsamples[level]
     crops = np.empty((len(cells), cfg.crop_px, cfg.crop_px, 3), np.uint8)
@@ -1013,16 +1120,30 @@ def _measure(slide: Slide, cells: list[_Cell], level: int, mpp: float, mpp_sourc
     # (one request per cell would cost a round trip each); the chunk bounds the bytes held.
     order = sorted(range(len(cells)), key=lambda k: (cells[k].centroid[1], cells[k].centroid[0]))
     for start in range(0, len(order), _CROP_PREFETCH_CELLS):
-        chunk = order[start:start + _CROP_PREFETCH_CELLS]
-        slide.prefetch(0, [(b[0] - m, b[1] - m, b[2] + m, b[3] + m) for b in (crop_boxes[k] for k in chunk)])
+        chunk = order[start : start + _CROP_PREFETCH_CELLS]
+        slide.prefetch(
+            0, [(b[0] - m, b[1] - m, b[2] + m, b[3] + m) for b in (crop_boxes[k] for k in chunk)]
+        )
         for idx in chunk:
-            records[idx] = _measure_one(slide, cells, idx, crop_boxes[idx], boxes, crops, mpp, mpp_source,
-                                        cfg, source, tol)
+            records[idx] = _measure_one(
+                slide, cells, idx, crop_boxes[idx], boxes, crops, mpp, mpp_source, cfg, source, tol
+            )
     return records, crops
 
 
-def _measure_one(slide: Slide, cells: list[_Cell], idx: int, box: tuple[int, int, int, int], boxes: np.ndarray,
-                 crops: np.ndarray, mpp: float, mpp_source: str, cfg: DetectConfig, source: str, tol: float) -> dict:
+def _measure_one(
+    slide: Slide,
+    cells: list[_Cell],
+    idx: int,
+    box: tuple[int, int, int, int],
+    boxes: np.ndarray,
+    crops: np.ndarray,
+    mpp: float,
+    mpp_source: str,
+    cfg: DetectConfig,
+    source: str,
+    tol: float,
+) -> dict:
     """Crop cell ``idx`` into ``crops[idx]``, segment and flag it; its DETECT record."""
     w, h = slide.dimensions
     crop_mpp = cfg.crop_um / cfg.crop_px
@@ -1033,7 +1154,7 @@ def _measure_one(slide: Slide, cells: list[_Cell], idx: int, box: tuple[int, int
     # One read of the crop box plus the farthest the centre may move (below), then slices of it.
     mg = int(math.ceil(MAX_CENTRE_SHIFT_UM / mpp)) + 1
     wide = slide.read(0, (box[0] - mg, box[1] - mg, box[2] + mg, box[3] + mg))
-    square = wide[mg:mg + box[3] - box[1], mg:mg + box[2] - box[0]]
+    square = wide[mg : mg + box[3] - box[1], mg : mg + box[2] - box[0]]
     # The crop is centred as training crops are: on the nucleus near the detector's centroid.
     # The record keeps the detector's centroid: from it, any reader of the crop (hemblip caption
     # --center) moves to the same nucleus and cuts the same pixels.
@@ -1042,7 +1163,7 @@ def _measure_one(slide: Slide, cells: list[_Cell], idx: int, box: tuple[int, int
         nb = crop_box((cx + dx, cy + dy), mpp, cfg.crop_um)
         ox, oy = nb[0] - box[0] + mg, nb[1] - box[1] + mg
         box = nb
-        square = wide[oy:oy + box[3] - box[1], ox:ox + box[2] - box[0]]
+        square = wide[oy : oy + box[3] - box[1], ox : ox + box[2] - box[0]]
     x0, y0, x1, y1 = box
     crop = resample(square, cfg.crop_px)
     crops[idx] = crop
@@ -1056,7 +1177,11 @@ def _measure_one(slide: Slide, cells: list[_Cell], idx: int, box: tuple[int, int
         flags.append("out_of_focus")
     if c.clumped or (boxes is not None and _overlaps_other(boxes, idx)):
         flags.append("clumped")
-    diam = m.cell_diameter_um if _finite(m.cell_diameter_um) and m.cell_diameter_um > 0 else c.diameter_um
+    diam = (
+        m.cell_diameter_um
+        if _finite(m.cell_diameter_um) and m.cell_diameter_um > 0
+        else c.diameter_um
+    )
     if not det.min_cell_diameter_um <= diam <= det.max_cell_diameter_um:
         flags.append("implausible_size")
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:

@@ -226,7 +226,11 @@ def test_persistent_output_write_failure_fails_the_run_and_rerun_completes(
     assert len(ids) == len(set(ids)) and set(ids) == base["cells"]
     assert_outputs_consistent(out, s3_server)
     # only the done index (a cache, kept on purpose) may remain of the commit machinery
-    assert [k for k in all_keys(s3_server, b, "out-unwritable-later/") if "/_" in k and "/_index/" not in k] == []
+    assert [
+        k
+        for k in all_keys(s3_server, b, "out-unwritable-later/")
+        if "/_" in k and "/_index/" not in k
+    ] == []
 
 
 def test_missing_output_bucket_is_a_clear_error_before_any_work(
