@@ -363,17 +363,7 @@ def test_local_output_is_refused_on_the_live_two_node_cluster(two_nodes, tmp_pat
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=False, reason="wired by lead: run_job calls enforce_shared_paths after ray.init"
-)
 def test_cli_refuses_local_output_on_two_nodes(two_nodes, s3_server, samples, tmp_path):
-    import inspect
-
-    import pipeline.job.run
-
-    if "enforce_shared_paths" not in inspect.getsource(pipeline.job.run):
-        # Not wired yet: the job would run to the end (about a minute here) only to be expected wrong.
-        pytest.xfail("wired by lead: run_job does not call enforce_shared_paths yet")
     bucket, _ = _seed(s3_server, samples[:1])
     done = _run_job(two_nodes, _job_cmd(two_nodes, s3_server, bucket, output=str(tmp_path / "out")))
     last = [line for line in done.stderr.splitlines() if line.strip()][-1:]
