@@ -27,8 +27,11 @@ __all__ = ["CaptionSettings", "WriteSettings", "build_plan", "resolve_gpus"]
 class WriteSettings:
     """The write stage: where staged files go and the run-wide cell columns (``base``: run_id,
     model_id, model_version, pipeline_version, schema_version). ``batch_rows``: rows per write
-    batch (a staged file holds at most that many cells of one slide); ``cpus_per_actor`` is
-    fractional for the same reason as the caption actors'."""
+    batch (a staged file holds at most that many cells of one slide). ``cpus_per_actor`` is 0 by
+    default: the writer reserves no CPU, so it can always be placed. With any reservation, a node
+    that must host the whole stream alone (the others lost) can have its CPUs taken by detect
+    tasks and the caption actor, the writer never starts, and the run hangs without a message
+    (seen with 1 CPU left: detect 0.75 + caption 0.25 + writer 0.25)."""
 
     output: str
     s3: S3Settings
@@ -36,7 +39,7 @@ class WriteSettings:
     base: tuple[tuple[str, str], ...]
     batch_rows: int = 1024
     max_actors: int = 1
-    cpus_per_actor: float = 0.25
+    cpus_per_actor: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -266,9 +266,10 @@ def compact_files(storage: Storage, sources: Sequence[str], dest: str) -> int:
     return table.num_rows
 
 
-def ray_compactor(num_cpus: float = 0.25, runtime_env: dict | None = None):
+def ray_compactor(num_cpus: float = 0.0, runtime_env: dict | None = None):
     """A ``compactor`` for :class:`~pipeline.job.writer.OutputWriter` that runs each job as a Ray
-    task (fractional CPU: a whole-CPU task waits behind the stream's tasks on a small node)."""
+    task. It reserves no CPU by default: the commit waits on it while the stream's detect tasks
+    and actors hold the node's CPUs, so any reservation can wait for ever on a small node."""
 
     def run(storage: Storage, jobs: list[tuple[list[str], str]]) -> None:
         import ray
