@@ -35,6 +35,7 @@ import pyarrow as pa
 
 __all__ = [
     "COMPARED_ATTRIBUTES",
+    "CHECKED_COLUMNS",
     "CELL_SIZE_SPLIT_UM",
     "CELL_SIZE_SMALL_MAX_UM",
     "CELL_SIZE_BIG_MIN_UM",
@@ -138,8 +139,8 @@ def check_consistency(row: Mapping) -> tuple[bool | None, list[str]]:
     return not bad, bad
 
 
-_NEEDED = (
-    "slide_id",
+#: The columns :func:`check_consistency` reads (caption claims and measurements).
+CHECKED_COLUMNS: tuple[str, ...] = (
     "cell_type",
     "cell_size",
     "nuclear_cytoplasmic_ratio",
@@ -149,6 +150,7 @@ _NEEDED = (
     "nucleus_lobes",
     "nucleus_circularity",
 )
+_NEEDED = ("slide_id", *CHECKED_COLUMNS)
 
 
 def _rows(cells: pa.Table | Iterable[Mapping]) -> Iterable[Mapping]:

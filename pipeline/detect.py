@@ -829,7 +829,7 @@ def describe_region(
     zoned, not measured. Join tasks with :func:`merge_described`."""
     cfg = config if config is not None else DetectConfig()
     mpp, tol = task.mpp, slide.level_downsamples[task.level]
-    mg = int(math.ceil(MAX_CENTRE_SHIFT_UM / mpp)) + 1
+    mg = _centre_margin(mpp)
     out = DescribedRegion([], [], [], [])
     for _, cells in _region_boxes_cells(slide, task, cfg, stats):
         zones = [cell_zone(plan.zone_map, *c.centroid) for c in cells]
@@ -1098,6 +1098,11 @@ def _paste_overview(ov: np.ndarray, rgb: np.ndarray, tx: int, ty: int, f: float,
 
 
 # -- crops, morphometry, QC ----------------------------------------------------------------------
+def _centre_margin(mpp: float) -> int:
+    """Level-0 px a crop's centre may move onto the nucleus (hemblip.crops.centre_offset), + 1."""
+    return int(math.ceil(MAX_CENTRE_SHIFT_UM / mpp)) + 1
+
+
 def _measure(
     slide: Slide,
     cells: list[_Cell],
@@ -1115,7 +1120,7 @@ def _measure(
 
     crop_boxes = [crop_box(c.centroid, mpp, cfg.crop_um) for c in cells]  # level-0 px
     # The crop's centre may move onto the nucleus (hemblip.crops.centre_offset): fetch that margin too.
-    m = int(math.ceil(MAX_CENTRE_SHIFT_UM / mpp)) + 1
+    m = _centre_margin(mpp)
     # Cells in reading order, in chunks whose level-0 tiles a remote slide fetches in one batch
     # (one request per cell would cost a round trip each); the chunk bounds the bytes held.
     order = sorted(range(len(cells)), key=lambda k: (cells[k].centroid[1], cells[k].centroid[0]))
@@ -1152,7 +1157,7 @@ def _measure_one(
     cx, cy = c.centroid
     # White outside the slide (the reader's rule): glass, flagged crop_incomplete below.
     # One read of the crop box plus the farthest the centre may move (below), then slices of it.
-    mg = int(math.ceil(MAX_CENTRE_SHIFT_UM / mpp)) + 1
+    mg = _centre_margin(mpp)
     wide = slide.read(0, (box[0] - mg, box[1] - mg, box[2] + mg, box[3] + mg))
     square = wide[mg : mg + box[3] - box[1], mg : mg + box[2] - box[0]]
     # The crop is centred as training crops are: on the nucleus near the detector's centroid.

@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.consistency import CHECKED_COLUMNS
 from pipeline.job.storage import S3Settings, Storage, join_uri, storage_for
 from pipeline.schema import CELL_SCHEMA, QC_FLAGS
 
@@ -149,7 +150,7 @@ def cells_table(
     consistent: list[bool | None] = [None] * n
     bad: list[list[str]] = [[] for _ in range(n)]
     if check is not None:
-        needed = [c for c in _CHECKED if c in cols]
+        needed = [c for c in CHECKED_COLUMNS if c in cols]
         view = {c: cols[c].to_pylist() for c in needed}
         for i in range(n):
             consistent[i], b = check({c: view[c][i] for c in needed})
@@ -157,19 +158,6 @@ def cells_table(
     cols["consistent"] = pa.array(consistent, pa.bool_())
     cols["inconsistent_attributes"] = pa.array(bad, pa.list_(pa.string()))
     return pa.Table.from_arrays([cols[f.name] for f in CELL_SCHEMA], schema=CELL_SCHEMA)
-
-
-# The columns check_consistency compares (its docstring): caption claims and measurements.
-_CHECKED = (
-    "cell_type",  # N:C bands are per cell type
-    "cell_size",
-    "nuclear_cytoplasmic_ratio",
-    "nucleus_shape",
-    "cell_diameter_um",
-    "nc_ratio",
-    "nucleus_lobes",
-    "nucleus_circularity",
-)
 
 
 def _check_consistency():
