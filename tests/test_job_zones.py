@@ -78,9 +78,10 @@ def test_zone_settings_reach_the_detect_stage():
     assert cfg.zones == ("monolayer", "feathered")
     d = cfg.detect_settings()
     assert (d.zones, d.max_cells) == (("monolayer", "feathered"), 200)
-    # the default job is today's: whole slide, no budget
+    # the default job zones whole smears only (--zones auto), without a budget; none: whole
     d0 = JobConfig(**_BASE).detect_settings()
-    assert (d0.zones, d0.max_cells) == ((), None)
+    assert (d0.zones, d0.zone_min_area_mm2, d0.max_cells) == (("monolayer",), 20.0, None)
+    assert JobConfig(**_BASE, zones=("none",)).detect_settings().zones == ()
     cli = _load(
         ["--zones", "monolayer,thick", "--zones", "feathered", "--max-cells-per-slide", "3"]
     )

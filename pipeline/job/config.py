@@ -383,13 +383,46 @@ class JobConfig:
         le=100,
     )
     zones: tuple[str, ...] = setting(
-        (),
-        "whole smears: zone the slide at ~4 µm/px first (glass, thick, monolayer, feathered) and "
-        "describe only the cells of these zones, reading level 0 only inside them; cells seen in "
-        "other zones are counted per zone in slides/ (comma-separated or repeated, e.g. monolayer)",
+        ("auto",),
+        "smear zones whose cells are described. auto: a slide of at least --zone-min-area-mm2 "
+        "(a whole smear) is zoned at ~4 µm/px first (glass, thick, monolayer, feathered) and only "
+        "its monolayer is described, level 0 read only there; a smaller slide (a field mosaic) is "
+        "read whole. Zone names (comma-separated or repeated, e.g. monolayer,feathered) zone "
+        "every slide; none (or an empty list) reads every slide whole, without a zone map. Cells "
+        "seen outside the chosen zones are counted per zone in slides/",
         group="detection",
-        metavar="ZONE[,ZONE]",
-        default_text="none: the whole slide, no zone map (fields, small images)",
+        metavar="auto|none|ZONE[,ZONE]",
+        default_text="auto",
+    )
+    zone_min_area_mm2: float = setting(
+        20.0,
+        "with --zones auto: level-0 area from which a slide is a whole smear and is zoned (a whole "
+        "smear is 100-500 mm², a field mosaic a few mm² at most)",
+        group="detection",
+        metavar="MM2",
+        unit="mm²",
+        gt=0.0,
+        le=100000.0,
+    )
+    region_task_mpx: int = setting(
+        64,
+        "a zoned slide's chosen zones are split into region tasks of at most this many level-0 "
+        "megapixels; a slide with more than one, read in place or from a shared path (not "
+        "staged), runs them as Ray tasks of their own, its cells still committed once as one slide",
+        group="detection",
+        metavar="MPX",
+        unit="Mpx",
+        ge=1,
+        le=1000000,
+    )
+    region_tasks_in_flight: int = setting(
+        4,
+        "region tasks of one slide running at once, each a Ray task reserving --detect-cpus with "
+        "its own open slide; 0 runs them one after another in the slide's task",
+        group="detection",
+        metavar="N",
+        ge=0,
+        le=1024,
     )
     max_cells_per_slide: int | None = setting(
         None,
@@ -613,17 +646,7 @@ class JobConfig:
                 )
         if not self.extensions:
             raise ConfigError(f"{flag_of('extensions')} must list at least one suffix")
-        if self.zones:
-            from pipeline.zones import ZONE_NAMES
-
-            self.zones = tuple(z.lower() for z in self.zones)
-            for zone in self.zones:
-                if zone not in ZONE_NAMES:
-                    raise ConfigError(
-                        f"{flag_of('zones')} {_show(zone)}: not a smear zone; choose from "
-                        f"{', '.join(ZONE_NAMES)}"
-                    )
-            self.zones = tuple(dict.fromkeys(self.zones))  # a zone named twice is one zone
+        self.zones = _check_zones(self.zones)
         from pipeline.detect import DetectConfig
 
         # The detection stage's own checks first: their messages say why (e.g. working_mpp).
@@ -694,8 +717,12 @@ class JobConfig:
             max_detect_mpp=self.max_detect_mpp,
             max_slide_attempts=self.max_slide_attempts,
             max_decode_mb=self.max_decode_mb,
-            zones=self.zones,
+            zones=("monolayer",) if self.zones == ("auto",) else self.zones,
             max_cells=self.max_cells_per_slide,
+            zone_min_area_mm2=self.zone_min_area_mm2 if self.zones == ("auto",) else None,
+            region_task_px=self.region_task_mpx * 10**6,
+            region_tasks_in_flight=self.region_tasks_in_flight,
+            region_task_cpus=self.detect_cpus,
         )
 
     def caption_settings(self, model_version: str | None, gpus_per_actor: float | None = None):
@@ -764,6 +791,32 @@ class JobConfig:
         if self.s3_endpoint:
             env["AWS_ENDPOINT_URL_S3"] = self.s3_endpoint
         return env
+
+
+#: ``--zones`` words that stand alone: ``auto`` (zone whole smears only) and ``none`` (no zones).
+_ZONE_WORDS = ("auto", "none")
+
+
+def _check_zones(zones: tuple[str, ...]) -> tuple[str, ...]:
+    """``--zones`` normalised: ``("auto",)``, ``()`` (none) or zone names (lower case, each
+    once, in the order given); anything else is a one-line error naming the flag."""
+    from pipeline.zones import ZONE_NAMES
+
+    flag = flag_of("zones")
+    words = tuple(dict.fromkeys(z.lower() for z in zones))  # a zone named twice is one zone
+    for word in words:
+        if word not in ZONE_NAMES and word not in _ZONE_WORDS:
+            raise ConfigError(
+                f"{flag} {_show(word)}: not a smear zone; choose from {', '.join(ZONE_NAMES)}, "
+                f"or auto or none alone"
+            )
+    alone = [w for w in words if w in _ZONE_WORDS]
+    if alone and len(words) > 1:
+        raise ConfigError(
+            f"{flag} {_show(','.join(words))}: {alone[0]} stands alone (auto: the monolayer of "
+            f"slides of at least --zone-min-area-mm2; none: every slide whole), or list zones"
+        )
+    return () if words == ("none",) else words
 
 
 def _check_endpoint(url: str) -> None:

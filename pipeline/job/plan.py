@@ -6,7 +6,10 @@ files under the output, so the rows that reach the driver are per-file and per-s
 Streaming: slides are staged and detected by CPU tasks while earlier slides' crops are being
 captioned; Ray Data's backpressure bounds how many crops wait in the object store. Each slide is
 its own input block so that slides spread over CPU tasks instead of running one after another
-inside one task.
+inside one task. A zoned slide whose plan has several region tasks (a gigapixel smear) is split
+further: its detect task submits them as Ray tasks of their own (``--region-tasks-in-flight`` at a
+time, ``--detect-cpus`` each; they inherit the plan's ``runtime_env``) and lends its CPU while it
+waits, then emits the slide's rows as one slide (:mod:`pipeline.job.stage_detect`).
 """
 
 from __future__ import annotations

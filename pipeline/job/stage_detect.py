@@ -36,17 +36,42 @@ Whole smears (``DetectSettings.zones``): the slide is zoned first and only the c
 cells are described (:func:`pipeline.detect.detect_slide`); the outcome carries the zone areas,
 the cells counted outside the chosen zones, ``cells_total``/``sampled`` of the per-slide budget
 (``max_cells``, a spatially uniform sample seeded by the slide id, so a re-executed task picks the
-same cells) and the zone-map PNG.
+same cells) and the zone-map PNG. With ``zone_min_area_mm2`` (``--zones auto``) only a slide whose
+level-0 area is at least that (a whole smear) is zoned; a smaller one (a field mosaic) is read
+whole, and ``zoning`` in the outcome says which applied.
+
+Large slides (region tasks): a zoned slide whose plan (:func:`pipeline.detect.plan_smear`) splits
+the chosen zones into more than one region task of at most ``region_task_px`` level-0 px runs
+them as Ray tasks of their own (at most ``region_tasks_in_flight`` at a time, ``region_task_cpus``
+each), so one gigapixel slide does not serialise the run. Each region task opens the slide
+itself (in place; a slide that had to be staged is not fanned out, each task would copy it
+again) and returns its cells' records (small, to this task) and crops (a separate object,
+fetched one region at a time while the slide's batches are yielded); this task merges them
+(:func:`pipeline.detect.merge_described`: each cell once across region borders) and emits the
+slide's rows exactly as for one task. With a cell budget the region tasks only detect
+(:func:`pipeline.detect.detect_region`); this task merges and samples
+(:func:`pipeline.detect.merge_regions`) and crops the sampled cells, 64 at a time. Region tasks
+are deterministic (a retried one finds the same cells); a region task that fails, or whose worker
+dies on every attempt, fails the slide with a one-line reason naming the region task. A zoned
+read is limited by the area it plans to detect on (``max_detect_pixels``), not by its detection
+level's size: a 5 GP smear's level 0 is over that guard, its monolayer far under it. The outcome
+adds keys that are not stored in ``slides/`` (the driver's ``RunResult.slides`` has them):
+``zoning``, ``area_mm2``, ``region_tasks``, ``region_workers`` (``host:pid`` of the processes
+that ran them) and ``region_peak_rss_mib``.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
 import os
+import socket
+import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +134,36 @@ class DetectSettings:
     max_decode_mb: float = 1024.0  # decode budget of one read / whole-image decode, MiB
     zones: tuple[str, ...] = ()  # smear zones to describe; () = whole slide, no zone map
     max_cells: int | None = None  # per-slide cell budget (spatially uniform sample); None = all
+    #: with ``zones``: zone only slides whose level-0 area is at least this, mm² (--zones auto);
+    #: smaller ones are read whole. None: zone every slide.
+    zone_min_area_mm2: float | None = None
+    #: largest level-0 area of one region task of a zoned slide, px (--region-task-mpx)
+    region_task_px: int = 64_000_000
+    #: region tasks of one slide running at once as Ray tasks; 0: inside this task, in turn
+    region_tasks_in_flight: int = 4
+    region_task_cpus: float = 1.0  # CPUs each region task reserves (the job's --detect-cpus)
+
+    def __post_init__(self) -> None:
+        # JobConfig checks every setting with its flag; these guard direct construction.
+        if self.zone_min_area_mm2 is not None and not self.zone_min_area_mm2 > 0:
+            raise ConfigError(
+                f"--zone-min-area-mm2 must be a positive number of mm², got {self.zone_min_area_mm2!r}"
+            )
+        if isinstance(self.region_task_px, bool) or not (
+            isinstance(self.region_task_px, int) and self.region_task_px >= 1
+        ):
+            raise ConfigError(
+                f"--region-task-mpx: region_task_px must be a positive integer of level-0 px, "
+                f"got {self.region_task_px!r}"
+            )
+        if isinstance(self.region_tasks_in_flight, bool) or not (
+            isinstance(self.region_tasks_in_flight, int) and self.region_tasks_in_flight >= 0
+        ):
+            raise ConfigError(
+                f"--region-tasks-in-flight must be an integer >= 0, got {self.region_tasks_in_flight!r}"
+            )
+        if not self.region_task_cpus > 0:
+            raise ConfigError(f"--detect-cpus must be > 0, got {self.region_task_cpus!r}")
 
 
 def ref_to_json(ref: SlideRef) -> str:
@@ -143,12 +198,14 @@ def _dumps(record: dict) -> str:
     return json.dumps(record, default=_jsonable)
 
 
-def _reason(exc: BaseException, local: Path | None, uri: str) -> str:
+def _reason(exc: BaseException, local: Path | None, uri: str, where: str = "") -> str:
+    """One line: ``Type: uri: [where: ]message`` (``where``: e.g. ``region task 2 of 5``)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     if local is not None:
         text = text.replace(str(local), uri)
-    if not text.startswith(uri):
-        text = f"{uri}: {text}"
+    if text.startswith(uri):
+        text = text[len(uri) :].lstrip(": ")
+    text = f"{uri}: {where}: {text}" if where else f"{uri}: {text}"
     # Reasons are stored in slides/ and printed: an endpoint URL in a botocore message may carry
     # credentials or a pre-signed signature.
     return redact_urls_in(f"{type(exc).__name__}: {text}")
@@ -289,6 +346,12 @@ def _new_outcome(ref: SlideRef) -> dict:
         "cells_total": None,
         "sampled": None,
         "zone_map_png": None,
+        # Not in slides/ (the driver's RunResult.slides has them): how the slide was read.
+        "zoning": None,  # off | chosen | auto_zoned | auto_whole (see _zoning)
+        "area_mm2": None,  # level-0 area, mm² (--zones auto only)
+        "region_tasks": None,  # region tasks of a zoned slide
+        "region_workers": None,  # host:pid of the processes that ran them (fanned out only)
+        "region_peak_rss_mib": None,  # largest peak RSS of those processes, MiB
     }
 
 
@@ -356,94 +419,486 @@ def _slide_batch(ref: SlideRef, settings: DetectSettings, outcome: dict) -> dict
     return out
 
 
-def process_slide(ref: SlideRef, settings: DetectSettings):
-    """Yield the output batches of one slide (see the module doc for the keys)."""
-    from pipeline.detect import DetectConfig, detect_slide
+def _detect_config(settings: DetectSettings):
+    from pipeline.detect import DetectConfig
     from pipeline.detection import DetectorConfig
 
+    return DetectConfig(
+        crop_um=settings.crop_um,
+        crop_px=settings.crop_px,
+        mpp=settings.mpp,
+        max_decode_mb=settings.max_decode_mb,
+        detector=DetectorConfig(max_detect_mpp=settings.max_detect_mpp),
+    )
+
+
+def _open(ref: SlideRef, settings: DetectSettings, cfg):
+    """The slide of ``ref``: a single-object SVS/tiled TIFF on S3 is read in place, anything else
+    is staged to scratch (removed when the slide is closed, or when opening fails)."""
+    return open_slide(
+        ref.uri,
+        mpp=settings.mpp,
+        max_pixels=cfg.max_pixels,
+        max_decode_mb=settings.max_decode_mb,
+        storage_options=settings.s3,
+        scratch_dir=settings.scratch_dir,
+        parts=ref.parts,
+        open_rel=ref.open_rel,
+    )
+
+
+@dataclass
+class _Cells:
+    """A slide's cells as the detect stage emits them: ``info`` (``detect_slide``'s keys the
+    outcome uses), ``count`` cells, produced by ``pieces`` as ``(records, crops, cell zones or
+    None)`` of at most :data:`_PIECE` cells each; ``extra`` outcome keys (region tasks)."""
+
+    info: dict
+    count: int
+    pieces: Iterator[tuple[list[dict], np.ndarray, list[dict] | None]]
+    extra: dict = field(default_factory=dict)
+    bytes_read: Callable[[], int | None] = lambda: None
+
+
+def _sliced(result, zoned: bool) -> Iterator[tuple[list[dict], np.ndarray, list[dict] | None]]:
+    crops = np.ascontiguousarray(result.crops, dtype=np.uint8)
+    zones = result.cell_zones if zoned else None
+    for start in range(0, len(result.records), _PIECE):
+        stop = start + _PIECE
+        yield (
+            result.records[start:stop],
+            crops[start:stop],
+            None if zones is None else zones[start:stop],
+        )
+
+
+def _scale(slide) -> tuple[float | None, str | None]:
+    """``(level-0 µm/px, mpp_source)`` as :func:`pipeline.detect.detect_slide` settles it: the
+    slide's (metadata, or ``--mpp`` for a slide without), else estimated from its red cells
+    (:func:`hemblip.scale.estimate_image_mpp`); ``(None, None)`` when there is none."""
+    if slide.mpp is not None:
+        return float(slide.mpp), slide.mpp_source
+    from hemblip.scale import estimate_image_mpp
+
+    w, h = slide.dimensions
+    mpp = estimate_image_mpp(lambda box: slide.read(0, box), w, h)
+    return (None, None) if mpp is None else (float(mpp), "estimated")
+
+
+def _zoning(slide, settings: DetectSettings) -> tuple[str, float | None]:
+    """``(zoning, level-0 area mm²)``: ``off`` (no zones), ``chosen`` (zones given: every slide
+    zoned), ``auto_zoned`` / ``auto_whole`` (``--zones auto``: at least / under
+    ``zone_min_area_mm2``). A slide of unknown scale is read whole, and the detection stage
+    fails it for that (no scale)."""
+    if not settings.zones:
+        return "off", None
+    if settings.zone_min_area_mm2 is None:
+        return "chosen", None
+    mpp, _ = _scale(slide)
+    if mpp is None:
+        return "auto_whole", None
+    w, h = slide.dimensions
+    area = w * h * (mpp / 1000.0) ** 2
+    return ("auto_zoned" if area >= settings.zone_min_area_mm2 else "auto_whole"), area
+
+
+def _ray_if_running():
+    """The ``ray`` module when this process is connected to a Ray cluster (a Ray worker, or a
+    driver that initialised it), else None: region tasks then run in this process."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
+def _find_cells(slide, ref: SlideRef, settings: DetectSettings, cfg, outcome: dict) -> _Cells:
+    """Detect the slide's cells: whole, zoned in this process, or zoned in region tasks."""
+    from pipeline.detect import detect_slide, plan_smear
+
+    zoning, area = _zoning(slide, settings)
+    outcome["zoning"], outcome["area_mm2"] = zoning, area
+    seed = _seed(ref.slide_id)
+    if zoning in ("off", "auto_whole"):
+        result = detect_slide(slide, cfg, source=ref.uri, max_cells=settings.max_cells, seed=seed)
+        return _Cells(*_from_result(result, False))
+    select = tuple(settings.zones)
+    mpp, mpp_source = _scale(slide)
+    if mpp is None:  # detect_slide fails it with its ScaleError (no scale)
+        return _Cells(*_from_result(detect_slide(slide, cfg, source=ref.uri, zones=True), True))
+    plan = plan_smear(slide, cfg, select=select, mpp=mpp, max_task_px=settings.region_task_px)
+    cfg = _zoned_limit(slide, plan, cfg, ref.uri)
+    ray = _ray_if_running()
+    # A staged slide is not fanned out: each region task would copy the whole slide again.
+    fan_out = ray is not None and settings.region_tasks_in_flight > 0 and not slide.staged
+    if fan_out and len(plan.tasks) > 1:
+        return _fan_out(ray, slide, ref, settings, cfg, plan, mpp_source)
+    zones = plan.zone_map  # in this process, without zoning the slide again
+    result = detect_slide(
+        slide,
+        cfg,
+        source=ref.uri,
+        zones=zones,
+        select=select,
+        max_cells=settings.max_cells,
+        seed=seed,
+    )
+    return _Cells(*_from_result(result, True), {"region_tasks": result.info.get("region_tasks")})
+
+
+def _from_result(result, zoned: bool) -> tuple[dict, int, Iterator]:
+    """``_Cells``' first fields from a ``detect_slide`` result."""
+    return result.info, len(result.records), _sliced(result, zoned)
+
+
+def _zoned_limit(slide, plan, cfg, uri: str):
+    """``cfg`` for reading ``plan``: the detection-level limit (``max_detect_pixels``, a guard
+    against slides whose reading would never end) applies to the px a zoned read plans to
+    detect on, not to the whole level: a 5 GP smear's level 0 (5.0e9 px at 0.25 µm/px) is over
+    the 2**32 px limit, its monolayer far under it. Raises :class:`SlideTooLargeError` when the
+    planned area itself is over it."""
+    from dataclasses import replace
+
+    from pipeline.errors import SlideTooLargeError
+
+    ds = slide.level_downsamples[plan.level]
+    planned = sum(t.area_px for t in plan.tasks) / (ds * ds)
+    if planned > cfg.max_detect_pixels:
+        raise SlideTooLargeError(
+            uri,
+            f"the chosen zones cover {planned:.0f} px of detection level {plan.level}, over the "
+            f"{cfg.max_detect_pixels} px limit",
+        )
+    lw, lh = slide.level_dimensions[plan.level]
+    return replace(cfg, max_detect_pixels=max(cfg.max_detect_pixels, lw * lh))
+
+
+def process_slide(ref: SlideRef, settings: DetectSettings):
+    """Yield the output batches of one slide (see the module doc for the keys)."""
     outcome = _new_outcome(ref)
-    P = settings.crop_px
     t0 = time.perf_counter()
     try:
-        cfg = DetectConfig(
-            crop_um=settings.crop_um,
-            crop_px=P,
-            mpp=settings.mpp,
-            max_decode_mb=settings.max_decode_mb,
-            detector=DetectorConfig(max_detect_mpp=settings.max_detect_mpp),
-        )
-        # The factory reads a single-object SVS/tiled TIFF on S3 in place and stages anything
-        # else to scratch (removed when the slide is closed, or when opening fails).
-        slide = open_slide(
-            ref.uri,
-            mpp=settings.mpp,
-            max_pixels=cfg.max_pixels,
-            max_decode_mb=settings.max_decode_mb,
-            storage_options=settings.s3,
-            scratch_dir=settings.scratch_dir,
-            parts=ref.parts,
-            open_rel=ref.open_rel,
-        )
+        cfg = _detect_config(settings)
+        slide = _open(ref, settings, cfg)
         t1 = time.perf_counter()
         outcome["stage_seconds"] = t1 - t0  # in place: opening (header and IFDs) only
         with slide:
+            cells = None
             try:
-                if settings.zones:
-                    result = detect_slide(
-                        slide,
-                        cfg,
-                        source=ref.uri,
-                        zones=True,
-                        select=tuple(settings.zones),
-                        max_cells=settings.max_cells,
-                        seed=_seed(ref.slide_id),
-                    )
-                else:
-                    result = detect_slide(
-                        slide,
-                        cfg,
-                        source=ref.uri,
-                        max_cells=settings.max_cells,
-                        seed=_seed(ref.slide_id),
-                    )
+                cells = _find_cells(slide, ref, settings, cfg, outcome)
+                seconds = time.perf_counter() - t1
+                info = cells.info
+                n = cells.count
+                outcome.update(
+                    mpp=info.get("mpp"),
+                    mpp_source=info.get("mpp_source"),
+                    width=info.get("width"),
+                    height=info.get("height"),
+                    **cells.extra,
+                    **_zone_outcome(info, n, "zones" in info),
+                )
+                emitted = 0
+                pieces = cells.pieces
+                while True:
+                    # Time spent producing the pieces (crops of sampled cells, a region's crops
+                    # fetched) counts as detection; time suspended in ``yield`` does not.
+                    t = time.perf_counter()
+                    piece = next(pieces, None)
+                    seconds += time.perf_counter() - t
+                    if piece is None:
+                        break
+                    recs, crops, zones = piece
+                    thumbs = [
+                        _jpeg(crops[i], settings.thumbnail_px) if settings.thumbnails else b""
+                        for i in range(len(recs))
+                    ]
+                    emitted += len(recs)
+                    yield _cell_batch(ref.slide_id, ref, crops, recs, thumbs, zones)
+                if emitted != n:  # a bug, not the slide's: never commit a slide short of cells
+                    raise RuntimeError(f"{emitted} cells emitted of {n} detected")
             finally:
-                outcome["bytes_read"] = slide.bytes_fetched  # None for a local file
-        outcome["detect_seconds"] = time.perf_counter() - t1
+                outcome["bytes_read"] = _total_bytes(slide.bytes_fetched, cells)
+        outcome["detect_seconds"] = seconds
+        outcome.update(status="ok", cell_count=n)
     except Exception as exc:  # noqa: BLE001 - any failure is this slide's outcome, not the run's
-        outcome["reason"] = _reason(exc, None, ref.uri)
-        outcome["failure_class"] = failure_class(exc)
+        # Cells already emitted (a failure while cropping a budget's sample or fetching a
+        # region's crops) are never committed: the driver commits a failed slide without cells.
+        outcome.update(status="failed", cell_count=0)
+        outcome["reason"] = (
+            exc.reason if isinstance(exc, _RegionFailed) else _reason(exc, None, ref.uri)
+        )
+        outcome["failure_class"] = failure_class(
+            exc.cause if isinstance(exc, _RegionFailed) else exc
+        )
         if outcome["stage_seconds"] is None:
             outcome["stage_seconds"] = time.perf_counter() - t0
         yield _slide_batch(ref, settings, outcome)
         return
-    info = result.info
-    outcome.update(
-        status="ok",
-        cell_count=len(result.records),
-        mpp=info.get("mpp"),
-        mpp_source=info.get("mpp_source"),
-        width=info.get("width"),
-        height=info.get("height"),
-        **_zone_outcome(info, len(result.records), bool(settings.zones)),
-    )
-    crops = np.ascontiguousarray(result.crops, dtype=np.uint8)
-    n = len(result.records)
-    zones = result.cell_zones if settings.zones else None
-    for start in range(0, n, _PIECE):
-        stop = min(n, start + _PIECE)
-        thumbs = [
-            _jpeg(crops[i], settings.thumbnail_px) if settings.thumbnails else b""
-            for i in range(start, stop)
-        ]
-        yield _cell_batch(
-            ref.slide_id,
-            ref,
-            crops[start:stop],
-            result.records[start:stop],
-            thumbs,
-            None if zones is None else zones[start:stop],
-        )
     yield _slide_batch(ref, settings, outcome)
+
+
+def _total_bytes(parent: int | None, cells: _Cells | None) -> int | None:
+    """Bytes fetched for the slide: this task's plus its region tasks' (None: a local file)."""
+    extra = cells.bytes_read() if cells is not None else None
+    if parent is None and extra is None:
+        return None
+    return (parent or 0) + (extra or 0)
+
+
+# -- region tasks ---------------------------------------------------------------------------------
+class _RegionFailed(Exception):
+    """A region task of the slide failed: ``cause`` (the task's exception, or a
+    :class:`WorkerDiedError`) decides the failure class; ``reason`` is the slide's one line."""
+
+    def __init__(self, cause: BaseException, reason: str):
+        super().__init__(reason)
+        self.cause, self.reason = cause, reason
+
+
+def _region_task(
+    ref_json: str,
+    settings: DetectSettings,
+    cfg,
+    plan,
+    index: int,
+    mpp_source: str,
+    describe: bool,
+):
+    """One region task (a Ray task): open the slide, detect region ``index`` of ``plan`` and,
+    with ``describe``, crop and measure its chosen-zone cells. Returns ``(meta, crops)``:
+    ``meta`` the cells, their zones, records (None outside the chosen zones), the nucleus-check
+    count, bytes fetched, ``host:pid`` and the process's peak RSS (MiB); ``crops`` the
+    ``(M, crop_px, crop_px, 3)`` uint8 crops of the records that are not None, in order."""
+    import resource
+
+    from pipeline.detect import describe_region, detect_region
+
+    _match_cpu_reservation()
+    ref = ref_from_json(ref_json)
+    task = plan.tasks[index]
+    stats: dict = {}
+    P = settings.crop_px
+    slide = _open(ref, settings, cfg)
+    with slide:
+        try:
+            if describe:
+                part = describe_region(
+                    slide, task, plan, cfg, mpp_source=mpp_source, source=ref.uri, stats=stats
+                )
+                cells, zones, recs = part.cells, part.cell_zones, part.records
+                kept = [c for c in part.crops if c is not None]
+                crops = np.stack(kept) if kept else np.zeros((0, P, P, 3), np.uint8)
+                del part, kept
+            else:
+                cells = detect_region(slide, task, cfg, stats)
+                zones, recs = None, None
+                crops = np.zeros((0, P, P, 3), np.uint8)
+        finally:
+            fetched = slide.bytes_fetched
+    meta = {
+        "cells": cells,
+        "cell_zones": zones,
+        "records": recs,
+        "no_nucleus": stats.get("no_nucleus", 0),
+        "bytes_fetched": fetched,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+        # ru_maxrss: KiB on Linux; the process's peak so far (a reused worker: an upper bound)
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+    return meta, crops
+
+
+_REMOTE = None
+
+
+def _region_remote(ray):
+    global _REMOTE
+    if _REMOTE is None:
+        _REMOTE = ray.remote(_region_task)
+    return _REMOTE
+
+
+def _region_error(ray, exc: BaseException, ref: SlideRef, k: int, n: int, attempts: int):
+    """``exc`` from a region task as the slide's :class:`_RegionFailed` (one-line reason)."""
+    where = f"region task {k + 1} of {n}"
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if isinstance(exc.cause, BaseException) else None
+        if cause is None:  # not deserialisable here: the last line of the remote traceback
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            cause = RuntimeError(lines[-1] if lines else type(exc).__name__)
+    elif isinstance(exc, ray.exceptions.WorkerCrashedError | ray.exceptions.OutOfMemoryError):
+        cause = WorkerDiedError(
+            ref.uri,
+            f"worker process died on each of {attempts} attempts "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+        )
+    else:
+        cause = exc
+    return _RegionFailed(cause, _reason(cause, None, ref.uri, where))
+
+
+def _fan_out(
+    ray, slide, ref: SlideRef, settings: DetectSettings, cfg, plan, mpp_source: str
+) -> _Cells:
+    """Run ``plan``'s region tasks as Ray tasks (at most ``region_tasks_in_flight`` at once) and
+    merge them into the slide's cells (see the module doc)."""
+    from pipeline.detect import DescribedRegion, merge_described, merge_regions
+
+    n = len(plan.tasks)
+    mpp = plan.mpp
+    describe = settings.max_cells is None
+    attempts = max(1, settings.max_slide_attempts)
+    remote = _region_remote(ray).options(
+        num_cpus=settings.region_task_cpus,
+        num_returns=2,
+        # A worker death is retried (the same cells: tasks are deterministic) up to the number
+        # of attempts a slide gets; an exception of the task's own is not (it would repeat).
+        max_retries=attempts - 1,
+        retry_exceptions=False,
+    )
+    plan_ref = ray.put(plan)  # once: the zone map is the largest argument (~100 MB at 5 GP)
+    ref_json = ref_to_json(ref)
+    metas: list[dict | None] = [None] * n
+    crop_refs: list = [None] * n
+    pending: dict = {}
+    todo = list(range(n))
+    try:
+        while todo or pending:
+            while todo and len(pending) < settings.region_tasks_in_flight:
+                k = todo.pop(0)
+                meta_ref, crops_ref = remote.remote(
+                    ref_json, settings, cfg, plan_ref, k, mpp_source, describe
+                )
+                pending[meta_ref] = (k, crops_ref)
+            # Blocked here, this task's CPU is lent to the cluster (Ray releases it).
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for r in done:
+                k, crops_ref = pending.pop(r)
+                try:
+                    metas[k] = ray.get(r)
+                except Exception as exc:  # noqa: BLE001 - becomes the slide's failure
+                    raise _region_error(ray, exc, ref, k, n, attempts) from None
+                crop_refs[k] = crops_ref
+    except BaseException:
+        # The slide has failed (or this task is being torn down): the other regions are moot.
+        for r in pending:
+            with contextlib.suppress(Exception):  # best effort: their results are dropped anyway
+                ray.cancel(r)
+        raise
+    finally:
+        del plan_ref
+    workers = sorted({m["worker"] for m in metas})
+    fetched = [m["bytes_fetched"] for m in metas if m["bytes_fetched"] is not None]
+    extra = {
+        "region_tasks": n,
+        "region_workers": workers,
+        "region_peak_rss_mib": round(max(m["peak_rss_mib"] for m in metas), 1),
+    }
+    if describe:
+        merged, records, where = _merge_described(plan, metas, merge_described, DescribedRegion)
+        pieces = _region_pieces(ray, merged, records, where, crop_refs)
+    else:
+        merged = merge_regions(
+            plan,
+            [m["cells"] for m in metas],
+            max_cells=settings.max_cells,
+            seed=_seed(ref.slide_id),
+        )
+        crop_refs = None
+        pieces = _measured_pieces(slide, merged, plan, mpp, mpp_source, cfg, ref.uri)
+    cells = merged.cells
+    info = {
+        "width": slide.dimensions[0],
+        "height": slide.dimensions[1],
+        "mpp": mpp,
+        "mpp_source": mpp_source,
+        "zones": plan.zone_map.summary(),
+        "zone_map_png": plan.zone_map.png(512, points=[c.centroid for c in cells]),
+        "select": list(plan.select),
+        "cells_outside_zones": merged.outside,
+        "cells_total": merged.cells_total,
+        "sampled": merged.sampled,
+        "region_tasks": n,
+    }
+    del metas
+    return _Cells(info, len(cells), pieces, extra, lambda: sum(fetched) if fetched else None)
+
+
+def _merge_described(plan, metas: list[dict], merge_described, described_region):
+    """:func:`pipeline.detect.merge_described` over the region tasks' records, without their
+    crops (those stay in the object store): each described cell gets a zero-size placeholder
+    crop and ``crop_px`` 0, and ``where`` maps each cell (by identity) to its ``(region task,
+    row of that task's crops)``."""
+    placeholder = np.zeros((0, 0, 3), np.uint8)
+    parts = []
+    where: dict[int, tuple[int, int]] = {}
+    for k, m in enumerate(metas):
+        row = 0
+        crops: list[np.ndarray | None] = []
+        for c, rec in zip(m["cells"], m["records"], strict=True):
+            if rec is None:
+                crops.append(None)
+                continue
+            where[id(c)] = (k, row)
+            row += 1
+            crops.append(placeholder)
+        parts.append(described_region(m["cells"], m["cell_zones"], m["records"], crops))
+    merged, records, _ = merge_described(plan, parts, 0)
+    # merged.cells are the parts' own objects: keep them, and their ids stay valid.
+    return merged, records, [where[id(c)] for c in merged.cells]
+
+
+def _region_pieces(ray, merged, records: list[dict], where: list[tuple[int, int]], crop_refs):
+    """The merged cells region task by region task: one task's crops fetched at a time."""
+    by_task: dict[int, list[tuple[int, int]]] = {}
+    for i, (k, row) in enumerate(where):
+        by_task.setdefault(k, []).append((i, row))
+    for k in range(len(crop_refs)):
+        items = by_task.get(k)
+        if not items:
+            crop_refs[k] = None  # releases the task's crops in the object store
+            continue
+        crops = ray.get(crop_refs[k])
+        crop_refs[k] = None
+        for start in range(0, len(items), _PIECE):
+            chunk = items[start : start + _PIECE]
+            idx = [i for i, _ in chunk]
+            yield (
+                [records[i] for i in idx],
+                np.ascontiguousarray(crops[[row for _, row in chunk]], dtype=np.uint8),
+                [merged.cell_zones[i] for i in idx],
+            )
+        del crops
+
+
+def _measured_pieces(slide, merged, plan, mpp: float, mpp_source: str, cfg, source: str):
+    """The budget's sampled cells cropped and measured here, :data:`_PIECE` at a time
+    (:func:`pipeline.detect.measure_cells` on each chunk, numbered and flagged ``clumped`` as
+    over the whole sample, as ``detect_slide`` does)."""
+    from pipeline.detect import measure_cells
+
+    cells = merged.cells
+    boxes = np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4)
+    for start in range(0, len(cells), _PIECE):
+        chunk = cells[start : start + _PIECE]
+        recs, crops = measure_cells(slide, chunk, plan.level, mpp, mpp_source, cfg, source)
+        over = _overlaps(boxes, start, len(chunk))
+        for j, rec in enumerate(recs):
+            rec["cell_index"] = start + j
+            if over[j] and "clumped" not in rec["qc_flags"]:
+                rec["qc_flags"] = sorted([*rec["qc_flags"], "clumped"], key=QC_FLAGS.index)
+        yield recs, crops, merged.cell_zones[start : start + len(chunk)]
+
+
+def _overlaps(boxes: np.ndarray, start: int, n: int) -> np.ndarray:
+    """Per cell ``start .. start + n - 1``: does its box overlap any other cell's box (the
+    ``clumped`` rule of :func:`pipeline.detect.measure_cells`, over every cell)."""
+    b = boxes[start : start + n, None, :]
+    ov = (
+        (boxes[None, :, 0] < b[..., 2])
+        & (boxes[None, :, 2] > b[..., 0])
+        & (boxes[None, :, 1] < b[..., 3])
+        & (boxes[None, :, 3] > b[..., 1])
+    )
+    ov[np.arange(n), start + np.arange(n)] = False
+    return ov.any(axis=1)
 
 
 def _match_cpu_reservation() -> None:
