@@ -18,13 +18,47 @@ composed in optical density (Beer-Lambert: overlapping red cells add up, so pile
 darker); white cells are laid over the red cells. A white cell's type is kept where the datasets
 know it (PBC: WBCAtt label; BCCD: ``wbc_types.csv`` for one-WBC images).
 
+**One stain per slide.** A real smear is stained once, so all its red cells share one colour and
+its nuclei another; the fields of one TXL-PBC source do not (Kaggle BCD's are augmented in
+brightness and hue: per-field red-cell OD varies 5x and its chroma by up to 0.24 L1; Raabin's
+come from many smears). Cutting sprites from many fields therefore put differently stained red
+cells side by side, and the darker off-stain ones passed the detector's nucleus-colour check
+(Kaggle precision 0.20 on a 72 MP smear). Each field's stain is measured on its labelled cells,
+in OD: the red cells' vector (the darker half of each cell, median over cells) and the nuclei's
+(the darkest fifth of its white cells, the detector's own rule), and every pixel of the field's
+sprites, white and red cells alike, is mapped by one 3x3 matrix to the stain of a reference field
+(:func:`_stain_map`: red-cell vector to the reference's exactly, nucleus vector to the reference
+nucleus' hue at the field's own nucleus-to-red strength, the rest scaled as the red cells). The
+reference is a seeded pick among the half of the fields nearest the source's median stain: a real
+stain, a typical one, different between seeds as between laboratories. Chosen over the two
+simpler ways: picking fields of one stain cluster leaves Kaggle (44 val fields, ~1 white cell
+each, all augmented differently) with a handful of white cells per slide; a per-channel OD scale
+fitted on red cells alone leaves the nuclei's hue as scattered as before (Kaggle, per field,
+nucleus chroma 90th percentile 0.38 L1 from the median before it, 0.44 after; with the two-vector
+map the white-cell sprites' 90th percentile falls from 0.39 to 0.06). Nuclei of the five PBC cell
+types differ by at most 0.03 in chroma, so mapping every nucleus to one hue loses no type
+signal. The map is well conditioned on every val field (red/nucleus OD angle 10.7-45 degrees,
+matrix condition number at most 2.8, OD gain 0.42-2.7) and leaves the within-field spread of
+red-cell colour as it was (Kaggle 90th percentile 0.127 -> 0.133 L1); fields whose stain cannot
+be measured (under 3 red cells) or mapped (angle under 8 degrees, OD gain over 3x) are left out
+and counted in the truth (``stain.fields_left_out``; none today).
+
+**White-cell sprites** are the labelled box grown 10 %, drawn inside its ellipse less the
+field's own red cells outside the white cell (the ellipse cut through them: drawn, they were
+half cells and crescents overlapping the slide's red cells); a white cell whose grown ellipse
+reaches another labelled white cell is not used (its sprite would draw part of a cell that no
+truth box holds).
+
 The slide is rendered in 256-px tile rows and written tile by tile (never the whole level 0):
 JPEG tiles, 4x downsamples (level 1 from a raw file of 4x-reduced bands written while level 0
 is written and read back in strips, level 2 from those strips, the rest in memory), at most
 64 tiles buffered for the encoder, consecutive TIFF pages, as Aperio SVS (``|MPP =`` in the description) or a
 generic BigTIFF with resolution tags. Beside it, ``<stem>.truth.json`` (every white cell's box in
 level-0 px, type where known, zone; zone areas in mm² and the layout) and ``<stem>.zones.npz``
-(the truth zone raster, codes of :data:`pipeline.zones.ZONE_NAMES`) and ``.zones.png``.
+(the truth zone raster, codes of :data:`pipeline.zones.ZONE_NAMES`) and ``.zones.png``. Each
+truth white cell has ``zone`` (the true zone at its box centre) and ``ring_zone`` (the pipeline's
+rule for a cell's zone, :func:`pipeline.detect.cell_zone`, applied to the true zones), and the
+truth records the slide's ``stain``.
 """
 
 from __future__ import annotations
@@ -63,6 +97,7 @@ _OD_MAX = 4000
 _MAX_FIELDS = 80  # fields per slide's sprite library
 _RBC_SPRITES = 96  # red-cell sprites per zone look (x 8 orientations)
 _MIN_TOP_SIDE = 1024  # stop the 4x pyramid once the level's longer side is at most this
+_WBC_GROW = 1.1  # a white-cell sprite is its labelled box grown this much (a rim of context)
 #: Areal density (red-cell areas per unit area) at the start and end of each zone along x.
 _RHO = {THICK: (3.0, 1.6), MONOLAYER: (0.9, 0.6), FEATHERED: (0.4, 0.1)}
 #: (size factor, optical-density factor) of red cells per zone: piled cells look smaller,
@@ -195,6 +230,9 @@ class _Library:
     wbc: dict[int, list[_Sprite]]
     rbc_area_px: float  # mean monolayer red-cell area (level-0 px)
     rbc_diam_px: float
+    stain: _Stain | None = None  # the slide's stain (one field's), every sprite mapped to it
+    stain_origin: str = ""  # that field's TXL-PBC image id
+    fields_unmapped: int = 0  # fields left out: their stain could not be mapped to it
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -285,9 +323,13 @@ def _load_library(
     order = rng.permutation(len(rows))[:_MAX_FIELDS]
     types = _types(data_dir)
     f = SOURCE_MPP[source] / mpp
-    bgs, areas, diams = [], [], []
-    rbc_base: list[tuple[np.ndarray, str]] = []
-    wbc_base: list[tuple[np.ndarray, tuple[float, float, float, float], str | None, str]] = []
+    bgs, areas, diams, stains, field_ids = [], [], [], [], []
+    # Sprites as cut (OD against their own field's glass), with their field's index in stains.
+    rbc_base: list[tuple[np.ndarray, str, int]] = []
+    # White cells also carry their drawn-area mask (see _wbc_mask).
+    wbc_base: list[
+        tuple[np.ndarray, tuple[float, float, float, float], str | None, str, int, np.ndarray]
+    ] = []
     for i in order:
         uid = rows[i]["uuid"]
         if not all(c.isalnum() or c == "-" for c in uid):
@@ -305,10 +347,16 @@ def _load_library(
         h, w = rgb.shape[:2]
         lum = rgb.mean(2)
         bg = np.median(rgb[lum >= np.percentile(lum, 80)], axis=0)
-        bgs.append(bg)
         od = -np.log(np.clip(rgb / np.maximum(bg, 1.0), 1e-3, 1.0))
-        od = _resize(od, f)
         boxes = _yolo(root / "labels" / split / f"{uid}.txt", w, h)
+        stain = _field_stain(od, boxes)
+        if stain is None:
+            continue  # too few red cells to know its stain: it could not be matched to the slide's
+        fi = len(stains)
+        stains.append(stain)
+        field_ids.append(uid)
+        bgs.append(bg)
+        od = _resize(od, f)
         wboxes = [b for c, b in boxes if c == 0]
         oh, ow = od.shape[:2]
 
@@ -332,17 +380,47 @@ def _load_library(
                 )
                 a, _ = crop(b, 1.0)
                 if a is not None and not near:
-                    rbc_base.append((a * _ellipse(*a.shape[:2])[..., None], uid))
+                    rbc_base.append((a * _ellipse(*a.shape[:2])[..., None], uid, fi))
                     areas.append(math.pi / 4 * a.shape[0] * a.shape[1])
                     diams.append((a.shape[0] + a.shape[1]) / 2)
             elif c == 0 and 6.0 <= side_um <= 30.0:
-                a, inner = crop(b, 1.1)
+                if any(_reaches(b, ob, _WBC_GROW) for ob in wboxes if ob is not b):
+                    # Its sprite would carry part of another white cell, drawn but in no truth box.
+                    continue
+                a, inner = crop(b, _WBC_GROW)
                 if a is not None:
                     t = types.get(uid) if len(wboxes) == 1 else None
-                    wbc_base.append((a, inner, t, uid))
+                    ox, oy = b[0] * f - inner[0], b[1] * f - inner[1]  # crop origin, field px x f
+                    reds = [
+                        (r[0] * f - ox, r[1] * f - oy, r[2] * f - ox, r[3] * f - oy)
+                        for c2, r in boxes
+                        if c2 == 1
+                    ]
+                    keep = _wbc_mask(a.shape[:2], inner, reds)
+                    wbc_base.append((a, inner, t, uid, fi, keep))
     if len(rbc_base) < 10 or not wbc_base:
         raise WholeSmearError(
             f"{root}: {source}/{split} gave {len(rbc_base)} red-cell and {len(wbc_base)} white-cell sprites"
+        )
+    # One stain per slide: every field's sprites, white and red cells alike, mapped to one real
+    # field's stain (see _stain_map); fields that cannot be mapped are left out.
+    ref_i = _reference_stain(stains, rng)
+    ref = stains[ref_i]
+    maps = [m if m is None else m.astype(np.float32) for m in (_stain_map(s, ref) for s in stains)]
+    rbc_base = [
+        (np.einsum("hwc,kc->hwk", a, maps[fi]).clip(0.0, None), u, fi)
+        for a, u, fi in rbc_base
+        if maps[fi] is not None
+    ]
+    wbc_base = [
+        (np.einsum("hwc,kc->hwk", a, maps[fi]).clip(0.0, None), inner, t, u, fi, keep)
+        for a, inner, t, u, fi, keep in wbc_base
+        if maps[fi] is not None
+    ]
+    if len(rbc_base) < 10 or not wbc_base:
+        raise WholeSmearError(
+            f"{root}: {source}/{split} gave {len(rbc_base)} red-cell and {len(wbc_base)} white-cell "
+            "sprites of one stain"
         )
     rbc: dict[int, list[_Sprite]] = {}
     wbc: dict[int, list[_Sprite]] = {}
@@ -354,13 +432,13 @@ def _load_library(
                 None,
                 origin=u,
             )
-            for a, u in rbc_base
+            for a, u, _ in rbc_base
         ]
         sf, of = _WBC_LOOK[z]
         wl = []
-        for a, inner, t, u in wbc_base:
+        for a, inner, t, u, _, keep in wbc_base:
             r = _resize(a, sf)
-            m = (_ellipse(*r.shape[:2], grow=1.0) * 255).astype(np.uint8)
+            m = np.clip(np.round(_resize(keep, sf) * 255), 0, 255).astype(np.uint8)
             sx, sy = r.shape[1] / a.shape[1], r.shape[0] / a.shape[0]
             box = (
                 int(round(inner[0] * sx)),
@@ -379,7 +457,170 @@ def _load_library(
         wbc,
         float(np.mean(areas)),
         float(np.median(diams)),
+        ref,
+        field_ids[ref_i],
+        sum(m is None for m in maps),
     )
+
+
+def _soft_ellipse(
+    h: int, w: int, box: tuple[float, float, float, float], grow: float = 1.0
+) -> np.ndarray:
+    """(h, w) float32 in [0, 1]: the ellipse inscribed in ``box`` (px of the array, grown
+    ``grow`` times about its centre), 1 inside with a ~1.5 px soft rim."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    rx = max((box[2] - box[0]) / 2 * grow, 1.0)
+    ry = max((box[3] - box[1]) / 2 * grow, 1.0)
+    r = np.sqrt(((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2)
+    rim = 1.5 / min(rx, ry)
+    return np.clip((1.0 + rim - r) / rim, 0.0, 1.0)
+
+
+def _wbc_mask(shape: tuple[int, int], inner, reds) -> np.ndarray:
+    """Drawn area (float32 0..1) of a white-cell sprite of ``shape`` whose cell is ``inner``
+    (its labelled box, sprite px): the sprite's ellipse, less the field's red cells (``reds``,
+    their labelled boxes in sprite px) outside the white cell. The ellipse cuts through the
+    field's red cells around the white cell; drawn, those cut red cells were crescents and
+    half cells over the slide's own red cells (dark overlaps beside the white cell), where a
+    real smear has whole red cells. Left out, the slide's red cells show there instead."""
+    h, w = shape
+    m = _soft_ellipse(h, w, (0.0, 0.0, float(w), float(h)))
+    cell = _soft_ellipse(h, w, inner)
+    for r in reds:
+        if r[0] < w and r[2] > 0 and r[1] < h and r[3] > 0:
+            # Grown 15 %: the label box sits on the cell's edge; its rim must go too.
+            m *= 1.0 - _soft_ellipse(h, w, r, 1.15) * (1.0 - cell)
+    return m
+
+
+def _reaches(b, ob, grow: float) -> bool:
+    """Whether box ``ob`` reaches into the ellipse inscribed in box ``b`` grown ``grow`` times
+    (a white-cell sprite's drawn area)."""
+    cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+    rx, ry = max((b[2] - b[0]) * grow / 2, 1e-6), max((b[3] - b[1]) * grow / 2, 1e-6)
+    px, py = min(max(cx, ob[0]), ob[2]), min(max(cy, ob[1]), ob[3])
+    return ((px - cx) / rx) ** 2 + ((py - cy) / ry) ** 2 < 1.0
+
+
+# --------------------------------------------------------------------------- stain
+#: Red-cell pixels of a field's stain estimate: inside 0.8 of the box's inscribed ellipse (no
+#: neighbour's edge), the darker half of each cell (its rim, not the central pallor).
+_STAIN_ELLIPSE = 0.8
+#: A field's nucleus colour: the darkest fifth of its white cells' ellipse pixels (the detector's
+#: own rule for a candidate's nucleus, :func:`pipeline.detect._has_nucleus`).
+_NUCLEUS_PCT = 80.0
+#: Fields whose red cells and nuclei are closer than this (degrees between OD vectors) cannot be
+#: split into the two stains reliably (the map would amplify noise): left out. Measured on the
+#: val split: 10.7-45 degrees, so none is left out today.
+_MIN_STAIN_ANGLE = 8.0
+#: Fields more than this factor paler or darker than the reference (red-cell OD) are left out:
+#: a 3x OD gain would mostly amplify JPEG noise. Val split: 0.42-2.7x.
+_MAX_STAIN_GAIN = 3.0
+
+
+@dataclass(frozen=True)
+class _Stain:
+    """One field's stain in optical density (Beer-Lambert, against its own glass): ``rbc`` the
+    red cells' OD vector (eosin-dominated), ``nucleus`` its white cells' nuclei (azure-eosin;
+    None without a white cell)."""
+
+    rbc: np.ndarray
+    nucleus: np.ndarray | None
+
+
+def _ellipse_px(od: np.ndarray, b: tuple[float, float, float, float]) -> np.ndarray | None:
+    """OD pixels inside ``_STAIN_ELLIPSE`` of the inscribed ellipse of box ``b`` (px of ``od``)."""
+    h, w = od.shape[:2]
+    x0, y0 = max(int(round(b[0])), 0), max(int(round(b[1])), 0)
+    x1, y1 = min(int(round(b[2])), w), min(int(round(b[3])), h)
+    if x1 - x0 < 4 or y1 - y0 < 4:
+        return None
+    yy, xx = np.mgrid[0 : y1 - y0, 0 : x1 - x0].astype(np.float32)
+    ry, rx = (y1 - y0) / 2, (x1 - x0) / 2
+    m = ((yy + 0.5 - ry) / ry) ** 2 + ((xx + 0.5 - rx) / rx) ** 2 < _STAIN_ELLIPSE
+    px = od[y0:y1, x0:x1][m]
+    return px if len(px) >= 8 else None
+
+
+def _field_stain(od: np.ndarray, boxes) -> _Stain | None:
+    """The stain of one field (``od`` at its own resolution, ``boxes`` its labels in px); None
+    when fewer than 3 red cells can be measured."""
+    rbc, nuc = [], []
+    for c, b in boxes:
+        px = _ellipse_px(od, b) if c in (0, 1) else None
+        if px is None:
+            continue
+        t = px.sum(axis=1)
+        if c == 1:
+            rbc.append(px[t >= np.median(t)].mean(axis=0))
+        else:
+            nuc.append(px[t >= np.percentile(t, _NUCLEUS_PCT)].mean(axis=0))
+    if len(rbc) < 3:
+        return None
+    r = np.median(np.array(rbc), axis=0).astype(np.float64)
+    if not (np.isfinite(r).all() and r.min() > 1e-3):
+        return None
+    n = np.mean(np.array(nuc), axis=0).astype(np.float64) if nuc else None
+    return _Stain(r, n if n is not None and np.isfinite(n).all() and n.sum() > 1e-3 else None)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-9)
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> float:
+    return math.degrees(math.acos(float(np.clip(_unit(a) @ _unit(b), -1.0, 1.0))))
+
+
+def _reference_stain(stains: list[_Stain], rng: np.random.Generator) -> int:
+    """Index of the field whose stain the slide takes: a seeded pick among the half of the fields
+    (with a white cell) nearest the median stain, so the slide's stain is one field's real stain,
+    a typical one, and differs between seeds as between laboratories."""
+    cand = [i for i, s in enumerate(stains) if s.nucleus is not None]
+    if not cand:
+        return int(np.argmin([abs(math.log(np.linalg.norm(s.rbc))) for s in stains]))
+
+    def feat(s: _Stain) -> np.ndarray:
+        n = s.nucleus if s.nucleus is not None else s.rbc  # (cand holds only fields with one)
+        return np.concatenate(
+            [s.rbc / s.rbc.sum(), n / n.sum(), [math.log(float(np.linalg.norm(s.rbc)))]]
+        )
+
+    f = np.array([feat(stains[i]) for i in cand])
+    d = np.abs(f - np.median(f, axis=0)).sum(axis=1)
+    near = [cand[i] for i in np.argsort(d, kind="stable")[: max(1, (len(cand) + 1) // 2)]]
+    return near[int(rng.integers(len(near)))]
+
+
+def _stain_map(s: _Stain, ref: _Stain) -> np.ndarray | None:
+    """3x3 matrix taking OD vectors of a field stained ``s`` to the reference stain ``ref``
+    (``od_ref = M @ od``); None when the field cannot be mapped reliably.
+
+    Romanowsky stains are two dyes: red cells take eosin, nuclei azure B with eosin. A field's
+    pixels are, in OD, about ``a * rbc + b * nucleus`` (+ a small rest). ``M`` takes the field's
+    red-cell vector to the reference's exactly (hue and strength), its nucleus vector to the
+    reference nucleus' hue at the field's own nucleus-to-red-cell strength (a dark lymphocyte
+    stays darker than a pale monocyte), and the rest (the direction normal to both) scaled as
+    the red cells are. A field without a white cell gets a per-channel scale fitted on its red
+    cells alone.
+    """
+    gain = float(np.linalg.norm(ref.rbc) / np.linalg.norm(s.rbc))
+    if not 1.0 / _MAX_STAIN_GAIN <= gain <= _MAX_STAIN_GAIN:
+        return None
+    if s.nucleus is None or ref.nucleus is None:
+        return np.diag(ref.rbc / s.rbc)
+    if min(_angle(s.rbc, s.nucleus), _angle(ref.rbc, ref.nucleus)) < _MIN_STAIN_ANGLE:
+        return None
+    src = np.stack(
+        [s.rbc, s.nucleus, _unit(np.cross(s.rbc, s.nucleus)) * np.linalg.norm(s.rbc)], axis=1
+    )
+    n_t = _unit(ref.nucleus) * np.linalg.norm(s.nucleus) * gain
+    dst = np.stack(
+        [ref.rbc, n_t, _unit(np.cross(ref.rbc, ref.nucleus)) * np.linalg.norm(ref.rbc)], axis=1
+    )
+    m = dst @ np.linalg.inv(src)
+    return m if np.isfinite(m).all() else None
 
 
 # --------------------------------------------------------------------------- layout
@@ -850,6 +1091,21 @@ def truth_labels(spec: SmearSpec, lay: _Layout) -> np.ndarray:
     return out
 
 
+def _ring_zone(lay: _Layout, x: float, y: float, r_px: float) -> int:
+    """The zone a cell centred at level-0 ``(x, y)`` has by the pipeline's rule
+    (:func:`pipeline.detect.cell_zone`) applied to the true zones: the most common zone on a
+    12-point ring of ``r_px``, ties to the centre's zone if it is among them, else to the first
+    on the ring."""
+    a = np.arange(12) * (math.pi / 6)
+    zs, _ = lay.zone_rho(x + r_px * np.cos(a), y + r_px * np.sin(a))
+    centre = int(lay.zone_rho(np.array([x]), np.array([y]))[0][0])
+    counts = np.bincount(zs, minlength=len(ZONE_NAMES))
+    top = counts.max()
+    if counts[centre] == top:
+        return centre
+    return int(next(z for z in zs if counts[z] == top))
+
+
 def _truth(spec, name, path, source, lay: _Layout, lib: _Library, wbcs: list[_Wbc]) -> dict:
     labels = truth_labels(spec, lay)
     px_mm2 = (spec.width_mm * spec.height_mm) / labels.size
@@ -869,14 +1125,19 @@ def _truth(spec, name, path, source, lay: _Layout, lib: _Library, wbcs: list[_Wb
     polygons = {}
     for z, (a, b) in zip((THICK, MONOLAYER, FEATHERED), zip(lay.s[:-1], lay.s[1:]), strict=True):
         polygons[ZONE_NAMES[z]] = curve(a) + curve(b)[::-1]
+    from pipeline.detect import CELL_RING_UM
+
     cells = []
     for c in wbcs:
         sp = lib.wbc[c.zone][c.idx]
+        x0, y0, x1, y1 = c.box
+        ring = _ring_zone(lay, (x0 + x1) / 2, (y0 + y1) / 2, CELL_RING_UM / spec.mpp)
         cells.append(
             {
                 "box": list(c.box),
                 "type": sp.cell_type,
                 "zone": ZONE_NAMES[c.zone],
+                "ring_zone": ZONE_NAMES[ring],
                 "origin": sp.origin,
             }
         )
@@ -899,6 +1160,19 @@ def _truth(spec, name, path, source, lay: _Layout, lib: _Library, wbcs: list[_Wb
             "layout": {"band_y": list(lay.band), "kappa": lay.kappa, "s": list(lay.s)},
             "rule": "zone by s = x + kappa*((y-yc)/half)^2 between the s bounds, inside band_y; gaps are glass",
         },
+        "stain": {
+            "rule": "one stain per slide: every field's OD mapped to the reference field's "
+            "(red-cell and nucleus OD vectors; pipeline.whole_smear._stain_map)",
+            "reference_field": lib.stain_origin,
+            "rbc_od": [round(float(v), 4) for v in lib.stain.rbc] if lib.stain else None,
+            "nucleus_od": [round(float(v), 4) for v in lib.stain.nucleus]
+            if lib.stain and lib.stain.nucleus is not None
+            else None,
+            "fields_left_out": lib.fields_unmapped,
+        },
+        "cell_zone_rule": "zone: the true zone at the box centre; ring_zone: the pipeline's rule "
+        "(pipeline.detect.cell_zone: most common zone on a 12-point ring of CELL_RING_UM) "
+        "applied to the true zones",
         "wbcs": cells,
         "_labels": labels,
     }

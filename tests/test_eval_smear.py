@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.eval_smear import evaluate_smears, format_table, match_cells
+from pipeline.eval_smear import evaluate_smears, format_table, match_cells, truth_zone
 from pipeline.whole_smear import DEFAULT_DATA_DIR, SmearSpec
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -17,6 +19,13 @@ def test_match_is_one_to_one_centroid_in_box():
     pairs = match_cells([(5, 5), (6, 6), (25, 5), (50, 50)], boxes)
     assert sorted(pairs) == [(0, 0), (2, 1)]
     assert match_cells([(10, 5)], boxes) == []  # x1 is exclusive
+
+
+def test_truth_zone_is_the_ring_rule_where_the_truth_has_it():
+    # A cell centred in the monolayer whose 60 µm ring is mostly glass (the smear's corner) is a
+    # glass cell by the pipeline's rule: not described by design, not a miss.
+    assert truth_zone({"zone": "monolayer", "ring_zone": "glass"}) == "glass"
+    assert truth_zone({"zone": "monolayer"}) == "monolayer"  # truth written before ring_zone
 
 
 @pytest.mark.parametrize("bad", [("monolayer", "x"), ()])
@@ -51,3 +60,10 @@ def test_small_smear_is_scored(tmp_path):
     assert 0 < row["level0_fraction_read"] < 1
     assert set(row["cells_outside_zones"]) == {"glass", "thick", "feathered"}
     assert "recall" in format_table(res)
+    # Both counts of the truth: by the ring rule (scored) and by the box centre (reported).
+    truth = json.loads((tmp_path / "smear_pbc_31.truth.json").read_text())
+    assert row["truth_wbc_chosen_zones"] == sum(
+        c["ring_zone"] == "monolayer" for c in truth["wbcs"]
+    )
+    assert row["truth_wbc_centre_in_zones"] == sum(c["zone"] == "monolayer" for c in truth["wbcs"])
+    assert 0 <= row["recall_centre_rule"] <= 1
