@@ -124,7 +124,8 @@ class SmearSpec:
     the seed). ``split``: the TXL-PBC split the cells come from (val: fields the detector never
     trained on). ``wbc_per_mm2``: white cells per mm² of monolayer (real blood: ~25).
     ``n_gaps``: elliptical glass gaps inside the smear. ``fmt``: svs | tiff. ``truth_um``: µm/px
-    of the truth zone raster.
+    of the truth zone raster. ``stain_gain``: every cell's optical density times this (a darker
+    or paler stain of the same hue).
     """
 
     width_mm: float = 8.0
@@ -140,6 +141,8 @@ class SmearSpec:
     fmt: str = "svs"
     jpeg_quality: int = 85
     truth_um: float = 4.0
+    #: every cell's optical density times this (a darker or paler stain of the same hue)
+    stain_gain: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -159,6 +162,7 @@ class SmearSpec:
             num(name, 0.0, 0.9)
         num("wbc_per_mm2", 0.0, 2000.0)
         num("truth_um", 1.0, 50.0)
+        num("stain_gain", 0.3, 3.0)
         for name, lo, hi in (("n_gaps", 0, 20), ("jpeg_quality", 1, 100), ("seed", 0, 2**32 - 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -997,6 +1001,11 @@ def build_whole_smear(
         else sorted(SOURCE_MPP)[int(rng.integers(len(SOURCE_MPP)))]
     )
     lib = _load_library(Path(data_dir), source, spec.split, spec.mpp, rng)
+    if spec.stain_gain != 1.0:
+        for sprites in (*lib.rbc.values(), *lib.wbc.values()):
+            for sp in sprites:
+                od = sp.od.astype(np.float32) * np.float32(spec.stain_gain)
+                sp.od = np.clip(od, 0, _OD_MAX).astype(np.uint16)
     lay = _layout(spec, rng)
     wbcs = _place_wbcs(spec, lay, lib, rng)
     rend = _Renderer(spec, lay, lib, wbcs)

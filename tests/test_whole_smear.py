@@ -236,3 +236,25 @@ def test_truth_cells_carry_their_ring_zone(svs):
     truth = json.loads(svs.truth_path.read_text())
     assert all(c["ring_zone"] in ZONE_NAMES for c in truth["wbcs"])
     assert "ring_zone" in truth["cell_zone_rule"]
+
+
+def test_stain_gain_darkens_the_cells_and_is_checked(tmp_path):
+    """A stain gain scales the cells' optical density (darker slide), and a bad one names the field."""
+    from pipeline.errors import ConfigError
+    from pipeline.slides import open_slide
+
+    def mean_od(gain: float) -> float:
+        spec = SmearSpec(width_mm=0.6, height_mm=0.4, seed=7, source="pbc", stain_gain=gain)
+        sm = build_whole_smear(tmp_path / str(gain), spec)
+        with open_slide(sm.path) as slide:
+            w, h = slide.dimensions
+            rgb = slide.read(0, (0, 0, w, h)).astype(np.float64)
+        od = -np.log(np.clip(rgb / 255.0, 1e-3, 1.0)).sum(axis=2)
+        return float(od[od > 0.3].mean())
+
+    assert mean_od(1.5) > 1.2 * mean_od(1.0)
+
+    with pytest.raises(ConfigError, match="stain_gain"):
+        SmearSpec(stain_gain=0.0)
+    with pytest.raises(ConfigError, match="stain_gain"):
+        SmearSpec(stain_gain=float("nan"))

@@ -51,8 +51,11 @@ def test_zone_map_agrees_with_truth(smear):
     sm, truth = smear
     zm = zone_map_from_path(sm.path)
     ag = agreement(zm.labels_on(truth.shape), truth)
-    assert ag["overall"] >= 0.90, ag
-    assert ag["per_zone"]["monolayer"] >= 0.85, ag
+    # 0.967-0.974 overall and 0.961-0.977 of the monolayer on these four; the percentile
+    # calibration read the Kaggle layout's red-cell OD 8 % high (thick-end windows) and kept
+    # 0.926 of its monolayer.
+    assert ag["overall"] >= 0.95, ag
+    assert ag["per_zone"]["monolayer"] >= 0.95, ag
     areas = zm.areas_mm2()
     assert sum(areas.values()) == pytest.approx(sm.width * sm.height * 0.25**2 / 1e6, rel=0.02)
 
@@ -102,12 +105,52 @@ def test_region_boxes_cover_the_monolayer_and_skip_glass(smear):
         ({"calib_fraction": (0.9, 0.1)}, "calib_fraction"),
         ({"stain_od": "0.1"}, "stain_od"),
         ({"glass_close_um": -1.0}, "glass_close_um"),
-        ({"calib_percentile": 101}, "calib_percentile"),
+        ({"calib_gap_um": (12.0, 4.0)}, "calib_gap_um"),
+        ({"calib_gap_um": (4.0, float("inf"))}, "calib_gap_um"),
     ],
 )
 def test_bad_settings_name_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         ZoneSettings(**kw)
+
+
+# The slide on which the percentile calibration broke (72 MP, PBC): its red-cell OD read 0.618
+# instead of ~0.78 (windows aligned in a few columns, the 30th percentile between the feathered
+# edge's and the monolayer's clusters), 0.917 of area in agreement, and a generator change
+# touching 0.3 % of its px moved it 23 %.
+_UNSTABLE = dict(width_mm=3.0, height_mm=1.5, seed=411, source="pbc", monolayer_fraction=0.3)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """The same slide with and without its white cells (red cells, glass and layout equal)."""
+    out = tmp_path_factory.mktemp("twins")
+    return tuple(
+        build_whole_smear(out, SmearSpec(**_UNSTABLE, wbc_per_mm2=w), name=f"w{w:g}")
+        for w in (40.0, 0.0)
+    )
+
+
+def test_calibration_is_stable_when_white_cells_are_removed(twins):
+    with_wbc, without = twins
+    a, b = zone_map_from_path(with_wbc.path), zone_map_from_path(without.path)
+    # Removing ~0.3 % of the px (every white cell) moves the red-cell OD by under 2 %
+    # (measured 0.4 %; 0.618 -> 0.752 with the percentile rule).
+    assert b.cell_od == pytest.approx(a.cell_od, rel=0.02)
+    truth = np.load(with_wbc.zones_path)["labels"]
+    for zm in (a, b):
+        ag = agreement(zm.labels_on(truth.shape), truth)
+        assert ag["overall"] >= 0.95 and ag["per_zone"]["monolayer"] >= 0.95, ag
+
+
+def test_calibration_does_not_depend_on_the_window_lattice(twins):
+    sm = twins[0]
+    # Other window counts put the windows elsewhere on the smear: one red-cell OD, within 2 %
+    # (the raster-order pick read 0.618 at 160 windows, 0.77 at 150 or 170).
+    ods = [
+        zone_map_from_path(sm.path, ZoneSettings(calib_tiles=n)).cell_od for n in (160, 200, 300)
+    ]
+    assert max(ods) / min(ods) <= 1.02, ods
 
 
 def test_unknown_zone_is_refused(smear):
