@@ -4,20 +4,33 @@
    monolayer; the zone map (a fixed per-slide cost: it reads the low levels whatever is chosen),
    then ``detect_slide(zones=<that map>)`` (monolayer only) on each. Reports the detection
    CPU-seconds ratio (40 % / 10 %) against the ratio of their monolayer areas (zone map), goal:
-   within 25 %, and the same ratio with the zone map's CPU included.
+   within 25 %, and the same ratio with the zone map's CPU included. The detection CPU holds
+   per-slide work too (the plan, the overview, the zone-map PNG: ~0.07 CPU-s on these slides,
+   measured with cProfile), and per-cell work (crops and morphometry, ~20 ms a cell): the
+   row's detail gives the two slides' cell-count ratio, which is what a cost proportional to
+   the cells reaches (the generator's white-cell density varies between the two).
 2. **S3 bytes and memory**: a larger slide (~30 % monolayer) served by moto's S3 server on
    127.0.0.1, read in place (:func:`pipeline.slides._remote_tiff.open_remote_slide`) by a child
    process that zones it and detects its monolayer; reports S3 bytes fetched ÷ object size
-   (goal ≤ 0.15) and the child's peak RSS (``VmHWM``, goal ≤ 2 GiB).
+   (goal ≤ 0.15) and the child's peak RSS (``VmHWM``, goal ≤ 2 GiB). Where the bytes go: the
+   child counts the tile bytes it fetches per pyramid level, for the zone map and for detection
+   apart (the rest of the total: the TIFF header and the gaps that merged range requests span);
+   the parent adds, from the file's own tile table, the level-0 tile bytes the described cells'
+   crop boxes alone need (the floor of any method that crops them from level 0; also with the
+   8-µm centring margin every crop was read with before) and those under the plan's region
+   boxes (what one-stage detection reads).
 
-Sizes: 64 MP slides for (1) and 0.5 GP (8 x 4 mm at 0.25 µm/px) for (2);
+Sizes: 128 MP slides (4 x 2 mm) for (1) and 0.5 GP (8 x 4 mm at 0.25 µm/px) for (2);
 ``BENCH_SMEAR_LARGE=1`` makes (2) 5 GP (25 x 12.5 mm; tens of minutes on 2 cores).
+``BENCH_SMEAR_ONE_STAGE=1`` detects in one stage on level 0 (``DetectConfig(candidate_mpp=None)``,
+the path before coarse-to-fine) for a before/after on the same slides.
 Run alone: ``python -m bench.bench_smear``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,10 +41,18 @@ from pathlib import Path
 _BUCKET = "bench-smear"
 
 
-def _detect_cpu(path) -> tuple[float, float, float, int, float]:
+def _config():
+    from pipeline.detect import DetectConfig
+
+    if os.environ.get("BENCH_SMEAR_ONE_STAGE") == "1":
+        return DetectConfig(candidate_mpp=None)
+    return DetectConfig()
+
+
+def _detect_cpu(path) -> tuple[float, float, float, int, float, int | None]:
     """(zone-map CPU-s, region detection CPU-s, monolayer mm² of the zone map, cells, level-0
-    fraction planned). The zone map is a fixed per-slide cost (it reads the slide's low levels
-    whatever is chosen); detection, crops and morphometry are the per-area cost."""
+    fraction planned, candidates). The zone map is a fixed per-slide cost (it reads the slide's
+    low levels whatever is chosen); detection, crops and morphometry are the per-area cost."""
     from pipeline.detect import detect_slide
     from pipeline.slides import open_slide
     from pipeline.zones import zone_map
@@ -41,7 +62,7 @@ def _detect_cpu(path) -> tuple[float, float, float, int, float]:
         zm = zone_map(slide)
         zone_cpu = time.process_time() - cpu
         cpu = time.process_time()
-        res = detect_slide(slide, zones=zm)
+        res = detect_slide(slide, _config(), zones=zm)
         cpu = time.process_time() - cpu
     return (
         zone_cpu,
@@ -49,15 +70,18 @@ def _detect_cpu(path) -> tuple[float, float, float, int, float]:
         res.info["zones"]["areas_mm2"]["monolayer"],
         len(res.records),
         res.info["level0_fraction_planned"],
+        res.info.get("candidates"),
     )
 
 
 def _child(url: str, key: str) -> None:
-    """Child process: zone + detect one remote slide, print bytes and VmHWM as JSON."""
+    """Child process: zone + detect one remote slide, print bytes (total and per level, zone
+    map and detection apart), VmHWM and the described cells' centroids as JSON."""
     import boto3
 
     from pipeline.detect import detect_slide
     from pipeline.slides import open_remote_slide
+    from pipeline.zones import zone_map
 
     client = boto3.client(
         "s3",
@@ -68,35 +92,109 @@ def _child(url: str, key: str) -> None:
     )
     t, cpu = time.perf_counter(), time.process_time()
     with open_remote_slide(client, _BUCKET, key) as slide:
-        res = detect_slide(slide, zones=True)
-        fetched = slide.bytes_fetched
+        # Tile payload bytes per level: every tile fetch (prefetch batches and reads) goes
+        # through the slide's _fetch_tiles; the count wraps it on this instance only.
+        payload = [0] * slide.level_count
+        fetch = slide._fetch_tiles
+
+        def counted(level, lv, index, workers=1):
+            blobs = fetch(level, lv, index, workers=workers)
+            payload[level] += sum(len(b) for b in blobs)
+            return blobs
+
+        slide._fetch_tiles = counted
+        opened = slide.bytes_fetched
+        zm = zone_map(slide)
+        zone_bytes, zone_payload = slide.bytes_fetched - opened, list(payload)
+        res = detect_slide(slide, _config(), zones=zm)
+        fetched, requests = slide.bytes_fetched, slide.requests
     hwm = 0
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             hwm = int(line.split()[1]) * 1024
+    info = res.info
     print(
         json.dumps(
             {
                 "fetched": fetched,
+                "requests": requests,
+                "opened": opened,
+                "zone_bytes": zone_bytes,
+                "zone_payload": zone_payload,
+                "detect_payload": [a - b for a, b in zip(payload, zone_payload)],
                 "vmhwm": hwm,
                 "cells": len(res.records),
+                "centroids": [[r["centroid_x"], r["centroid_y"]] for r in res.records],
                 "seconds": time.perf_counter() - t,
                 "cpu": time.process_time() - cpu,
-                "outside": res.info["cells_outside_zones"],
-                "planned": res.info["level0_fraction_planned"],
-                "tasks": res.info["region_tasks"],
+                "outside": info["cells_outside_zones"],
+                "planned": info["level0_fraction_planned"],
+                "tasks": info["region_tasks"],
+                "candidate_level": info.get("candidate_level"),
+                "candidates": info.get("candidates"),
+                "verify_windows": info.get("verify_windows"),
+                "verify_fraction": info.get("verify_fraction"),
             }
         )
     )
 
 
+def _tile_bytes(path, mpp: float, centroids, boxes) -> dict:
+    """From the file's tile table: bytes of each level, and the level-0 tile bytes under the
+    cells' crops (crop box + centring margin, ``centroids`` level-0 px; ``mpp`` level-0 µm/px)
+    and under ``boxes``."""
+    import tifffile
+
+    from hemblip.crops import MAX_CENTRE_SHIFT_UM, crop_box
+    from pipeline.detect import DetectConfig
+
+    with tifffile.TiffFile(path) as tf:
+        pages = [p for p in tf.pages if p.is_tiled]
+        p0 = pages[0]
+        tw, th = p0.tilewidth, p0.tilelength
+        across = -(-p0.imagewidth // tw)
+        counts = p0.databytecounts
+        levels = [int(sum(p.databytecounts)) for p in pages]
+
+        def tiles(box):
+            x0, y0, x1, y1 = (max(0, int(v)) for v in box)
+            x1, y1 = min(x1, p0.imagewidth), min(y1, p0.imagelength)
+            return {
+                ty * across + tx
+                for ty in range(y0 // th, (y1 - 1) // th + 1)
+                for tx in range(x0 // tw, (x1 - 1) // tw + 1)
+            }
+
+        # The level-0 px a crop's centre may move onto the nucleus (hemblip.crops), + 1.
+        m = int(math.ceil(MAX_CENTRE_SHIFT_UM / mpp)) + 1
+        crop, wide = set(), set()
+        for c in centroids:
+            b = crop_box(c, mpp, DetectConfig().crop_um)
+            crop |= tiles(b)
+            wide |= tiles((b[0] - m, b[1] - m, b[2] + m, b[3] + m))
+        under = set()
+        for b in boxes:
+            under |= tiles(b)
+    return {
+        "levels": levels,
+        "crops0": int(sum(counts[i] for i in crop)),
+        "crop_tiles0": len(crop),
+        "crops_margin0": int(sum(counts[i] for i in wide)),
+        "boxes0": int(sum(counts[i] for i in under)),
+        "tiles0": len(counts),
+    }
+
+
 def run() -> list[dict]:
     from bench.bench_s3_reads import s3_client
+    from pipeline.detect import plan_smear
+    from pipeline.slides import open_slide
     from pipeline.whole_smear import SmearSpec, build_whole_smear, smear_gigapixels
 
     rows = []
+    mode = "one stage" if os.environ.get("BENCH_SMEAR_ONE_STAGE") == "1" else "coarse-to-fine"
     with tempfile.TemporaryDirectory() as tmp:
-        cpu, zone_cpu, area = {}, {}, {}
+        cpu, zone_cpu, area, cells = {}, {}, {}, {}
         for f in (0.1, 0.4):
             spec = SmearSpec(
                 width_mm=4.0,
@@ -111,11 +209,14 @@ def run() -> list[dict]:
             if f == 0.1:
                 _detect_cpu(sm.path)  # warm-up: imports, verifier load
             # CPU-s of one process vary ±20 % on a shared machine: the least of three runs.
-            zc, c, a, n, planned = min((_detect_cpu(sm.path) for _ in range(3)), key=lambda r: r[1])
-            cpu[f], zone_cpu[f], area[f] = c, zc, a
+            zc, c, a, n, planned, cand = min(
+                (_detect_cpu(sm.path) for _ in range(3)), key=lambda r: r[1]
+            )
+            cpu[f], zone_cpu[f], area[f], cells[f] = c, zc, a, n
             print(
-                f"{smear_gigapixels(spec):.2f} GP, monolayer {f:.0%}: {a:.2f} mm² mapped, {n} cells, "
-                f"{planned:.3f} of level 0 planned, zone map {zc:.1f} CPU-s, detection {c:.1f} CPU-s"
+                f"[{mode}] {smear_gigapixels(spec):.2f} GP, monolayer {f:.0%}: {a:.2f} mm² mapped, "
+                f"{n} cells, {cand} candidates, {planned:.3f} of level 0 planned, zone map "
+                f"{zc:.1f} CPU-s, detection {c:.1f} CPU-s"
             )
         area_ratio = area[0.4] / area[0.1]
         cpu_ratio = cpu[0.4] / cpu[0.1]
@@ -126,9 +227,11 @@ def run() -> list[dict]:
                 "value": cpu_ratio / area_ratio,
                 "unit": "ratio",
                 "goal": "0.75-1.25",
-                "detail": f"detection CPU 40%/10% {cpu_ratio:.2f}, monolayer area {area_ratio:.2f} "
-                f"({cpu[0.4]:.1f} / {cpu[0.1]:.1f} CPU-s); per-slide zone map "
-                f"{zone_cpu[0.4]:.1f} / {zone_cpu[0.1]:.1f} CPU-s",
+                "detail": f"[{mode}] detection CPU 40%/10% {cpu_ratio:.2f}, monolayer area "
+                f"{area_ratio:.2f} ({cpu[0.4]:.1f} / {cpu[0.1]:.1f} CPU-s); cells "
+                f"{cells[0.4]}/{cells[0.1]} = {cells[0.4] / max(cells[0.1], 1):.2f} (a cost "
+                f"per cell reaches {cells[0.4] / max(cells[0.1], 1) / area_ratio:.2f}); "
+                f"per-slide zone map {zone_cpu[0.4]:.1f} / {zone_cpu[0.1]:.1f} CPU-s",
             }
         )
         rows.append(
@@ -165,16 +268,39 @@ def run() -> list[dict]:
                 text=True,
                 check=True,
                 cwd=Path(__file__).resolve().parent.parent,
+                env=os.environ,
             )
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        with open_slide(sm.path) as slide:
+            plan = plan_smear(slide, _config())
+            mpp = slide.mpp
+        tb = _tile_bytes(sm.path, mpp, r["centroids"], [b for t in plan.tasks for b in t.boxes])
         gp = smear_gigapixels(spec)
+
+        def share(n: int) -> str:
+            return f"{n / size:.3f}"
+
+        det, zpay = r["detect_payload"], r["zone_payload"]
+        other = r["fetched"] - sum(det) - sum(zpay)
+        where = (
+            f"object levels {', '.join(share(b) for b in tb['levels'])}; zone map "
+            f"{share(r['zone_bytes'])} (tiles {', '.join(share(b) for b in zpay)} by level); "
+            f"detection tiles {', '.join(share(b) for b in det)} by level; header + merged-range "
+            f"gaps {share(other)}; {r['requests']} requests. Level-0 floor: the {r['cells']} "
+            f"cells' crop boxes alone need {tb['crop_tiles0']} of {tb['tiles0']} level-0 tiles, "
+            f"{share(tb['crops0'])} ({share(tb['crops_margin0'])} with the 8-µm centring "
+            f"margin around each); the region boxes' level-0 tiles {share(tb['boxes0'])}"
+        )
         detail = (
-            f"{gp:.2f} GP, {size:,} B, {r['cells']} cells, {r['tasks']} region tasks, "
-            f"{r['planned']:.3f} of level 0 planned, {r['seconds']:.0f} s, outside {r['outside']}"
+            f"[{mode}] {gp:.2f} GP, {size:,} B, {r['cells']} cells, {r['tasks']} region tasks, "
+            f"{r['planned']:.3f} of level 0 planned, candidates {r['candidates']} on level "
+            f"{r['candidate_level']}, {r['verify_windows']} verification groups over "
+            f"{r['verify_fraction'] if r['verify_fraction'] is None else round(r['verify_fraction'], 3)} "
+            f"of level 0, {r['seconds']:.0f} s, outside {r['outside']}"
         )
         print(
             f"S3: fetched {r['fetched']:,} of {size:,} B ({r['fetched'] / size:.3f}), VmHWM "
-            f"{r['vmhwm'] / 2**30:.2f} GiB; {detail}"
+            f"{r['vmhwm'] / 2**30:.2f} GiB; {detail}\n  bytes ÷ object: {where}"
         )
         rows.append(
             {
@@ -182,7 +308,7 @@ def run() -> list[dict]:
                 "value": r["fetched"] / size,
                 "unit": "fetched/size",
                 "goal": "<= 0.15",
-                "detail": detail,
+                "detail": f"{detail}; {where}",
             }
         )
         rows.append(

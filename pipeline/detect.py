@@ -12,8 +12,11 @@ decoded whole at full resolution (except a plain image, which is one level).
 
 Whole smears (``zones=``): :func:`plan_smear` zones the slide from its low levels
 (:func:`pipeline.zones.zone_map`) and splits the chosen zones' level-0 grid cells into region
-tasks of bounded area; :func:`detect_region` detects one task (reading only its boxes, plus a
-one-cell margin, tile by tile); :func:`merge_regions` keeps each cell once across region
+tasks of bounded area; :func:`detect_region` detects one task: coarse-to-fine on a pyramid with
+a level of at most ``DetectConfig.candidate_mpp`` (a 40x scan's 1.0 µm/px level), candidates
+over its boxes (plus a one-cell margin) on that level, each verified on the detection level in
+the window its crop reads anyway; else on the detection level over its boxes (plus the margin),
+tile by tile. :func:`merge_regions` keeps each cell once across region
 borders, gives it its ``smear_zone`` and local red-cell density, counts (never drops silently)
 the cells that lie outside the chosen zones, and applies the per-slide cell budget
 (:func:`pipeline.smear_sampling.spatial_sample`). Glass and excluded zones are never read at
@@ -26,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -34,7 +37,7 @@ import numpy as np
 
 from hemblip.crops import MAX_CENTRE_SHIFT_UM, centre_offset, crop_box, resample
 from hemblip.scale import estimate_image_mpp
-from pipeline.detection import DetectorConfig, detect_wbc, segment_cell
+from pipeline.detection import DetectorConfig, detect_wbc, nucleus_points, segment_cell
 from pipeline.errors import ConfigError, ScaleError, SlideTooLargeError
 from pipeline.schema import DETECT_COLUMNS
 from pipeline.slides import DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS, Slide, open_slide
@@ -79,6 +82,15 @@ class DetectConfig:
     detection level accepted; ``max_decode_mb``: memory budget in MiB of any one decode (a
     plain image decoded whole, one tile, one read), checked from the header before decoding
     (decompression-bomb guards, :class:`SlideTooLargeError`).
+
+    ``candidate_mpp`` (whole smears, ``detect_slide(..., zones=...)`` only): coarse-to-fine
+    detection. Candidates are sought on the coarsest pyramid level whose mpp is at most this
+    (a 40x scan's 1.0 µm/px level): every nucleus of plausible size
+    (:data:`CANDIDATE_MIN_NUCLEUS_UM2`, unscored) not coloured like the red cells
+    (:data:`CANDIDATE_CHROMA`); each is then verified with ``detector`` on the detection level,
+    read only in the window its crop needs anyway (:func:`detect_region`). None, or no such
+    level coarser than the detection level (a 0.1 µm/px field mosaic): one stage on the
+    detection level over the whole region boxes. The whole-slide path ignores it.
     """
 
     crop_um: float = 36.0
@@ -90,6 +102,8 @@ class DetectConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_detect_pixels: int = 2**32
     max_decode_mb: float = DEFAULT_MAX_DECODE_MB
+    #: coarsest level read for whole-smear candidates, µm/px (None: one stage, see above)
+    candidate_mpp: float | None = 1.1
 
     def __post_init__(self) -> None:
         def bad(name: str, flag: str, why: str, v: object) -> ConfigError:
@@ -135,6 +149,17 @@ class DetectConfig:
                 "must be a positive number of MiB",
                 self.max_decode_mb,
             )
+        if self.candidate_mpp is not None:
+            # Below the detector's working resolution a candidate level would cost more than
+            # detecting on it directly; above 5 µm/px a white cell is a few px.
+            lo = self.detector.working_mpp
+            if not _finite_pos(self.candidate_mpp) or not lo <= self.candidate_mpp <= 5.0:
+                raise bad(
+                    "candidate_mpp",
+                    "--candidate-mpp",
+                    f"must be None or a number of µm/px in [working_mpp = {lo}, 5]",
+                    self.candidate_mpp,
+                )
 
 
 def _finite_pos(v: object) -> bool:
@@ -156,10 +181,13 @@ class SlideCells:
     ``rbc_per_1000um2``); ``info`` adds ``zones`` (:meth:`ZoneMap.summary`: per-zone areas mm²),
     ``zone_map_png`` (PNG bytes, described cells as dots), ``select``, ``cells_outside_zones``
     (``{zone: n}`` for every zone not chosen), ``cells_total`` (chosen-zone cells before the
-    budget), ``sampled``, ``max_cells``, ``region_tasks``, ``candidates_without_nucleus`` (detector candidates the
-    nucleus check rejected), ``level0_fraction_planned`` (share of
-    level-0 area inside the region boxes). ``max_cells`` without zones adds ``cells_total``,
-    ``sampled`` and ``max_cells`` only.
+    budget), ``sampled``, ``max_cells``, ``region_tasks``, ``candidates_without_nucleus``
+    (detections the nucleus check rejected), ``level0_fraction_planned`` (share of level-0 area
+    inside the region boxes: read whole in one stage, searched on the candidate level
+    coarse-to-fine), ``candidate_level`` (None: one stage), and coarse-to-fine ``candidates``
+    (found on the candidate level), ``verify_windows`` and ``verify_fraction`` (their level-0
+    area ÷ the slide's, overlaps counted twice; None in one stage). ``max_cells`` without zones
+    adds ``cells_total``, ``sampled`` and ``max_cells`` only.
     """
 
     records: list[dict]
@@ -272,7 +300,7 @@ def detect_slide(
                 merged, *described = merge_described(plan, parts, cfg.crop_px)
             else:
                 # The budget's sample needs every cell first; only the sampled ones are cropped.
-                found = [detect_region(slide, task, cfg, stats) for task in plan.tasks]
+                found = [detect_region(slide, task, cfg, stats, plan=plan) for task in plan.tasks]
                 merged = merge_regions(plan, found, max_cells=max_cells, seed=seed)
             cells, cell_zones = merged.cells, merged.cell_zones
             overview = (
@@ -292,6 +320,16 @@ def detect_slide(
                 "region_tasks": len(plan.tasks),
                 "candidates_without_nucleus": stats.get("no_nucleus", 0),
                 "level0_fraction_planned": plan.level0_fraction,
+                "candidate_level": plan.candidate_level,
+                "candidates": stats.get("candidates"),
+                "verify_windows": stats.get("verify_windows"),
+                "verify_fraction": (
+                    None
+                    if plan.candidate_level is None
+                    else stats.get("verify_px", 0)
+                    * slide.level_downsamples[level] ** 2
+                    / float(slide.dimensions[0] * slide.dimensions[1])
+                ),
             }
         else:
             cells, overview, n_tiles = _detect_cells(slide, level, mpp, cfg)
@@ -308,7 +346,10 @@ def detect_slide(
         if use_zones and described is not None:
             records, crops = described
         else:
-            records, crops = _measure(slide, cells, level, mpp, mpp_source, cfg, src)
+            # Coarse-to-fine (the budget's path): crops without the centring margin, as
+            # describe_region reads them.
+            margin = not (use_zones and plan.candidate_level is not None)
+            records, crops = _measure(slide, cells, level, mpp, mpp_source, cfg, src, margin)
         info = {
             "width": slide.dimensions[0],
             "height": slide.dimensions[1],
@@ -409,7 +450,15 @@ def _tile_stain(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return ref, med / max(float(med.sum()), 1e-6)
 
 
-def _has_nucleus(rgb: np.ndarray, bbox, ref: np.ndarray, red_chroma: np.ndarray | None) -> bool:
+def _has_nucleus(
+    rgb: np.ndarray,
+    bbox,
+    ref: np.ndarray,
+    red_chroma: np.ndarray | None,
+    threshold: float = NUCLEUS_CHROMA,
+) -> bool:
+    """Whether the darkest fifth of ``bbox`` (px of ``rgb``) differs in OD chroma from the
+    tile's red cells (``ref``, ``red_chroma``: :func:`_tile_stain`) by ``threshold`` or more."""
     if red_chroma is None:
         return True  # no red cells to compare with: the detector's word stands
     x0, y0, x1, y1 = (int(v) for v in bbox)
@@ -420,7 +469,7 @@ def _has_nucleus(rgb: np.ndarray, bbox, ref: np.ndarray, red_chroma: np.ndarray 
     tot = od.sum(axis=1)
     dark = od[tot >= np.percentile(tot, 80)].mean(axis=0)
     chroma = dark / max(float(dark.sum()), 1e-6)
-    return float(np.abs(chroma - red_chroma).sum()) >= NUCLEUS_CHROMA
+    return float(np.abs(chroma - red_chroma).sum()) >= threshold
 
 
 def cell_zone(zm: ZoneMap, x: float, y: float, ring_um: float = CELL_RING_UM) -> dict:
@@ -459,6 +508,10 @@ class RegionTask:
     #: the origin are one detection window (their bounding box plus the pad), of which only the
     #: boxes plus the pad are read (the rest is left white and costs no detection work).
     block_px: int | None = None
+    #: None: cells are detected on ``level`` over the boxes (one stage). A coarser level:
+    #: candidates are sought there over the boxes, and each is verified on ``level`` in the
+    #: window its crop needs (coarse-to-fine, :attr:`DetectConfig.candidate_mpp`).
+    candidate_level: int | None = None
 
     @property
     def area_px(self) -> int:
@@ -469,8 +522,15 @@ class RegionTask:
 @dataclass
 class SmearPlan:
     """:func:`plan_smear`'s result: the ``zone_map``, the chosen zones (``select``), the detection
-    ``level`` and level-0 ``mpp``, the region ``tasks``, ``tiles`` (detection tiles over all
-    tasks) and ``level0_fraction`` (share of level-0 area inside the tasks' boxes)."""
+    ``level`` (where cells are detected, or verified) and level-0 ``mpp``, the region ``tasks``,
+    ``tiles`` and ``level0_fraction``, and ``candidate_level``.
+
+    One stage (``candidate_level`` None): ``tiles`` counts the detection tiles over all tasks
+    and ``level0_fraction`` is the share of level-0 area inside the tasks' boxes, all of which
+    is read. Coarse-to-fine: ``tiles`` counts the candidate level's tiles over all tasks, and
+    ``level0_fraction`` is the share of the slide's area in which candidates are sought; level 0
+    is read only in the verification windows around candidates, known once they are found
+    (``detect_slide``'s ``info["verify_windows"]``)."""
 
     zone_map: ZoneMap
     select: tuple[str, ...]
@@ -479,6 +539,7 @@ class SmearPlan:
     tasks: list[RegionTask]
     tiles: int
     level0_fraction: float
+    candidate_level: int | None = None
 
 
 @dataclass
@@ -510,7 +571,11 @@ def plan_smear(
     """Zone ``slide`` (from its low levels, unless ``zone_map`` is given) and split the chosen
     zones into region tasks (:func:`split_regions`): grid cells of ``region_um`` µm holding any
     of ``select``, in tasks of at most ``max_task_px`` level-0 px (or about ``tasks`` tasks).
-    ``mpp``: level-0 µm/px (default the slide's). Reads no level-0 pixel of a pyramid."""
+    ``mpp``: level-0 µm/px (default the slide's). Reads no level-0 pixel of a pyramid.
+
+    With ``config.candidate_mpp`` and a level coarser than the detection level at most that
+    fine (:func:`_candidate_level`), the tasks are coarse-to-fine (``candidate_level``): their
+    blocks are one candidate-level detection tile each (a 40x scan: ~1 mm)."""
     cfg = config if config is not None else DetectConfig()
     select = _check_select(select)
     zm = zone_map if zone_map is not None else zone_map_fn(slide, zone_settings)
@@ -523,21 +588,46 @@ def plan_smear(
     unit = int(128 * max(1, math.ceil(ds)))
     grid = max(unit, int(round(region_um / mpp / unit)) * unit)
     boxes = zm.region_boxes(select, tile_px=grid, margin_um=REGION_MARGIN_UM)
-    tile, overlap = _tile_geometry(slide, level, mpp, cfg)
+    clevel = _candidate_level(slide, mpp, cfg, level)
+    # Blocks are laid out on the level read over the whole boxes: the candidate level when
+    # coarse-to-fine, else the detection level.
+    blevel = level if clevel is None else clevel
+    bds = slide.level_downsamples[blevel]
+    tile, overlap = _tile_geometry(slide, blevel, mpp, cfg)
     # One block = one detection tile: its boxes' bounding rectangle plus the half-overlap pad
-    # on each side (_rect_tiles) fits one tile, so each level-0 px is decoded about once.
-    block = max(grid, int((tile - 2 * (overlap // 2 + 1)) * ds) // grid * grid)
+    # on each side (_rect_tiles) fits one tile, so each px of that level is decoded about once.
+    block = max(grid, int((tile - 2 * (overlap // 2 + 1)) * bds) // grid * grid)
     region_tasks = split_regions(
-        boxes, level=level, mpp=mpp, max_task_px=max_task_px, tasks=tasks, block_px=block
+        boxes,
+        level=level,
+        mpp=mpp,
+        max_task_px=max_task_px,
+        tasks=tasks,
+        block_px=block,
+        candidate_level=clevel,
     )
     n_tiles = sum(
-        len(_rect_tiles(slide, level, b, tile, overlap)[0])
+        len(_rect_tiles(slide, blevel, b, tile, overlap)[0])
         for t in region_tasks
-        for b, _ in _task_windows(t, (overlap // 2 + 1) * ds)
+        for b, _ in _task_windows(t, (overlap // 2 + 1) * bds)
     )
     w, h = slide.dimensions
     frac = sum(t.area_px for t in region_tasks) / float(w * h)
-    return SmearPlan(zm, select, level, mpp, region_tasks, n_tiles, frac)
+    return SmearPlan(zm, select, level, mpp, region_tasks, n_tiles, frac, clevel)
+
+
+def _candidate_level(slide: Slide, mpp: float, cfg: DetectConfig, level: int) -> int | None:
+    """Level whole-smear candidates are sought on: the coarsest whose mpp is at most
+    ``cfg.candidate_mpp`` (``mpp``: level-0 µm/px), when it is coarser than the detection
+    ``level``; else None (one stage)."""
+    if cfg.candidate_mpp is None:
+        return None
+    level_mpps = [mpp * d for d in slide.level_downsamples]
+    ok = [i for i, m in enumerate(level_mpps) if m <= cfg.candidate_mpp * (1 + 1e-9)]
+    if not ok:
+        return None
+    best = max(ok, key=lambda i: (level_mpps[i], -i))
+    return best if level_mpps[best] > level_mpps[level] * (1 + 1e-9) else None
 
 
 def split_regions(
@@ -548,6 +638,7 @@ def split_regions(
     max_task_px: int = MAX_TASK_PX,
     tasks: int | None = None,
     block_px: int | None = None,
+    candidate_level: int | None = None,
 ) -> list[RegionTask]:
     """Group grid ``boxes`` (level-0 ``(x0, y0, x1, y1)``, from
     :meth:`~pipeline.zones.ZoneMap.region_boxes`) into region tasks of rectangles, and the
@@ -559,7 +650,8 @@ def split_regions(
     bounding rectangle of the boxes in each ``block_px`` square of a grid from the origin is one
     rectangle; rectangles go in vertical stripes of 3 blocks, top to bottom, stripe after stripe
     (a block's neighbours above and to the left were read just before it). Tasks are spatially
-    compact either way."""
+    compact either way. ``candidate_level``: the tasks' (coarse-to-fine, see
+    :class:`RegionTask`)."""
     if isinstance(max_task_px, bool) or not isinstance(max_task_px, int) or max_task_px < 1:
         raise ConfigError(f"max_task_px must be a positive integer, got {max_task_px!r}")
     if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1):
@@ -568,8 +660,16 @@ def split_regions(
         isinstance(block_px, bool) or not isinstance(block_px, int) or block_px < 1
     ):
         raise ConfigError(f"block_px must be a positive integer, got {block_px!r}")
+    if candidate_level is not None and (
+        isinstance(candidate_level, bool)
+        or not isinstance(candidate_level, int)
+        or candidate_level < 0
+    ):
+        raise ConfigError(
+            f"candidate_level must be None or a level index >= 0, got {candidate_level!r}"
+        )
     if block_px is not None:
-        return _split_blocks(boxes, level, mpp, max_task_px, tasks, block_px)
+        return _split_blocks(boxes, level, mpp, max_task_px, tasks, block_px, candidate_level)
     rects: list[tuple[int, int, int, int]] = []
     run = 0
     for b in sorted((tuple(int(v) for v in b) for b in boxes), key=lambda b: (b[1], b[0])):
@@ -597,11 +697,20 @@ def split_regions(
             area = 0
         out[-1].append(r)
         area += a
-    return [RegionTask(i, tuple(bs), level, float(mpp)) for i, bs in enumerate(out)]
+    return [
+        RegionTask(i, tuple(bs), level, float(mpp), candidate_level=candidate_level)
+        for i, bs in enumerate(out)
+    ]
 
 
 def _split_blocks(
-    boxes, level: int, mpp: float, max_task_px: int, tasks: int | None, block_px: int
+    boxes,
+    level: int,
+    mpp: float,
+    max_task_px: int,
+    tasks: int | None,
+    block_px: int,
+    candidate_level: int | None = None,
 ):
     groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
     for b in sorted((tuple(int(v) for v in b) for b in boxes), key=lambda b: (b[1], b[0])):
@@ -618,7 +727,10 @@ def _split_blocks(
             area = 0
         out[-1].extend(groups[k])
         area += area_of[k]
-    return [RegionTask(i, tuple(bs), level, float(mpp), block_px) for i, bs in enumerate(out)]
+    return [
+        RegionTask(i, tuple(bs), level, float(mpp), block_px, candidate_level)
+        for i, bs in enumerate(out)
+    ]
 
 
 def _task_windows(
@@ -712,90 +824,447 @@ def _rect_tiles(slide: Slide, level: int, box, tile: int, overlap: int):
 
 
 def detect_region(
-    slide: Slide, task: RegionTask, config: DetectConfig | None = None, stats: dict | None = None
+    slide: Slide,
+    task: RegionTask,
+    config: DetectConfig | None = None,
+    stats: dict | None = None,
+    *,
+    plan: SmearPlan | None = None,
 ) -> list[RegionCell]:
     """Detect the white cells whose centroid lies in ``task``'s boxes, on ``slide`` (open; the
-    caller closes it). Reads ``task.level`` tile by tile (one detection tile, ≤ ``tile_px`` +
-    overlap squared, held at a time), never outside the boxes grown by half a tile overlap.
-    Candidates whose darkest part has the red cells' colour (:data:`NUCLEUS_CHROMA`) are not cells; their
-    number is added to ``stats["no_nucleus"]`` when ``stats`` is given. Cells are not yet
-    deduplicated across boxes (:func:`merge_regions` does)."""
-    return [c for _, cells in _region_boxes_cells(slide, task, config, stats) for c in cells]
+    caller closes it).
+
+    One stage: reads ``task.level`` tile by tile (one detection tile, ≤ ``tile_px`` + overlap
+    squared, held at a time), never outside the boxes grown by half a tile overlap.
+    Coarse-to-fine (``task.candidate_level``): reads ``task.candidate_level`` so over the boxes
+    for candidates (:data:`CANDIDATE_MIN_NUCLEUS_UM2`, :data:`CANDIDATE_CHROMA`), and
+    ``task.level`` only in the candidates' verification windows (each candidate's crop box,
+    grown to :data:`VERIFY_GRID_PX` tiles), where the default detector confirms them
+    (:func:`_verify_cells`). With the task's ``plan``, candidates that cannot become cells of
+    ``plan.select`` (:func:`_zone_chosen`: on :func:`cell_zone`'s ring the chosen zones trail
+    by more than a point) are not verified: pass it wherever :func:`describe_region` gets it
+    (``describe_region`` always does), so both find the same cells.
+
+    Candidates whose darkest part has the red cells' colour (:data:`NUCLEUS_CHROMA`) are not
+    cells; their number is added to ``stats["no_nucleus"]`` when ``stats`` is given
+    (coarse-to-fine also counts ``candidates``, ``candidates_pale``, ``candidates_zone``,
+    ``verify_windows`` and ``verify_px``). Cells are not yet deduplicated across boxes
+    (:func:`merge_regions` does)."""
+    return [c for _, cells in _region_boxes_cells(slide, task, config, stats, plan) for c in cells]
 
 
 def _region_boxes_cells(
-    slide: Slide, task: RegionTask, config: DetectConfig | None, stats: dict | None
+    slide: Slide,
+    task: RegionTask,
+    config: DetectConfig | None,
+    stats: dict | None,
+    plan: SmearPlan | None = None,
 ):
     """Yield ``(box, cells centred in it)`` for each of ``task``'s boxes in order (see
-    :func:`detect_region`): a caller can read the box's crops while its tiles are cached."""
+    :func:`detect_region`): a caller can read the box's crops while its tiles are cached.
+    Coarse-to-fine tasks yield once per verification group instead (a box may come several
+    times, each time with cells not yielded before)."""
     cfg = config if config is not None else DetectConfig()
+    if task.candidate_level is not None and task.candidate_level != task.level:
+        yield from _coarse_to_fine_cells(slide, task, cfg, stats, plan)
+        return
     level, mpp = task.level, task.mpp
     ds = slide.level_downsamples[level]
     lmpp = mpp * ds
     tile, overlap = _tile_geometry(slide, level, mpp, cfg)
-    stride = tile - overlap
     pad = overlap // 2 + 1
     for box, parts in _task_windows(task, pad * ds):
         out: list[RegionCell] = []
-        _, (rx0, ry0, rx1, ry1), xs, ys = _rect_tiles(slide, level, box, tile, overlap)
-        # Each part grown by the pad, in level px: what detection needs to see.
-        need = [
-            (
-                max(rx0, int(math.floor(b[0] / ds)) - pad),
-                max(ry0, int(math.floor(b[1] / ds)) - pad),
-                min(rx1, int(math.ceil(b[2] / ds)) + pad),
-                min(ry1, int(math.ceil(b[3] / ds)) + pad),
-            )
-            for b in parts
-        ]
-        for j, ty in enumerate(ys):
-            for i, tx in enumerate(xs):
-                x1, y1 = min(tx + tile, rx1), min(ty + tile, ry1)
-                if x1 - tx < 2 or y1 - ty < 2:
+        for rgb, tx, ty, (cx0, cy0, cx1, cy1) in _block_tiles(
+            slide, level, box, parts, tile, overlap
+        ):
+            ref, red_chroma = _tile_stain(rgb)
+            for d in detect_wbc(rgb, lmpp, cfg.detector):
+                gx, gy = tx + d.centroid[0], ty + d.centroid[1]
+                if not (cx0 <= gx < cx1 and cy0 <= gy < cy1):
                     continue
-                win = (tx, ty, x1, y1)
-                sub = [
-                    (max(a, tx), max(b, ty), min(c, x1), min(d, y1))
-                    for a, b, c, d in need
-                    if a < x1 and c > tx and b < y1 and d > ty
-                ]
-                if not sub:
+                c0 = (gx * ds, gy * ds)
+                if not _in_parts(parts, c0):
+                    continue  # another box's cell (or outside the chosen grid)
+                if not _has_nucleus(rgb, d.bbox, ref, red_chroma):
+                    if stats is not None:
+                        stats["no_nucleus"] = stats.get("no_nucleus", 0) + 1
                     continue
-                rgb = _read_needed(slide, level, win, sub)
-                ref, red_chroma = _tile_stain(rgb)
-                # Cores partition the grown window as in the whole-slide path.
-                cx0 = rx0 + i * stride + overlap / 2 if i > 0 else -math.inf
-                cy0 = ry0 + j * stride + overlap / 2 if j > 0 else -math.inf
-                cx1 = rx0 + (i + 1) * stride + overlap / 2 if i < len(xs) - 1 else math.inf
-                cy1 = ry0 + (j + 1) * stride + overlap / 2 if j < len(ys) - 1 else math.inf
-                for d in detect_wbc(rgb, lmpp, cfg.detector):
-                    gx, gy = tx + d.centroid[0], ty + d.centroid[1]
-                    if not (cx0 <= gx < cx1 and cy0 <= gy < cy1):
-                        continue
-                    c0 = (gx * ds, gy * ds)
-                    if not any(b[0] <= c0[0] < b[2] and b[1] <= c0[1] < b[3] for b in parts):
-                        continue  # another box's cell (or outside the chosen grid)
-                    if not _has_nucleus(rgb, d.bbox, ref, red_chroma):
-                        if stats is not None:
-                            stats["no_nucleus"] = stats.get("no_nucleus", 0) + 1
-                        continue
-                    bx0, by0, bx1, by1 = d.bbox
-                    out.append(
-                        RegionCell(
-                            box=(
-                                (tx + bx0) * ds,
-                                (ty + by0) * ds,
-                                (tx + bx1) * ds,
-                                (ty + by1) * ds,
-                            ),
-                            centroid=c0,
-                            score=float(d.score),
-                            clumped=bool(d.clumped),
-                            diameter_um=math.sqrt(4.0 * float(d.area_px) / math.pi) * lmpp,
-                        )
-                    )
-                del rgb
+                out.append(_region_cell(d, tx, ty, ds, lmpp, c0))
+            del rgb
         yield box, out
+
+
+def _in_parts(parts, pt, grow: float = 0.0) -> bool:
+    """Whether level-0 ``pt`` lies in one of ``parts`` (level-0 boxes) grown by ``grow`` px."""
+    x, y = pt
+    return any(b[0] - grow <= x < b[2] + grow and b[1] - grow <= y < b[3] + grow for b in parts)
+
+
+def _region_cell(d, tx: float, ty: float, ds: float, lmpp: float, c0) -> RegionCell:
+    """A detection ``d`` of a read at ``(tx, ty)`` (px of a level of downsample ``ds`` and
+    ``lmpp`` µm/px) as a level-0 :class:`RegionCell` centred at ``c0``."""
+    bx0, by0, bx1, by1 = d.bbox
+    return RegionCell(
+        box=((tx + bx0) * ds, (ty + by0) * ds, (tx + bx1) * ds, (ty + by1) * ds),
+        centroid=c0,
+        score=float(d.score),
+        clumped=bool(d.clumped),
+        diameter_um=math.sqrt(4.0 * float(d.area_px) / math.pi) * lmpp,
+    )
+
+
+def _block_tiles(
+    slide: Slide, level: int, box, parts, tile: int, overlap: int, tight: bool = False
+):
+    """Yield ``(rgb, tx, ty, core)`` for each detection tile of one block (``box``: its
+    bounding rectangle, ``parts``: its grid boxes, level-0 px): tiles of ``level`` (px of that
+    level, ``tile`` a side, ``overlap``) over ``box`` grown by half an overlap, each read only
+    where it meets a part grown by that pad (:func:`_read_needed`). ``core`` (level px) is the
+    tile's share of the grown window: the cores partition it as in the whole-slide path, so a
+    cell belongs to the tile whose core holds its centroid, where it is seen whole. ``tight``:
+    each tile is cut to the bounding box of what it reads (``tx``, ``ty`` move with it; the
+    cores do not): no detection work on glass painted beyond the parts (a thin zone band
+    crossing a tile), which the one-stage path keeps as it was."""
+    ds = slide.level_downsamples[level]
+    stride = tile - overlap
+    pad = overlap // 2 + 1
+    _, (rx0, ry0, rx1, ry1), xs, ys = _rect_tiles(slide, level, box, tile, overlap)
+    # Each part grown by the pad, in level px: what detection needs to see.
+    need = [
+        (
+            max(rx0, int(math.floor(b[0] / ds)) - pad),
+            max(ry0, int(math.floor(b[1] / ds)) - pad),
+            min(rx1, int(math.ceil(b[2] / ds)) + pad),
+            min(ry1, int(math.ceil(b[3] / ds)) + pad),
+        )
+        for b in parts
+    ]
+    for j, ty in enumerate(ys):
+        for i, tx in enumerate(xs):
+            x1, y1 = min(tx + tile, rx1), min(ty + tile, ry1)
+            if x1 - tx < 2 or y1 - ty < 2:
+                continue
+            win = (tx, ty, x1, y1)
+            sub = [
+                (max(a, tx), max(b, ty), min(c, x1), min(d, y1))
+                for a, b, c, d in need
+                if a < x1 and c > tx and b < y1 and d > ty
+            ]
+            if not sub:
+                continue
+            cx0 = rx0 + i * stride + overlap / 2 if i > 0 else -math.inf
+            cy0 = ry0 + j * stride + overlap / 2 if j > 0 else -math.inf
+            cx1 = rx0 + (i + 1) * stride + overlap / 2 if i < len(xs) - 1 else math.inf
+            cy1 = ry0 + (j + 1) * stride + overlap / 2 if j < len(ys) - 1 else math.inf
+            if tight:
+                win = (
+                    min(b[0] for b in sub),
+                    min(b[1] for b in sub),
+                    max(b[2] for b in sub),
+                    max(b[3] for b in sub),
+                )
+            rgb = _read_needed(slide, level, win, sub)
+            yield rgb, win[0], win[1], (cx0, cy0, cx1, cy1)
+
+
+# -- whole smears: coarse-to-fine ----------------------------------------------------------------
+#: Candidates of the coarse stage (:attr:`DetectConfig.candidate_mpp`): every nucleus of
+#: plausible size (the detector at ``min_score`` 0, unscored), from this area (µm²; the
+#: default's 9 µm² loses small nuclei at 1 µm/px). On TXL-PBC val reduced to 1.0 µm/px + JPEG
+#: q80 (``pipeline.eval_detect.evaluate_detection(..., detect_mpp=1.0, jpeg_quality=80)``):
+#: recall 0.974 at precision 0.94, the level-0 detector's recall (0.974); the default detector
+#: there loses 1 % recall. The level-0 verification takes the false candidates out.
+CANDIDATE_MIN_NUCLEUS_UM2 = 4.0
+#: A candidate goes to verification only when the darkest fifth of the square of half-side
+#: CANDIDATE_BOX_UM around it differs from the red cells' colour by at least CANDIDATE_CHROMA
+#: (:func:`_has_nucleus` on the candidate level's tile, half the level-0 threshold: a 2x
+#: margin). Measured on the candidate level of generated smears (``pipeline.whole_smear``
+#: before its one-stain-per-slide change, PBC, BCCD, Kaggle, Raabin, 72-128 MP): candidates in
+#: a white cell 0.29-0.46 (median), and every monolayer white cell that had a candidate kept
+#: one up to a threshold of 0.10; false candidates (overlapping red cells) 0.03 (median), of
+#: which the check keeps 15-40 % (Raabin 4,612 -> 656, PBC 191 -> 83).
+CANDIDATE_CHROMA = NUCLEUS_CHROMA / 2
+CANDIDATE_BOX_UM = 6.0
+#: A cell found on the detection level near a group's border (its crop box not all on the
+#: group's tiles) is kept only when a candidate points at it: one lies in its box, or within
+#: this distance (µm) of its centroid (the same nucleus seen at two scales moves by ~1 µm; two
+#: touching white cells seen as one candidate lie about a nucleus radius either side of it).
+VERIFY_RADIUS_UM = 8.0
+#: Verification windows are grown to this grid (px of the detection level; a scanner's
+#: 256-px tiles): the tiles the crop needs are read whole anyway, and the detector's colour
+#: statistics (glass colour, stain split) get their context. Windows that share or touch
+#: tiles form one group, read and detected once.
+VERIFY_GRID_PX = 256
+#: Side of the squares a verification group is cut into for detection, in grid tiles (768 px
+#: of the detection level, 192 µm on a 40x scan; each read with a pad of half a tile overlap,
+#: 19 µm). Smaller than one stage's 2048-px tiles: the detector's cost per tile grows with
+#: (its candidates) x (its area), so a dense patch of candidates (purple-stained red cells)
+#: costs in proportion to tile area x patch area. 2 (512 px) costs more in pads, 4 about the
+#: same (generated 128 MP PBC smears, 10 % and 40 % monolayer).
+VERIFY_TILE_GRIDS = 3
+#: Ring points by which a candidate's chosen zones may trail (:func:`_zone_chosen`). 0 and 1
+#: gave the same recall and precision on the four eval-smear slides (1: one ring point of
+#: slack for the cell's centroid lying a little off its candidate); 2 let in 4-10 % more
+#: candidates for nothing.
+_ZONE_VOTE_MARGIN = 1
+
+
+def _candidate_detector(det: DetectorConfig) -> DetectorConfig:
+    """``det`` made permissive for candidates (never stricter than ``det``)."""
+    return replace(
+        det,
+        min_score=0.0,
+        min_nucleus_area_um2=min(det.min_nucleus_area_um2, CANDIDATE_MIN_NUCLEUS_UM2),
+    )
+
+
+def _verify_window(slide: Slide, level: int, c, mpp: float, crop_um: float):
+    """Level px window verifying the candidate at level-0 ``c``: its crop box (what its crop
+    reads), grown to :data:`VERIFY_GRID_PX` tiles of ``level`` and clipped to it."""
+    ds = slide.level_downsamples[level]
+    lw, lh = slide.level_dimensions[level]
+    g = VERIFY_GRID_PX
+    b = crop_box(c, mpp, crop_um)
+    x0 = max(0, int(math.floor(b[0] / ds)) // g * g)
+    y0 = max(0, int(math.floor(b[1] / ds)) // g * g)
+    x1 = min(lw, -(-int(math.ceil(b[2] / ds)) // g) * g)
+    y1 = min(lh, -(-int(math.ceil(b[3] / ds)) // g) * g)
+    return (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))
+
+
+def _coarse_to_fine_cells(
+    slide: Slide,
+    task: RegionTask,
+    cfg: DetectConfig,
+    stats: dict | None,
+    plan: SmearPlan | None = None,
+):
+    """:func:`_region_boxes_cells` of a coarse-to-fine task: candidates on
+    ``task.candidate_level`` block by block (the block's tiles, cores and pad as in one stage,
+    with the permissive :func:`_candidate_detector`), then :func:`_verify_cells` on
+    ``task.level`` block by block. All candidates first: the candidate level's tiles are read
+    while still in a remote slide's decoded-tile cache (the zone map's calibration has just
+    read most of them), before the level-0 windows of the first blocks push them out."""
+    cl = task.candidate_level
+    cds = slide.level_downsamples[cl]
+    cmpp = task.mpp * cds
+    tile, overlap = _tile_geometry(slide, cl, task.mpp, cfg)
+    cdet = _candidate_detector(cfg.detector)
+    reach = VERIFY_RADIUS_UM / task.mpp  # level-0 px
+    r = CANDIDATE_BOX_UM / cmpp  # level px
+    found = []
+    for box, parts in _task_windows(task, (overlap // 2 + 1) * cds):
+        cands: list[tuple[float, float]] = []
+        for rgb, tx, ty, (cx0, cy0, cx1, cy1) in _block_tiles(
+            slide, cl, box, parts, tile, overlap, tight=True
+        ):
+            ref, red_chroma = _tile_stain(rgb)
+            for x, y in nucleus_points(rgb, cmpp, cdet):
+                gx, gy = tx + x, ty + y
+                if not (cx0 <= gx < cx1 and cy0 <= gy < cy1):
+                    continue
+                # Centre of the level px, in level-0 px (px index convention of the detector).
+                c0 = ((gx + 0.5) * cds - 0.5, (gy + 0.5) * cds - 0.5)
+                # A candidate up to the verify radius outside the parts may still verify to a
+                # cell centred in them (the pad read around the parts is wider than that).
+                if not _in_parts(parts, c0, reach):
+                    continue
+                nb = (x - r, y - r, x + r + 1, y + r + 1)
+                if not _has_nucleus(rgb, nb, ref, red_chroma, CANDIDATE_CHROMA):
+                    if stats is not None:
+                        stats["candidates_pale"] = stats.get("candidates_pale", 0) + 1
+                    continue  # overlapping red cells: their colour, darker
+                if plan is not None and not _zone_chosen(plan, c0):
+                    if stats is not None:
+                        stats["candidates_zone"] = stats.get("candidates_zone", 0) + 1
+                    continue  # a cell of the margin read around the chosen zones
+                cands.append(c0)
+            del rgb
+        found.append((box, parts, cands))
+    for box, parts, cands in found:
+        yield from _verify_cells(slide, task, box, parts, cands, cfg, stats)
+
+
+def _zone_chosen(plan: SmearPlan, c0) -> bool:
+    """Whether a candidate at level-0 ``c0`` may become a cell of ``plan.select``: on
+    :func:`cell_zone`'s ring around it, a chosen zone has at most :data:`_ZONE_VOTE_MARGIN`
+    fewer points than the most common other zone. The cell verified from it lies within a few
+    µm, and so does its ring: one ring point (31 µm from the next) rarely changes zone, and a
+    cell whose ring the chosen zones cannot win would only be counted outside them."""
+    zm = plan.zone_map
+    r = CELL_RING_UM / zm.mpp
+    zs = [zm.zone_at(c0[0] + r * dx, c0[1] + r * dy) for dx, dy in _RING]
+    counts = {z: zs.count(z) for z in ZONE_NAMES}
+    chosen = max(counts[z] for z in plan.select)
+    other = max([counts[z] for z in ZONE_NAMES if z not in plan.select] + [0])
+    return chosen >= other - _ZONE_VOTE_MARGIN
+
+
+def _verify_cells(
+    slide: Slide, task: RegionTask, box, parts, cands, cfg: DetectConfig, stats: dict | None
+):
+    """Yield ``(box, cells)`` per verification group of the block ``box`` (``parts``: its grid
+    boxes) holding ``cands`` (level-0 candidate centroids).
+
+    Each candidate's window (:func:`_verify_window`) is a set of :data:`VERIFY_GRID_PX` tiles of
+    ``task.level``; windows sharing or touching tiles form one group (candidates a few cells
+    apart, or a dense patch), read only on its tiles (:func:`_read_needed`; the rest of a
+    detection tile is painted the glass colour) and detected with ``cfg.detector`` (the
+    default one) in squares of :data:`VERIFY_TILE_GRIDS` grid tiles, each with a pad of half a
+    tile overlap, whose cores (the group's tiles in the square) partition the group: each px
+    is detected about once and a cell is found once. A detection is kept when its centroid
+    lies on the group's tiles and in ``parts`` (the one-stage ownership rule: a cell is kept
+    once across boxes and tasks), it was seen whole or a candidate points at it
+    (:func:`_verified`), and it has a nucleus (:func:`_has_nucleus`, else counted in
+    ``stats["no_nucleus"]``). ``stats`` also counts ``candidates``, ``verify_windows`` (groups)
+    and ``verify_px`` (their px of ``task.level``)."""
+    level, mpp = task.level, task.mpp
+    ds = slide.level_downsamples[level]
+    lmpp = mpp * ds
+    reach = VERIFY_RADIUS_UM / mpp  # level-0 px
+    g = VERIFY_GRID_PX
+    wins: list[tuple[int, int, int, int]] = []
+    wcands: list[list[tuple[float, float]]] = []
+    index: dict[tuple[int, int, int, int], int] = {}
+    for c in cands:
+        w = _verify_window(slide, level, c, mpp, cfg.crop_um)
+        k = index.setdefault(w, len(wins))
+        if k == len(wins):
+            wins.append(w)
+            wcands.append([])
+        wcands[k].append(c)
+    groups = _tile_groups(wins, g)
+    if stats is not None:
+        stats["candidates"] = stats.get("candidates", 0) + len(cands)
+        stats["verify_windows"] = stats.get("verify_windows", 0) + len(groups)
+    if not groups:
+        return
+    lw, lh = slide.level_dimensions[level]
+    rects_of = [
+        [(tx * g, ty * g, min(lw, (tx + 1) * g), min(lh, (ty + 1) * g)) for tx, ty in tiles]
+        for tiles, _ in groups
+    ]
+    if stats is not None:
+        stats["verify_px"] = stats.get("verify_px", 0) + sum(
+            (r[2] - r[0]) * (r[3] - r[1]) for rects in rects_of for r in rects
+        )
+    # One batch of concurrent requests for all of the block's groups (a remote slide).
+    slide.prefetch(level, [r for rects in rects_of for r in rects])
+    _, overlap = _tile_geometry(slide, level, mpp, cfg)
+    pad = overlap // 2 + 1
+    bsz = VERIFY_TILE_GRIDS
+    for (tiles, members), rects in zip(groups, rects_of):
+        cs = np.array([c for k in members for c in wcands[k]], np.float64)
+        tset = set(tiles)
+
+        def inner(c0, tset=tset) -> bool:
+            # The crop box of a cell centred at level-0 c0 lies on the group's tiles: the
+            # cell was seen whole (crop_um > the largest cell).
+            b = crop_box(c0, mpp, cfg.crop_um)
+            x0, y0 = int(b[0] / ds) // g, int(b[1] / ds) // g
+            x1, y1 = int(math.ceil(b[2] / ds) - 1) // g, int(math.ceil(b[3] / ds) - 1) // g
+            return all((tx_, ty_) in tset for ty_ in range(y0, y1 + 1) for tx_ in range(x0, x1 + 1))
+
+        # Cores: the group's tiles in each square of bsz x bsz grid tiles (their bounding box);
+        # they partition the group, and each is detected with a pad of half a tile overlap (a
+        # cell's size) around it, reading only the group's tiles there.
+        squares: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for t in tiles:
+            squares.setdefault((t[0] // bsz, t[1] // bsz), []).append(t)
+        out: list[RegionCell] = []
+        for key in sorted(squares, key=lambda k: (k[1], k[0])):
+            st = squares[key]
+            core = (
+                min(t[0] for t in st) * g,
+                min(t[1] for t in st) * g,
+                min(lw, (max(t[0] for t in st) + 1) * g),
+                min(lh, (max(t[1] for t in st) + 1) * g),
+            )
+            tx, ty = max(0, core[0] - pad), max(0, core[1] - pad)
+            x1, y1 = min(lw, core[2] + pad), min(lh, core[3] + pad)
+            sub = [
+                (max(a, tx), max(b, ty), min(c, x1), min(d, y1))
+                for a, b, c, d in rects
+                if a < x1 and c > tx and b < y1 and d > ty
+            ]
+            rgb = _read_needed(slide, level, (tx, ty, x1, y1), sub)
+            ref, red_chroma = _tile_stain(rgb)
+            for d in detect_wbc(rgb, lmpp, cfg.detector):
+                gx, gy = tx + d.centroid[0], ty + d.centroid[1]
+                if not (core[0] <= gx < core[2] and core[1] <= gy < core[3]):
+                    continue
+                if (int(gx) // g, int(gy) // g) not in tset:
+                    continue  # centred off the group's tiles (its crop would read beyond them)
+                c0 = (gx * ds, gy * ds)
+                if not _verified(d, tx, ty, ds, c0, cs, reach, inner):
+                    continue  # seen cut by the group's border, and no candidate's cell
+                if not _in_parts(parts, c0):
+                    continue  # another box's cell (or outside the chosen grid)
+                if not _has_nucleus(rgb, d.bbox, ref, red_chroma):
+                    if stats is not None:
+                        stats["no_nucleus"] = stats.get("no_nucleus", 0) + 1
+                    continue
+                out.append(_region_cell(d, tx, ty, ds, lmpp, c0))
+            del rgb
+        yield box, out
+
+
+def _verified(d, tx: int, ty: int, ds: float, c0, cs: np.ndarray, reach: float, inner) -> bool:
+    """Whether detection ``d`` (of a read at level px ``(tx, ty)``, centred at level-0 ``c0``)
+    is kept by a verification group with candidates ``cs`` (level-0): it lies whole inside the
+    group (``inner(c0)``: its crop's tiles are the group's), or a candidate pointed at it (one
+    lies in its box, or within ``reach`` level-0 px of its centroid: a cell the coarse level
+    saw split or merged with a neighbour)."""
+    if inner(c0):
+        return True
+    if float(np.hypot(cs[:, 0] - c0[0], cs[:, 1] - c0[1]).min()) <= reach:
+        return True
+    x0, y0, x1, y1 = ((tx + v) * ds for v in d.bbox)
+    return bool(((cs[:, 0] >= x0) & (cs[:, 0] < x1) & (cs[:, 1] >= y0) & (cs[:, 1] < y1)).any())
+
+
+def _tile_groups(wins, g: int) -> list[tuple[list[tuple[int, int]], list[int]]]:
+    """Windows ``wins`` (px, on a grid of ``g``) joined where they share or touch grid tiles
+    (8-neighbours): ``(tiles, window indices)`` per group, in reading order of each group's
+    first tile; tiles in reading order."""
+    owner: dict[tuple[int, int], int] = {}
+    parent = list(range(len(wins)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    cells: dict[int, list[tuple[int, int]]] = {}
+    for k, (x0, y0, x1, y1) in enumerate(wins):
+        cells[k] = [
+            (tx, ty)
+            for ty in range(y0 // g, (y1 - 1) // g + 1)
+            for tx in range(x0 // g, (x1 - 1) // g + 1)
+        ]
+        for tx, ty in cells[k]:
+            owner.setdefault((tx, ty), k)
+    for k, tiles in cells.items():
+        for tx, ty in tiles:
+            for dx in (-1, 0, 1):
+                for dy in (-1, 0, 1):
+                    o = owner.get((tx + dx, ty + dy))
+                    if o is not None:
+                        a, b = find(k), find(o)
+                        if a != b:
+                            parent[max(a, b)] = min(a, b)
+    groups: dict[int, tuple[set, list[int]]] = {}
+    for k in range(len(wins)):
+        tiles, members = groups.setdefault(find(k), (set(), []))
+        tiles.update(cells[k])
+        members.append(k)
+    out = [
+        (sorted(tiles, key=lambda t: (t[1], t[0])), members) for tiles, members in groups.values()
+    ]
+    out.sort(key=lambda gm: (gm[0][0][1], gm[0][0][0]))
+    return out
 
 
 @dataclass
@@ -823,15 +1292,18 @@ def describe_region(
     stats: dict | None = None,
 ) -> DescribedRegion:
     """:func:`detect_region` and the level-0 crops and morphometry of the task's chosen-zone
-    cells, box by box: a box's crops are read right after its detection tile, while the tiles
-    they share are still in a remote slide's decoded-tile cache (no level-0 tile fetched twice;
-    the crop's margin beyond the box is fetched then, once). Cells outside ``plan.select`` are
-    zoned, not measured. Join tasks with :func:`merge_described`."""
+    cells, box by box (coarse-to-fine: verification group by group): a box's crops are read
+    right after its detection tile, while the tiles they share are still in a remote slide's
+    decoded-tile cache (no level-0 tile fetched twice; the part of a crop beyond the box is
+    fetched then, once). Cells outside ``plan.select`` are zoned, not measured. Join tasks with
+    :func:`merge_described`."""
     cfg = config if config is not None else DetectConfig()
     mpp, tol = task.mpp, slide.level_downsamples[task.level]
-    mg = _centre_margin(mpp)
+    # Coarse-to-fine reads level 0 only where needed: crops without the centring margin.
+    c2f = task.candidate_level is not None and task.candidate_level != task.level
+    mg = 0 if c2f else _centre_margin(mpp)
     out = DescribedRegion([], [], [], [])
-    for _, cells in _region_boxes_cells(slide, task, cfg, stats):
+    for _, cells in _region_boxes_cells(slide, task, cfg, stats, plan):
         zones = [cell_zone(plan.zone_map, *c.centroid) for c in cells]
         chosen = [k for k, z in enumerate(zones) if z["smear_zone"] in plan.select]
         crop_boxes = {k: crop_box(cells[k].centroid, mpp, cfg.crop_um) for k in chosen}
@@ -843,7 +1315,18 @@ def describe_region(
             if k in crop_boxes:
                 one = np.empty((1, cfg.crop_px, cfg.crop_px, 3), np.uint8)
                 rec = _measure_one(
-                    slide, [c], 0, crop_boxes[k], None, one, mpp, mpp_source, cfg, source, tol
+                    slide,
+                    [c],
+                    0,
+                    crop_boxes[k],
+                    None,
+                    one,
+                    mpp,
+                    mpp_source,
+                    cfg,
+                    source,
+                    tol,
+                    margin=not c2f,
                 )
                 crop = one[0]
             out.cells.append(c)
@@ -1111,6 +1594,7 @@ def _measure(
     mpp_source: str,
     cfg: DetectConfig,
     source: str,
+    margin: bool = True,
 ):
     # Coordinates come from a coarser level: a box within one level px of the border touches it.
     tol = slide.level_downsamples[level]
@@ -1119,8 +1603,9 @@ def _measure(
     boxes = np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4)
 
     crop_boxes = [crop_box(c.centroid, mpp, cfg.crop_um) for c in cells]  # level-0 px
-    # The crop's centre may move onto the nucleus (hemblip.crops.centre_offset): fetch that margin too.
-    m = _centre_margin(mpp)
+    # The crop's centre may move onto the nucleus (hemblip.crops.centre_offset): fetch that
+    # margin too (``margin``; else _measure_one reads a moved box's new tiles when it moves).
+    m = _centre_margin(mpp) if margin else 0
     # Cells in reading order, in chunks whose level-0 tiles a remote slide fetches in one batch
     # (one request per cell would cost a round trip each); the chunk bounds the bytes held.
     order = sorted(range(len(cells)), key=lambda k: (cells[k].centroid[1], cells[k].centroid[0]))
@@ -1131,7 +1616,18 @@ def _measure(
         )
         for idx in chunk:
             records[idx] = _measure_one(
-                slide, cells, idx, crop_boxes[idx], boxes, crops, mpp, mpp_source, cfg, source, tol
+                slide,
+                cells,
+                idx,
+                crop_boxes[idx],
+                boxes,
+                crops,
+                mpp,
+                mpp_source,
+                cfg,
+                source,
+                tol,
+                margin,
             )
     return records, crops
 
@@ -1148,16 +1644,23 @@ def _measure_one(
     cfg: DetectConfig,
     source: str,
     tol: float,
+    margin: bool = True,
 ) -> dict:
-    """Crop cell ``idx`` into ``crops[idx]``, segment and flag it; its DETECT record."""
+    """Crop cell ``idx`` into ``crops[idx]``, segment and flag it; its DETECT record.
+    ``margin``: read the crop box with the margin its centre may move in one read (False:
+    the box, then the moved box if the centre moves; the same pixels)."""
     w, h = slide.dimensions
     crop_mpp = cfg.crop_um / cfg.crop_px
     det = cfg.detector
     c = cells[idx]
     cx, cy = c.centroid
     # White outside the slide (the reader's rule): glass, flagged crop_incomplete below.
-    # One read of the crop box plus the farthest the centre may move (below), then slices of it.
-    mg = _centre_margin(mpp)
+    # One read of the crop box plus the farthest the centre may move (below), then slices of
+    # it; or (coarse-to-fine: level-0 tiles are read only where needed) the box alone, and the
+    # moved box when the centre moves: on 256-px JPEG tiles the margin read around every crop
+    # added a quarter to the crops' level-0 bytes (bench_smear's 0.5 GP slide: 0.170 vs 0.137
+    # of the object), while a moved box mostly lies on the tiles just read.
+    mg = _centre_margin(mpp) if margin else 0
     wide = slide.read(0, (box[0] - mg, box[1] - mg, box[2] + mg, box[3] + mg))
     square = wide[mg : mg + box[3] - box[1], mg : mg + box[2] - box[0]]
     # The crop is centred as training crops are: on the nucleus near the detector's centroid.
@@ -1166,9 +1669,13 @@ def _measure_one(
     dx, dy = centre_offset(square, mpp)
     if dx or dy:
         nb = crop_box((cx + dx, cy + dy), mpp, cfg.crop_um)
-        ox, oy = nb[0] - box[0] + mg, nb[1] - box[1] + mg
-        box = nb
-        square = wide[oy : oy + box[3] - box[1], ox : ox + box[2] - box[0]]
+        if margin:
+            ox, oy = nb[0] - box[0] + mg, nb[1] - box[1] + mg
+            box = nb
+            square = wide[oy : oy + box[3] - box[1], ox : ox + box[2] - box[0]]
+        elif tuple(nb) != tuple(box):
+            box = nb
+            square = slide.read(0, box)
     x0, y0, x1, y1 = box
     crop = resample(square, cfg.crop_px)
     crops[idx] = crop

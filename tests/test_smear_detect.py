@@ -166,8 +166,9 @@ def test_region_tasks_in_any_split_give_the_same_cells(smear):
         # One task per detection window, in reverse order: task borders everywhere, each cell
         # still found once and the same (a job may split a plan's tasks any way at windows).
         bp = plan.tasks[0].block_px
+        assert plan.candidate_level is not None  # coarse-to-fine (a 0.25/1/4 µm/px pyramid)
         tasks = [
-            RegionTask(i, tuple(g), plan.level, plan.mpp, bp)
+            RegionTask(i, tuple(g), plan.level, plan.mpp, bp, plan.candidate_level)
             for i, g in enumerate(reversed(windows))
         ]
         split = merge_regions(plan, [detect_region(slide, t) for t in tasks])
@@ -203,7 +204,7 @@ def test_crops_read_box_by_box_equal_crops_read_after_the_merge(smear):
     with open_slide(smear.path) as slide:
         res = detect_slide(slide, zones=True)
         plan = plan_smear(slide)
-        merged = merge_regions(plan, [detect_region(slide, t) for t in plan.tasks])
+        merged = merge_regions(plan, [detect_region(slide, t, plan=plan) for t in plan.tasks])
         recs, crops = measure_cells(
             slide, merged.cells, plan.level, plan.mpp, slide.mpp_source, DetectConfig(), slide.path
         )

@@ -687,7 +687,7 @@ def _region_task(
                 crops = np.stack(kept) if kept else np.zeros((0, P, P, 3), np.uint8)
                 del part, kept
             else:
-                cells = detect_region(slide, task, cfg, stats)
+                cells = detect_region(slide, task, cfg, stats, plan=plan)
                 zones, recs = None, None
                 crops = np.zeros((0, P, P, 3), np.uint8)
         finally:
