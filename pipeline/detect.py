@@ -884,15 +884,23 @@ def _region_boxes_cells(
                 if not (cx0 <= gx < cx1 and cy0 <= gy < cy1):
                     continue
                 c0 = (gx * ds, gy * ds)
-                if not _in_parts(parts, c0):
-                    continue  # another box's cell (or outside the chosen grid)
-                if not _has_nucleus(rgb, d.bbox, ref, red_chroma):
-                    if stats is not None:
-                        stats["no_nucleus"] = stats.get("no_nucleus", 0) + 1
-                    continue
-                out.append(_region_cell(d, tx, ty, ds, lmpp, c0))
+                if _owned_nucleus(rgb, d, parts, c0, ref, red_chroma, stats):
+                    out.append(_region_cell(d, tx, ty, ds, lmpp, c0))
             del rgb
         yield box, out
+
+
+def _owned_nucleus(rgb, d, parts, c0, ref, red_chroma, stats: dict | None) -> bool:
+    """Whether detection ``d`` (level-0 centroid ``c0``) is a cell of these boxes: its centroid
+    in one of ``parts`` (else another box's cell, or outside the chosen grid) and its darkest
+    part not coloured like the red cells (counted in ``stats["no_nucleus"]`` when it is)."""
+    if not _in_parts(parts, c0):
+        return False
+    if not _has_nucleus(rgb, d.bbox, ref, red_chroma):
+        if stats is not None:
+            stats["no_nucleus"] = stats.get("no_nucleus", 0) + 1
+        return False
+    return True
 
 
 def _in_parts(parts, pt, grow: float = 0.0) -> bool:
@@ -1199,13 +1207,8 @@ def _verify_cells(
                 c0 = (gx * ds, gy * ds)
                 if not _verified(d, tx, ty, ds, c0, cs, reach, inner):
                     continue  # seen cut by the group's border, and no candidate's cell
-                if not _in_parts(parts, c0):
-                    continue  # another box's cell (or outside the chosen grid)
-                if not _has_nucleus(rgb, d.bbox, ref, red_chroma):
-                    if stats is not None:
-                        stats["no_nucleus"] = stats.get("no_nucleus", 0) + 1
-                    continue
-                out.append(_region_cell(d, tx, ty, ds, lmpp, c0))
+                if _owned_nucleus(rgb, d, parts, c0, ref, red_chroma, stats):
+                    out.append(_region_cell(d, tx, ty, ds, lmpp, c0))
             del rgb
         yield box, out
 
@@ -1403,10 +1406,23 @@ def measure_cells(
     mpp_source: str,
     config: DetectConfig,
     source: str,
+    *,
+    sample: list[RegionCell] | None = None,
+    start: int = 0,
 ) -> tuple[list[dict], np.ndarray]:
     """Records (``DETECT_COLUMNS``) and ``(N, crop_px, crop_px, 3)`` crops of ``cells`` (level-0
-    crops read in chunks of 128 cells). ``level``: the level the cells were detected on."""
-    return _measure(slide, cells, level, mpp, mpp_source, config, source)
+    crops read in chunks of 128 cells). ``level``: the level the cells were detected on.
+    ``sample``: the whole list ``cells`` is the slice ``sample[start:start + N]`` of (a slide's
+    cells measured piece by piece): records are numbered from ``start`` and flagged ``clumped``
+    where a box overlaps any other cell's of ``sample``, as if measured in one call."""
+    records, crops = _measure(slide, cells, level, mpp, mpp_source, config, source)
+    if sample is not None:
+        boxes = np.array([c.box for c in sample], dtype=np.float64).reshape(-1, 4)
+        for j, rec in enumerate(records):
+            rec["cell_index"] = start + j
+            if "clumped" not in rec["qc_flags"] and _overlaps_other(boxes, start + j):
+                rec["qc_flags"] = sorted([*rec["qc_flags"], "clumped"], key=_QC_ORDER.index)
+    return records, crops
 
 
 def _overview_windows(slide: Slide) -> np.ndarray:

@@ -213,3 +213,27 @@ def test_crops_read_box_by_box_equal_crops_read_after_the_merge(smear):
     assert res.records == [dict(r, source=res.records[0]["source"]) for r in recs]
     assert np.array_equal(res.crops, crops)
     assert res.cell_zones == merged.cell_zones
+
+
+def test_cells_measured_in_pieces_are_numbered_and_flagged_as_in_one_call(smear):
+    # The job crops a budget's sample piece by piece: numbering and the overlap part of
+    # ``clumped`` must be over the whole sample, not over each piece.
+    from dataclasses import replace
+
+    with open_slide(smear.path) as slide:
+        plan = plan_smear(slide)
+        merged = merge_regions(plan, [detect_region(slide, t, plan=plan) for t in plan.tasks])
+        first = merged.cells[0]
+        x0, y0, x1, y1 = first.box
+        # a twin overlapping the first cell's box, so the first is clumped only beside it
+        twin = replace(first, box=(x0 + 2, y0 + 2, x1 + 2, y1 + 2), clumped=False)
+        sample = [replace(first, clumped=False), twin, *merged.cells[1:3]]
+        args = (plan.level, plan.mpp, slide.mpp_source, DetectConfig(), slide.path)
+        whole, _ = measure_cells(slide, sample, *args)
+        pieces = [
+            rec
+            for k in range(len(sample))
+            for rec in measure_cells(slide, sample[k : k + 1], *args, sample=sample, start=k)[0]
+        ]
+    assert "clumped" in whole[0]["qc_flags"]
+    assert pieces == whole

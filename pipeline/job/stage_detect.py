@@ -875,30 +875,12 @@ def _measured_pieces(slide, merged, plan, mpp: float, mpp_source: str, cfg, sour
     from pipeline.detect import measure_cells
 
     cells = merged.cells
-    boxes = np.array([c.box for c in cells], dtype=np.float64).reshape(-1, 4)
     for start in range(0, len(cells), _PIECE):
         chunk = cells[start : start + _PIECE]
-        recs, crops = measure_cells(slide, chunk, plan.level, mpp, mpp_source, cfg, source)
-        over = _overlaps(boxes, start, len(chunk))
-        for j, rec in enumerate(recs):
-            rec["cell_index"] = start + j
-            if over[j] and "clumped" not in rec["qc_flags"]:
-                rec["qc_flags"] = sorted([*rec["qc_flags"], "clumped"], key=QC_FLAGS.index)
+        recs, crops = measure_cells(
+            slide, chunk, plan.level, mpp, mpp_source, cfg, source, sample=cells, start=start
+        )
         yield recs, crops, merged.cell_zones[start : start + len(chunk)]
-
-
-def _overlaps(boxes: np.ndarray, start: int, n: int) -> np.ndarray:
-    """Per cell ``start .. start + n - 1``: does its box overlap any other cell's box (the
-    ``clumped`` rule of :func:`pipeline.detect.measure_cells`, over every cell)."""
-    b = boxes[start : start + n, None, :]
-    ov = (
-        (boxes[None, :, 0] < b[..., 2])
-        & (boxes[None, :, 2] > b[..., 0])
-        & (boxes[None, :, 1] < b[..., 3])
-        & (boxes[None, :, 3] > b[..., 1])
-    )
-    ov[np.arange(n), start + np.arange(n)] = False
-    return ov.any(axis=1)
 
 
 def _match_cpu_reservation() -> None:
