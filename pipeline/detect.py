@@ -53,6 +53,7 @@ __all__ = [
     "SmearPlan",
     "RegionCell",
     "plan_smear",
+    "check_planned_area",
     "split_regions",
     "detect_region",
     "describe_region",
@@ -269,7 +270,9 @@ def detect_slide(
             mpp_source = "estimated"
         level = _detect_level(slide, mpp, cfg.detector)
         lw, lh = slide.level_dimensions[level]
-        if lw * lh > cfg.max_detect_pixels:
+        # A zoned read is limited by the area it plans to detect on (checked once planned): a
+        # 5 GP smear's level 0 is over the limit, its monolayer far under it.
+        if not use_zones and lw * lh > cfg.max_detect_pixels:
             raise SlideTooLargeError(
                 slide.path,
                 f"detection level {level} is {lw}x{lh} px, over the {cfg.max_detect_pixels} px limit",
@@ -287,6 +290,7 @@ def detect_slide(
                 select=select,
                 mpp=mpp,
             )
+            check_planned_area(slide, plan, cfg, slide.path)
             stats: dict = {}
             described = None
             if max_cells is None:
@@ -366,6 +370,20 @@ def detect_slide(
     return SlideCells(
         records=records, crops=crops, info=info, overview=overview, cell_zones=cell_zones
     )
+
+
+def check_planned_area(slide: Slide, plan: SmearPlan, cfg: DetectConfig, name: str) -> None:
+    """Raise :class:`SlideTooLargeError` (naming ``name``) when the px a zoned read of ``plan``
+    detects on (its region boxes, at the detection level) exceed ``cfg.max_detect_pixels``, the
+    guard against reads that would never end; the whole level's size does not count."""
+    ds = slide.level_downsamples[plan.level]
+    planned = sum(t.area_px for t in plan.tasks) / (ds * ds)
+    if planned > cfg.max_detect_pixels:
+        raise SlideTooLargeError(
+            name,
+            f"the chosen zones cover {planned:.0f} px of detection level {plan.level}, over the "
+            f"{cfg.max_detect_pixels} px limit",
+        )
 
 
 def _check_budget(max_cells: object, seed: object) -> None:

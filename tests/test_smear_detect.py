@@ -237,3 +237,24 @@ def test_cells_measured_in_pieces_are_numbered_and_flagged_as_in_one_call(smear)
         ]
     assert "clumped" in whole[0]["qc_flags"]
     assert pieces == whole
+
+
+@_DATA
+def test_size_guard_counts_the_planned_area_of_a_zoned_read(smear):
+    from pipeline.errors import SlideTooLargeError
+
+    with open_slide(smear.path) as slide:
+        w, h = slide.dimensions
+        plan = plan_smear(slide)
+        planned = sum(t.area_px for t in plan.tasks)
+        assert planned < 0.8 * w * h
+        # A limit under the whole level but over the planned area: the whole-slide read is
+        # refused, the zoned one runs (a 5 GP smear's level 0 is over the default limit).
+        cfg = DetectConfig(max_detect_pixels=int((planned + w * h) / 2))
+        with pytest.raises(SlideTooLargeError, match="detection level 0"):
+            detect_slide(slide, cfg)
+        assert detect_slide(slide, cfg, zones=True).records
+        # Under the planned area: refused with the planned figure named.
+        tight = DetectConfig(max_detect_pixels=int(planned * 0.9))
+        with pytest.raises(SlideTooLargeError, match="chosen zones cover"):
+            detect_slide(slide, tight, zones=True)
