@@ -6,7 +6,9 @@ areas µm². ``SCHEMA_VERSION`` is bumped on any change of the columns. Version 
 columns (:data:`ZONE_CELL_COLUMNS` on ``cells``, the ``zones_selected`` ... ``zone_map_png`` columns
 on ``slides``); the change is additive, so files written under version 1 stay readable: the readers
 (:mod:`pipeline.outputs`) open every file with the current schema and a column a file lacks reads
-as null.
+as null. Version 3 added how each slide was read to ``slides`` (``zoning``, ``region_tasks``,
+``region_tasks_fanned_out``, ``candidate_mpp``), additive in the same way: in files of versions 1
+and 2 they read as null.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ __all__ = [
     "RUN_SCHEMA",
 ]
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 #: Every QC flag a cell may carry (a cell is flagged, never dropped).
 QC_FLAGS: tuple[str, ...] = (
@@ -217,6 +219,34 @@ SLIDE_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
         pa.binary(),
         "",
         "PNG of the zone map (at most 512 px a side) with the described cells as dots (null: zones off)",
+    ),
+    (
+        "zoning",
+        pa.string(),
+        "",
+        "how the slide was read: zoned (zone map first, the chosen zones' cells described) | whole "
+        "(--zones none, or --zones auto on a slide under --zone-min-area-mm2); null: failed before "
+        "it was decided, or written before schema version 3",
+    ),
+    (
+        "region_tasks",
+        pa.int32(),
+        "",
+        "regions a zoned slide's chosen zones were detected in (null: read whole)",
+    ),
+    (
+        "region_tasks_fanned_out",
+        pa.bool_(),
+        "",
+        "true: the region tasks ran as Ray tasks of their own; false: one after another in the "
+        "slide's task (null: read whole)",
+    ),
+    (
+        "candidate_mpp",
+        pa.float64(),
+        "µm/px",
+        "level coarse-to-fine candidates were sought on (--candidate-mpp); null: one stage (read "
+        "whole, --candidate-mpp none, or no such level coarser than the detection level)",
     ),
     ("run_id", pa.string(), "", "run that processed the slide"),
     ("model_version", pa.string(), "", "sha256 prefix of the model weights"),

@@ -202,13 +202,15 @@ def test_auto_zones_a_whole_smear_and_reads_a_field_mosaic_whole(smear, mosaic):
     auto = {"zones": ("monolayer",), "zone_min_area_mm2": _MIN_AREA, "max_cells": 5}
     cells, out = _run(_ref(Path(smear.path)), **auto)
     assert out["status"] == "ok", out["reason"]
-    assert out["zoning"] == "auto_zoned" and out["area_mm2"] == pytest.approx(2.56, rel=1e-3)
+    assert out["zoning_rule"] == "auto_zoned" and out["area_mm2"] == pytest.approx(2.56, rel=1e-3)
+    assert out["zoning"] == "zoned"  # stored in slides/
     assert out["zones_selected"] == ["monolayer"] and set(out["zone_areas_mm2"]) == set(ZONE_NAMES)
     assert {c["smear_zone"] for c in cells} == {"monolayer"} and len(cells) == 5
     # the field mosaic: read whole, exactly as with zones off
     cells, out = _run(_ref(mosaic), **auto)
     assert out["status"] == "ok", out["reason"]
-    assert out["zoning"] == "auto_whole" and out["area_mm2"] < 0.05
+    assert out["zoning_rule"] == "auto_whole" and out["area_mm2"] < 0.05
+    assert out["zoning"] == "whole"
     assert out["zones_selected"] is None and out["zone_map_png"] is None
     whole = detect_slide(mosaic, max_cells=5, seed=_seed("cd" * 16))
     assert [(c["centroid_x"], c["centroid_y"]) for c in cells] == [
@@ -234,22 +236,27 @@ def test_a_zoned_read_is_limited_by_the_area_it_plans_not_the_whole_level(smear)
     guard, its monolayer is not: the guard applies to what a zoned read plans to detect on."""
     from pipeline.detect import DetectConfig, detect_slide, plan_smear
     from pipeline.errors import SlideTooLargeError
-    from pipeline.job.stage_detect import _zoned_limit
+    from pipeline.job.stage_detect import _find_cells
     from pipeline.slides import open_slide
 
+    ref = _ref(Path(smear.path))
+    settings = DetectSettings(
+        s3=None, zones=("monolayer",), max_cells=1, region_tasks_in_flight=0, thumbnails=False
+    )
     with open_slide(smear.path) as slide:
         level_px = slide.dimensions[0] * slide.dimensions[1]  # detection level 0: 41 Mpx
         plan = plan_smear(slide, DetectConfig())
         planned = sum(t.area_px for t in plan.tasks)
         assert plan.level == 0 and planned < level_px // 2
         small = DetectConfig(max_detect_pixels=planned + 1)  # the level is over it
+        # read whole, the level counts; zoned (the stage, or detect_slide), the planned area
         with pytest.raises(SlideTooLargeError, match="detection level 0 is 12800x3200 px"):
-            detect_slide(slide, small, zones=plan.zone_map)
-        cfg = _zoned_limit(slide, plan, small, "s3://b/s.svs")
-        assert cfg.max_detect_pixels == level_px and cfg.crop_px == small.crop_px
-        assert len(detect_slide(slide, cfg, zones=plan.zone_map, max_cells=1).records) == 1
-        with pytest.raises(SlideTooLargeError, match=r"^s3://b/s.svs: the chosen zones cover"):
-            _zoned_limit(slide, plan, DetectConfig(max_detect_pixels=planned - 1), "s3://b/s.svs")
+            detect_slide(slide, small)
+        assert len(detect_slide(slide, small, zones=plan.zone_map, max_cells=1).records) == 1
+        assert _find_cells(slide, ref, settings, small, {}).count == 1
+        over = DetectConfig(max_detect_pixels=planned - 1)
+        with pytest.raises(SlideTooLargeError, match=f"^{ref.uri}: the chosen zones cover"):
+            _find_cells(slide, ref, settings, over, {})
 
 
 @pytest.mark.unit
@@ -330,7 +337,7 @@ def test_region_tasks_run_apart_and_give_detect_slides_cells_and_crops(
         cells, out = rows[:-1], rows[-1]
         assert out["status"] == "ok", out["reason"]
         # fanned out: several region tasks, none of them run by the slide's own process
-        assert out["region_tasks"] >= 3, out
+        assert out["region_tasks"] >= 3 and out["region_tasks_fanned_out"] is True, out
         workers = out["region_workers"]
         assert workers and all(not w.endswith(f":{pid}") for w in workers), (pid, workers)
         assert 0 < out["region_peak_rss_mib"] < 2048
@@ -384,7 +391,7 @@ def test_job_commits_a_fanned_out_slide_once_and_a_broken_region_fails_only_its_
     rows = {r["slide_uri"].rsplit("/", 1)[1]: r for r in result.slides}
     # the smear: zoned, fanned out, exactly detect_slide's cells, committed once as one slide
     row = rows["smear.svs"]
-    assert (row["status"], row["zoning"], row["zones_selected"]) == (
+    assert (row["status"], row["zoning_rule"], row["zones_selected"]) == (
         "ok",
         "auto_zoned",
         ["monolayer"],
@@ -402,6 +409,12 @@ def test_job_commits_a_fanned_out_slide_once_and_a_broken_region_fails_only_its_
     assert set(ids) == want
     slides = read_table(cfg, "slides").to_pylist()
     assert [s["slide_id"] for s in slides].count(row["slide_id"]) == 1
+    # slides/ stores how each slide was read (schema version 3)
+    stored = {s["slide_uri"].rsplit("/", 1)[1]: s for s in slides}
+    read = ("zoning", "region_tasks", "region_tasks_fanned_out", "candidate_mpp")
+    assert [stored["smear.svs"][k] for k in read] == ["zoned", row["region_tasks"], True, 1.0]
+    assert [stored["mosaic.svs"][k] for k in read] == ["whole", None, None, None]
+    assert stored["broken.svs"]["zoning"] == "zoned" and stored["broken.svs"]["status"] == "failed"
     # the broken smear: failed as the slide, one line naming the region task and the object
     bad = rows["broken.svs"]
     assert (bad["status"], bad["failure_class"], bad["cell_count"]) == ("failed", "slide", 0)
@@ -410,6 +423,6 @@ def test_job_commits_a_fanned_out_slide_once_and_a_broken_region_fails_only_its_
     assert not [s for s in cells.column("slide_id").to_pylist() if s == bad["slide_id"]]
     # the field mosaic: --zones auto read it whole
     mos = rows["mosaic.svs"]
-    assert (mos["status"], mos["zoning"], mos["zones_selected"]) == ("ok", "auto_whole", None)
+    assert (mos["status"], mos["zoning_rule"], mos["zones_selected"]) == ("ok", "auto_whole", None)
     assert mos["region_tasks"] is None and mos["cell_count"] > 0
     assert any("FAILED" in ln and "broken.svs" in ln and "region task" in ln for ln in lines)

@@ -335,7 +335,7 @@ def test_slides_rows_store_the_zones_and_old_outputs_stay_readable(tmp_path):
     assert rows["old"] == (None,) * 6
     zones = dict(con.execute("SELECT cell_id, smear_zone FROM cells").fetchall())
     assert zones == {"new-0": "monolayer", "old-0": None}
-    assert SCHEMA_VERSION == "2"
+    assert SCHEMA_VERSION == "3"
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -411,6 +411,14 @@ def test_job_with_zones_writes_the_columns_and_the_report_shows_the_map(
     assert {k for k, _ in row["zone_areas_mm2"]} == set(ZONE_NAMES)
     assert {k for k, _ in row["cells_outside_zones"]} == set(ZONE_NAMES) - {"monolayer"}
     assert row["zone_map_png"].startswith(_PNG_MAGIC)
+    # how it was read (schema version 3): zoned, in the slide's own task (one region, so not
+    # fanned out), candidates on the 1.0 µm/px level
+    assert (row["zoning"], row["region_tasks"], row["region_tasks_fanned_out"]) == (
+        "zoned",
+        1,
+        False,
+    )
+    assert row["candidate_mpp"] == 1.0
     assert json.loads(read_table(cfg, "runs").column("config_json")[0].as_py())["zones"] == [
         "monolayer"
     ]

@@ -32,6 +32,16 @@ def _number(text: str) -> float:
 _ARG_TYPES = {"int": _integer, "float": _number, "str": str}
 
 
+def _or_none(parse):
+    """``parse``, also taking the word ``none`` (kept as text: ``JobConfig`` reads it as None,
+    and a flag left out stays None, i.e. not given)."""
+
+    def parse_or_none(text: str):
+        return "none" if text.strip().lower() == "none" else parse(text)
+
+    return parse_or_none
+
+
 def _help(s: Setting) -> str:
     extra = "required, here or in --config" if s.required else f"default: {s.shown_default()}"
     if s.bounds_text() and s.kind in ("int", "float") and "2147483647" not in s.bounds_text():
@@ -62,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif s.kind == "list":
             kwargs.update(action="append", metavar=s.metavar)
         else:
-            kwargs.update(type=_ARG_TYPES[s.kind], metavar=s.metavar)
+            parse = _ARG_TYPES[s.kind]
+            kwargs.update(type=_or_none(parse) if s.none_word else parse, metavar=s.metavar)
         groups[s.group].add_argument(s.flag, **kwargs)
 
 

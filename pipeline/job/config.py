@@ -158,6 +158,13 @@ class Setting:
         """``caption_batch_size`` -> ``--caption-batch-size``."""
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def none_word(self) -> bool:
+        """The field takes the word ``none`` (any case) for ``None``: an optional setting whose
+        default is not ``None``, so that ``None`` is a choice to be written on the command line
+        (``--candidate-mpp none``), where an absent flag already means the default."""
+        return self.optional and self.default is not None
+
     def shown_default(self) -> str:
         """The default as the help and the docs show it."""
         if self.required:
@@ -362,6 +369,19 @@ class JobConfig:
         ge=0.5,
         le=5.0,
         default_text="the level nearest 0.5 µm/px",
+    )
+    candidate_mpp: float | None = setting(
+        1.1,
+        "whole smears (zoned slides): find candidate white cells on the coarsest pyramid level at "
+        "most this coarse (a 40x scan's 1.0 µm/px level) and read level 0 only in the windows "
+        "their crops need (coarse-to-fine); none: one stage, detection over the zones' whole "
+        "region boxes. A slide read whole, or with no such level coarser than its detection "
+        "level, is read in one stage",
+        group="detection",
+        metavar="UM_PER_PX|none",
+        unit="µm/px",
+        ge=0.5,
+        le=5.0,
     )
     max_decode_mb: float = setting(
         1024.0,
@@ -595,8 +615,11 @@ class JobConfig:
     )
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, _typed(f.name, getattr(self, f.name), _HINTS[f.name]))
+        for f, s in zip(fields(self), _SETTINGS, strict=True):
+            value = getattr(self, f.name)
+            if s.none_word and isinstance(value, str) and value.strip().lower() == "none":
+                value = None  # e.g. --candidate-mpp none (YAML null reads as None already)
+            setattr(self, f.name, _typed(f.name, value, _HINTS[f.name]))
         for s in _SETTINGS:  # huge integers first: no later message may print 5000 digits
             value = getattr(self, s.name)
             if s.kind == "int" and value is not None and abs(value) > _INT_MAX:
@@ -651,7 +674,12 @@ class JobConfig:
 
         # The detection stage's own checks first: their messages say why (e.g. working_mpp).
         try:
-            DetectConfig(crop_um=self.crop_um, crop_px=self.crop_px, mpp=self.mpp)
+            DetectConfig(
+                crop_um=self.crop_um,
+                crop_px=self.crop_px,
+                mpp=self.mpp,
+                candidate_mpp=self.candidate_mpp,
+            )
         except ConfigError as exc:
             m = re.match(r"DetectConfig\.(\w+) \([^)]*\): (.*)", str(exc))
             name, why = (
@@ -659,6 +687,8 @@ class JobConfig:
                 if m and m.group(1) in _FIELD_NAMES
                 else ("crop_um", str(exc))
             )
+            if name == "candidate_mpp":  # the job's word for None (--candidate-mpp none)
+                why = why.replace("None", "none")
             raise ConfigError(f"{flag_of(name)} {why}") from None
         if self.max_detect_mpp is not None:
             from pipeline.detection import DetectorConfig
@@ -715,6 +745,7 @@ class JobConfig:
             thumbnails=self.thumbnails,
             thumbnail_px=self.thumbnail_px,
             max_detect_mpp=self.max_detect_mpp,
+            candidate_mpp=self.candidate_mpp,
             max_slide_attempts=self.max_slide_attempts,
             max_decode_mb=self.max_decode_mb,
             zones=("monolayer",) if self.zones == ("auto",) else self.zones,

@@ -614,8 +614,10 @@ def _finish(
 
 
 def _zone_note(row: dict) -> str:
-    """`` [zones monolayer; 200 of 1,234 cells sampled; seen outside: thick 12]`` for a slide
-    read by zone or under a cell budget, else ``""``."""
+    """`` [zones monolayer; 200 of 1,234 cells sampled; seen outside: thick 12; 27 region tasks
+    as Ray tasks; candidates at 1.0 µm/px]`` for a slide read by zone or under a cell budget,
+    else ``""`` (the slides/ columns zoning, region_tasks, region_tasks_fanned_out and
+    candidate_mpp, in words)."""
     parts = []
     if row.get("zones_selected"):
         parts.append("zones " + ",".join(_shown(z) for z in row["zones_selected"]))
@@ -626,6 +628,12 @@ def _zone_note(row: dict) -> str:
         parts.append(
             "seen outside: " + ", ".join(f"{_shown(k)} {v}" for k, v in sorted(outside.items()))
         )
+    n = row.get("region_tasks")
+    if row.get("zoning") == "zoned" and n:
+        where = "as Ray tasks" if row.get("region_tasks_fanned_out") else "in one process"
+        parts.append(f"{n} region task{'s' * (n != 1)} {where}")
+    if row.get("candidate_mpp"):
+        parts.append(f"candidates at {row['candidate_mpp']:.2f} µm/px")
     return f" [{'; '.join(parts)}]" if parts else ""
 
 

@@ -39,6 +39,8 @@ DOCS_PATH = Path("docs") / "settings.md"
 # "not" + an unanchored pattern because "$" in Python's re also matches before a final newline.
 _CONTROL_PATTERN = "[\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]"
 _STRING = {"type": "string", "not": {"pattern": _CONTROL_PATTERN}}
+# The word none, any case, surrounding white space allowed (JobConfig strips it).
+_NONE_PATTERN = "^\\s*[Nn][Oo][Nn][Ee]\\s*$"
 
 
 def _json_default(s: Setting) -> Any:
@@ -66,6 +68,8 @@ def _property(s: Setting) -> dict[str, Any]:
         prop = {"anyOf": [{"type": "array", "items": _STRING}, _STRING, {"type": "null"}]}
     if s.optional:
         prop["type"] = [prop["type"], "null"]
+    if s.none_word:  # e.g. candidate_mpp: none (as null), the default being a number
+        prop = {"anyOf": [prop, {"type": "string", "pattern": _NONE_PATTERN}]}
     described = f"{s.help} ({'required' if s.required else 'default: ' + s.shown_default()})"
     out: dict[str, Any] = {"description": described}
     if not s.required:
@@ -115,6 +119,8 @@ def _type_text(s: Setting) -> str:
         "str": "string",
         "list": "list of strings",
     }[s.kind]
+    if s.none_word:
+        return text + ", null or `none`"
     return text + " or null" if s.optional else text
 
 

@@ -38,7 +38,15 @@ the cells counted outside the chosen zones, ``cells_total``/``sampled`` of the p
 (``max_cells``, a spatially uniform sample seeded by the slide id, so a re-executed task picks the
 same cells) and the zone-map PNG. With ``zone_min_area_mm2`` (``--zones auto``) only a slide whose
 level-0 area is at least that (a whole smear) is zoned; a smaller one (a field mosaic) is read
-whole, and ``zoning`` in the outcome says which applied.
+whole. ``DetectSettings.candidate_mpp`` (``--candidate-mpp``) is the coarse-to-fine candidate
+level's limit of every :class:`~pipeline.detect.DetectConfig` the stage builds (one per slide,
+shipped to its region tasks); the whole-slide read ignores it.
+
+How each slide was read is stored in ``slides/`` (schema version 3): ``zoning`` (``zoned`` or
+``whole``; null when the slide failed before it was decided), ``region_tasks`` (a zoned slide's
+regions: with Ray, its region tasks; in one process, those of ``detect_slide``'s own plan),
+``region_tasks_fanned_out`` (whether they ran as Ray tasks of their own) and ``candidate_mpp``
+(µm/px of the level coarse-to-fine candidates were sought on; null: one stage).
 
 Large slides (region tasks): a zoned slide whose plan (:func:`pipeline.detect.plan_smear`) splits
 the chosen zones into more than one region task of at most ``region_task_px`` level-0 px runs
@@ -56,8 +64,9 @@ dies on every attempt, fails the slide with a one-line reason naming the region 
 read is limited by the area it plans to detect on (``max_detect_pixels``), not by its detection
 level's size: a 5 GP smear's level 0 is over that guard, its monolayer far under it. The outcome
 adds keys that are not stored in ``slides/`` (the driver's ``RunResult.slides`` has them):
-``zoning``, ``area_mm2``, ``region_tasks``, ``region_workers`` (``host:pid`` of the processes
-that ran them) and ``region_peak_rss_mib``.
+``zoning_rule`` (``off``, ``chosen``, ``auto_zoned`` or ``auto_whole``: why the slide was zoned
+or not, :func:`_zoning`), ``area_mm2``, ``region_workers`` (``host:pid`` of the processes that
+ran the region tasks) and ``region_peak_rss_mib``.
 """
 
 from __future__ import annotations
@@ -130,6 +139,9 @@ class DetectSettings:
     thumbnails: bool = True
     thumbnail_px: int = 96
     max_detect_mpp: float | None = None  # None: DetectorConfig's default
+    #: zoned slides: coarsest level of coarse-to-fine candidates, µm/px (--candidate-mpp);
+    #: None: one stage over the zones' region boxes
+    candidate_mpp: float | None = 1.1
     max_slide_attempts: int = 3  # worker deaths on one slide before it is recorded worker_died
     max_decode_mb: float = 1024.0  # decode budget of one read / whole-image decode, MiB
     zones: tuple[str, ...] = ()  # smear zones to describe; () = whole slide, no zone map
@@ -346,10 +358,16 @@ def _new_outcome(ref: SlideRef) -> dict:
         "cells_total": None,
         "sampled": None,
         "zone_map_png": None,
-        # Not in slides/ (the driver's RunResult.slides has them): how the slide was read.
-        "zoning": None,  # off | chosen | auto_zoned | auto_whole (see _zoning)
+        # How the slide was read (slides/ columns, schema version 3): zoned | whole; its region
+        # tasks (zoned), whether they ran as Ray tasks of their own, and the µm/px of the level
+        # coarse-to-fine candidates were sought on (None: one stage).
+        "zoning": None,
+        "region_tasks": None,
+        "region_tasks_fanned_out": None,
+        "candidate_mpp": None,
+        # Not in slides/ (the driver's RunResult.slides has them).
+        "zoning_rule": None,  # off | chosen | auto_zoned | auto_whole (see _zoning)
         "area_mm2": None,  # level-0 area, mm² (--zones auto only)
-        "region_tasks": None,  # region tasks of a zoned slide
         "region_workers": None,  # host:pid of the processes that ran them (fanned out only)
         "region_peak_rss_mib": None,  # largest peak RSS of those processes, MiB
     }
@@ -429,6 +447,9 @@ def _detect_config(settings: DetectSettings):
         mpp=settings.mpp,
         max_decode_mb=settings.max_decode_mb,
         detector=DetectorConfig(max_detect_mpp=settings.max_detect_mpp),
+        # The one DetectConfig of the slide: the whole-slide and zoned reads, the budget's
+        # cropping and every region task (it travels with them) use it.
+        candidate_mpp=settings.candidate_mpp,
     )
 
 
@@ -511,24 +532,32 @@ def _ray_if_running():
 
 def _find_cells(slide, ref: SlideRef, settings: DetectSettings, cfg, outcome: dict) -> _Cells:
     """Detect the slide's cells: whole, zoned in this process, or zoned in region tasks."""
-    from pipeline.detect import detect_slide, plan_smear
+    from pipeline.detect import check_planned_area, detect_slide, plan_smear
 
     zoning, area = _zoning(slide, settings)
-    outcome["zoning"], outcome["area_mm2"] = zoning, area
+    outcome["zoning_rule"], outcome["area_mm2"] = zoning, area
     seed = _seed(ref.slide_id)
     if zoning in ("off", "auto_whole"):
+        outcome["zoning"] = "whole"
         result = detect_slide(slide, cfg, source=ref.uri, max_cells=settings.max_cells, seed=seed)
         return _Cells(*_from_result(result, False))
+    outcome["zoning"] = "zoned"
     select = tuple(settings.zones)
     mpp, mpp_source = _scale(slide)
     if mpp is None:  # detect_slide fails it with its ScaleError (no scale)
         return _Cells(*_from_result(detect_slide(slide, cfg, source=ref.uri, zones=True), True))
     plan = plan_smear(slide, cfg, select=select, mpp=mpp, max_task_px=settings.region_task_px)
-    cfg = _zoned_limit(slide, plan, cfg, ref.uri)
+    # The size guard counts the px the zoned read plans to detect on, not the whole level: a
+    # 5 GP smear's level 0 is over it, its monolayer far under it (detect_slide does the same).
+    check_planned_area(slide, plan, cfg, ref.uri)
     ray = _ray_if_running()
     # A staged slide is not fanned out: each region task would copy the whole slide again.
     fan_out = ray is not None and settings.region_tasks_in_flight > 0 and not slide.staged
-    if fan_out and len(plan.tasks) > 1:
+    fan_out = fan_out and len(plan.tasks) > 1
+    outcome["region_tasks_fanned_out"] = fan_out
+    if plan.candidate_level is not None:
+        outcome["candidate_mpp"] = float(mpp * slide.level_downsamples[plan.candidate_level])
+    if fan_out:
         return _fan_out(ray, slide, ref, settings, cfg, plan, mpp_source)
     zones = plan.zone_map  # in this process, without zoning the slide again
     result = detect_slide(
@@ -540,34 +569,13 @@ def _find_cells(slide, ref: SlideRef, settings: DetectSettings, cfg, outcome: di
         max_cells=settings.max_cells,
         seed=seed,
     )
+    # region_tasks: the regions detect_slide's own plan ran (in turn, in this process)
     return _Cells(*_from_result(result, True), {"region_tasks": result.info.get("region_tasks")})
 
 
 def _from_result(result, zoned: bool) -> tuple[dict, int, Iterator]:
     """``_Cells``' first fields from a ``detect_slide`` result."""
     return result.info, len(result.records), _sliced(result, zoned)
-
-
-def _zoned_limit(slide, plan, cfg, uri: str):
-    """``cfg`` for reading ``plan``: the detection-level limit (``max_detect_pixels``, a guard
-    against slides whose reading would never end) applies to the px a zoned read plans to
-    detect on, not to the whole level: a 5 GP smear's level 0 (5.0e9 px at 0.25 µm/px) is over
-    the 2**32 px limit, its monolayer far under it. Raises :class:`SlideTooLargeError` when the
-    planned area itself is over it."""
-    from dataclasses import replace
-
-    from pipeline.errors import SlideTooLargeError
-
-    ds = slide.level_downsamples[plan.level]
-    planned = sum(t.area_px for t in plan.tasks) / (ds * ds)
-    if planned > cfg.max_detect_pixels:
-        raise SlideTooLargeError(
-            uri,
-            f"the chosen zones cover {planned:.0f} px of detection level {plan.level}, over the "
-            f"{cfg.max_detect_pixels} px limit",
-        )
-    lw, lh = slide.level_dimensions[plan.level]
-    return replace(cfg, max_detect_pixels=max(cfg.max_detect_pixels, lw * lh))
 
 
 def process_slide(ref: SlideRef, settings: DetectSettings):
