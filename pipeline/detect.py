@@ -221,6 +221,7 @@ def detect_slide(
     select: tuple[str, ...] | list[str] | str = ("monolayer",),
     max_cells: int | None = None,
     seed: int = 0,
+    max_task_px: int | None = None,
 ) -> SlideCells:
     """Detect, crop and measure every white cell of the slide or image at ``path``.
 
@@ -234,7 +235,9 @@ def detect_slide(
     region boxes (:func:`plan_smear`); cells seen outside them are counted per zone in
     ``info["cells_outside_zones"]``. ``max_cells``: at most this many cells are measured, a
     spatially balanced equal-probability sample (``seed``) of the (chosen zones') cells;
-    ``info`` records ``sampled`` and ``cells_total``.
+    ``info`` records ``sampled`` and ``cells_total``. ``max_task_px``: level-0 px of one region
+    of a zoned read (:func:`plan_smear`; default :data:`MAX_TASK_PX`): regions are read one
+    after another, so it bounds the memory of one.
     Raises a :class:`pipeline.errors.SlideError` subclass naming the file on any bad input:
     ``SlideOpenError``, ``SlideReadError``, ``SlideTooLargeError``, ``ScaleError``;
     :class:`~pipeline.zones.ZoneError` when a slide cannot be zoned; ``ConfigError`` for bad
@@ -289,6 +292,7 @@ def detect_slide(
                 zone_map=zm,
                 select=select,
                 mpp=mpp,
+                max_task_px=MAX_TASK_PX if max_task_px is None else max_task_px,
             )
             check_planned_area(slide, plan, cfg, slide.path)
             stats: dict = {}

@@ -258,3 +258,15 @@ def test_size_guard_counts_the_planned_area_of_a_zoned_read(smear):
         tight = DetectConfig(max_detect_pixels=int(planned * 0.9))
         with pytest.raises(SlideTooLargeError, match="chosen zones cover"):
             detect_slide(slide, tight, zones=True)
+
+
+@_DATA
+def test_detect_slide_reads_regions_of_the_given_size_with_the_same_cells(smear):
+    with open_slide(smear.path) as slide:
+        one = detect_slide(slide, zones=True)
+        planned = sum(t.area_px for t in plan_smear(slide).tasks)
+        small = detect_slide(slide, zones=True, max_task_px=max(planned // 4, 1))
+    assert one.info["region_tasks"] == 1
+    assert small.info["region_tasks"] >= 2
+    key = lambda r: (round(r["centroid_x"]), round(r["centroid_y"]))  # noqa: E731
+    assert sorted(map(key, small.records)) == sorted(map(key, one.records))

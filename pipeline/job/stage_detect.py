@@ -568,8 +568,9 @@ def _find_cells(slide, ref: SlideRef, settings: DetectSettings, cfg, outcome: di
         select=select,
         max_cells=settings.max_cells,
         seed=seed,
+        max_task_px=settings.region_task_px,
     )
-    # region_tasks: the regions detect_slide's own plan ran (in turn, in this process)
+    # region_tasks: the regions of --region-task-mpx this process ran in turn
     return _Cells(*_from_result(result, True), {"region_tasks": result.info.get("region_tasks")})
 
 
