@@ -457,6 +457,17 @@ _RING = [(math.cos(a * math.pi / 6), math.sin(a * math.pi / 6)) for a in range(1
 #: smears (pipeline.eval_smear): PBC and BCCD white cells are >= 0.22, their false candidates
 #: <= 0.09; Raabin and Kaggle overlap (see the eval's numbers).
 NUCLEUS_CHROMA = 0.12
+#: Second part of the level-0 nucleus check (:func:`_has_nucleus` at NUCLEUS_CHROMA or above): the
+#: blue share of the darkest fifth's OD (OD_B ÷ OD sum) is at most this, unless its chroma is
+#: NUCLEUS_FAR_CHROMA or more from the red cells'. A Romanowsky nucleus is purple: it lets blue
+#: through, and its blue share is low in every stain; a dark overlap of two red cells keeps the
+#: red cells' blue-absorbing hue. Generated smears from TXL-PBC train fields (3 PBC, 3 BCCD, 5
+#: Raabin, 15 Kaggle slides; the level-0 checks of every detection): white cells 0.236 at most
+#: (99th percentile 0.20-0.22 per source); of Kaggle's red-cell overlaps that pass NUCLEUS_CHROMA
+#: (14, blue share 0.230-0.285) it drops 8. No white cell was lost by it there. A thin margin
+#: (0.236 vs 0.25), so it is a second check, not the main one.
+NUCLEUS_MAX_BLUE = 0.25
+NUCLEUS_FAR_CHROMA = 0.25
 
 
 def _tile_stain(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -480,7 +491,10 @@ def _has_nucleus(
     threshold: float = NUCLEUS_CHROMA,
 ) -> bool:
     """Whether the darkest fifth of ``bbox`` (px of ``rgb``) differs in OD chroma from the
-    tile's red cells (``ref``, ``red_chroma``: :func:`_tile_stain`) by ``threshold`` or more."""
+    tile's red cells (``ref``, ``red_chroma``: :func:`_tile_stain`) by ``threshold`` or more,
+    and (at ``threshold`` >= :data:`NUCLEUS_CHROMA`, the level-0 check) has a nucleus's low blue
+    share (:data:`NUCLEUS_MAX_BLUE`). The coarse candidates' check (:data:`CANDIDATE_CHROMA`,
+    half the threshold for a 2x margin) is colour distance only."""
     if red_chroma is None:
         return True  # no red cells to compare with: the detector's word stands
     x0, y0, x1, y1 = (int(v) for v in bbox)
@@ -491,7 +505,12 @@ def _has_nucleus(
     tot = od.sum(axis=1)
     dark = od[tot >= np.percentile(tot, 80)].mean(axis=0)
     chroma = dark / max(float(dark.sum()), 1e-6)
-    return float(np.abs(chroma - red_chroma).sum()) >= threshold
+    dist = float(np.abs(chroma - red_chroma).sum())
+    if dist < threshold:
+        return False
+    if threshold < NUCLEUS_CHROMA or dist >= NUCLEUS_FAR_CHROMA:
+        return True
+    return float(chroma[2]) <= NUCLEUS_MAX_BLUE
 
 
 def cell_zone(zm: ZoneMap, x: float, y: float, ring_um: float = CELL_RING_UM) -> dict:

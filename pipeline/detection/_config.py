@@ -46,6 +46,13 @@ class DetectorConfig:
     #: fragments smaller than this (a lobe, not a whole nucleus) join neighbours up to
     #: 2.5 x lobe_merge_um away
     lobe_max_area_um2: float = 30.0
+    #: a nucleus group larger than this (µm²) and filling less than ``chain_min_fill`` of its
+    #: bounding box is red-cell rims chained to (maybe) a nucleus, and is re-thresholded within
+    #: itself (see ``_detector._split_chains``)
+    chain_area_um2: float = 120.0
+    chain_min_fill: float = 0.4
+    #: times a chained group is cut again (0: never re-threshold)
+    chain_passes: int = 2
     #: detections whose score (probability of being a white cell) is below this are dropped
     min_score: float = 0.1
     #: use the bundled learned verifier to score candidates (False: colour/size score only)
@@ -69,6 +76,7 @@ class DetectorConfig:
             "min_nucleus_area_um2",
             "max_nucleus_area_um2",
             "lobe_max_area_um2",
+            "chain_area_um2",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -107,6 +115,15 @@ class DetectorConfig:
         if self.lobe_merge_um < 0:
             raise ConfigError(
                 f"DetectorConfig.lobe_merge_um: must be ≥ 0, got {self.lobe_merge_um!r}"
+            )
+        if not 0.0 <= self.chain_min_fill <= 1.0:
+            raise ConfigError(
+                f"DetectorConfig.chain_min_fill: must be in [0, 1], got {self.chain_min_fill!r}"
+            )
+        v = self.chain_passes
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 10:
+            raise ConfigError(
+                f"DetectorConfig.chain_passes: must be an integer in [0, 10], got {v!r}"
             )
         if not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(
