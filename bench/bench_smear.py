@@ -10,7 +10,8 @@
    row's detail gives the two slides' cell-count ratio, which is what a cost proportional to
    the cells reaches (the generator's white-cell density varies between the two).
 2. **S3 bytes and memory**: a larger slide (~30 % monolayer) served by moto's S3 server on
-   127.0.0.1, read in place (:func:`pipeline.slides._remote_tiff.open_remote_slide`) by a child
+   127.0.0.1 (5 GP: by :mod:`bench._range_s3`, a file-backed endpoint, as moto copies the whole
+   object on every ranged GET), read in place (:func:`pipeline.slides._remote_tiff.open_remote_slide`) by a child
    process that zones it and detects its monolayer; reports S3 bytes fetched ÷ object size
    (goal ≤ 0.15) and the child's peak RSS (``VmHWM``, goal ≤ 2 GiB). Where the bytes go: the
    child counts the tile bytes it fetches per pyramid level, for the zone map and for detection
@@ -25,11 +26,13 @@ Sizes: 128 MP slides (4 x 2 mm) for (1) and 0.5 GP (8 x 4 mm at 0.25 µm/px) for
 once instead of the least of three; about half an hour on 2 cores).
 ``BENCH_SMEAR_ONE_STAGE=1`` detects in one stage on level 0 (``DetectConfig(candidate_mpp=None)``,
 the path before coarse-to-fine) for a before/after on the same slides.
+``BENCH_SMEAR_ONLY=cpu`` or ``s3`` runs one part.
 Run alone: ``python -m bench.bench_smear``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -187,9 +190,6 @@ def _tile_bytes(path, mpp: float, centroids, boxes) -> dict:
 
 
 def run() -> list[dict]:
-    from bench.bench_s3_reads import s3_client
-    from pipeline.detect import plan_smear
-    from pipeline.slides import open_slide
     from pipeline.whole_smear import SmearSpec, build_whole_smear, smear_gigapixels
 
     rows = []
@@ -197,7 +197,8 @@ def run() -> list[dict]:
     large = os.environ.get("BENCH_SMEAR_LARGE") == "1"
     with tempfile.TemporaryDirectory() as tmp:
         cpu, zone_cpu, area, cells = {}, {}, {}, {}
-        for f in (0.1, 0.4):
+        only = os.environ.get("BENCH_SMEAR_ONLY", "")
+        for f in (0.1, 0.4) if only != "s3" else ():
             spec = SmearSpec(
                 width_mm=25.0 if large else 4.0,
                 height_mm=12.5 if large else 2.0,
@@ -222,6 +223,8 @@ def run() -> list[dict]:
                 f"{n} cells, {cand} candidates, {planned:.3f} of level 0 planned, zone map "
                 f"{zc:.1f} CPU-s, detection {c:.1f} CPU-s"
             )
+        if only == "s3":
+            return rows + _s3_rows(tmp, large, mode)
         area_ratio = area[0.4] / area[0.1]
         cpu_ratio = cpu[0.4] / cpu[0.1]
         all_ratio = (cpu[0.4] + zone_cpu[0.4]) / (cpu[0.1] + zone_cpu[0.1])
@@ -247,82 +250,106 @@ def run() -> list[dict]:
                 "detail": f"zone map + detection CPU 40%/10% {all_ratio:.2f}, area {area_ratio:.2f}",
             }
         )
-        spec = SmearSpec(
-            width_mm=25.0 if large else 8.0,
-            height_mm=12.5 if large else 4.0,
-            seed=502,
-            source="bccd",
-            monolayer_fraction=0.3,
-            thick_fraction=0.15,
-            feathered_fraction=0.1,
-        )
-        sm = build_whole_smear(tmp, spec, name="s3")
-        size = os.path.getsize(sm.path)
-        with s3_client() as (client, url):
+        if only == "cpu":
+            return rows
+        return rows + _s3_rows(tmp, large, mode)
+
+
+def _s3_rows(tmp: str, large: bool, mode: str) -> list[dict]:
+    """(2): S3 bytes fetched and peak RSS of one zoned slide read in place."""
+    from bench._range_s3 import RangeS3
+    from bench.bench_s3_reads import s3_client
+    from pipeline.detect import plan_smear
+    from pipeline.slides import open_slide
+    from pipeline.whole_smear import SmearSpec, build_whole_smear, smear_gigapixels
+
+    rows: list[dict] = []
+    spec = SmearSpec(
+        width_mm=25.0 if large else 8.0,
+        height_mm=12.5 if large else 4.0,
+        seed=502,
+        source="bccd",
+        monolayer_fraction=0.3,
+        thick_fraction=0.15,
+        feathered_fraction=0.1,
+    )
+    sm = build_whole_smear(tmp, spec, name="s3")
+    size = os.path.getsize(sm.path)
+    with contextlib.ExitStack() as stack:
+        if large:
+            # moto's server copies the whole object on every ranged GET (1 GB a request
+            # here): a file-backed endpoint answers the same HTTP calls (bench._range_s3).
+            server = stack.enter_context(RangeS3({(_BUCKET, sm.path.name): sm.path}))
+            url = server.url
+        else:
+            server = None
+            client, url = stack.enter_context(s3_client())
             client.create_bucket(Bucket=_BUCKET)
             client.upload_file(str(sm.path), _BUCKET, sm.path.name)
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    f"from bench.bench_smear import _child; _child({url!r}, {sm.path.name!r})",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=Path(__file__).resolve().parent.parent,
-                env=os.environ,
-            )
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        with open_slide(sm.path) as slide:
-            plan = plan_smear(slide, _config())
-            mpp = slide.mpp
-        tb = _tile_bytes(sm.path, mpp, r["centroids"], [b for t in plan.tasks for b in t.boxes])
-        gp = smear_gigapixels(spec)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from bench.bench_smear import _child; _child({url!r}, {sm.path.name!r})",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            env=os.environ,
+        )
+        sent = server.sent if server is not None else None
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    with open_slide(sm.path) as slide:
+        plan = plan_smear(slide, _config())
+        mpp = slide.mpp
+    tb = _tile_bytes(sm.path, mpp, r["centroids"], [b for t in plan.tasks for b in t.boxes])
+    gp = smear_gigapixels(spec)
 
-        def share(n: int) -> str:
-            return f"{n / size:.3f}"
+    def share(n: int) -> str:
+        return f"{n / size:.3f}"
 
-        det, zpay = r["detect_payload"], r["zone_payload"]
-        other = r["fetched"] - sum(det) - sum(zpay)
-        where = (
-            f"object levels {', '.join(share(b) for b in tb['levels'])}; zone map "
-            f"{share(r['zone_bytes'])} (tiles {', '.join(share(b) for b in zpay)} by level); "
-            f"detection tiles {', '.join(share(b) for b in det)} by level; header + merged-range "
-            f"gaps {share(other)}; {r['requests']} requests. Level-0 floor: the {r['cells']} "
-            f"cells' crop boxes alone need {tb['crop_tiles0']} of {tb['tiles0']} level-0 tiles, "
-            f"{share(tb['crops0'])} ({share(tb['crops_margin0'])} with the 8-µm centring "
-            f"margin around each); the region boxes' level-0 tiles {share(tb['boxes0'])}"
-        )
-        detail = (
-            f"[{mode}] {gp:.2f} GP, {size:,} B, {r['cells']} cells, {r['tasks']} region tasks, "
-            f"{r['planned']:.3f} of level 0 planned, candidates {r['candidates']} on level "
-            f"{r['candidate_level']}, {r['verify_windows']} verification groups over "
-            f"{r['verify_fraction'] if r['verify_fraction'] is None else round(r['verify_fraction'], 3)} "
-            f"of level 0, {r['seconds']:.0f} s, outside {r['outside']}"
-        )
-        print(
-            f"S3: fetched {r['fetched']:,} of {size:,} B ({r['fetched'] / size:.3f}), VmHWM "
-            f"{r['vmhwm'] / 2**30:.2f} GiB; {detail}\n  bytes ÷ object: {where}"
-        )
-        rows.append(
-            {
-                "name": f"smear_s3_bytes_ratio_{gp:.1f}GP",
-                "value": r["fetched"] / size,
-                "unit": "fetched/size",
-                "goal": "<= 0.15",
-                "detail": f"{detail}; {where}",
-            }
-        )
-        rows.append(
-            {
-                "name": f"smear_peak_rss_gib_{gp:.1f}GP",
-                "value": r["vmhwm"] / 2**30,
-                "unit": "GiB",
-                "goal": "<= 2",
-                "detail": detail,
-            }
-        )
+    det, zpay = r["detect_payload"], r["zone_payload"]
+    other = r["fetched"] - sum(det) - sum(zpay)
+    where = (
+        f"object levels {', '.join(share(b) for b in tb['levels'])}; zone map "
+        f"{share(r['zone_bytes'])} (tiles {', '.join(share(b) for b in zpay)} by level); "
+        f"detection tiles {', '.join(share(b) for b in det)} by level; header + merged-range "
+        f"gaps {share(other)}; {r['requests']} requests. Level-0 floor: the {r['cells']} "
+        f"cells' crop boxes alone need {tb['crop_tiles0']} of {tb['tiles0']} level-0 tiles, "
+        f"{share(tb['crops0'])} ({share(tb['crops_margin0'])} with the 8-µm centring "
+        f"margin around each); the region boxes' level-0 tiles {share(tb['boxes0'])}"
+    )
+    detail = (
+        f"[{mode}] {gp:.2f} GP, {size:,} B, {r['cells']} cells, {r['tasks']} region tasks, "
+        f"{r['planned']:.3f} of level 0 planned, candidates {r['candidates']} on level "
+        f"{r['candidate_level']}, {r['verify_windows']} verification groups over "
+        f"{r['verify_fraction'] if r['verify_fraction'] is None else round(r['verify_fraction'], 3)} "
+        f"of level 0, {r['seconds']:.0f} s, outside {r['outside']}"
+        + ("" if sent is None else f"; endpoint sent {sent / size:.3f} of the object")
+    )
+    print(
+        f"S3: fetched {r['fetched']:,} of {size:,} B ({r['fetched'] / size:.3f}), VmHWM "
+        f"{r['vmhwm'] / 2**30:.2f} GiB; {detail}\n  bytes ÷ object: {where}"
+    )
+    rows.append(
+        {
+            "name": f"smear_s3_bytes_ratio_{gp:.1f}GP",
+            "value": r["fetched"] / size,
+            "unit": "fetched/size",
+            "goal": "<= 0.15",
+            "detail": f"{detail}; {where}",
+        }
+    )
+    rows.append(
+        {
+            "name": f"smear_peak_rss_gib_{gp:.1f}GP",
+            "value": r["vmhwm"] / 2**30,
+            "unit": "GiB",
+            "goal": "<= 2",
+            "detail": detail,
+        }
+    )
     return rows
 
 
