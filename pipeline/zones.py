@@ -84,6 +84,7 @@ __all__ = [
     "ZoneMap",
     "ZoneError",
     "zone_map",
+    "zone_map_level",
     "zone_map_from_path",
     "agreement",
     "render_labels_png",
@@ -473,6 +474,12 @@ def _calibrate(
     if not vals:
         raise ZoneError(f"{where}: no window with separate red cells to calibrate the red-cell OD")
     return _mode(vals, _MODE_BANDWIDTH)
+
+
+def zone_map_level(slide, settings: ZoneSettings | None = None) -> int:
+    """The pyramid level :func:`zone_map` reads whole: the coarsest at most ``map_um`` µm/px
+    (level 0 of a slide without a coarser level)."""
+    return _pick_level(slide, (settings or ZoneSettings()).map_um)
 
 
 def zone_map(slide, settings: ZoneSettings | None = None) -> ZoneMap:

@@ -84,11 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _mpp_or_none(text: str) -> float | None:
+    from pipeline.cli.run import _number
+
     if text.strip().lower() == "none":
         return None
     try:
-        return float(text)
-    except ValueError:
+        # the run flag's parser: float() would also take "1_1" (11.0), "nan" and other scripts' digits
+        return _number(text.strip())
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"not a number of µm/px or none: {text[:40]!r}") from None
 
 
@@ -103,7 +106,7 @@ def _zones(given: list[str] | None) -> tuple[str, ...] | None:
     bad = [z for z in names if z not in ZONE_NAMES]
     if bad or not names:
         raise ConfigError(
-            f"--zones {','.join(given)!r}: give one or more of {', '.join(ZONE_NAMES)}"
+            f"--zones {','.join(given)[:60]!r}: give one or more of {', '.join(ZONE_NAMES)}"
         )
     return names
 
@@ -181,16 +184,18 @@ def _summary(path: str, res) -> str:
         return line
     outside = sum((info.get("cells_outside_zones") or {}).values())
     cl = info.get("candidate_level")
-    stages = (
-        "one stage"
-        if cl is None
-        else f"candidates on level {cl} ({info['candidates']} found, "
-        f"{info['verify_windows']} level-{info['detect_level']} windows verified)"
-    )
     n = info["region_tasks"]
+    stages = (
+        "no region to read"
+        if not n
+        else "one stage"
+        if cl is None
+        else f"candidates on level {cl} ({info.get('candidates') or 0} found, "
+        f"{info.get('verify_windows') or 0} level-{info['detect_level']} windows verified)"
+    )
     return (
-        f"{line}; zones {','.join(info['select'])}: {outside} cells seen outside, "
-        f"{n} region task{'s' * (n != 1)}, {stages}"
+        f"{line}; zones {','.join(info['select'])}: {outside} cell{'s' * (outside != 1)} seen "
+        f"outside, {n} region task{'s' * (n != 1)}, {stages}"
     )
 
 

@@ -176,6 +176,12 @@ class DetectSettings:
             )
         if not self.region_task_cpus > 0:
             raise ConfigError(f"--detect-cpus must be > 0, got {self.region_task_cpus!r}")
+        from pipeline.detect import DetectConfig
+
+        try:
+            DetectConfig(candidate_mpp=self.candidate_mpp)
+        except ConfigError as exc:
+            raise ConfigError(f"--candidate-mpp: {str(exc).split(': ', 1)[-1]}") from None
 
 
 def ref_to_json(ref: SlideRef) -> str:
@@ -555,7 +561,7 @@ def _find_cells(slide, ref: SlideRef, settings: DetectSettings, cfg, outcome: di
     fan_out = ray is not None and settings.region_tasks_in_flight > 0 and not slide.staged
     fan_out = fan_out and len(plan.tasks) > 1
     outcome["region_tasks_fanned_out"] = fan_out
-    if plan.candidate_level is not None:
+    if plan.tasks and plan.candidate_level is not None:  # no region read: no candidate level
         outcome["candidate_mpp"] = float(mpp * slide.level_downsamples[plan.candidate_level])
     if fan_out:
         return _fan_out(ray, slide, ref, settings, cfg, plan, mpp_source)
