@@ -42,7 +42,7 @@ from pipeline.errors import ConfigError, ScaleError, SlideTooLargeError
 from pipeline.schema import DETECT_COLUMNS
 from pipeline.slides import DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS, Slide, open_slide
 from pipeline.smear_sampling import spatial_sample
-from pipeline.zones import ZONE_NAMES, ZoneMap, ZoneSettings
+from pipeline.zones import ZONE_NAMES, ZoneMap, ZoneSettings, zone_map_level
 from pipeline.zones import zone_map as zone_map_fn
 
 __all__ = [
@@ -245,6 +245,12 @@ def detect_slide(
     """
     cfg = config if config is not None else DetectConfig()
     _check_budget(max_cells, seed)
+    if max_task_px is not None and (
+        isinstance(max_task_px, bool) or not isinstance(max_task_px, int) or max_task_px < 1
+    ):
+        raise ConfigError(
+            f"max_task_px must be None or a positive integer of level-0 px, got {max_task_px!r}"
+        )
     use_zones = zones is not None and zones is not False
     if use_zones:
         select = _check_select(select)
@@ -619,6 +625,18 @@ def plan_smear(
     blocks are one candidate-level detection tile each (a 40x scan: ~1 mm)."""
     cfg = config if config is not None else DetectConfig()
     select = _check_select(select)
+    if zone_map is None:
+        # Zoning reads its level whole: on a slide with no level near 4 µm/px that is level 0,
+        # which the size guard must refuse before it is read, not after (a 10 GP single-level
+        # TIFF took minutes to zone, and is refused at once when read whole).
+        zl = zone_map_level(slide, zone_settings)
+        zw, zh = slide.level_dimensions[zl]
+        if zw * zh > cfg.max_detect_pixels:
+            raise SlideTooLargeError(
+                slide.path,
+                f"no level coarse enough to zone from: zoning would read level {zl}, {zw}x{zh} "
+                f"px, over the {cfg.max_detect_pixels} px limit",
+            )
     zm = zone_map if zone_map is not None else zone_map_fn(slide, zone_settings)
     mpp = float(mpp if mpp is not None else slide.mpp if slide.mpp is not None else zm.mpp)
     if not _finite_pos(region_um):
