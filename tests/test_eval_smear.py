@@ -67,3 +67,25 @@ def test_small_smear_is_scored(tmp_path):
     )
     assert row["truth_wbc_centre_in_zones"] == sum(c["zone"] == "monolayer" for c in truth["wbcs"])
     assert 0 <= row["recall_centre_rule"] <= 1
+
+
+@pytest.mark.unit
+def test_more_slides_per_source_have_their_own_seeds():
+    from pipeline.eval_smear import default_specs
+
+    one = default_specs()
+    three = default_specs(per_source=3)
+    assert len(three) == 3 * len(one)
+    assert len({(s.source, s.seed) for s in three}) == len(three)
+    assert {s.source for s in three} == {s.source for s in one}
+    assert three[: len(one)] == one  # the first slide of each source is today's
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bad", [0, 21, True, 1.5, "2"])
+def test_bad_per_source_is_a_clear_error(bad):
+    from pipeline.errors import ConfigError
+    from pipeline.eval_smear import default_specs
+
+    with pytest.raises(ConfigError, match=r"^--per-source must be an integer"):
+        default_specs(per_source=bad)

@@ -28,6 +28,13 @@ def add_arguments(parser) -> None:
         help="spatially uniform sample of N cells",
     )
     parser.add_argument(
+        "--per-source",
+        type=int,
+        default=1,
+        metavar="N",
+        help="slides per source (seeds +10 each; default 1): a steadier per-source figure",
+    )
+    parser.add_argument(
         "--keep", metavar="DIR", help="write the generated slides here (default: a temp dir)"
     )
     parser.add_argument("--json", metavar="OUT", help="write the full result as JSON")
@@ -38,7 +45,11 @@ def main(args) -> int:
 
     select = tuple(z.strip() for z in args.zones.split(",") if z.strip())
     res = evaluate_smears(
-        large=args.large, select=select, max_cells=args.max_cells_per_slide, out_dir=args.keep
+        large=args.large,
+        select=select,
+        max_cells=args.max_cells_per_slide,
+        out_dir=args.keep,
+        per_source=args.per_source,
     )
     print(format_table(res))
     if args.json:
