@@ -328,6 +328,8 @@ def detect_slide(
                 "zone_map_png": plan.zone_map.png(512, points=[c.centroid for c in cells]),
                 "select": list(plan.select),
                 "cells_outside_zones": merged.outside,
+                # level-0 (x, y, zone) of each: for evaluation, not stored in slides/
+                "cells_outside_points": merged.outside_points,
                 "cells_total": merged.cells_total,
                 "sampled": merged.sampled,
                 "max_cells": max_cells,
@@ -594,13 +596,15 @@ class MergedCells:
     """:func:`merge_regions`' result: ``cells`` to measure (reading order), ``cell_zones``
     (per cell ``smear_zone``, ``rbc_coverage``, ``rbc_per_1000um2``), ``outside`` (cells seen
     in zones not chosen, ``{zone: n}`` for every such zone), ``cells_total`` (chosen-zone cells
-    before the budget) and ``sampled``."""
+    before the budget), ``sampled`` and ``outside_points`` (each cell counted in ``outside``:
+    level-0 centroid x, y and its zone)."""
 
     cells: list[RegionCell]
     cell_zones: list[dict]
     outside: dict[str, int]
     cells_total: int
     sampled: bool
+    outside_points: list[tuple[float, float, str]] = field(default_factory=list)
 
 
 def plan_smear(
@@ -1466,11 +1470,13 @@ def merge_described(plan: SmearPlan, parts: list[DescribedRegion], crop_px: int 
         for c, z, r, cr in zip(part.cells, part.cell_zones, part.records, part.crops):
             by_id[id(c)] = (c, z, r, cr)
     outside = {z: 0 for z in ZONE_NAMES if z not in plan.select}
+    points: list[tuple[float, float, str]] = []
     kept = []
     for c in _dedup([v[0] for v in by_id.values()]):
         entry = by_id[id(c)]
         if entry[2] is None:
             outside[entry[1]["smear_zone"]] += 1
+            points.append((float(c.centroid[0]), float(c.centroid[1]), entry[1]["smear_zone"]))
         else:
             kept.append(entry)
     boxes = np.array([c.box for c, *_ in kept], dtype=np.float64).reshape(-1, 4)
@@ -1482,7 +1488,9 @@ def merge_described(plan: SmearPlan, parts: list[DescribedRegion], crop_px: int 
             rec["qc_flags"] = sorted(rec["qc_flags"] + ["clumped"], key=_QC_ORDER.index)
         records.append(rec)
         crops[i] = crop
-    merged = MergedCells([e[0] for e in kept], [e[1] for e in kept], outside, len(kept), False)
+    merged = MergedCells(
+        [e[0] for e in kept], [e[1] for e in kept], outside, len(kept), False, points
+    )
     return merged, records, crops
 
 
@@ -1500,6 +1508,7 @@ def merge_regions(
     zm = plan.zone_map
     cells = _dedup([c for part in found for c in part])
     outside = {z: 0 for z in ZONE_NAMES if z not in plan.select}
+    points: list[tuple[float, float, str]] = []
     kept: list[tuple[RegionCell, dict]] = []
     for c in cells:
         cz = cell_zone(zm, *c.centroid)
@@ -1507,12 +1516,13 @@ def merge_regions(
             kept.append((c, cz))
         else:
             outside[cz["smear_zone"]] += 1
+            points.append((float(c.centroid[0]), float(c.centroid[1]), cz["smear_zone"]))
     total = len(kept)
     if max_cells is not None and total > max_cells:
         idx = spatial_sample(np.array([c.centroid for c, _ in kept], np.float64), max_cells, seed)
         kept = [kept[i] for i in idx]
     return MergedCells(
-        [c for c, _ in kept], [z for _, z in kept], outside, total, len(kept) < total
+        [c for c, _ in kept], [z for _, z in kept], outside, total, len(kept) < total, points
     )
 
 

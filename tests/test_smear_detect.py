@@ -270,3 +270,28 @@ def test_detect_slide_reads_regions_of_the_given_size_with_the_same_cells(smear)
     assert small.info["region_tasks"] >= 2
     key = lambda r: (round(r["centroid_x"]), round(r["centroid_y"]))  # noqa: E731
     assert sorted(map(key, small.records)) == sorted(map(key, one.records))
+
+
+@_DATA
+def test_cells_counted_outside_the_zones_are_located(smear):
+    # One stage: the region boxes' margins hold cells of other zones, which are counted
+    # (coarse-to-fine drops such candidates before verifying them).
+    cfg = DetectConfig(candidate_mpp=None)
+    with open_slide(smear.path) as slide:
+        res = detect_slide(slide, cfg, zones=True)
+        plan = plan_smear(slide, cfg)
+        merged = merge_regions(plan, [detect_region(slide, t, cfg) for t in plan.tasks])
+    for pts, counts in (
+        (res.info["cells_outside_points"], res.info["cells_outside_zones"]),
+        (merged.outside_points, merged.outside),
+    ):
+        assert sum(counts.values()) > 0
+        assert len(pts) == sum(counts.values())
+        assert {z: sum(p[2] == z for p in pts) for z in counts} == counts
+        w, h = smear_dims(smear)
+        assert all(0 <= x < w and 0 <= y < h for x, y, _ in pts)
+
+
+def smear_dims(smear):
+    with open_slide(smear.path) as slide:
+        return slide.dimensions
