@@ -245,12 +245,8 @@ def detect_slide(
     """
     cfg = config if config is not None else DetectConfig()
     _check_budget(max_cells, seed)
-    if max_task_px is not None and (
-        isinstance(max_task_px, bool) or not isinstance(max_task_px, int) or max_task_px < 1
-    ):
-        raise ConfigError(
-            f"max_task_px must be None or a positive integer of level-0 px, got {max_task_px!r}"
-        )
+    if max_task_px is not None:
+        _check_task_px(max_task_px)  # before the file is opened, not after zoning it
     use_zones = zones is not None and zones is not False
     if use_zones:
         select = _check_select(select)
@@ -395,6 +391,13 @@ def check_planned_area(slide: Slide, plan: SmearPlan, cfg: DetectConfig, name: s
             name,
             f"the chosen zones cover {planned:.0f} px of detection level {plan.level}, over the "
             f"{cfg.max_detect_pixels} px limit",
+        )
+
+
+def _check_task_px(max_task_px: object) -> None:
+    if isinstance(max_task_px, bool) or not isinstance(max_task_px, int) or max_task_px < 1:
+        raise ConfigError(
+            f"max_task_px must be a positive integer of level-0 px, got {max_task_px!r}"
         )
 
 
@@ -715,8 +718,7 @@ def split_regions(
     (a block's neighbours above and to the left were read just before it). Tasks are spatially
     compact either way. ``candidate_level``: the tasks' (coarse-to-fine, see
     :class:`RegionTask`)."""
-    if isinstance(max_task_px, bool) or not isinstance(max_task_px, int) or max_task_px < 1:
-        raise ConfigError(f"max_task_px must be a positive integer, got {max_task_px!r}")
+    _check_task_px(max_task_px)
     if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1):
         raise ConfigError(f"tasks must be a positive integer, got {tasks!r}")
     if block_px is not None and (
@@ -824,6 +826,17 @@ def _task_windows(
             g,
         )
         for g in groups
+    ]
+
+
+def _clip_rects(rects, window) -> list[tuple[int, int, int, int]]:
+    """The parts of ``rects`` inside ``window`` (all ``(x0, y0, x1, y1)``, exclusive), empty
+    ones left out: what :func:`_read_needed` reads of that window."""
+    wx0, wy0, wx1, wy1 = window
+    return [
+        (max(a, wx0), max(b, wy0), min(c, wx1), min(d, wy1))
+        for a, b, c, d in rects
+        if a < wx1 and c > wx0 and b < wy1 and d > wy0
     ]
 
 
@@ -1017,11 +1030,7 @@ def _block_tiles(
             if x1 - tx < 2 or y1 - ty < 2:
                 continue
             win = (tx, ty, x1, y1)
-            sub = [
-                (max(a, tx), max(b, ty), min(c, x1), min(d, y1))
-                for a, b, c, d in need
-                if a < x1 and c > tx and b < y1 and d > ty
-            ]
+            sub = _clip_rects(need, win)
             if not sub:
                 continue
             cx0 = rx0 + i * stride + overlap / 2 if i > 0 else -math.inf
@@ -1264,11 +1273,7 @@ def _verify_cells(
             )
             tx, ty = max(0, core[0] - pad), max(0, core[1] - pad)
             x1, y1 = min(lw, core[2] + pad), min(lh, core[3] + pad)
-            sub = [
-                (max(a, tx), max(b, ty), min(c, x1), min(d, y1))
-                for a, b, c, d in rects
-                if a < x1 and c > tx and b < y1 and d > ty
-            ]
+            sub = _clip_rects(rects, (tx, ty, x1, y1))
             rgb = _read_needed(slide, level, (tx, ty, x1, y1), sub)
             ref, red_chroma = _tile_stain(rgb)
             for d in detect_wbc(rgb, lmpp, cfg.detector):
@@ -1291,11 +1296,7 @@ def _verify_cells(
             if float(np.hypot(cs[:, 0] - p[0], cs[:, 1] - p[1]).min()) > reach:
                 continue  # no candidate's cell
             win = _retry_window(p, ds, pad, cfg.crop_um / lmpp, (lw, lh))
-            sub = [
-                (max(a, win[0]), max(b, win[1]), min(c, win[2]), min(d, win[3]))
-                for a, b, c, d in rects
-                if a < win[2] and c > win[0] and b < win[3] and d > win[1]
-            ]
+            sub = _clip_rects(rects, win)
             if stats is not None:
                 stats["verify_retries"] = stats.get("verify_retries", 0) + 1
             rgb = _read_needed(slide, level, win, sub)
@@ -1469,13 +1470,11 @@ def merge_described(plan: SmearPlan, parts: list[DescribedRegion], crop_px: int 
     for part in parts:
         for c, z, r, cr in zip(part.cells, part.cell_zones, part.records, part.crops):
             by_id[id(c)] = (c, z, r, cr)
-    outside = {z: 0 for z in ZONE_NAMES if z not in plan.select}
     points: list[tuple[float, float, str]] = []
     kept = []
     for c in _dedup([v[0] for v in by_id.values()]):
         entry = by_id[id(c)]
         if entry[2] is None:
-            outside[entry[1]["smear_zone"]] += 1
             points.append((float(c.centroid[0]), float(c.centroid[1]), entry[1]["smear_zone"]))
         else:
             kept.append(entry)
@@ -1489,7 +1488,12 @@ def merge_described(plan: SmearPlan, parts: list[DescribedRegion], crop_px: int 
         records.append(rec)
         crops[i] = crop
     merged = MergedCells(
-        [e[0] for e in kept], [e[1] for e in kept], outside, len(kept), False, points
+        [e[0] for e in kept],
+        [e[1] for e in kept],
+        _outside_counts(plan.select, points),
+        len(kept),
+        False,
+        points,
     )
     return merged, records, crops
 
@@ -1507,7 +1511,6 @@ def merge_regions(
     _check_budget(max_cells, seed)
     zm = plan.zone_map
     cells = _dedup([c for part in found for c in part])
-    outside = {z: 0 for z in ZONE_NAMES if z not in plan.select}
     points: list[tuple[float, float, str]] = []
     kept: list[tuple[RegionCell, dict]] = []
     for c in cells:
@@ -1515,15 +1518,27 @@ def merge_regions(
         if cz["smear_zone"] in plan.select:
             kept.append((c, cz))
         else:
-            outside[cz["smear_zone"]] += 1
             points.append((float(c.centroid[0]), float(c.centroid[1]), cz["smear_zone"]))
     total = len(kept)
     if max_cells is not None and total > max_cells:
         idx = spatial_sample(np.array([c.centroid for c, _ in kept], np.float64), max_cells, seed)
         kept = [kept[i] for i in idx]
     return MergedCells(
-        [c for c, _ in kept], [z for _, z in kept], outside, total, len(kept) < total, points
+        [c for c, _ in kept],
+        [z for _, z in kept],
+        _outside_counts(plan.select, points),
+        total,
+        len(kept) < total,
+        points,
     )
+
+
+def _outside_counts(select, points) -> dict[str, int]:
+    """``{zone: cells}`` of ``points`` for every zone not in ``select`` (0 where none)."""
+    outside = {z: 0 for z in ZONE_NAMES if z not in select}
+    for *_, z in points:
+        outside[z] += 1
+    return outside
 
 
 def measure_cells(
