@@ -167,3 +167,53 @@ def test_slide_without_scale_or_stain_is_one_line_error(tmp_path):
         zone_map_from_path(p)
     with pytest.raises(ZoneError, match="nothing stained"):
         zone_map_from_path(p, mpp=0.25)
+
+
+def _calibration_reads(path, settings: ZoneSettings) -> list[tuple[int, int, int, int]]:
+    """Boxes :func:`pipeline.zones.zone_map` reads its calibration windows at (real reads,
+    recorded on their way through)."""
+    from pipeline.slides import open_slide
+    from pipeline.zones import _pick_level, zone_map
+
+    with open_slide(path) as slide:
+        lv = _pick_level(slide, settings.calib_um)
+        boxes: list[tuple[int, int, int, int]] = []
+        read = slide.read
+
+        def recording_read(level, box):
+            if level == lv and box[2] - box[0] <= settings.calib_window_px:
+                boxes.append(tuple(box))
+            return read(level, box)
+
+        slide.read = recording_read
+        assert zone_map(slide, settings).cell_od > 0
+    return boxes
+
+
+def _straddles(box, t: int) -> bool:
+    x0, y0, x1, y1 = box
+    return x0 // t != (x1 - 1) // t or y0 // t != (y1 - 1) // t
+
+
+def test_sparse_calibration_windows_each_fetch_one_tile(smear):
+    """Windows far apart (a gigapixel smear's 256 windows lie ~780 px apart at 1 µm/px) are each
+    kept inside one 256-px tile: a remote read fetches whole JPEG tiles, and a straddling window
+    cost 2-4 of them. One window on a small smear is that far from any other."""
+    from pipeline.zones import CALIB_TILE_PX
+
+    boxes = _calibration_reads(smear[0].path, ZoneSettings(calib_tiles=1))
+    assert boxes and not any(_straddles(b, CALIB_TILE_PX) for b in boxes), boxes
+
+
+def test_dense_calibration_windows_stay_centred(smear):
+    """Windows closer than two tiles share tiles anyway: they stay centred on their lattice
+    nodes (moving them into tiles stacked a small smear's windows in the same few tiles, and
+    its monolayer agreement fell from 0.96 to 0.90)."""
+    from pipeline.zones import CALIB_TILE_PX, _in_tile
+
+    boxes = _calibration_reads(smear[0].path, ZoneSettings())
+    assert len(boxes) > 100 and sum(_straddles(b, CALIB_TILE_PX) for b in boxes) > len(boxes) / 4
+    assert _in_tile(200.0, 128, 10_000, snap=False) == 200
+    assert _in_tile(200.0, 128, 10_000) == 256  # centre 264 lies in the tile 256..512
+    assert _in_tile(300.0, 128, 10_000) == 300  # already inside it
+    assert _in_tile(9_950.0, 128, 10_000) == 10_000 - 128  # clipped to the level's end
