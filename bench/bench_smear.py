@@ -27,6 +27,11 @@ once instead of the least of three; about half an hour on 2 cores).
 ``BENCH_SMEAR_ONE_STAGE=1`` detects in one stage on level 0 (``DetectConfig(candidate_mpp=None)``,
 the path before coarse-to-fine) for a before/after on the same slides.
 ``BENCH_SMEAR_ONLY=cpu`` or ``s3`` runs one part.
+``BENCH_SMEAR_WBC_PER_MM2=20`` sets the S3 slide's white cells per mm² of monolayer (default the
+generator's 40; a normal count of ~7,500/µL puts ~20 in a 40x field's mm² of monolayer): the
+crops' share of the bytes follows it, the zone map and the candidate level do not.
+``BENCH_SMEAR_MERGE_GAP=<bytes>`` sets the remote reader's range-merge gap (default
+:data:`pipeline.slides._s3range.DEFAULT_MERGE_GAP`) for a bytes-against-requests comparison.
 Run alone: ``python -m bench.bench_smear``.
 """
 
@@ -41,6 +46,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 _BUCKET = "bench-smear"
 
@@ -107,6 +114,18 @@ def _child(url: str, key: str) -> None:
             return blobs
 
         slide._fetch_tiles = counted
+        gap = os.environ.get("BENCH_SMEAR_MERGE_GAP")
+        if gap:
+            slide._reader.merge_gap = int(gap)
+        # Each batch of tile ranges, to price other merge gaps on the same reads (_gap_prices).
+        batches: list[list[tuple[int, int]]] = []
+        fetch_ranges = slide._reader.fetch_ranges
+
+        def recorded(ranges, workers=1):
+            batches.append([(int(o), int(n)) for o, n in ranges])
+            return fetch_ranges(ranges, workers=workers)
+
+        slide._reader.fetch_ranges = recorded
         opened = slide.bytes_fetched
         zm = zone_map(slide)
         zone_bytes, zone_payload = slide.bytes_fetched - opened, list(payload)
@@ -138,9 +157,31 @@ def _child(url: str, key: str) -> None:
                 "candidates": info.get("candidates"),
                 "verify_windows": info.get("verify_windows"),
                 "verify_fraction": info.get("verify_fraction"),
+                "gap_prices": _gap_prices(batches),
             }
         )
     )
+
+
+def _gap_prices(batches, gaps=(0, 4096, 16384, 65536)) -> dict[str, list[int]]:
+    """Bytes and requests the tile batches cost at each merge gap (the rule of
+    :meth:`pipeline.slides._s3range.S3RangeFile.fetch_ranges`, repriced on the same ranges)."""
+    out = {}
+    for gap in gaps:
+        total = requests = 0
+        for ranges in batches:
+            order = sorted((o, n) for o, n in ranges if n > 0)
+            k = 0
+            while k < len(order):
+                start, stop = order[k][0], order[k][0] + order[k][1]
+                k += 1
+                while k < len(order) and order[k][0] <= stop + gap:
+                    stop = max(stop, order[k][0] + order[k][1])
+                    k += 1
+                total += stop - start
+                requests += 1
+        out[str(gap)] = [total, requests]
+    return out
 
 
 def _tile_bytes(path, mpp: float, centroids, boxes) -> dict:
@@ -262,6 +303,7 @@ def _s3_rows(tmp: str, large: bool, mode: str) -> list[dict]:
     from pipeline.detect import plan_smear
     from pipeline.slides import open_slide
     from pipeline.whole_smear import SmearSpec, build_whole_smear, smear_gigapixels
+    from pipeline.zones import agreement
 
     rows: list[dict] = []
     spec = SmearSpec(
@@ -272,6 +314,7 @@ def _s3_rows(tmp: str, large: bool, mode: str) -> list[dict]:
         monolayer_fraction=0.3,
         thick_fraction=0.15,
         feathered_fraction=0.1,
+        wbc_per_mm2=float(os.environ.get("BENCH_SMEAR_WBC_PER_MM2", "40")),
     )
     sm = build_whole_smear(tmp, spec, name="s3")
     size = os.path.getsize(sm.path)
@@ -303,6 +346,8 @@ def _s3_rows(tmp: str, large: bool, mode: str) -> list[dict]:
     with open_slide(sm.path) as slide:
         plan = plan_smear(slide, _config())
         mpp = slide.mpp
+    truth = np.load(sm.zones_path)["labels"]
+    zone_agree = agreement(plan.zone_map.labels_on(truth.shape), truth)["overall"]
     tb = _tile_bytes(sm.path, mpp, r["centroids"], [b for t in plan.tasks for b in t.boxes])
     gp = smear_gigapixels(spec)
 
@@ -315,17 +360,22 @@ def _s3_rows(tmp: str, large: bool, mode: str) -> list[dict]:
         f"object levels {', '.join(share(b) for b in tb['levels'])}; zone map "
         f"{share(r['zone_bytes'])} (tiles {', '.join(share(b) for b in zpay)} by level); "
         f"detection tiles {', '.join(share(b) for b in det)} by level; header + merged-range "
-        f"gaps {share(other)}; {r['requests']} requests. Level-0 floor: the {r['cells']} "
+        f"gaps {share(other)}; {r['requests']} requests (tile ranges at a merge gap of "
+        + ", ".join(
+            f"{int(g) // 1024} KiB {share(b)} in {q}" for g, (b, q) in r["gap_prices"].items()
+        )
+        + f"). Level-0 floor: the {r['cells']} "
         f"cells' crop boxes alone need {tb['crop_tiles0']} of {tb['tiles0']} level-0 tiles, "
         f"{share(tb['crops0'])} ({share(tb['crops_margin0'])} with the 8-µm centring "
         f"margin around each); the region boxes' level-0 tiles {share(tb['boxes0'])}"
     )
     detail = (
-        f"[{mode}] {gp:.2f} GP, {size:,} B, {r['cells']} cells, {r['tasks']} region tasks, "
+        f"[{mode}] {gp:.2f} GP, {spec.wbc_per_mm2:g} white cells/mm², {size:,} B, {r['cells']} cells, {r['tasks']} region tasks, "
         f"{r['planned']:.3f} of level 0 planned, candidates {r['candidates']} on level "
         f"{r['candidate_level']}, {r['verify_windows']} verification groups over "
         f"{r['verify_fraction'] if r['verify_fraction'] is None else round(r['verify_fraction'], 3)} "
-        f"of level 0, {r['seconds']:.0f} s, outside {r['outside']}"
+        f"of level 0, {r['seconds']:.0f} s, outside {r['outside']}, zone map agreement "
+        f"{zone_agree:.3f}"
         + ("" if sent is None else f"; endpoint sent {sent / size:.3f} of the object")
     )
     print(

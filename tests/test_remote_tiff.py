@@ -206,6 +206,22 @@ def test_range_file_counts_and_coalesces(s3):
     assert f.requests == 2 + 2 and f.bytes_fetched == 4096 + 4096 + 70 + 5
 
 
+def test_default_merge_gap_does_not_fetch_the_tiles_between_scattered_ones(s3):
+    # A zoned smear reads tiles a few apart in a row: two ~7 KiB tiles with one ~7 KiB tile
+    # between them are two requests of their own bytes, not one request with the middle one.
+    client, bucket = s3
+    data = bytes(range(256)) * 96  # 24 KiB
+    _put(s3, "blob-tiles.bin", data)
+    f = S3RangeFile(client, bucket, "blob-tiles.bin")
+    got = f.fetch_ranges([(0, 7000), (14_000, 7000)])
+    assert got == [data[:7000], data[14_000:21_000]]
+    assert (f.requests, f.bytes_fetched) == (2, 14_000)
+    # Adjacent tiles still share one request.
+    f2 = S3RangeFile(client, bucket, "blob-tiles.bin")
+    f2.fetch_ranges([(0, 7000), (7000, 7000)])
+    assert (f2.requests, f2.bytes_fetched) == (1, 14_000)
+
+
 def test_concurrent_range_fetch_returns_every_range_in_order(s3):
     client, bucket = s3
     data = bytes(range(251)) * 2048  # ~500 KiB; 251 keeps slices distinguishable

@@ -26,8 +26,12 @@ DEFAULT_BLOCK = 8 * 1024
 #: Header-cache capacity in blocks (4 MiB at the default block size).
 DEFAULT_MAX_BLOCKS = 512
 #: Two requested ranges closer than this are fetched as one request: a round trip costs more than
-#: a few KiB of unused bytes (S3 first-byte latency is ~10-50 ms, ~1 MB at 100 MB/s).
-DEFAULT_MERGE_GAP = 16 * 1024
+#: a few KiB of unused bytes (S3 first-byte latency is ~10-50 ms, ~1 MB at 100 MB/s), but a
+#: zoned smear's tile ranges are scattered and a larger gap pulls in the tiles between them. On a
+#: 5 GP smear's zoned read (bench_smear, 2026-12-03) the tile ranges cost 0.227 of the object in
+#: 4,689 requests at 4 KiB (as at 0: only adjacent tiles merge), 0.240 in 4,014 at 16 KiB and
+#: 0.317 in 2,731 at 64 KiB; requests run concurrently (``fetch_ranges(workers=)``).
+DEFAULT_MERGE_GAP = 4 * 1024
 #: Most bytes the file interface (the parser's reads: TIFF header, IFDs, tag arrays) fetches in
 #: all. A slide's header is well under 10 MB (tile tables of a 100k x 100k px slide are ~2 MB);
 #: a hostile one could declare tag arrays as large as the object, read again and again.
