@@ -30,6 +30,8 @@ the path before coarse-to-fine) for a before/after on the same slides.
 ``BENCH_SMEAR_WBC_PER_MM2=20`` sets the S3 slide's white cells per mm² of monolayer (default the
 generator's 40; a normal count of ~7,500/µL puts ~20 in a 40x field's mm² of monolayer): the
 crops' share of the bytes follows it, the zone map and the candidate level do not.
+``BENCH_SMEAR_MAX_CELLS=200`` gives the S3 slide a per-slide budget (``detect_slide(max_cells=)``:
+fields read in a spatially balanced order until it is met) for the bytes a budgeted run reads.
 ``BENCH_SMEAR_MERGE_GAP=<bytes>`` sets the remote reader's range-merge gap (default
 :data:`pipeline.slides._s3range.DEFAULT_MERGE_GAP`) for a bytes-against-requests comparison.
 Run alone: ``python -m bench.bench_smear``.
@@ -129,7 +131,10 @@ def _child(url: str, key: str) -> None:
         opened = slide.bytes_fetched
         zm = zone_map(slide)
         zone_bytes, zone_payload = slide.bytes_fetched - opened, list(payload)
-        res = detect_slide(slide, _config(), zones=zm)
+        budget = os.environ.get("BENCH_SMEAR_MAX_CELLS")
+        res = detect_slide(
+            slide, _config(), zones=zm, max_cells=int(budget) if budget else None, seed=1
+        )
         fetched, requests = slide.bytes_fetched, slide.requests
     hwm = 0
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -157,6 +162,9 @@ def _child(url: str, key: str) -> None:
                 "candidates": info.get("candidates"),
                 "verify_windows": info.get("verify_windows"),
                 "verify_fraction": info.get("verify_fraction"),
+                "budget": [
+                    info.get(k) for k in ("max_cells", "cells_total", "fields_read", "fields_total")
+                ],
                 "gap_prices": _gap_prices(batches),
             }
         )
@@ -376,6 +384,12 @@ def _s3_rows(tmp: str, large: bool, mode: str) -> list[dict]:
         f"{r['verify_fraction'] if r['verify_fraction'] is None else round(r['verify_fraction'], 3)} "
         f"of level 0, {r['seconds']:.0f} s, outside {r['outside']}, zone map agreement "
         f"{zone_agree:.3f}"
+        + (
+            ""
+            if r["budget"][0] is None
+            else f"; budget {r['budget'][0]} of ~{r['budget'][1]} cells, fields "
+            f"{r['budget'][2]} of {r['budget'][3]}"
+        )
         + ("" if sent is None else f"; endpoint sent {sent / size:.3f} of the object")
     )
     print(

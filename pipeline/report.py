@@ -322,6 +322,7 @@ def _zones_view(info: dict) -> dict | None:
         "cells_total": info.get("cells_total"),
         "cell_count": info.get("cell_count"),
         "sampled": bool(info.get("sampled")),
+        "estimated": bool(info.get("cells_total_estimated")),
     }
 
 

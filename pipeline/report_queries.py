@@ -67,7 +67,7 @@ class ReportData:
     order. ``ok_slides`` maps a slide id to its latest successful processing (``run_id``,
     ``width``/``height`` in level-0 px, ``mpp`` in µm/px, ..., and the whole-smear columns:
     ``zones_selected``, ``zone_areas_mm2`` and ``cells_outside_zones`` as ``[(zone, value)]``,
-    ``cells_total``, ``sampled``, ``zone_map_png`` stored bytes; null for slides read whole or
+    ``cells_total``, ``sampled``, ``cells_total_estimated``, ``zone_map_png`` stored bytes; null for slides read whole or
     written before schema version 2). ``failures`` are the slides whose
     latest outcome is a failure, with ``attempts`` (failed rows of that slide).
     """
@@ -152,7 +152,7 @@ def load_report_data(
             f"""
         SELECT slide_id, slide_uri, run_id, width, height, mpp, mpp_source, model_version,
                finished_at, cell_count, zones_selected, zone_areas_mm2, cells_outside_zones,
-               cells_total, sampled, zone_map_png
+               cells_total, sampled, cells_total_estimated, zone_map_png
         FROM slides WHERE status = 'ok' {and_where}
         -- one whole row, the latest: a later run read whole leaves no stale zone map behind
         QUALIFY row_number() OVER (

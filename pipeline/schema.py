@@ -8,7 +8,8 @@ on ``slides``); the change is additive, so files written under version 1 stay re
 (:mod:`pipeline.outputs`) open every file with the current schema and a column a file lacks reads
 as null. Version 3 added how each slide was read to ``slides`` (``zoning``, ``region_tasks``,
 ``region_tasks_fanned_out``, ``candidate_mpp``), additive in the same way: in files of versions 1
-and 2 they read as null.
+and 2 they read as null. Version 4 added ``slides.cells_total_estimated`` (a per-slide budget now
+reads fields until it is met, and estimates ``cells_total`` from them), null in older files.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = [
     "RUN_SCHEMA",
 ]
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 #: Every QC flag a cell may carry (a cell is flagged, never dropped).
 QC_FLAGS: tuple[str, ...] = (
@@ -212,7 +213,15 @@ SLIDE_COLUMNS: list[tuple[str, pa.DataType, str, str]] = [
         "sampled",
         pa.bool_(),
         "",
-        "true when --max-cells-per-slide kept a spatially uniform sample of cells_total",
+        "true when --max-cells-per-slide kept a spatially balanced sample of cells_total",
+    ),
+    (
+        "cells_total_estimated",
+        pa.bool_(),
+        "",
+        "true: cells_total is an estimate (--max-cells-per-slide on a zoned slide read fields "
+        "until the budget was met and scaled their cells by area); false: counted; null: written "
+        "before schema version 4",
     ),
     (
         "zone_map_png",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import pipeline.detect as detect_mod
@@ -148,17 +149,23 @@ def test_coarse_to_fine_finds_the_cells_one_stage_finds(smear, runs):
 
 @_DATA
 def test_budget_path_finds_the_same_cells(smear, runs):
-    # detect_region + merge_regions (the budget's path: every cell first, then the sample)
-    # with the plan, as detect_slide calls them: the same cells as describe_region's path.
+    # detect_region + merge_regions with the plan, as describe_region's path finds them; the
+    # budget (fields read one by one, each a window of its own) finds the same cells, within
+    # 2 px, and reads every field's cells when the budget exceeds them.
     plan, res = runs["plan"], runs["new"][0]
     with open_slide(smear.path) as slide:
         merged = merge_regions(plan, [detect_region(slide, t, plan=plan) for t in plan.tasks])
         part = detect_slide(slide, zones=runs["zm"], max_cells=5, seed=1)
+        every = detect_slide(slide, zones=runs["zm"], max_cells=10**6, seed=1)
     key = [(round(r["centroid_x"], 3), round(r["centroid_y"], 3)) for r in res.records]
     assert [(round(c.centroid[0], 3), round(c.centroid[1], 3)) for c in merged.cells] == key
-    assert merged.cells_total == part.info["cells_total"] == len(res.records)
-    got = {(round(r["centroid_x"], 3), round(r["centroid_y"], 3)) for r in part.records}
-    assert len(got) == 5 and got <= set(key)
+    assert merged.cells_total == len(res.records)
+    assert part.info["cells_total_estimated"] is True and len(part.records) == 5
+    whole = np.array(key)
+    for r in part.records + every.records:
+        assert np.hypot(*(whole - (r["centroid_x"], r["centroid_y"])).T).min() < 2.0
+    assert every.info["cells_total"] == len(every.records) == len(res.records)
+    assert every.info["cells_total_estimated"] is False
 
 
 @_DATA

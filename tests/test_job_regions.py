@@ -336,11 +336,17 @@ def test_region_tasks_run_apart_and_give_detect_slides_cells_and_crops(
         )
         cells, out = rows[:-1], rows[-1]
         assert out["status"] == "ok", out["reason"]
-        # fanned out: several region tasks, none of them run by the slide's own process
-        assert out["region_tasks"] >= 3 and out["region_tasks_fanned_out"] is True, out
-        workers = out["region_workers"]
-        assert workers and all(not w.endswith(f":{pid}") for w in workers), (pid, workers)
-        assert 0 < out["region_peak_rss_mib"] < 2048
+        assert out["region_tasks"] >= 3, out
+        if kw:
+            # A budget reads fields until it is met, in the slide's own task: not fanned out.
+            assert out["region_tasks_fanned_out"] is False and out["region_workers"] is None
+            assert out["cells_total_estimated"] is True
+        else:
+            # fanned out: several region tasks, none of them run by the slide's own process
+            assert out["region_tasks_fanned_out"] is True, out
+            workers = out["region_workers"]
+            assert workers and all(not w.endswith(f":{pid}") for w in workers), (pid, workers)
+            assert 0 < out["region_peak_rss_mib"] < 2048
         # exactly detect_slide's cells, records (numbering, QC flags, morphometry) and crops
         assert out["cell_count"] == len(cells) == len(want.records)
         got = {_key(c): (c, crop) for c, crop in zip(cells, crops, strict=True)}

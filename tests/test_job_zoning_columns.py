@@ -241,7 +241,7 @@ def test_slides_rows_store_how_each_slide_was_read_and_older_rows_read_null(tmp_
     from pipeline.job.writer import OutputWriter
     from pipeline.query import connect
 
-    assert SCHEMA_VERSION == "3"
+    assert SCHEMA_VERSION == "4"
     types = {name: str(SLIDE_SCHEMA.field(name).type) for name in _NEW}
     assert types == {
         "zoning": "string",
@@ -312,6 +312,58 @@ def test_slides_rows_store_how_each_slide_was_read_and_older_rows_read_null(tmp_
     assert con.execute(
         "SELECT count(*) FROM slides WHERE zoning = 'zoned' AND region_tasks_fanned_out"
     ).fetchone() == (1,)
+
+
+@pytest.mark.unit
+def test_estimated_totals_are_stored_and_version_3_rows_read_null(tmp_path):
+    from pipeline.job.run import _zone_note
+    from pipeline.job.storage import storage_for
+    from pipeline.job.writer import OutputWriter
+    from pipeline.query import connect
+
+    assert str(SLIDE_SCHEMA.field("cells_total_estimated").type) == "bool"
+    old = pa.schema([f for f in SLIDE_SCHEMA if f.name != "cells_total_estimated"])
+    d = tmp_path / "slides" / "run_date=2026-01-01"
+    d.mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "slide_id": "v3",
+                    "slide_uri": "s3://b/v3.svs",
+                    "status": "ok",
+                    "cell_count": 5,
+                    "cells_total": 40,
+                    "sampled": True,
+                    "run_id": "r2",
+                    "model_version": "v1",
+                    "finished_at": datetime(2026, 1, 1, tzinfo=UTC),
+                }
+            ],
+            schema=old,
+        ),
+        d / "part-v3.parquet",
+    )
+    w = OutputWriter(storage_for(str(tmp_path)), str(tmp_path), "r3", "2026-01-02", "v1")
+    w.commit_chunk(
+        [],
+        [
+            _row("fields", cells_total=3502, sampled=True, cells_total_estimated=True),
+            _row("counted", cells_total=1, sampled=False, cells_total_estimated=False),
+        ],
+    )
+    got = dict(
+        connect(str(tmp_path))
+        .execute("SELECT slide_id, cells_total_estimated FROM slides")
+        .fetchall()
+    )
+    assert got == {"fields": True, "counted": False, "v3": None}
+    note = _zone_note({"sampled": True, "cell_count": 200, "cells_total": 3502})
+    assert "200 of 3502 cells sampled" in note
+    note = _zone_note(
+        {"sampled": True, "cell_count": 200, "cells_total": 3502, "cells_total_estimated": True}
+    )
+    assert "200 of ~3502 cells sampled" in note
 
 
 @pytest.mark.unit

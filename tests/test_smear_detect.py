@@ -18,12 +18,13 @@ from pipeline.detect import (
     measure_cells,
     merge_regions,
     plan_smear,
+    sample_fields,
     split_regions,
 )
 from pipeline.errors import ConfigError
 from pipeline.eval_smear import CountingSlide, match_cells
 from pipeline.slides import open_slide
-from pipeline.smear_sampling import spatial_sample
+from pipeline.smear_sampling import balanced_order, spatial_sample
 from pipeline.whole_smear import DEFAULT_DATA_DIR, SmearSpec, build_whole_smear
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -89,6 +90,42 @@ def test_sample_rejects_bad_points():
         spatial_sample(np.array([[0.0, np.nan], [1.0, 1.0]]), 1)
     assert spatial_sample(np.zeros((3, 2)), 5).tolist() == [0, 1, 2]
     assert spatial_sample(np.zeros((0, 2)), 5).tolist() == []
+
+
+def test_balanced_order_prefixes_spread_like_the_area():
+    # Points in reading order over an L-shaped zone: every prefix of the order is spread like the
+    # area (1/3 per occupied quadrant), where the first k in reading order are the top half.
+    rng = np.random.default_rng(4)
+    pts = rng.uniform(0, 1000, (6000, 2))
+    pts = pts[~((pts[:, 0] >= 500) & (pts[:, 1] >= 500))]
+    pts = pts[np.argsort(pts[:, 1])]
+    for seed in range(5):
+        order = balanced_order(pts, seed)
+        assert sorted(order.tolist()) == list(range(len(pts)))
+        assert np.array_equal(order, balanced_order(pts, seed))
+        for k in (30, 90, 300):
+            counts = _quadrant_counts(pts, order[:k], 1000, 1000)
+            assert counts[3] == 0 and np.all(np.abs(counts[:3] - k / 3) <= max(3, 0.06 * k)), (
+                k,
+                counts,
+            )
+    assert _quadrant_counts(pts, np.arange(90), 1000, 1000)[2] == 0
+
+
+def test_balanced_order_gives_every_point_the_same_chance_at_any_prefix():
+    rng = np.random.default_rng(5)
+    pts = np.vstack([rng.uniform(0, 100, (900, 2)), rng.uniform(0, 1000, (100, 2))])
+    for k in (37, 100):
+        hits = np.zeros(len(pts))
+        for seed in range(200):
+            hits[balanced_order(pts, seed)[:k]] += 1
+        assert hits[:900].mean() / 200 == pytest.approx(k / 1000, rel=0.1)
+        assert hits[900:].mean() / 200 == pytest.approx(k / 1000, rel=0.2)
+    with pytest.raises(ConfigError, match="finite"):
+        balanced_order(np.array([[0.0, np.inf]]))
+    with pytest.raises(ConfigError, match="seed"):
+        balanced_order(np.zeros((2, 2)), seed=-1)
+    assert balanced_order(np.zeros((0, 2))).tolist() == []
 
 
 # -- region tasks -------------------------------------------------------------------------------
@@ -182,19 +219,44 @@ def test_region_tasks_in_any_split_give_the_same_cells(smear):
 
 
 @_DATA
-def test_budget_samples_spatially_and_records_the_total(smear):
-    with open_slide(smear.path) as slide:
+def test_budget_reads_fields_until_met_and_estimates_the_total(smear):
+    with open_slide(smear.path) as inner:
+        slide = CountingSlide(inner)
         full = detect_slide(slide, zones=True)
+        full_read = slide.level0_fraction()
         n = full.info["cells_total"]
-        part = detect_slide(slide, zones=True, max_cells=max(1, n // 3), seed=5)
-        again = detect_slide(slide, zones=True, max_cells=max(1, n // 3), seed=5)
-    assert part.info["sampled"] is True and part.info["cells_total"] == n
-    assert len(part.records) == max(1, n // 3)
+        slide = CountingSlide(inner)
+        part = detect_slide(slide, zones=True, max_cells=max(1, n // 4), seed=5)
+        part_read = slide.level0_fraction()
+        again = detect_slide(inner, zones=True, max_cells=max(1, n // 4), seed=5)
+        every = detect_slide(inner, zones=True, max_cells=10 * n, seed=5)
+    info = part.info
+    assert info["sampled"] is True and info["cells_total_estimated"] is True
+    assert 0 < info["fields_read"] < info["fields_total"]
+    assert 0 < info["sampled_area_mm2"] < 0.6 * full.info["zones"]["areas_mm2"]["monolayer"]
+    # The estimate scales the fields' cells by area: one draw is rough at a budget of a few
+    # cells, its mean over seeds is the count (28 cells: 28.6 mean, sd 8.7 over 30 seeds;
+    # without the stopping rule's correction the mean is ~16 % high).
+    assert n / 3 <= info["cells_total"] <= 3 * n, (info["cells_total"], n)
+    with open_slide(smear.path) as inner:
+        plan = plan_smear(inner)
+        est = [sample_fields(inner, plan, None, max(1, n // 4), k).cells_total for k in range(16)]
+    assert np.mean(est) == pytest.approx(n, rel=0.25), (est, n)
+    assert len(part.records) == max(1, n // 4)
+    # Level 0 is read in the fields read only.
+    assert part_read < 0.6 * full_read, (part_read, full_read)
     pts = [(r["centroid_x"], r["centroid_y"]) for r in part.records]
     assert pts == [(r["centroid_x"], r["centroid_y"]) for r in again.records]
-    # Not the first cells in reading order.
+    # Not the first cells in reading order; each one of the full read's cells (a field is
+    # detected in a window of its own: centroids move by under 2 px).
     first = [(r["centroid_x"], r["centroid_y"]) for r in full.records[: len(pts)]]
     assert pts != first
+    whole = np.array([(r["centroid_x"], r["centroid_y"]) for r in full.records])
+    assert all(np.hypot(*(whole - p).T).min() < 2.0 for p in pts)
+    # A budget no field exhausts reads every field: the exact count, not sampled.
+    e = every.info
+    assert (e["cells_total_estimated"], e["sampled"]) == (False, False)
+    assert e["fields_read"] == e["fields_total"] and e["cells_total"] == len(every.records) == n
 
 
 @_DATA

@@ -446,9 +446,10 @@ class JobConfig:
     )
     max_cells_per_slide: int | None = setting(
         None,
-        "describe at most this many cells per slide: a spatially uniform sample of the (chosen "
-        "zones') cells, the way a 100/200-cell manual differential is read; slides/ records "
-        "sampled and cells_total",
+        "describe at most this many cells per slide: a spatially balanced sample of the (chosen "
+        "zones') cells, the way a 100/200-cell manual differential is read (a zoned slide reads "
+        "256 um fields spread over the zones until it is met); slides/ records sampled, "
+        "cells_total and cells_total_estimated",
         group="detection",
         metavar="N",
         ge=1,

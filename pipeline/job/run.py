@@ -622,7 +622,8 @@ def _zone_note(row: dict) -> str:
     if row.get("zones_selected"):
         parts.append("zones " + ",".join(_shown(z) for z in row["zones_selected"]))
     if row.get("sampled"):
-        parts.append(f"{row['cell_count']} of {row.get('cells_total')} cells sampled")
+        about = "~" if row.get("cells_total_estimated") else ""
+        parts.append(f"{row['cell_count']} of {about}{row.get('cells_total')} cells sampled")
     outside = {k: v for k, v in (row.get("cells_outside_zones") or {}).items() if v}
     if outside:
         parts.append(

@@ -34,9 +34,9 @@ zones are off), with its Arrow type as numpy
 
 Whole smears (``DetectSettings.zones``): the slide is zoned first and only the chosen zones'
 cells are described (:func:`pipeline.detect.detect_slide`); the outcome carries the zone areas,
-the cells counted outside the chosen zones, ``cells_total``/``sampled`` of the per-slide budget
-(``max_cells``, a spatially uniform sample seeded by the slide id, so a re-executed task picks the
-same cells) and the zone-map PNG. With ``zone_min_area_mm2`` (``--zones auto``) only a slide whose
+the cells counted outside the chosen zones, ``cells_total``/``sampled``/``cells_total_estimated``
+of the per-slide budget (``max_cells``, a spatially balanced sample seeded by the slide id, so a
+re-executed task picks the same cells) and the zone-map PNG. With ``zone_min_area_mm2`` (``--zones auto``) only a slide whose
 level-0 area is at least that (a whole smear) is zoned; a smaller one (a field mosaic) is read
 whole. ``DetectSettings.candidate_mpp`` (``--candidate-mpp``) is the coarse-to-fine candidate
 level's limit of every :class:`~pipeline.detect.DetectConfig` the stage builds (one per slide,
@@ -56,10 +56,10 @@ itself (in place; a slide that had to be staged is not fanned out, each task wou
 again) and returns its cells' records (small, to this task) and crops (a separate object,
 fetched one region at a time while the slide's batches are yielded); this task merges them
 (:func:`pipeline.detect.merge_described`: each cell once across region borders) and emits the
-slide's rows exactly as for one task. With a cell budget the region tasks only detect
-(:func:`pipeline.detect.detect_region`); this task merges and samples
-(:func:`pipeline.detect.merge_regions`) and crops the sampled cells, 64 at a time. Region tasks
-are deterministic (a retried one finds the same cells); a region task that fails, or whose worker
+slide's rows exactly as for one task. A slide with a cell budget is not fanned out: it reads
+fields one after another until the budget is met (:func:`pipeline.detect.sample_fields`, a few
+mm² for a 200-cell sample), in this task, and ``cells_total`` is then an estimate
+(``cells_total_estimated``) unless every field was read. Region tasks are deterministic (a retried one finds the same cells); a region task that fails, or whose worker
 dies on every attempt, fails the slide with a one-line reason naming the region task. A zoned
 read is limited by the area it plans to detect on (``max_detect_pixels``), not by its detection
 level's size: a 5 GP smear's level 0 is over that guard, its monolayer far under it. The outcome
@@ -363,6 +363,7 @@ def _new_outcome(ref: SlideRef) -> dict:
         "cells_outside_zones": None,
         "cells_total": None,
         "sampled": None,
+        "cells_total_estimated": None,
         "zone_map_png": None,
         # How the slide was read (slides/ columns, schema version 3): zoned | whole; its region
         # tasks (zoned), whether they ran as Ray tasks of their own, and the µm/px of the level
@@ -383,7 +384,11 @@ def _zone_outcome(info: dict, n_cells: int, zoned: bool) -> dict:
     """The outcome's zone and budget keys from ``detect_slide``'s ``info`` (see the module doc)."""
     total = info.get("cells_total")
     total = n_cells if total is None else int(total)
-    out = {"cells_total": total, "sampled": bool(info.get("sampled", total > n_cells))}
+    out = {
+        "cells_total": total,
+        "sampled": bool(info.get("sampled", total > n_cells)),
+        "cells_total_estimated": bool(info.get("cells_total_estimated", False)),
+    }
     if not zoned:
         return out
     png = info.get("zone_map_png")
@@ -560,6 +565,9 @@ def _find_cells(slide, ref: SlideRef, settings: DetectSettings, cfg, outcome: di
     # A staged slide is not fanned out: each region task would copy the whole slide again.
     fan_out = ray is not None and settings.region_tasks_in_flight > 0 and not slide.staged
     fan_out = fan_out and len(plan.tasks) > 1
+    # A budget reads fields until it is met (sample_fields): a few mm² in this task, not every
+    # region of the chosen zones.
+    fan_out = fan_out and settings.max_cells is None
     outcome["region_tasks_fanned_out"] = fan_out
     if plan.tasks and plan.candidate_level is not None:  # no region read: no candidate level
         outcome["candidate_mpp"] = float(mpp * slide.level_downsamples[plan.candidate_level])
@@ -674,16 +682,15 @@ def _region_task(
     plan,
     index: int,
     mpp_source: str,
-    describe: bool,
 ):
-    """One region task (a Ray task): open the slide, detect region ``index`` of ``plan`` and,
-    with ``describe``, crop and measure its chosen-zone cells. Returns ``(meta, crops)``:
+    """One region task (a Ray task): open the slide, detect region ``index`` of ``plan`` and
+    crop and measure its chosen-zone cells. Returns ``(meta, crops)``:
     ``meta`` the cells, their zones, records (None outside the chosen zones), the nucleus-check
     count, bytes fetched, ``host:pid`` and the process's peak RSS (MiB); ``crops`` the
     ``(M, crop_px, crop_px, 3)`` uint8 crops of the records that are not None, in order."""
     import resource
 
-    from pipeline.detect import describe_region, detect_region
+    from pipeline.detect import describe_region
 
     _match_cpu_reservation()
     ref = ref_from_json(ref_json)
@@ -693,18 +700,13 @@ def _region_task(
     slide = _open(ref, settings, cfg)
     with slide:
         try:
-            if describe:
-                part = describe_region(
-                    slide, task, plan, cfg, mpp_source=mpp_source, source=ref.uri, stats=stats
-                )
-                cells, zones, recs = part.cells, part.cell_zones, part.records
-                kept = [c for c in part.crops if c is not None]
-                crops = np.stack(kept) if kept else np.zeros((0, P, P, 3), np.uint8)
-                del part, kept
-            else:
-                cells = detect_region(slide, task, cfg, stats, plan=plan)
-                zones, recs = None, None
-                crops = np.zeros((0, P, P, 3), np.uint8)
+            part = describe_region(
+                slide, task, plan, cfg, mpp_source=mpp_source, source=ref.uri, stats=stats
+            )
+            cells, zones, recs = part.cells, part.cell_zones, part.records
+            kept = [c for c in part.crops if c is not None]
+            crops = np.stack(kept) if kept else np.zeros((0, P, P, 3), np.uint8)
+            del part, kept
         finally:
             fetched = slide.bytes_fetched
     meta = {
@@ -754,11 +756,10 @@ def _fan_out(
 ) -> _Cells:
     """Run ``plan``'s region tasks as Ray tasks (at most ``region_tasks_in_flight`` at once) and
     merge them into the slide's cells (see the module doc)."""
-    from pipeline.detect import DescribedRegion, merge_described, merge_regions
+    from pipeline.detect import DescribedRegion, merge_described
 
     n = len(plan.tasks)
     mpp = plan.mpp
-    describe = settings.max_cells is None
     attempts = max(1, settings.max_slide_attempts)
     remote = _region_remote(ray).options(
         num_cpus=settings.region_task_cpus,
@@ -779,7 +780,7 @@ def _fan_out(
             while todo and len(pending) < settings.region_tasks_in_flight:
                 k = todo.pop(0)
                 meta_ref, crops_ref = remote.remote(
-                    ref_json, settings, cfg, plan_ref, k, mpp_source, describe
+                    ref_json, settings, cfg, plan_ref, k, mpp_source
                 )
                 pending[meta_ref] = (k, crops_ref)
             # Blocked here, this task's CPU is lent to the cluster (Ray releases it).
@@ -806,18 +807,8 @@ def _fan_out(
         "region_workers": workers,
         "region_peak_rss_mib": round(max(m["peak_rss_mib"] for m in metas), 1),
     }
-    if describe:
-        merged, records, where = _merge_described(plan, metas, merge_described, DescribedRegion)
-        pieces = _region_pieces(ray, merged, records, where, crop_refs)
-    else:
-        merged = merge_regions(
-            plan,
-            [m["cells"] for m in metas],
-            max_cells=settings.max_cells,
-            seed=_seed(ref.slide_id),
-        )
-        crop_refs = None
-        pieces = _measured_pieces(slide, merged, plan, mpp, mpp_source, cfg, ref.uri)
+    merged, records, where = _merge_described(plan, metas, merge_described, DescribedRegion)
+    pieces = _region_pieces(ray, merged, records, where, crop_refs)
     cells = merged.cells
     info = {
         "width": slide.dimensions[0],
@@ -881,21 +872,6 @@ def _region_pieces(ray, merged, records: list[dict], where: list[tuple[int, int]
                 [merged.cell_zones[i] for i in idx],
             )
         del crops
-
-
-def _measured_pieces(slide, merged, plan, mpp: float, mpp_source: str, cfg, source: str):
-    """The budget's sampled cells cropped and measured here, :data:`_PIECE` at a time
-    (:func:`pipeline.detect.measure_cells` on each chunk, numbered and flagged ``clumped`` as
-    over the whole sample, as ``detect_slide`` does)."""
-    from pipeline.detect import measure_cells
-
-    cells = merged.cells
-    for start in range(0, len(cells), _PIECE):
-        chunk = cells[start : start + _PIECE]
-        recs, crops = measure_cells(
-            slide, chunk, plan.level, mpp, mpp_source, cfg, source, sample=cells, start=start
-        )
-        yield recs, crops, merged.cell_zones[start : start + len(chunk)]
 
 
 def _match_cpu_reservation() -> None:
