@@ -218,6 +218,7 @@ def evaluate_one(
         "cells_outside_zones": res.info["cells_outside_zones"],
         "cells_total": res.info["cells_total"],
         "sampled": res.info["sampled"],
+        "cells_total_estimated": res.info.get("cells_total_estimated", False),
         "region_tasks": res.info["region_tasks"],
         "level0_fraction_planned": round(res.info["level0_fraction_planned"], 4),
         "level0_fraction_read": round(frac, 4),
