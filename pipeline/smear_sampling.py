@@ -79,6 +79,10 @@ def _checked(points, seed) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim != 2 or (pts.size and pts.shape[1] != 2) or not np.isfinite(pts).all():
         raise ConfigError(f"points must be a finite (N, 2) array, got shape {pts.shape}")
+    with np.errstate(over="ignore"):
+        span = np.ptp(pts, axis=0) if pts.size else np.zeros(2)
+    if not np.isfinite(span).all():
+        raise ConfigError("points must span a finite extent (coordinates too large)")
     return pts
 
 
