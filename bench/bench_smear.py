@@ -174,21 +174,18 @@ def _child(url: str, key: str) -> None:
 def _gap_prices(batches, gaps=(0, 4096, 16384, 65536)) -> dict[str, list[int]]:
     """Bytes and requests the tile batches cost at each merge gap (the rule of
     :meth:`pipeline.slides._s3range.S3RangeFile.fetch_ranges`, repriced on the same ranges)."""
+    from pipeline.slides._s3range import merge_ranges
+
     out = {}
     for gap in gaps:
-        total = requests = 0
-        for ranges in batches:
-            order = sorted((o, n) for o, n in ranges if n > 0)
-            k = 0
-            while k < len(order):
-                start, stop = order[k][0], order[k][0] + order[k][1]
-                k += 1
-                while k < len(order) and order[k][0] <= stop + gap:
-                    stop = max(stop, order[k][0] + order[k][1])
-                    k += 1
-                total += stop - start
-                requests += 1
-        out[str(gap)] = [total, requests]
+        groups = [
+            g
+            for ranges in batches
+            for g in merge_ranges(
+                sorted((o, n, i) for i, (o, n) in enumerate(ranges) if n > 0), gap
+            )
+        ]
+        out[str(gap)] = [sum(stop - start for start, stop, _ in groups), len(groups)]
     return out
 
 

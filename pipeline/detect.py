@@ -576,7 +576,7 @@ class RegionTask:
     @property
     def area_px(self) -> int:
         """Level-0 px inside the boxes."""
-        return sum((b[2] - b[0]) * (b[3] - b[1]) for b in self.boxes)
+        return sum(_area(b) for b in self.boxes)
 
 
 @dataclass
@@ -798,7 +798,7 @@ def _split_blocks(
     for b in sorted((tuple(int(v) for v in b) for b in boxes), key=lambda b: (b[1], b[0])):
         groups.setdefault((b[0] // block_px, b[1] // block_px), []).append(b)
     order = sorted(groups, key=lambda k: (k[0] // _STRIPE_BLOCKS, k[1], k[0]))
-    area_of = {k: sum((b[2] - b[0]) * (b[3] - b[1]) for b in groups[k]) for k in order}
+    area_of = {k: sum(_area(b) for b in groups[k]) for k in order}
     total = sum(area_of.values())
     cap = max_task_px if tasks is None else min(max_task_px, max(1, math.ceil(total / tasks)))
     out: list[list[tuple[int, int, int, int]]] = []
@@ -1659,6 +1659,7 @@ def sample_fields(
 
 
 def _area(b) -> int:
+    """Level-0 px of box ``(x0, y0, x1, y1)``."""
     return (b[2] - b[0]) * (b[3] - b[1])
 
 

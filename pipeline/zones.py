@@ -403,10 +403,11 @@ def _od(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     return od
 
 
-def _calibration_centres(stained: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Map px ``(ys, xs)`` of about ``n`` calibration windows: the stained px among the nodes of
-    a square lattice whose spacing puts ~``n`` nodes on the stained area, so the windows spread
-    evenly in two dimensions over every zone in proportion to its area.
+def _calibration_centres(stained: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Map px ``(ys, xs)`` of about ``n`` calibration windows, and the lattice spacing (map px):
+    the stained px among the nodes of a square lattice whose spacing puts ~``n`` nodes on the
+    stained area, so the windows spread evenly in two dimensions over every zone in proportion
+    to its area.
 
     Not every k-th stained px in raster order: that step is nearly a multiple of the smear's
     row length, so the windows lined up in a few columns (zones run along x) and which columns
@@ -422,7 +423,7 @@ def _calibration_centres(stained: np.ndarray, n: int) -> tuple[np.ndarray, np.nd
     if len(ys) > 2 * n:  # an odd shape put far more nodes on it than its area says: bound reads
         keep = np.linspace(0, len(ys) - 1, 2 * n).astype(np.int64)
         ys, xs = ys[keep], xs[keep]
-    return ys, xs
+    return ys, xs, g
 
 
 def _mode(vals: Sequence[float], bandwidth: float) -> float:
@@ -451,13 +452,12 @@ def _calibrate(
     stained = od_map > s.stain_od
     if not stained.any():
         raise ZoneError(f"{where}: nothing stained on the slide (all glass at OD > {s.stain_od})")
-    ys, xs = _calibration_centres(stained, s.calib_tiles)
+    ys, xs, spacing = _calibration_centres(stained, s.calib_tiles)
     # Windows further apart than two tiles each fetch their own tiles remotely: keep each in one.
     # Closer ones share tiles anyway, and moving them would stack them in the same few tiles (a
     # small slide's windows then sample the same px: one 1.8 x 0.9 mm slide's monolayer
     # agreement fell from 0.96 to 0.90).
-    spacing = math.sqrt(int(stained.sum(dtype=np.int64)) / max(s.calib_tiles, 1)) * scale / ds
-    snap = spacing >= 2 * CALIB_TILE_PX
+    snap = spacing * scale / ds >= 2 * CALIB_TILE_PX
     del stained
     vals, loose = [], []
     half = s.calib_window_px // 2

@@ -11,7 +11,6 @@ shared TXL-PBC data, 2 x 1 mm), no Ray, no network.
 from __future__ import annotations
 
 import base64
-import io
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from test_job_zones import _png, _zone_row
 
 from pipeline.detect import (
     DetectConfig,
@@ -272,33 +271,9 @@ def test_every_field_read_gives_the_unbudgeted_cells_coarse_to_fine(smear):
 
 
 # -- the report, the run summary, the slides table ------------------------------------------------
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 20), (52, 160, 84)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def _row(sid: str, **kw) -> dict:
-    row = {
-        "slide_id": sid,
-        "slide_uri": f"s3://b/{sid}.svs",
-        "status": "ok",
-        "cell_count": 1,
-        "width": 6400,
-        "height": 3200,
-        "mpp": 0.25,
-        "mpp_source": "metadata",
-        "run_id": "r4",
-        "model_version": "v1",
-        "zones_selected": ["monolayer"],
-        "zone_areas_mm2": {"glass": 0.5, "thick": 0.2, "monolayer": 0.44, "feathered": 0.11},
-        "cells_outside_zones": {"glass": 2, "thick": 3, "feathered": 0},
-        "cells_total": 26,
-        "sampled": True,
-        "zone_map_png": base64.b64encode(_png()).decode(),
-    }
-    row.update(kw)
-    return row
+    """A zoned ok slides row (test_job_zones' ``_zone_row``) of run r4."""
+    return _zone_row(sid, _png(), **{"run_id": "r4", **kw})
 
 
 def _cell(sid: str, run: str) -> dict:

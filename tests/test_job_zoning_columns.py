@@ -235,6 +235,27 @@ def _row(sid: str, **kw) -> dict:
     return row
 
 
+def _write_old_slides(root: Path, missing: tuple[str, ...], version: str, **row) -> None:
+    """One ok slides row in a file of an older schema version: the slides schema without the
+    ``missing`` columns (``row`` overrides the defaults)."""
+    old = pa.schema([f for f in SLIDE_SCHEMA if f.name not in missing])
+    d = root / "slides" / "run_date=2026-01-01"
+    d.mkdir(parents=True)
+    sid = row.get("slide_id", "old")
+    base = {
+        "slide_id": sid,
+        "slide_uri": f"s3://b/{sid}.svs",
+        "status": "ok",
+        "cell_count": 1,
+        "run_id": "r2",
+        "model_version": "v1",
+        "finished_at": datetime(2026, 1, 1, tzinfo=UTC),
+    }
+    pq.write_table(
+        pa.Table.from_pylist([{**base, **row}], schema=old), d / f"part-{version}.parquet"
+    )
+
+
 @pytest.mark.unit
 def test_slides_rows_store_how_each_slide_was_read_and_older_rows_read_null(tmp_path):
     from pipeline.job.storage import storage_for
@@ -251,27 +272,7 @@ def test_slides_rows_store_how_each_slide_was_read_and_older_rows_read_null(tmp_
     }
     assert SLIDE_SCHEMA.field("candidate_mpp").metadata[b"unit"] == "µm/px".encode()
     # a version-2 file: the slides schema without the new columns
-    old = pa.schema([f for f in SLIDE_SCHEMA if f.name not in _NEW])
-    d = tmp_path / "slides" / "run_date=2026-01-01"
-    d.mkdir(parents=True)
-    pq.write_table(
-        pa.Table.from_pylist(
-            [
-                {
-                    "slide_id": "old",
-                    "slide_uri": "s3://b/old.svs",
-                    "status": "ok",
-                    "cell_count": 1,
-                    "zones_selected": ["monolayer"],
-                    "run_id": "r2",
-                    "model_version": "v1",
-                    "finished_at": datetime(2026, 1, 1, tzinfo=UTC),
-                }
-            ],
-            schema=old,
-        ),
-        d / "part-v2.parquet",
-    )
+    _write_old_slides(tmp_path, _NEW, "v2", slide_id="old", zones_selected=["monolayer"])
     w = OutputWriter(storage_for(str(tmp_path)), str(tmp_path), "r3", "2026-01-02", "v1")
     w.commit_chunk(
         [],
@@ -322,27 +323,14 @@ def test_estimated_totals_are_stored_and_version_3_rows_read_null(tmp_path):
     from pipeline.query import connect
 
     assert str(SLIDE_SCHEMA.field("cells_total_estimated").type) == "bool"
-    old = pa.schema([f for f in SLIDE_SCHEMA if f.name != "cells_total_estimated"])
-    d = tmp_path / "slides" / "run_date=2026-01-01"
-    d.mkdir(parents=True)
-    pq.write_table(
-        pa.Table.from_pylist(
-            [
-                {
-                    "slide_id": "v3",
-                    "slide_uri": "s3://b/v3.svs",
-                    "status": "ok",
-                    "cell_count": 5,
-                    "cells_total": 40,
-                    "sampled": True,
-                    "run_id": "r2",
-                    "model_version": "v1",
-                    "finished_at": datetime(2026, 1, 1, tzinfo=UTC),
-                }
-            ],
-            schema=old,
-        ),
-        d / "part-v3.parquet",
+    _write_old_slides(
+        tmp_path,
+        ("cells_total_estimated",),
+        "v3",
+        slide_id="v3",
+        cell_count=5,
+        cells_total=40,
+        sampled=True,
     )
     w = OutputWriter(storage_for(str(tmp_path)), str(tmp_path), "r3", "2026-01-02", "v1")
     w.commit_chunk(

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.errors import SlideOpenError, SlideReadError, StorageError
 
-__all__ = ["S3RangeFile"]
+__all__ = ["S3RangeFile", "merge_ranges"]
 
 #: Block of the header cache: TIFF IFDs and tag arrays are small and mostly contiguous.
 DEFAULT_BLOCK = 8 * 1024
@@ -38,6 +38,26 @@ DEFAULT_MERGE_GAP = 4 * 1024
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024 * 1024
 #: Tries of one ranged GET whose response body breaks off mid-read (see ``S3RangeFile._get``).
 _BODY_ATTEMPTS = 4
+
+
+def merge_ranges(
+    order: list[tuple[int, int, int]], gap: int
+) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """``(start, stop, members)`` requests for ``order``, ``(offset, length, index)`` sorted by
+    offset: ranges within ``gap`` bytes of the request so far join it
+    (:meth:`S3RangeFile.fetch_ranges`' rule)."""
+    groups: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+    k = 0
+    while k < len(order):
+        start, n, _ = order[k]
+        stop = start + n
+        j = k + 1
+        while j < len(order) and order[j][0] <= stop + gap:
+            stop = max(stop, order[j][0] + order[j][1])
+            j += 1
+        groups.append((start, stop, order[k:j]))
+        k = j
+    return groups
 
 
 class S3RangeFile(io.RawIOBase):
@@ -154,17 +174,7 @@ class S3RangeFile(io.RawIOBase):
                     self.uri,
                     f"bytes {o}-{o + n - 1} lie past the object's {self.size} bytes (truncated)",
                 )
-        groups: list[tuple[int, int, list[tuple[int, int, int]]]] = []  # (start, stop, members)
-        k = 0
-        while k < len(order):
-            start, n, _ = order[k]
-            stop = start + n
-            j = k + 1
-            while j < len(order) and order[j][0] <= stop + self.merge_gap:
-                stop = max(stop, order[j][0] + order[j][1])
-                j += 1
-            groups.append((start, stop, order[k:j]))
-            k = j
+        groups = merge_ranges(order, self.merge_gap)
 
         def fill(group: tuple[int, int, list[tuple[int, int, int]]]) -> None:
             start, stop, members = group
