@@ -33,7 +33,7 @@ crops' share of the bytes follows it, the zone map and the candidate level do no
 ``BENCH_SMEAR_MAX_CELLS=200`` gives the S3 slide a per-slide budget (``detect_slide(max_cells=)``:
 fields read in a spatially balanced order until it is met) for the bytes a budgeted run reads.
 ``BENCH_SMEAR_MERGE_GAP=<bytes>`` sets the remote reader's range-merge gap (default
-:data:`pipeline.slides._s3range.DEFAULT_MERGE_GAP`) for a bytes-against-requests comparison.
+:data:`pipeline.slides.DEFAULT_MERGE_GAP`) for a bytes-against-requests comparison.
 Run alone: ``python -m bench.bench_smear``.
 """
 
@@ -173,8 +173,8 @@ def _child(url: str, key: str) -> None:
 
 def _gap_prices(batches, gaps=(0, 4096, 16384, 65536)) -> dict[str, list[int]]:
     """Bytes and requests the tile batches cost at each merge gap (the rule of
-    :meth:`pipeline.slides._s3range.S3RangeFile.fetch_ranges`, repriced on the same ranges)."""
-    from pipeline.slides._s3range import merge_ranges
+    :func:`pipeline.slides.merge_ranges`, repriced on the same ranges)."""
+    from pipeline.slides import merge_ranges
 
     out = {}
     for gap in gaps:

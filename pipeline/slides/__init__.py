@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError, SlideError, SlideOpenError, WorkerEnvironmentError
 from pipeline.slides._remote_tiff import open_remote_slide
+from pipeline.slides._s3range import DEFAULT_MERGE_GAP, merge_ranges
 from pipeline.slides._staging import (
     PartLike,
     check_local_file,
@@ -59,6 +60,8 @@ __all__ = [
     "MAX_SIDE_PX",
     "MAX_TIFF_DIRECTORIES",
     "REMOTE_SUFFIXES",
+    "DEFAULT_MERGE_GAP",
+    "merge_ranges",
 ]
 
 #: TIFF-family suffixes the remote backend may read in place; it refuses (and the slide is
