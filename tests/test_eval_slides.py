@@ -18,6 +18,7 @@ from pipeline.eval_slides import (
     _half,
     build_slide,
     detection_summary,
+    duplicate_groups,
     load_fields,
     read_yolo_wbc,
     score_field,
@@ -151,6 +152,58 @@ def test_cell_cut_by_the_field_edge_is_neither_required_nor_penalised():
     assert (sc.tp, sc.fp, sc.fn, sc.edge_boxes, sc.in_edge_cell) == (1, 0, 0, 1, 2)
     sc = score_field([(50, 50)], boxes, 100, 100)
     assert (sc.tp, sc.fp, sc.fn) == (1, 0, 0)
+
+
+@pytest.mark.unit
+def test_cell_within_edge_tolerance_is_cut_even_when_its_box_stops_short_of_the_edge():
+    # A label box 3 px from the top edge: the cell meets its mirror image on the seam, and the
+    # doubled cell's centroid lies on the seam (outside the field). With the 1 µm tolerance at
+    # 0.085 µm/px (~12 px) it is cut by the edge; at the old 2 px it was a miss.
+    boxes = [(100, 3, 200, 90)]
+    seam = [(150, -1.0)]
+    old = score_field(seam, boxes, 640, 480, edge_px=2.0)
+    assert (old.fn, old.edge_boxes) == (1, 0)
+    new = score_field(seam, boxes, 640, 480, edge_px=1.0 / 0.085)
+    assert (new.tp, new.fp, new.fn, new.edge_boxes, new.outside) == (0, 0, 0, 1, 1)
+    # the doubled cell's centroid just inside the field, between the box and the edge (0.2 px
+    # in, the box starts at 3): on the cut cell, neither a hit nor a false positive
+    inner = score_field([(150, 0.2)], boxes, 640, 480, edge_px=1.0 / 0.085)
+    assert (inner.tp, inner.fp, inner.fn, inner.in_edge_cell) == (0, 0, 0, 1)
+    assert score_field([(150, 0.2)], boxes, 640, 480, edge_px=2.0).fp == 1  # the old rule
+    # a box 20 px (1.7 µm) from the edge is still required
+    far = score_field([], [(100, 20, 200, 90)], 640, 480, edge_px=1.0 / 0.085)
+    assert (far.fn, far.edge_boxes) == (1, 0)
+
+
+@pytest.mark.unit
+def test_one_cell_labelled_twice_counts_once():
+    # TXL-PBC pairs seen on one cell: IoU 0.54-0.68; one detection finds the cell
+    boxes = [(205, 86, 364, 186), (183, 76, 370, 233)]
+    assert duplicate_groups(boxes) == [0, 0]
+    sc = score_field([(280, 140)], boxes, 416, 416, edge_px=8)
+    assert (sc.tp, sc.fp, sc.fn, sc.duplicate_boxes) == (1, 0, 0, 1)
+    assert sc.matches == [(0, 0)]
+    # without the merge one box is a false negative (the old rule)
+    old = score_field([(280, 140)], boxes, 416, 416, edge_px=8, dedupe_iou=None)
+    assert (old.tp, old.fn) == (1, 1)
+    # both missed: one false negative, not two
+    assert score_field([], boxes, 416, 416, edge_px=8).fn == 1
+    # distinct touching cells (IoU 0.03) stay two cells
+    pair = [(204, 219, 404, 450), (104, 376, 259, 478)]
+    assert duplicate_groups(pair) == [0, 1]
+    assert score_field([(300, 330)], pair, 640, 480, edge_px=1).fn == 1
+    # a duplicate of an edge-cut box is cut with it
+    cut = [(0, 30, 40, 70), (2, 28, 44, 72)]
+    sc = score_field([(20, 50)], cut, 100, 100)
+    assert (sc.tp, sc.fn, sc.edge_boxes, sc.in_edge_cell, sc.duplicate_boxes) == (0, 0, 1, 1, 1)
+
+
+@pytest.mark.unit
+def test_duplicate_groups_are_transitive_and_empty_is_empty():
+    assert duplicate_groups([]) == []
+    chain = [(0, 0, 10, 10), (1, 0, 11, 10), (2, 0, 12, 10)]
+    assert duplicate_groups(chain) == [0, 0, 0]
+    assert duplicate_groups([(0, 0, 10, 10), (0, 0, 0, 10)]) == [0, 1]  # degenerate box
 
 
 @pytest.mark.unit
