@@ -647,28 +647,46 @@ class FieldScore:
     matches: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _inside(x: float, y: float, b: Box) -> bool:
-    return b[0] <= x < b[2] and b[1] <= y < b[3]
-
-
 def _greedy(
     points: Sequence[tuple[float, float]],
     boxes: Sequence[Box],
     group: Sequence[int] | None = None,
+    centres: Sequence[tuple[float, float]] | None = None,
 ) -> list[tuple[int, int]]:
     """One-to-one ``(point, box)`` pairs, nearest box centre first. ``group[j]``: the cell box
     ``j`` labels (default: its own); a point inside any box of a cell may take the cell, and the
-    pair names the cell's first box."""
-    group = list(range(len(boxes))) if group is None else list(group)
+    pair names the cell's first box. ``centres[j]``: the centre distances are measured to
+    (default: box ``j``'s own). Equal distances are settled by the points' and cells' coordinates,
+    never by their order in the input; a non-finite distance ranks last."""
+    n = len(boxes)
+    group = list(range(n)) if group is None else list(group)
+    if centres is None:
+        centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]
+    if not n or not len(points):
+        return []
+    bx = np.asarray(boxes, dtype=float).reshape(n, 4)
+    cx, cy = np.asarray(centres, dtype=float).reshape(n, 2).T
+    g = np.asarray(group, dtype=np.int64)
+    members: dict[int, list[int]] = defaultdict(list)
+    for j, c in enumerate(group):
+        members[c].append(j)
+    key: dict[int, tuple] = {}  # a cell's place among equally near cells: its geometry
     pairs = []
-    for i, (x, y) in enumerate(points):
-        for j, b in enumerate(boxes):
-            if _inside(x, y, b):
-                pairs.append(
-                    (math.hypot(x - (b[0] + b[2]) / 2, y - (b[1] + b[3]) / 2), i, group[j])
-                )
+    with np.errstate(invalid="ignore", over="ignore"):
+        for i, (x, y) in enumerate(points):
+            js = np.nonzero((bx[:, 0] <= x) & (x < bx[:, 2]) & (bx[:, 1] <= y) & (y < bx[:, 3]))[0]
+            if not js.size:
+                continue
+            d = np.hypot(x - cx[js], y - cy[js])
+            d[np.isnan(d)] = np.inf
+            order = np.lexsort((d, g[js]))  # by cell, nearest box of the cell first
+            cells, first = np.unique(g[js][order], return_index=True)
+            for c, k in zip(cells.tolist(), order[first].tolist(), strict=True):
+                if c not in key:
+                    key[c] = min((*boxes[j], *centres[j]) for j in members[c])
+                pairs.append((float(d[k]), float(x), float(y), key[c], i, c))
     used_p, used_b, out = set(), set(), []
-    for _d, i, j in sorted(pairs):
+    for *_k, i, j in sorted(pairs):
         if i not in used_p and j not in used_b:
             used_p.add(i)
             used_b.add(j)
@@ -688,20 +706,27 @@ def _iou(a: Box, b: Box) -> float:
 
 def duplicate_groups(boxes: Sequence[Box], iou: float = DUPLICATE_IOU) -> list[int]:
     """``g[j]``: the first box of the cell box ``j`` labels; boxes overlapping by ≥ ``iou``
-    (transitively) label one cell."""
-    g = list(range(len(boxes)))
-
-    def root(j: int) -> int:
-        while g[j] != j:
-            j = g[j]
-        return j
-
-    for j in range(len(boxes)):
-        for k in range(j):
-            if _iou(boxes[j], boxes[k]) >= iou:
-                a, b = root(j), root(k)
-                g[max(a, b)] = min(a, b)
-    return [root(j) for j in range(len(boxes))]
+    (transitively) label one cell. (:func:`_iou`, one row of pairs at a time.)"""
+    n = len(boxes)
+    if not n:
+        return []
+    b = np.asarray(boxes, dtype=float).reshape(n, 4)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    g = np.arange(n)  # each box's root: the first box of its cell so far
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        for j in range(1, n):
+            iw = np.minimum(b[j, 2], b[:j, 2]) - np.maximum(b[j, 0], b[:j, 0])
+            ih = np.minimum(b[j, 3], b[:j, 3]) - np.maximum(b[j, 1], b[:j, 1])
+            inter = iw * ih
+            union = area[j] + area[:j] - inter
+            ok = (iw > 0) & (ih > 0) & (union > 0)
+            val = np.where(ok, inter / np.where(ok, union, 1.0), 0.0)
+            roots = np.unique(g[:j][val >= iou])
+            if roots.size:
+                g[j] = roots[0]
+                for r in roots[1:]:
+                    g[g == r] = roots[0]
+    return g.tolist()
 
 
 def score_field(
@@ -728,7 +753,9 @@ def score_field(
         b[0] <= edge_px or b[1] <= edge_px or b[2] >= width - edge_px or b[3] >= height - edge_px
         for b in boxes
     ]
-    edge = {c: any(near[j] for j in range(len(boxes)) if group[j] == c) for c in cells}
+    edge = dict.fromkeys(cells, False)
+    for j, c in enumerate(group):
+        edge[c] = edge[c] or near[j]
     sc.edge_boxes = sum(edge.values())
     # A cut cell reaches the edge it is near: the strip between its (loose) box and the edge
     # is where its doubled cell's centroid lands, on the seam with its mirror image.
@@ -742,7 +769,9 @@ def score_field(
         for b in boxes
     ]
     pts = [p for _i, p in inside]
-    matched = _greedy(pts, reach, group)
+    # distances to the labelled box's centre, not the reach's
+    centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]
+    matched = _greedy(pts, reach, group, centres)
     hit = {c for _i, c in matched}
     used = {i for i, _c in matched}
     for i, c in matched:
@@ -751,10 +780,12 @@ def score_field(
         else:
             sc.tp += 1
             sc.matches.append((inside[i][0], c))
-    for k, p in enumerate(pts):
+    cut = np.asarray([r for r, c in zip(reach, group, strict=True) if edge[c]], dtype=float)
+    cut = cut.reshape(-1, 4)
+    for k, (x, y) in enumerate(pts):
         if k in used:
             continue
-        if any(edge[group[j]] and _inside(p[0], p[1], b) for j, b in enumerate(reach)):
+        if np.any((cut[:, 0] <= x) & (x < cut[:, 2]) & (cut[:, 1] <= y) & (y < cut[:, 3])):
             sc.in_edge_cell += 1  # a second piece of a cut, mirrored cell
         else:
             sc.fp += 1
