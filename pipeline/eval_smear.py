@@ -20,7 +20,9 @@ morphometry), not the whole job (no captioning, no storage). Per slide it report
   described cells, the fraction matching any truth white cell (a detection of a real white cell
   whose zone the map got wrong still counts for precision, not for recall). Missed truth cells
   are split into ``missed_zone`` (the map put them outside the chosen zones: not described by
-  design) and ``missed_detector`` (inside the chosen zones, not detected);
+  design) and ``missed_detector`` (inside the chosen zones, not detected). ``duplicate_rows``:
+  described cells not matched to a truth cell whose centroid lies in the box of a truth cell that
+  another described cell matched: one cell reported twice (each also lowers precision);
 * **zone-map agreement** with the truth raster (fraction of area, overall and per zone);
 * **cells counted outside the chosen zones**, per zone;
 * **level-0 read fraction**: 256-px level-0 tiles touched by any read ÷ the slide's tiles (a
@@ -195,6 +197,7 @@ def evaluate_one(
         for j in missed
     )
     n_pred = len(pred)
+    duplicate_rows = count_duplicates(pred, boxes, pairs)
     return {
         "slide": Path(path).name,
         "source": truth.get("spec", {}).get("source"),
@@ -214,6 +217,7 @@ def evaluate_one(
         "precision": round(len(pairs) / n_pred, 4) if n_pred else None,
         "missed_zone": int(missed_zone),
         "missed_detector": len(missed) - int(missed_zone),
+        "duplicate_rows": duplicate_rows,
         "zone_agreement": ag,
         "cells_outside_zones": res.info["cells_outside_zones"],
         "cells_total": res.info["cells_total"],
@@ -285,6 +289,19 @@ def evaluate_smears(
     }
 
 
+def count_duplicates(pred, boxes, pairs) -> int:
+    """Described cells (``pred`` centroids) left unmatched by ``pairs`` (:func:`match_cells`)
+    whose centroid lies in the box of a truth cell another described cell matched: one cell
+    reported twice."""
+    used = {i for i, _ in pairs}
+    taken = [boxes[j] for _, j in pairs]
+    return sum(
+        1
+        for i, (x, y) in enumerate(pred)
+        if i not in used and any(b[0] <= x < b[2] and b[1] <= y < b[3] for b in taken)
+    )
+
+
 def _totals(rows: list[dict]) -> dict:
     chosen = sum(r["truth_wbc_chosen_zones"] for r in rows)
     matched = sum(r["matched"] for r in rows)
@@ -301,6 +318,7 @@ def _totals(rows: list[dict]) -> dict:
         "described": described,
         "missed_zone": sum(r["missed_zone"] for r in rows),
         "missed_detector": sum(r["missed_detector"] for r in rows),
+        "duplicate_rows": sum(r.get("duplicate_rows", 0) for r in rows),
         "zone_agreement_min": min((r["zone_agreement"]["overall"] for r in rows), default=None),
         "cells_outside_zones": outside,
         "level0_fraction_read_mean": round(
@@ -351,14 +369,14 @@ def format_table(res: dict) -> str:
         f"all: recall {_f(t['recall'])} (goal >= 0.97), precision {_f(t['precision'])} (goal >= 0.95) "
         f"over {t['truth_wbc_chosen_zones']} truth white cells in {', '.join(res['select'])}; "
         f"missed {t['missed_zone']} by zone map, {t['missed_detector']} by detector; "
-        f"zone agreement min {_f(t['zone_agreement_min'])} (goal >= 0.90); outside chosen zones "
+        f"{t['duplicate_rows']} cells reported twice; zone agreement min {_f(t['zone_agreement_min'])} (goal >= 0.90); outside chosen zones "
         f"{t['cells_outside_zones']}; level-0 tiles read {_f(t['level0_fraction_read_mean'])} of the slide"
     )
     for src, st in (res.get("per_source") or {}).items():
         text.append(
             f"  {src}: recall {_f(st['recall'])}, precision {_f(st['precision'])} over "
             f"{st['truth_wbc_chosen_zones']} truth white cells; missed {st['missed_zone']} by zone "
-            f"map, {st['missed_detector']} by detector"
+            f"map, {st['missed_detector']} by detector; {st.get('duplicate_rows', 0)} reported twice"
         )
     for e in res["errors"]:
         text.append(f"error: {e['slide']}: {e['error']}")

@@ -64,3 +64,39 @@ def test_cells_seen_only_in_a_pad_are_verified(tmp_path):
     pairs = match_cells([c.centroid for c in cells], _PAD_ONLY)
     assert sorted(j for _, j in pairs) == [0, 1, 2], [c.centroid for c in cells]
     assert stats["verify_retries"] >= 3
+
+
+#: A Raabin val smear of ``eval-smear --per-source 3`` (seed 402) whose white cell in this box
+#: was seen only in a square's pad; the window centred on it cut its nucleus into two groups
+#: 10 µm apart and both were kept: two rows for one cell, measured alike (2026-12-03).
+_SPLIT_BOX = (8458, 2050, 8530, 2124)
+
+
+@_DATA
+def test_a_retried_cell_is_kept_once(tmp_path):
+    from pipeline.eval_smear import default_specs
+
+    spec = next(s for s in default_specs(per_source=3) if s.source == "raabin" and s.seed == 402)
+    sm = build_whole_smear(tmp_path, spec, name="raabin_402")
+    truth = json.loads(sm.truth_path.read_text())
+    assert _SPLIT_BOX in [tuple(w["box"]) for w in truth["wbcs"]]  # the same slide
+    cfg = DetectConfig()
+    b = _SPLIT_BOX
+    with open_slide(sm.path) as slide:
+        plan = plan_smear(slide, cfg, zone_map=zone_map(slide))
+        tasks = [
+            t
+            for t in plan.tasks
+            if any(
+                tb[0] - 400 <= (b[0] + b[2]) / 2 < tb[2] + 400
+                and tb[1] - 400 <= (b[1] + b[3]) / 2 < tb[3] + 400
+                for tb in t.boxes
+            )
+        ]
+        stats: dict = {}
+        cells = [c for t in tasks for c in detect_region(slide, t, cfg, stats, plan=plan)]
+    inside = [
+        c.centroid for c in cells if b[0] <= c.centroid[0] < b[2] and b[1] <= c.centroid[1] < b[3]
+    ]
+    assert len(inside) == 1, inside
+    assert stats["verify_retries"] >= 1

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.eval_smear import evaluate_smears, format_table, match_cells, truth_zone
+from pipeline.eval_smear import (
+    count_duplicates,
+    evaluate_smears,
+    format_table,
+    match_cells,
+    truth_zone,
+)
 from pipeline.whole_smear import DEFAULT_DATA_DIR, SmearSpec
 
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -19,6 +25,17 @@ def test_match_is_one_to_one_centroid_in_box():
     pairs = match_cells([(5, 5), (6, 6), (25, 5), (50, 50)], boxes)
     assert sorted(pairs) == [(0, 0), (2, 1)]
     assert match_cells([(10, 5)], boxes) == []  # x1 is exclusive
+
+
+def test_a_cell_reported_twice_is_counted_as_a_duplicate():
+    boxes = [(0, 0, 10, 10), (20, 0, 30, 10)]
+    pred = [(5, 5), (6, 6), (25, 5), (50, 50), (21, 1)]
+    pairs = match_cells(pred, boxes)
+    # (6, 6) and (21, 1) repeat matched cells; (50, 50) is a false positive, not a duplicate
+    assert count_duplicates(pred, boxes, pairs) == 2
+    # a detection in an unmatched box is a match, not a duplicate
+    assert count_duplicates([(5, 5)], boxes, match_cells([(5, 5)], boxes)) == 0
+    assert count_duplicates([], boxes, []) == 0
 
 
 def test_truth_zone_is_the_ring_rule_where_the_truth_has_it():
