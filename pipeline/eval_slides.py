@@ -353,7 +353,7 @@ def load_fields(
     for i, row in enumerate(rows, start=2):
         where = f"{txl / 'source_map.csv'}:{i}"
         source = _TXL_SOURCE.get(row["source"])
-        if source is None or row["txl_split"] not in ("train", "val"):
+        if source is None or row["txl_split"] not in ("train", "val", "test"):
             skipped.append(
                 f"{where}: unknown source {row['source']!r} or split {row['txl_split']!r}"
             )
@@ -368,9 +368,13 @@ def load_fields(
                 typed_id = _safe_id(Path(row["original_name"]).stem, where)
                 seen_bccd.add(typed_id)
             cap = caption_split(typed_id) if typed_id else None
-            detector_unseen = row["txl_split"] == "val"
+            # A TXL-PBC test split (held out from this project's data; a folder that has one
+            # lists it in source_map.csv) is unseen by both models and all of it is --split test.
+            detector_unseen = row["txl_split"] in ("val", "test")
             if cap in ("val", "test"):
                 fsplit, origin = cap, f"caption-{cap} cell, TXL {row['txl_split']}"
+            elif row["txl_split"] == "test":
+                fsplit, origin = "test", "TXL test"
             elif detector_unseen:
                 fsplit, origin = _half(uid), "TXL val (hash half)"
             else:

@@ -400,6 +400,31 @@ def test_load_fields_splits_and_refuses_hostile_ids(tmp_path, shared_data):
     assert load_fields(tmp_path, "test", {sample_id: S("val")}) == []
 
 
+@pytest.mark.unit
+def test_a_txl_test_split_is_all_test_and_never_val(tmp_path, shared_data):
+    # A data folder with TXL-PBC's held-out test split listed: its fields are detector-unseen
+    # and all go to --split test (before: skipped as an unknown split, so no test field at all).
+    info = _mini_data(tmp_path, shared_data)
+    txl = tmp_path / "txl_pbc"
+    (txl / "images" / "test").mkdir()
+    (txl / "labels" / "test").mkdir()
+    rid = info["ids"]["raabin"]
+    ids = [_uid("val", "txltest"), _uid("test", "txltest")]  # either hash half
+    for uid in ids:
+        shutil.copy(txl / "images" / "val" / f"{rid}.jpg", txl / "images" / "test" / f"{uid}.jpg")
+        shutil.copy(txl / "labels" / "val" / f"{rid}.txt", txl / "labels" / "test" / f"{uid}.txt")
+    with open(txl / "source_map.csv", "a", encoding="utf-8") as fh:
+        for uid in ids:
+            fh.write(f"{uid},test,575,575,raabin_wbc?,,1,0,0,,\n")
+    skipped: list[str] = []
+    test = load_fields(tmp_path, "test", {}, skipped=skipped)
+    got = {f.field_id: f for f in test}
+    assert set(ids) <= set(got) and all(got[i].score_detection for i in ids)
+    assert all(got[i].origin == "TXL test" and got[i].boxes for i in ids)
+    assert not any("unknown source" in m for m in skipped)
+    assert not set(ids) & {f.field_id for f in load_fields(tmp_path, "val", {})}
+
+
 # --------------------------------------------------------------------------- end to end
 def _run(tmp_path, shared_data, argv_extra, capsys):
     from pipeline.__main__ import main
