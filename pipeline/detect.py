@@ -1323,29 +1323,27 @@ def _verify_cells(
             for d in detect_wbc(rgb, lmpp, cfg.detector):
                 gx, gy = tx + d.centroid[0], ty + d.centroid[1]
                 c0 = (gx * ds, gy * ds)
-                if math.hypot(c0[0] - p[0], c0[1] - p[1]) > reach:
+                dist = math.hypot(c0[0] - p[0], c0[1] - p[1])
+                if dist > reach:
                     continue  # another cell of the window: its own square's
                 if (int(gx) // g, int(gy) // g) not in tset:
                     continue
                 seen.append(c0)
-                near.append((math.hypot(c0[0] - p[0], c0[1] - p[1]), c0, d))
+                near.append((dist, c0, d))
             # The retry looks again at the one cell seen at p, so it judges one detection: the
             # nearest to p. The centred window can cut a cell's nucleus into two groups (a
             # Raabin val smear gave two rows for one cell, each half a nucleus), and trying
             # the next one when the nearest is another box's could keep the other half.
-            for _dist, c0, d in _nearest_first(near)[:1]:
-                if not _verified(d, tx, ty, ds, c0, cs, reach, lambda _c: False):
-                    continue  # a candidate must point at it
-                if _owned_nucleus(rgb, d, parts, c0, ref, red_chroma, stats):
+            if near:
+                # ties by centroid, never by the detector's output order
+                _dist, c0, d = min(near, key=lambda t: (t[0], t[1]))
+                # a candidate must point at it
+                if _verified(d, tx, ty, ds, c0, cs, reach, lambda _c: False) and _owned_nucleus(
+                    rgb, d, parts, c0, ref, red_chroma, stats
+                ):
                     out.append(_region_cell(d, tx, ty, ds, lmpp, c0))
             del rgb
         yield box, out
-
-
-def _nearest_first(near: list[tuple[float, tuple[float, float], object]]) -> list:
-    """``(distance, centroid, detection)`` in order of distance, ties by centroid (never by
-    the detector's output order)."""
-    return sorted(near, key=lambda t: (t[0], t[1]))
 
 
 def _retry_window(p, ds: float, pad: int, crop: float, size) -> tuple[int, int, int, int]:

@@ -651,6 +651,10 @@ class FieldScore:
     matches: list[tuple[int, int]] = field(default_factory=list)
 
 
+#: The counts of a :class:`FieldScore`, as the report sums them.
+_SCORE_COUNTS = ("tp", "fp", "fn", "outside", "in_edge_cell", "edge_boxes", "duplicate_boxes")
+
+
 def _greedy(
     points: Sequence[tuple[float, float]],
     boxes: Sequence[Box],
@@ -698,19 +702,9 @@ def _greedy(
     return out
 
 
-def _iou(a: Box, b: Box) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def duplicate_groups(boxes: Sequence[Box], iou: float = DUPLICATE_IOU) -> list[int]:
     """``g[j]``: the first box of the cell box ``j`` labels; boxes overlapping by ≥ ``iou``
-    (transitively) label one cell. (:func:`_iou`, one row of pairs at a time.)"""
+    (transitively) label one cell (intersection over union, one row of pairs at a time)."""
     n = len(boxes)
     if not n:
         return []
@@ -815,7 +809,7 @@ def detection_summary(per_field: Iterable[tuple[str, FieldScore]]) -> dict:
         for key in (source, "overall"):
             a = acc[key]
             a["fields"] += 1
-            for k in ("tp", "fp", "fn", "outside", "in_edge_cell", "edge_boxes", "duplicate_boxes"):
+            for k in _SCORE_COUNTS:
                 a[k] += getattr(sc, k)
     out = {}
     for key in [*(s for s in SOURCES if s in acc), "overall"]:
@@ -1225,18 +1219,7 @@ def evaluate_slides(
                 **scale_info,
                 "detections": len(rows),
                 "labelled_wbc": len(f.boxes),
-                **{
-                    k: getattr(sc, k)
-                    for k in (
-                        "tp",
-                        "fp",
-                        "fn",
-                        "outside",
-                        "in_edge_cell",
-                        "edge_boxes",
-                        "duplicate_boxes",
-                    )
-                },
+                **{k: getattr(sc, k) for k in _SCORE_COUNTS},
                 # field px (resampled field), to audit or rescore the matching
                 "centroids": [[round(x, 1), round(y, 1)] for x, y in pts],
                 "boxes": [[round(v, 1) for v in b] for b in boxes],

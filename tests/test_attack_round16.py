@@ -10,9 +10,20 @@ import time
 
 import pytest
 
-from pipeline.eval_slides import DUPLICATE_IOU, _iou, duplicate_groups, score_field
+from pipeline.eval_slides import DUPLICATE_IOU, duplicate_groups, score_field
 
 COUNTS = ("tp", "fp", "fn", "outside", "in_edge_cell", "edge_boxes", "duplicate_boxes")
+
+
+def _iou(a, b) -> float:
+    """Reference intersection over union of two boxes (one pair, plain Python)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _counts(sc) -> tuple[int, ...]:
